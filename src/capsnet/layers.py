@@ -1,0 +1,108 @@
+"""Capsule layers: squash, primary capsules and routing-by-agreement capsules.
+
+Shapes use these names:
+    batch      examples in the batch
+    in_caps    capsules of the layer below (1152 for 28x28 MNIST)
+    out_caps   capsules of this layer (10 digit capsules)
+    in_dim     dimensions of an input capsule (8)
+    out_dim    dimensions of an output capsule (16)
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor, nn
+
+EPSILON = 1e-7
+
+
+def safe_norm(s: Tensor, dim: int = -1, eps: float = EPSILON, keepdim: bool = False) -> Tensor:
+    """Euclidean norm with ``eps`` inside the square root.
+
+    ``sqrt(sum(s**2) + eps)`` is differentiable everywhere; the plain norm has no
+    gradient at the zero vector and sends training to NaN.
+    """
+    return torch.sqrt(s.square().sum(dim=dim, keepdim=keepdim) + eps)
+
+
+def squash(s: Tensor, dim: int = -1, eps: float = EPSILON) -> Tensor:
+    """Squash vectors along ``dim`` (paper eq. 1): keep the direction, map the length into [0, 1).
+
+    ``squash(s) = |s|^2 / (1 + |s|^2) * s / |s|`` with the safe norm for ``|s|``.
+    """
+    squared_norm = s.square().sum(dim=dim, keepdim=True)
+    return squared_norm / (1.0 + squared_norm) * s / torch.sqrt(squared_norm + eps)
+
+
+class PrimaryCapsules(nn.Module):
+    """A ReLU convolution whose channels are cut into ``n_maps`` capsule maps of ``caps_dim`` each.
+
+    Input ``(batch, in_channels, H, W)``; output ``(batch, n_maps * H' * W', caps_dim)``,
+    squashed. Capsules are ordered (row, column, map), as the notebook's reshape of an
+    NHWC tensor, and the channels of one capsule are ``map * caps_dim ... + caps_dim - 1``.
+    """
+
+    def __init__(self, in_channels: int, n_maps: int = 32, caps_dim: int = 8,
+                 kernel_size: int = 9, stride: int = 2) -> None:
+        super().__init__()
+        self.n_maps = n_maps
+        self.caps_dim = caps_dim
+        self.conv = nn.Conv2d(in_channels, n_maps * caps_dim, kernel_size, stride)
+
+    def output_grid(self, height: int, width: int) -> tuple[int, int]:
+        """Spatial size of the capsule maps for an input feature map of ``height x width``."""
+        k, s = self.conv.kernel_size, self.conv.stride
+        return (height - k[0]) // s[0] + 1, (width - k[1]) // s[1] + 1
+
+    def forward(self, features: Tensor) -> Tensor:
+        conv = torch.relu(self.conv(features))  # (batch, maps * dim, h, w)
+        batch, _, height, width = conv.shape
+        capsules = conv.view(batch, self.n_maps, self.caps_dim, height, width)
+        capsules = capsules.permute(0, 3, 4, 1, 2).reshape(batch, -1, self.caps_dim)
+        return squash(capsules)  # (batch, h * w * maps, dim)
+
+
+class RoutingCapsules(nn.Module):
+    """Fully connected capsule layer with dynamic routing (Sabour et al. 2017, Procedure 1).
+
+    Every pair (input capsule i, output capsule j) has a transformation matrix ``W_ij``
+    of shape ``(out_dim, in_dim)``; the predictions ``u_hat_j|i = W_ij u_i`` are combined
+    with coupling coefficients ``c_ij = softmax_j(b_ij)``, and the logits ``b_ij`` start at
+    zero for each example and grow by the agreement ``u_hat_j|i . v_j``.
+
+    Gradients flow through every routing iteration, as in the official code.
+    """
+
+    def __init__(self, in_caps: int, in_dim: int, out_caps: int, out_dim: int,
+                 iterations: int = 3, init_std: float = 0.1) -> None:
+        super().__init__()
+        if iterations < 1:
+            raise ValueError(f"routing needs at least 1 iteration, got {iterations}")
+        self.iterations = iterations
+        self.weight = nn.Parameter(torch.randn(in_caps, out_caps, out_dim, in_dim) * init_std)
+
+    def predictions(self, u: Tensor) -> Tensor:
+        """``u_hat`` for input capsules ``u`` of shape ``(batch, in_caps, in_dim)``."""
+        # One batched matmul per input capsule; W is broadcast, never tiled by the batch.
+        return torch.einsum("iojd,bid->bioj", self.weight, u)  # (batch, in_caps, out_caps, out_dim)
+
+    def route(self, u_hat: Tensor) -> tuple[Tensor, Tensor]:
+        """Route predictions ``u_hat`` ``(batch, in_caps, out_caps, out_dim)``.
+
+        Returns the output capsules ``v`` ``(batch, out_caps, out_dim)`` and the coupling
+        coefficients of the last iteration ``(batch, in_caps, out_caps)``.
+        """
+        batch, in_caps, out_caps, _ = u_hat.shape
+        # Logits are per example: sharing them across the batch couples unrelated images.
+        routing_logits = u_hat.new_zeros(batch, in_caps, out_caps)
+        for iteration in range(self.iterations):
+            coupling = routing_logits.softmax(dim=2)  # over output capsules, for each input capsule
+            s = torch.einsum("bio,bioj->boj", coupling, u_hat)  # (batch, out_caps, out_dim)
+            v = squash(s)
+            if iteration < self.iterations - 1:
+                routing_logits = routing_logits + torch.einsum("bioj,boj->bio", u_hat, v)
+        return v, coupling
+
+    def forward(self, u: Tensor) -> tuple[Tensor, Tensor]:
+        """Input capsules ``(batch, in_caps, in_dim)`` -> ``(v, coupling)``, see :meth:`route`."""
+        return self.route(self.predictions(u))
