@@ -1,0 +1,50 @@
+"""Shared fixtures: a tiny synthetic MNIST-style data set written as IDX files."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from capsnet.data import FILE_NAMES, write_idx
+
+
+def synthetic_digits(n: int, size: int = 28, num_classes: int = 10, seed: int = 0
+                     ) -> tuple[np.ndarray, np.ndarray]:
+    """``n`` uint8 images (n, size, size): class k is a bright bar at a class-specific
+    place and angle, jittered by a pixel, with faint noise. Easy to learn in a few steps."""
+    rng = np.random.default_rng(seed)
+    labels = np.arange(n) % num_classes
+    rng.shuffle(labels)
+    images = np.zeros((n, size, size), dtype=np.float32)
+    centre = size // 2
+    for index, label in enumerate(labels):
+        dy, dx = rng.integers(-1, 2, size=2)
+        if label < num_classes // 2:  # horizontal bars at different heights
+            row = 6 + 4 * label + dy
+            images[index, row:row + 3, 6 + dx:size - 6 + dx] = 1.0
+        else:  # vertical bars at different columns
+            col = 6 + 4 * (label - num_classes // 2) + dx
+            images[index, 6 + dy:size - 6 + dy, col:col + 3] = 1.0
+        images[index, centre - 1:centre + 1, centre - 1:centre + 1] += 0.5
+    images += rng.uniform(0, 0.1, images.shape)
+    return (np.clip(images, 0, 1) * 255).astype(np.uint8), labels.astype(np.uint8)
+
+
+def write_dataset(folder: Path, n_train: int = 240, n_test: int = 60, size: int = 28,
+                  gzipped: bool = False) -> Path:
+    folder.mkdir(parents=True, exist_ok=True)
+    suffix = ".gz" if gzipped else ""
+    for part, n, seed in (("train", n_train, 1), ("test", n_test, 2)):
+        images, labels = synthetic_digits(n, size, seed=seed)
+        write_idx(folder / (FILE_NAMES[f"{part}_images"] + suffix), images)
+        write_idx(folder / (FILE_NAMES[f"{part}_labels"] + suffix), labels)
+    return folder
+
+
+@pytest.fixture(scope="session")
+def tiny_dataset(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Folder with 240 training and 60 test images of 10 easy classes, as raw IDX files.
+    Pass it as ``--dataset FOLDER`` (with ``--val-size 40`` or so)."""
+    return write_dataset(tmp_path_factory.mktemp("tiny"))
