@@ -20,6 +20,7 @@ import subprocess
 import tarfile
 import tempfile
 import urllib.request
+import zlib
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Iterator
@@ -96,7 +97,7 @@ def parse_idx(data: bytes, name: str = "<bytes>") -> np.ndarray:
     if data[:2] == GZIP_MAGIC:
         try:
             data = gzip.decompress(data)
-        except (OSError, EOFError) as exc:
+        except (OSError, EOFError, zlib.error) as exc:  # zlib.error: bad deflate data
             raise CapsNetError(f"{name}: corrupt gzip stream ({exc})") from None
     if len(data) < 4:
         raise CapsNetError(f"{name}: too short for an IDX header ({len(data)} bytes)")
@@ -379,7 +380,8 @@ def load_splits(dataset: str, data_dir: str | os.PathLike | None = None,
 
 
 def shift_images(images: Tensor, offsets: Tensor, max_shift: int) -> Tensor:
-    """Translate each image by ``offsets - max_shift`` pixels, filling with zeros.
+    """Translate each image's content by ``max_shift - offsets`` pixels (down/right when
+    positive), filling with zeros.
 
     ``images``: ``(batch, channels, height, width)``; ``offsets``: ``(2, batch)`` integers in
     ``[0, 2 * max_shift]`` (rows, then columns), on the same device.
@@ -395,15 +397,20 @@ def shift_images(images: Tensor, offsets: Tensor, max_shift: int) -> Tensor:
 
 
 def batches(split: Split, batch_size: int, *, seed: int | None = None, max_shift: int = 0,
-            start: int = 0, device: torch.device | str | None = None
-            ) -> Iterator[tuple[Tensor, Tensor]]:
+            start: int = 0, device: torch.device | str | None = None, rank: int = 0,
+            world_size: int = 1) -> Iterator[tuple[Tensor, Tensor]]:
     """Yield ``(images, labels)`` batches: float images in [0, 1] ``(batch, C, H, W)``.
 
     With a ``seed`` the order is shuffled and each image shifted by up to ``max_shift``
     pixels, both drawn once for the whole pass from that seed, so batch ``start`` onwards
     (to resume inside an epoch) are exactly those of an uninterrupted pass. Without a seed
-    the order is fixed and nothing is shifted. The last batch may be smaller. Batches are
-    cut on the device the split lives on, then moved to ``device``.
+    the order is fixed and nothing is shifted. Batches are cut on the device the split
+    lives on, then moved to ``device``.
+
+    ``batch_size`` is the global batch: with ``world_size`` processes, rank ``rank`` gets
+    its own ``batch_size // world_size`` slice of every global batch, and the last
+    incomplete global batch is dropped so every rank takes the same number of steps. With
+    one process the last batch may be smaller.
     """
     n = len(split)
     order, offsets = torch.arange(n), None
@@ -416,10 +423,19 @@ def batches(split: Split, batch_size: int, *, seed: int | None = None, max_shift
     target = torch.device(device) if device is not None else split.images.device
     if offsets is not None:
         offsets = offsets.to(target)
-    for first in range(start * batch_size, n, batch_size):
-        index = order[first:first + batch_size]
+    per_rank = batch_size // world_size
+    end = n if world_size == 1 else n - n % batch_size
+    for first in range(start * batch_size, end, batch_size):
+        lo = first + rank * per_rank
+        hi = min(first + batch_size, n) if world_size == 1 else lo + per_rank
+        index = order[lo:hi]
         images = split.images[index].to(target, non_blocking=True).float().div_(255.0)
         labels = split.labels[index].to(target, non_blocking=True)
         if offsets is not None:
-            images = shift_images(images, offsets[:, first:first + batch_size], max_shift)
+            images = shift_images(images, offsets[:, lo:hi], max_shift)
         yield images, labels
+
+
+def num_batches(n: int, batch_size: int, world_size: int = 1) -> int:
+    """Number of batches :func:`batches` yields for ``n`` images."""
+    return -(-n // batch_size) if world_size == 1 else n // batch_size

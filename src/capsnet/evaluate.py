@@ -10,6 +10,7 @@ import torch
 from torch import Tensor
 
 from .data import Split, batches
+from .distributed import World, all_reduce_sum
 from .errors import CapsNetError
 from .losses import capsule_loss
 from .model import CapsNet
@@ -55,10 +56,19 @@ class Evaluation:
 @torch.no_grad()
 def evaluate(model: CapsNet, split: Split, *, batch_size: int = 500,
              device: torch.device | str = "cpu", reconstruction_weight: float = 0.0005,
-             reduction: str = "sum", precision: str = "fp32") -> Evaluation:
+             reduction: str = "sum", precision: str = "fp32", world: World = World()
+             ) -> Evaluation:
     """Evaluate ``model`` on ``split`` as the notebook does at test time: the decoder
-    reconstructs from the predicted (longest) capsule. Losses are means over images."""
+    reconstructs from the predicted (longest) capsule. Losses are means over images.
+
+    With several processes each rank evaluates every ``world_size``-th image and the sums
+    are reduced, so every rank returns the figures of the whole split.
+    """
     device = torch.device(device)
+    n = len(split)
+    if world.distributed:
+        split = Split(split.images[world.rank::world.world_size],
+                      split.labels[world.rank::world.world_size])
     was_training = model.training
     model.eval()
     classes = model.config.num_classes
@@ -72,7 +82,8 @@ def evaluate(model: CapsNet, split: Split, *, batch_size: int = 500,
         sums += torch.stack([total, margin, recon]).double() * len(labels)
         confusion += torch.bincount(labels * classes + out.predictions, minlength=classes ** 2)
     model.train(was_training)
-    n = len(split)
+    all_reduce_sum(sums, world)
+    all_reduce_sum(confusion, world)
     loss, margin, recon = (sums / n).tolist()
     confusion = confusion.view(classes, classes).cpu()
     accuracy = confusion.diagonal().sum().item() / n

@@ -24,7 +24,8 @@ from tqdm import tqdm
 
 from .checkpoint import load_checkpoint, model_from_checkpoint, save_checkpoint
 from .config import TrainConfig, learning_rate
-from .data import Split, Splits, atomic_write_bytes, batches, load_splits
+from .data import Split, Splits, atomic_write_bytes, batches, load_splits, num_batches
+from .distributed import World, all_reduce_sum, any_rank, init_world, per_rank_batch, shutdown
 from .errors import CapsNetError
 from .evaluate import Evaluation, autocast, evaluate, resolve_device
 from .losses import capsule_loss
@@ -108,7 +109,6 @@ class Trainer:
     def __init__(self, config: TrainConfig, run_dir: str | Path, *, data_dir: str | None = None,
                  resume: bool = False, progress: bool = True) -> None:
         self.run_dir = Path(run_dir)
-        self.progress_bar = progress
         payload = None
         if resume:
             payload = load_checkpoint(self.run_dir / "last.pt")
@@ -119,6 +119,11 @@ class Trainer:
         if config.deterministic:
             torch.use_deterministic_algorithms(True)
         self.device = resolve_device(config.device)
+        self.world = init_world(self.device.type)
+        if self.device.type == "cuda" and self.world.distributed:
+            self.device = torch.device("cuda", self.world.local_rank)
+        per_rank_batch(config.batch_size, self.world)
+        self.progress_bar = progress and self.world.is_main
         self.splits = load_splits(config.dataset, data_dir, config.val_size)
         if config.train_limit:
             train = self.splits.train
@@ -142,6 +147,9 @@ class Trainer:
         if payload is not None:
             self.optimizer.load_state_dict(payload["optimizer"])
         self.step_model = torch.compile(self.model) if config.compile else self.model
+        if self.world.distributed:
+            self.step_model = torch.nn.parallel.DistributedDataParallel(
+                self.step_model, device_ids=[self.device.index] if self.device.type == "cuda" else None)
 
     # -- checkpoints ---------------------------------------------------------------------
 
@@ -151,8 +159,10 @@ class Trainer:
                 "progress": dict(self.progress)}
 
     def save(self, name: str) -> Path:
+        """Write checkpoint ``name``; only the main process writes files."""
         path = self.run_dir / name
-        save_checkpoint(path, self.payload())
+        if self.world.is_main:
+            save_checkpoint(path, self.payload())
         return path
 
     # -- training ------------------------------------------------------------------------
@@ -175,7 +185,7 @@ class Trainer:
     def train_epoch(self, epoch: int, stop: list[bool]) -> dict[str, float]:
         """Train one epoch from ``progress["batch"]``; returns loss, accuracy, images and seconds."""
         config, train = self.config, self.splits.train
-        n_batches = math.ceil(len(train) / config.batch_size)
+        n_batches = num_batches(len(train), config.batch_size, self.world.world_size)
         start = self.progress["batch"]
         bar = tqdm(total=n_batches, initial=start, desc=f"epoch {epoch + 1}/{config.epochs}",
                    disable=not self.progress_bar, leave=False, dynamic_ncols=True)
@@ -183,27 +193,35 @@ class Trainer:
         correct = torch.zeros((), dtype=torch.int64, device=self.device)
         seen, began = 0, time.perf_counter()
         batch_iter = batches(train, config.batch_size, seed=epoch_seed(config, epoch),
-                             max_shift=config.max_shift, start=start, device=self.device)
+                             max_shift=config.max_shift, start=start, device=self.device,
+                             rank=self.world.rank, world_size=self.world.world_size)
         for index, (images, labels) in enumerate(batch_iter, start=start):
             loss, n_correct = self.train_step(images, labels)
             losses.append(loss)
             correct += n_correct
             seen += len(labels)
             self.progress["batch"] = index + 1
-            if len(losses) % LOG_EVERY == 0 or index + 1 == n_batches:
+            at_log_point = len(losses) % LOG_EVERY == 0 or index + 1 == n_batches
+            if at_log_point:
                 self.check_finite(losses)
                 elapsed = time.perf_counter() - began
                 bar.set_postfix(loss=f"{losses[-1].item():.4f}",
-                                acc=f"{correct.item() / seen:.4f}", img_s=f"{seen / elapsed:.0f}")
+                                acc=f"{correct.item() / seen:.4f}",
+                                img_s=f"{seen * self.world.world_size / elapsed:.0f}")
                 bar.update(index + 1 - bar.n)
-            if stop[0]:
+                # Ranks agree on stopping only here, so all stop after the same step.
+                stop[0] = any_rank(stop[0], self.world, self.device)
+            if stop[0] and (at_log_point or not self.world.distributed):
                 break
         bar.close()
         self.check_finite(losses)
         seconds = time.perf_counter() - began
-        mean_loss = torch.stack(losses).mean().item() if losses else math.nan
-        return {"loss": mean_loss, "accuracy": correct.item() / max(seen, 1),
-                "images": seen, "seconds": seconds}
+        totals = torch.stack([torch.stack(losses).sum() if losses else torch.zeros((), device=self.device),
+                              correct.float(), torch.tensor(float(seen), device=self.device),
+                              torch.tensor(float(len(losses)), device=self.device)])
+        loss_sum, n_correct, n_seen, n_steps = all_reduce_sum(totals, self.world).tolist()
+        return {"loss": loss_sum / n_steps if n_steps else math.nan,
+                "accuracy": n_correct / max(n_seen, 1), "images": int(n_seen), "seconds": seconds}
 
     def check_finite(self, losses: list[torch.Tensor]) -> None:
         """Stop with the first step whose loss is not finite; its weights are never saved."""
@@ -220,15 +238,18 @@ class Trainer:
         return evaluate(model or self.model, split, batch_size=self.config.eval_batch_size,
                         device=self.device, reconstruction_weight=self.config.reconstruction_weight,
                         reduction=self.config.reconstruction_reduction,
-                        precision=self.config.precision)
+                        precision=self.config.precision, world=self.world)
 
     def fit(self) -> dict[str, Any]:
         """Train to ``config.epochs``, then test the best checkpoint; returns the summary."""
         config = self.config
-        self.run_dir.mkdir(parents=True, exist_ok=True)
-        write_json(self.run_dir / "config.json", {"train": config.to_dict(),
-                                                   "model": self.model.config.to_dict()})
-        log = MetricsLog(self.run_dir, self.progress["epoch"])
+        log = None
+        if self.world.is_main:
+            self.run_dir.mkdir(parents=True, exist_ok=True)
+            write_json(self.run_dir / "config.json", {"train": config.to_dict(),
+                                                       "model": self.model.config.to_dict(),
+                                                       "world_size": self.world.world_size})
+            log = MetricsLog(self.run_dir, self.progress["epoch"])
         train_seconds, train_images = 0.0, 0
         began = time.perf_counter()
         try:
@@ -245,10 +266,11 @@ class Trainer:
                             f"capsnet train --resume {self.run_dir}")
                     self.end_epoch(epoch, stats, log)
         finally:
-            log.close()
+            if log is not None:
+                log.close()
         return self.finish(time.perf_counter() - began, train_images, train_seconds)
 
-    def end_epoch(self, epoch: int, stats: dict[str, float], log: MetricsLog) -> None:
+    def end_epoch(self, epoch: int, stats: dict[str, float], log: MetricsLog | None) -> None:
         val = self.evaluate(self.splits.val)
         improved = val.loss < self.progress["best_val_loss"]
         self.progress.update(epoch=epoch + 1, batch=0)
@@ -260,7 +282,8 @@ class Trainer:
                   "val_loss": val.loss, "val_accuracy": val.accuracy,
                   "images_per_s": stats["images"] / max(stats["seconds"], 1e-9),
                   "epoch_seconds": stats["seconds"], "improved": improved}
-        log.write(record)
+        if log is not None:
+            log.write(record)
         if improved:
             self.save("best.pt")
         self.save("last.pt")
@@ -271,6 +294,8 @@ class Trainer:
 
     def finish(self, wall_seconds: float, train_images: int, train_seconds: float) -> dict[str, Any]:
         best = self.run_dir / "best.pt"
+        if self.world.distributed:
+            torch.distributed.barrier()  # best.pt is written by rank 0
         model = model_from_checkpoint(load_checkpoint(best), str(best)).to(self.device)
         test = self.evaluate(self.splits.test, model)
         summary = {"test_accuracy": test.accuracy, "test_loss": test.loss,
@@ -279,7 +304,8 @@ class Trainer:
                    "train_images_per_s": train_images / train_seconds if train_seconds else None,
                    "device": device_name(self.device), "torch": torch.__version__,
                    "checkpoint": str(best)}
-        write_json(self.run_dir / "summary.json", summary)
+        if self.world.is_main:
+            write_json(self.run_dir / "summary.json", summary)
         return summary
 
 
@@ -292,4 +318,7 @@ def device_name(device: torch.device) -> str:
 def train(config: TrainConfig, run_dir: str | Path, *, data_dir: str | None = None,
           resume: bool = False, progress: bool = True) -> dict[str, Any]:
     """Train (or resume) a run in ``run_dir`` and return its summary; see :class:`Trainer`."""
-    return Trainer(config, run_dir, data_dir=data_dir, resume=resume, progress=progress).fit()
+    try:
+        return Trainer(config, run_dir, data_dir=data_dir, resume=resume, progress=progress).fit()
+    finally:
+        shutdown()
