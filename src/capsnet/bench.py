@@ -1,0 +1,169 @@
+"""``capsnet bench``: throughput and memory of the default model, against the project's targets.
+
+Times, after warm-up, a full training step (forward, loss, backward, Adam) and inference
+(forward with the prediction-masked decoder) on random images, reports the median
+images/s and peak memory (process RSS on CPU, allocated memory on CUDA), and optionally a
+whole training epoch with the real data pipeline.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import resource
+import statistics
+import time
+from typing import Any, Callable
+
+import torch
+
+from .config import DEVICES, PRECISIONS, make_config
+from .evaluate import autocast, resolve_device
+from .losses import capsule_loss
+from .model import CapsNet, CapsNetConfig
+
+TARGETS = {  # images/s (train at batch 64 on CPU, 128 on GPU; inference at 256), memory, epoch
+    "cpu": {"train_images_per_s": 150, "infer_images_per_s": 500, "peak_memory_mb": 1024},
+    "cuda": {"train_images_per_s": 40_000, "infer_images_per_s": 150_000, "epoch_seconds": 2.0},
+}
+
+
+def synchronize(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def peak_memory_mb(device: torch.device) -> float:
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**20
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # kB on Linux
+
+
+def median_rate(step: Callable[[], Any], batch: int, device: torch.device, warmup: int,
+                repeats: int) -> float:
+    """Median images/s of ``step`` over ``repeats`` timed calls after ``warmup`` calls."""
+    for _ in range(warmup):
+        step()
+    synchronize(device)
+    times = []
+    for _ in range(repeats):
+        began = time.perf_counter()
+        step()
+        synchronize(device)
+        times.append(time.perf_counter() - began)
+    return batch / statistics.median(times)
+
+
+def bench_model(device: torch.device, precision: str, compile_model: bool, routing_iterations: int,
+                train_batch: int, infer_batch: int, warmup: int, repeats: int) -> dict[str, Any]:
+    """Training-step and inference throughput of the default 28x28 model on random data."""
+    torch.manual_seed(0)
+    model = CapsNet(CapsNetConfig(routing_iterations=routing_iterations)).to(device)
+    runner = torch.compile(model) if compile_model else model
+    optimizer = torch.optim.Adam(model.parameters(), lr=1e-3)
+    images = torch.rand(train_batch, 1, 28, 28, device=device)
+    labels = torch.randint(0, 10, (train_batch,), device=device)
+
+    def train_step() -> None:
+        with autocast(device, precision):
+            out = runner(images, labels)
+        loss, _, _ = capsule_loss(out.lengths.float(), out.reconstructions.float(), images, labels)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    train_rate = median_rate(train_step, train_batch, device, warmup, repeats)
+    train_memory = peak_memory_mb(device)
+    model.eval()
+    test_images = torch.rand(infer_batch, 1, 28, 28, device=device)
+
+    def infer_step() -> None:
+        with torch.inference_mode(), autocast(device, precision):
+            runner(test_images)
+
+    infer_rate = median_rate(infer_step, infer_batch, device, warmup, repeats)
+    return {"train_images_per_s": train_rate, "infer_images_per_s": infer_rate,
+            "peak_memory_mb": train_memory}
+
+
+def bench_epoch(device: torch.device, precision: str, compile_model: bool, batch: int,
+                data_dir: str | None) -> dict[str, Any]:
+    """Wall time of one paper-preset epoch (55,000 shifted images + 5,000 validation)."""
+    import tempfile
+
+    from .train import Trainer
+
+    config = make_config("paper", epochs=1, batch_size=batch, device=device.type,
+                         precision=precision, compile=compile_model)
+    with tempfile.TemporaryDirectory() as run_dir:
+        trainer = Trainer(config, run_dir, data_dir=data_dir, progress=False)
+        began = time.perf_counter()
+        stats = trainer.train_epoch(0, [False])
+        trainer.evaluate(trainer.splits.val)
+        synchronize(device)
+        seconds = time.perf_counter() - began
+    return {"epoch_seconds": seconds, "epoch_train_images_per_s": stats["images"] / stats["seconds"]}
+
+
+def add_bench(sub: argparse._SubParsersAction) -> None:
+    from .cli import positive_int
+
+    p = sub.add_parser("bench", help="measure training and inference speed and memory")
+    p.add_argument("--device", choices=DEVICES, default="auto")
+    p.add_argument("--precision", choices=PRECISIONS, default="fp32")
+    p.add_argument("--compile", action="store_true", help="use torch.compile")
+    p.add_argument("--routing-iterations", type=positive_int, default=3)
+    p.add_argument("--train-batch", type=positive_int, help="default: 64 on CPU, 128 on CUDA")
+    p.add_argument("--infer-batch", type=positive_int, default=256)
+    p.add_argument("--warmup", type=positive_int, default=3)
+    p.add_argument("--repeats", type=positive_int, default=10)
+    p.add_argument("--epoch", action="store_true",
+                   help="also time a whole paper-preset epoch on MNIST (data needed)")
+    p.add_argument("--data-dir")
+    p.add_argument("--json", action="store_true", help="print only JSON")
+    p.set_defaults(run=run_bench)
+
+
+def run_bench(args: argparse.Namespace) -> int:
+    device = resolve_device(args.device)
+    train_batch = args.train_batch or (128 if device.type == "cuda" else 64)
+    result: dict[str, Any] = {
+        "device": (torch.cuda.get_device_name(device) if device.type == "cuda"
+                   else f"{platform.processor() or platform.machine()}, "
+                        f"{torch.get_num_threads()} threads"),
+        "torch": torch.__version__, "precision": args.precision, "compile": args.compile,
+        "routing_iterations": args.routing_iterations, "train_batch": train_batch,
+        "infer_batch": args.infer_batch,
+        "date": time.strftime("%Y-%m-%d"),
+    }
+    result.update(bench_model(device, args.precision, args.compile, args.routing_iterations,
+                              train_batch, args.infer_batch, args.warmup, args.repeats))
+    if args.epoch:
+        result.update(bench_epoch(device, args.precision, args.compile, 128, args.data_dir))
+    result["targets"] = TARGETS[device.type]
+    if args.json:
+        print(json.dumps(result))
+        return 0
+    print(format_table(result))
+    print(json.dumps(result))
+    return 0
+
+
+def format_table(result: dict[str, Any]) -> str:
+    rows = [("setting", "value", "target")]
+    targets = result["targets"]
+    for key, value in result.items():
+        if key == "targets":
+            continue
+        target = targets.get(key)
+        shown = f"{value:,.1f}" if isinstance(value, float) else str(value)
+        if target is not None:
+            better = value <= target if key in ("peak_memory_mb", "epoch_seconds") else value >= target
+            target = f"{'<=' if key in ('peak_memory_mb', 'epoch_seconds') else '>='} {target:,} " \
+                     f"({'met' if better else 'missed'})"
+        rows.append((key, shown, target or ""))
+    widths = [max(len(row[i]) for row in rows) for i in range(3)]
+    return "\n".join("  ".join(cell.ljust(w) for cell, w in zip(row, widths)) for row in rows)
