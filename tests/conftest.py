@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Iterator
 
 import numpy as np
 import pytest
+import torch
 
 from capsnet.data import FILE_NAMES, write_idx
 
@@ -48,3 +50,13 @@ def tiny_dataset(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """Folder with 240 training and 60 test images of 10 easy classes, as raw IDX files.
     Pass it as ``--dataset FOLDER`` (with ``--val-size 40`` or so)."""
     return write_dataset(tmp_path_factory.mktemp("tiny"))
+
+
+@pytest.fixture()
+def one_thread() -> Iterator[None]:
+    """Run a test on one torch thread: tiny tensors gain nothing from threads, and on a
+    shared 2-core machine OpenMP spinning makes them up to 20x slower."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)

@@ -9,11 +9,16 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from dataclasses import replace
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
 from .config import DEVICES, PRECISIONS, PRESETS, REDUCTIONS, TrainConfig, make_config
+from .bench import add_bench
 from .errors import CapsNetError
+from .experiments import add_experiment
+from .explore import add_explore
+from .export import add_export
 
 EXIT_USAGE = 2
 EXIT_INTERRUPTED = 130
@@ -70,7 +75,7 @@ def add_train(sub: argparse._SubParsersAction) -> None:
                        description="Train a CapsNet. A preset sets every default; flags override it.")
     p.add_argument("--preset", choices=tuple(PRESETS), default="paper",
                    help="paper: 3 iterations, shifts, summed reconstruction, lr decay (default); "
-                        "seed: the notebook exactly")
+                        "seed: the notebook exactly; quick: the paper's model briefly, for a CPU")
     p.add_argument("--dataset", help="mnist, fashion-mnist, or a folder of IDX files")
     p.add_argument("--epochs", type=positive_int)
     p.add_argument("--batch-size", type=positive_int)
@@ -86,7 +91,7 @@ def add_train(sub: argparse._SubParsersAction) -> None:
                    help="train on the first N training images only (0: all)")
     p.add_argument("--seed", type=non_negative_int)
     p.add_argument("--precision", choices=PRECISIONS)
-    p.add_argument("--compile", action="store_true", default=None, help="use torch.compile")
+    p.add_argument("--compile", action="store_true", default=None, help="compile the routing layer with torch.compile")
     p.add_argument("--deterministic", action="store_true", default=None)
     p.add_argument("--run-dir", type=Path, help="where checkpoints and logs go "
                    "(default: runs/<dataset>-<preset>)")
@@ -110,6 +115,11 @@ def run_train(args: argparse.Namespace) -> int:
     if args.resume is not None:
         if not (args.resume / "last.pt").is_file():
             raise CapsNetError(f"--resume {args.resume}: no last.pt there to resume from")
+        if args.epochs is None:  # continue to the run's own epochs, not the preset's default
+            from .checkpoint import load_checkpoint
+
+            saved = load_checkpoint(args.resume / "last.pt").get("train_config") or {}
+            config = replace(config, epochs=saved.get("epochs", config.epochs))
         run_dir = args.resume
     else:
         run_dir = args.run_dir or Path("runs") / f"{Path(config.dataset).name}-{config.preset}"
@@ -118,9 +128,10 @@ def run_train(args: argparse.Namespace) -> int:
                                f"it or --run-dir to start a new one")
     summary = train(config, run_dir, data_dir=args.data_dir, resume=args.resume is not None,
                     progress=not args.no_progress)
+    speed = summary["train_images_per_s"]  # None when a resumed run had nothing left to train
     print(f"test accuracy {summary['test_accuracy']:.2%}, test loss {summary['test_loss']:.5f}, "
-          f"{summary['wall_seconds']:.0f} s, {summary['train_images_per_s']:.0f} images/s "
-          f"on {summary['device']}")
+          f"{summary['wall_seconds']:.0f} s, "
+          f"{'no training' if speed is None else f'{speed:.0f} images/s'} on {summary['device']}")
     print(f"best checkpoint: {summary['checkpoint']}; summary: {run_dir / 'summary.json'}")
     if args.figures:
         from .figures import draw_figures
@@ -261,7 +272,10 @@ def run_data(args: argparse.Namespace) -> int:
 
 
 COMMANDS: list[Callable[[argparse._SubParsersAction], None]] = [
-    add_train, add_evaluate, add_predict, add_figures, add_data,
+    add_train, add_evaluate, add_predict, add_figures, add_data, add_bench,
+    add_export,
+    add_explore,
+    add_experiment,
 ]
 
 

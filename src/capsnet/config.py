@@ -2,7 +2,8 @@
 
 ``seed`` is the tutorial notebook exactly; ``paper`` follows Sabour et al. (3 routing
 iterations, 2-pixel shifts, summed reconstruction loss, Adam with exponential decay) and is
-the default. Every field can be overridden after a preset is applied.
+the default; ``quick`` is the paper's model trained briefly, for a CPU. Every field can be
+overridden after a preset is applied.
 """
 
 from __future__ import annotations
@@ -15,6 +16,8 @@ from .errors import CapsNetError
 DEVICES = ("auto", "cpu", "cuda")
 PRECISIONS = ("fp32", "bf16")
 REDUCTIONS = ("sum", "mean")
+LIMITS = {"epochs": 100_000, "batch_size": 65_536, "eval_batch_size": 65_536,
+          "routing_iterations": 100}  # beyond these a value is a typo, not a plan
 
 
 @dataclass(frozen=True)
@@ -38,7 +41,7 @@ class TrainConfig:
     seed: int = 0
     device: str = "auto"
     precision: str = "fp32"  # "bf16": autocast matmuls and convolutions to bfloat16
-    compile: bool = False  # torch.compile the model
+    compile: bool = False  # torch.compile the routing layer
     deterministic: bool = False
 
     def __post_init__(self) -> None:
@@ -56,8 +59,12 @@ class TrainConfig:
             raise CapsNetError(f"lr must be in (0, 1), got {self.lr}")
         if not 0 < self.lr_decay <= 1:
             raise CapsNetError(f"lr_decay must be in (0, 1], got {self.lr_decay}")
-        if not 0 <= self.reconstruction_weight < 1e3:
-            raise CapsNetError(f"reconstruction_weight must be >= 0, got {self.reconstruction_weight}")
+        if not 0 <= self.reconstruction_weight <= 1:
+            raise CapsNetError(f"reconstruction_weight must be in [0, 1], got "
+                               f"{self.reconstruction_weight}")
+        for name, most in LIMITS.items():
+            if getattr(self, name) > most:
+                raise CapsNetError(f"{name} must be at most {most:,}, got {getattr(self, name):,}")
         for name, allowed in (("reconstruction_reduction", REDUCTIONS), ("device", DEVICES),
                               ("precision", PRECISIONS), ("preset", tuple(PRESETS))):
             if getattr(self, name) not in allowed:
@@ -82,6 +89,8 @@ PRESETS: dict[str, dict[str, Any]] = {
     "paper": {},
     "seed": dict(epochs=10, batch_size=50, routing_iterations=2, lr_decay=1.0, max_shift=0,
                  reconstruction_reduction="mean"),
+    # Sized for a 2-core CPU in minutes: one pass over 30,000 images, small batches, no shifts.
+    "quick": dict(epochs=1, batch_size=32, train_limit=30_000, lr_decay=1.0, max_shift=0),
 }
 
 

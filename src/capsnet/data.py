@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import gzip
 import hashlib
-import io
+import math
 import os
 import shutil
 import subprocess
@@ -30,6 +30,7 @@ import torch
 from torch import Tensor
 
 from .errors import CapsNetError
+from .files import atomic_write_bytes
 
 ROLES = ("train_images", "train_labels", "test_images", "test_labels")
 FILE_NAMES = {
@@ -113,7 +114,7 @@ def parse_idx(data: bytes, name: str = "<bytes>") -> np.ndarray:
     shape = tuple(int.from_bytes(data[4 + 4 * k: 8 + 4 * k], "big") for k in range(ndim))
     if any(s == 0 for s in shape):
         raise CapsNetError(f"{name}: IDX file has an empty dimension {shape}")
-    expected = int(np.prod(shape))
+    expected = math.prod(shape)  # exact: numpy's product overflows for huge headers
     actual = len(data) - header
     if actual < expected:
         raise CapsNetError(f"{name}: truncated: {actual} data bytes, header {shape} needs {expected}")
@@ -140,21 +141,6 @@ def write_idx(path: str | os.PathLike, array: np.ndarray) -> None:
     if str(path).endswith(".gz"):
         data = gzip.compress(data, mtime=0)
     atomic_write_bytes(Path(path), data)
-
-
-def atomic_write_bytes(path: Path, data: bytes) -> None:
-    """Write ``data`` to ``path`` so that ``path`` is either the old file or the whole new one."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 def check_images_labels(images: np.ndarray, labels: np.ndarray, num_classes: int,

@@ -129,6 +129,13 @@ class CapsNet(nn.Module):
         c, s = self.config.in_channels, self.config.image_size
         return self.decoder(decoder_input).view(-1, c, s, s)
 
+    def compile_routing(self) -> "CapsNet":
+        """Compile the routing layer with ``torch.compile`` (in place; weights and state-dict
+        keys unchanged). Fusing its many small element-wise steps is where compilation pays;
+        the convolutions already run in vendor kernels and gain nothing."""
+        self.digits.compile()
+        return self
+
     def forward(self, images: Tensor, labels: Tensor | None = None) -> CapsNetOutput:
         digit_caps, _ = self.capsules(images)
         lengths = safe_norm(digit_caps)  # (batch, classes)

@@ -24,8 +24,9 @@ from tqdm import tqdm
 
 from .checkpoint import load_checkpoint, model_from_checkpoint, save_checkpoint
 from .config import TrainConfig, learning_rate
-from .data import Split, Splits, atomic_write_bytes, batches, load_splits, num_batches
-from .distributed import World, all_reduce_sum, any_rank, init_world, per_rank_batch, shutdown
+from .data import Split, Splits, batches, load_splits, num_batches
+from .files import atomic_write_bytes
+from .distributed import all_reduce_sum, any_rank, init_world, per_rank_batch, shutdown
 from .errors import CapsNetError
 from .evaluate import Evaluation, autocast, evaluate, resolve_device
 from .losses import capsule_loss
@@ -39,7 +40,26 @@ class TrainingInterrupted(CapsNetError):
 
 
 def write_json(path: Path, data: Any) -> None:
-    atomic_write_bytes(path, (json.dumps(data, indent=2) + "\n").encode())
+    with reporting_write_errors(path):
+        atomic_write_bytes(path, (json.dumps(data, indent=2) + "\n").encode())
+
+
+@contextmanager
+def reporting_write_errors(path: Path) -> Iterator[None]:
+    """Turn an OSError (disk full, read-only folder) while writing ``path`` into one line."""
+    try:
+        yield
+    except OSError as exc:
+        raise CapsNetError(f"could not write {path}: {exc.strerror or exc}; the checkpoints in "
+                           f"{path.parent} were left as they were") from None
+
+
+def epoch_of(line: str) -> float:
+    """Epoch of a metrics.jsonl line; infinity for a line torn by a crash (so it is dropped)."""
+    try:
+        return float(json.loads(line)["epoch"])
+    except (ValueError, KeyError, TypeError):
+        return math.inf
 
 
 def model_config_for(config: TrainConfig, splits: Splits) -> CapsNetConfig:
@@ -61,9 +81,10 @@ class MetricsLog:
         self.path = run_dir / "metrics.jsonl"
         # After a resume, drop lines of epochs the checkpoint does not contain.
         if self.path.exists():
-            lines = [line for line in self.path.read_text().splitlines()
-                     if line.strip() and json.loads(line)["epoch"] <= keep_epochs]
-            atomic_write_bytes(self.path, "".join(line + "\n" for line in lines).encode())
+            lines = [line for line in self.path.read_text(errors="replace").splitlines()
+                     if line.strip() and epoch_of(line) <= keep_epochs]
+            with reporting_write_errors(self.path):
+                atomic_write_bytes(self.path, "".join(line + "\n" for line in lines).encode())
         try:
             from torch.utils.tensorboard import SummaryWriter
             self.writer = SummaryWriter(str(run_dir / "tensorboard"))
@@ -71,7 +92,7 @@ class MetricsLog:
             self.writer = None
 
     def write(self, record: dict[str, Any]) -> None:
-        with open(self.path, "a") as f:
+        with reporting_write_errors(self.path), open(self.path, "a") as f:
             f.write(json.dumps(record) + "\n")
         if self.writer is not None:
             for key, value in record.items():
@@ -111,10 +132,11 @@ class Trainer:
         self.run_dir = Path(run_dir)
         payload = None
         if resume:
-            payload = load_checkpoint(self.run_dir / "last.pt")
+            payload = load_checkpoint(self.run_dir / "last.pt", resumable=True)
             saved = TrainConfig.from_dict(payload["train_config"])
-            # Only the number of epochs may change on resume; all else is the run's own.
-            config = TrainConfig.from_dict({**saved.to_dict(), "epochs": config.epochs})
+            # The run keeps its own settings; only how long and where it runs may change.
+            config = TrainConfig.from_dict({**saved.to_dict(), "epochs": config.epochs,
+                                            "device": config.device, "compile": config.compile})
         self.config = config
         if config.deterministic:
             torch.use_deterministic_algorithms(True)
@@ -146,7 +168,9 @@ class Trainer:
         self.optimizer = torch.optim.Adam(self.model.parameters(), lr=config.lr)
         if payload is not None:
             self.optimizer.load_state_dict(payload["optimizer"])
-        self.step_model = torch.compile(self.model) if config.compile else self.model
+        if config.compile:
+            self.model.compile_routing()
+        self.step_model = self.model
         if self.world.distributed:
             self.step_model = torch.nn.parallel.DistributedDataParallel(
                 self.step_model, device_ids=[self.device.index] if self.device.type == "cuda" else None)
@@ -258,7 +282,10 @@ class Trainer:
                     stats = self.train_epoch(epoch, stop)
                     train_seconds += stats["seconds"]
                     train_images += stats["images"]
-                    if stop[0]:
+                    # Ctrl-C in an epoch's last step stops after its validation and save,
+                    # in the next step: a checkpoint never holds a trained-out epoch.
+                    if stop[0] and self.progress["batch"] < math.ceil(
+                            len(self.splits.train) / config.batch_size):
                         self.save("last.pt")
                         raise TrainingInterrupted(
                             f"interrupted in epoch {epoch + 1} after step {self.progress['step']}; "

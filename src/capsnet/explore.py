@@ -1,0 +1,556 @@
+"""``capsnet explore``: a local web page to draw a digit and watch its capsules.
+
+``capsnet explore CHECKPOINT`` loads the model on the CPU and serves a page (plain HTML,
+CSS and JavaScript from ``explore_static/``; nothing is fetched from elsewhere) with a
+canvas to draw on, the ten capsule lengths, the reconstruction of the winning or chosen
+capsule with one slider per pose dimension, and the coupling coefficients of that capsule
+over the primary capsules.
+
+JSON API (every response is JSON; errors are ``{"error": "message"}``):
+
+``GET /api/info``
+    ``{"checkpoint", "dataset", "classes", "class_names", "image_size", "in_channels",
+    "digit_dim", "primary_grid", "primary_maps", "offset_limit", "max_side"}``.
+
+``POST /api/predict`` with a JSON object body (at most 1 MB):
+
+    image       HxW list of lists of numbers in [0, 1] (0 black background, 1 ink)
+    pixels      or: a flat row-major list of image_size * image_size numbers in [0, 1]
+    preprocess  optional bool (default false): centre the digit MNIST-style (crop to its
+                ink, scale it into a 20/28 box, move its centre of mass to the middle);
+                any size up to max_side x max_side is accepted. Without it the image must
+                be image_size x image_size.
+    capsule     optional int in [0, classes): the capsule to decode (default: the winner)
+    offsets     optional list of digit_dim numbers in [-offset_limit, offset_limit], added
+                to that capsule's pose before decoding (the notebook's tweaks)
+
+    -> ``{"prediction": int, "class_name": str, "lengths": [classes floats],
+    "capsule": int, "pose": [digit_dim floats, before offsets],
+    "reconstruction": image_size x image_size floats in [0, 1],
+    "input": the image_size x image_size image the network saw,
+    "coupling": primary_maps x primary_grid x primary_grid floats}``: the last routing
+    iteration's coupling coefficients c_ij of every primary capsule i (map, row, column)
+    to the decoded capsule j.
+
+``GET /api/sample[?index=N]``
+    A test image of the checkpoint's data set (random without ``index``):
+    ``{"image": image_size x image_size floats in [0, 1], "label": int, "label_name",
+    "index", "count"}``; 503 with a message when the data set cannot be loaded.
+
+Malformed JSON, unknown keys, wrong shapes or types, NaN or infinite numbers, values out of
+range and bodies over 1 MB get a 400 with a message; an unexpected failure gets a 500 with
+a message, and the server keeps serving.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import random
+import socket
+import sys
+import threading
+import traceback
+from dataclasses import dataclass
+from http import HTTPStatus
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from importlib import resources
+from pathlib import Path
+from typing import Any
+from urllib.parse import parse_qs, urlsplit
+
+import numpy as np
+import torch
+
+from .errors import CapsNetError
+from .images import mnist_normalise
+from .layers import safe_norm
+from .model import CapsNet
+
+MAX_BODY_BYTES = 1_000_000
+MAX_DISCARD_BYTES = 16_000_000  # refused bodies up to this size are read and dropped
+MAX_SIDE = 512  # largest accepted image side when preprocessing
+OFFSET_LIMIT = 1.0  # the page's sliders span -0.5 .. +0.5
+PREDICT_KEYS = {"image", "pixels", "preprocess", "capsule", "offsets"}
+STATIC_FILES = {  # URL path -> (file in explore_static, content type)
+    "/": ("index.html", "text/html; charset=utf-8"),
+    "/index.html": ("index.html", "text/html; charset=utf-8"),
+    "/explore.css": ("explore.css", "text/css; charset=utf-8"),
+    "/explore.js": ("explore.js", "text/javascript; charset=utf-8"),
+}
+GET_PATHS = {"/api/info", "/api/sample"}
+SECURITY_HEADERS = {
+    "Content-Security-Policy": "default-src 'self'; img-src 'self' data:; "
+                               "connect-src 'self'; base-uri 'none'; form-action 'none'",
+    "X-Content-Type-Options": "nosniff",
+    "Referrer-Policy": "no-referrer",
+    "Cache-Control": "no-store",
+}
+
+
+class ApiError(Exception):
+    """A request the server refuses: HTTP ``status`` and a message for the client."""
+
+    def __init__(self, message: str, status: int = HTTPStatus.BAD_REQUEST) -> None:
+        super().__init__(message)
+        self.status = int(status)
+
+
+# ---------------------------------------------------------------------------------------
+# Images
+
+
+def centre_digit(image: np.ndarray, size: int) -> np.ndarray:
+    """MNIST-style centring of a drawn ``image`` (H, W) in [0, 1] into ``(size, size)``
+    float32, as ``capsnet predict`` does for image files (see :mod:`capsnet.images`):
+    cropped to the ink, scaled into the 20/28 box, centred by mass. Blank stays blank."""
+    try:
+        centred = mnist_normalise(image.astype(np.float64), size, Path("drawing"))
+    except CapsNetError:  # no ink stands out from the background
+        centred = np.zeros((size, size))
+    return centred.astype(np.float32)
+
+
+# ---------------------------------------------------------------------------------------
+# Request validation
+
+
+def parse_body(raw: bytes) -> dict[str, Any]:
+    """The JSON object in ``raw``; NaN and Infinity literals are refused."""
+    def refuse_constant(name: str) -> None:
+        raise ApiError(f"{name} is not allowed: numbers must be finite")
+
+    try:
+        body = json.loads(raw.decode("utf-8"), parse_constant=refuse_constant)
+    except UnicodeDecodeError:
+        raise ApiError("request body is not UTF-8") from None
+    except (ValueError, RecursionError) as exc:  # also integers of over 4300 digits
+        raise ApiError(f"malformed JSON: {exc}") from None
+    if not isinstance(body, dict):
+        raise ApiError("request body must be a JSON object")
+    return body
+
+
+def is_number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def number_array(values: Any, name: str, low: float, high: float) -> np.ndarray:
+    """Flat list of numbers -> float32 array; refuse other types, NaN/Inf, out of range."""
+    if not isinstance(values, list) or not values:
+        raise ApiError(f"{name} must be a non-empty list of numbers")
+    if not all(is_number(v) for v in values):
+        raise ApiError(f"{name} must hold only numbers")
+    try:
+        array = np.asarray(values, dtype=np.float64)
+    except OverflowError:  # an integer too large for a float
+        raise ApiError(f"{name} must hold finite numbers (no NaN or infinity)") from None
+    if not np.isfinite(array).all():
+        raise ApiError(f"{name} must hold finite numbers (no NaN or infinity)")
+    if array.min() < low or array.max() > high:
+        raise ApiError(f"{name} values must be in [{low:g}, {high:g}], "
+                       f"got {array.min():g} .. {array.max():g}")
+    return array.astype(np.float32)
+
+
+def image_array(body: dict[str, Any], size: int) -> np.ndarray:
+    """The (H, W) image of a predict request, from ``image`` or ``pixels``."""
+    if ("image" in body) == ("pixels" in body):
+        raise ApiError('give exactly one of "image" (HxW list of lists) or "pixels" (flat list)')
+    if "pixels" in body:
+        pixels = number_array(body["pixels"], "pixels", 0.0, 1.0)
+        if pixels.size != size * size:
+            raise ApiError(f"pixels must hold {size}x{size} = {size * size} numbers, "
+                           f"got {pixels.size}")
+        return pixels.reshape(size, size)
+    rows = body["image"]
+    if not isinstance(rows, list) or not rows or not all(isinstance(r, list) for r in rows):
+        raise ApiError("image must be a non-empty list of rows (lists of numbers)")
+    width = len(rows[0])
+    if any(len(r) != width for r in rows):
+        raise ApiError("image rows must all have the same length")
+    if len(rows) > MAX_SIDE or width > MAX_SIDE:
+        raise ApiError(f"image is {len(rows)}x{width}; at most {MAX_SIDE}x{MAX_SIDE}")
+    flat = [v for r in rows for v in r]
+    return number_array(flat, "image", 0.0, 1.0).reshape(len(rows), width)
+
+
+def optional_capsule(body: dict[str, Any], classes: int) -> int | None:
+    capsule = body.get("capsule")
+    if capsule is None:
+        return None
+    if not isinstance(capsule, int) or isinstance(capsule, bool):
+        raise ApiError(f"capsule must be an integer in [0, {classes - 1}] or null")
+    if not 0 <= capsule < classes:
+        raise ApiError(f"capsule {capsule} out of range [0, {classes - 1}]")
+    return capsule
+
+
+def optional_offsets(body: dict[str, Any], dim: int) -> np.ndarray:
+    offsets = body.get("offsets")
+    if offsets is None:
+        return np.zeros(dim, dtype=np.float32)
+    array = number_array(offsets, "offsets", -OFFSET_LIMIT, OFFSET_LIMIT)
+    if array.size != dim:
+        raise ApiError(f"offsets must hold {dim} numbers, got {array.size}")
+    return array
+
+
+def rounded(array: np.ndarray | torch.Tensor, digits: int = 4) -> list:
+    """Nested lists of ``array`` rounded to ``digits`` decimals, for compact JSON."""
+    if isinstance(array, torch.Tensor):
+        array = array.detach().cpu().numpy()
+    return np.round(array.astype(np.float64), digits).tolist()
+
+
+# ---------------------------------------------------------------------------------------
+# The model and the data set behind the API
+
+
+class SampleSource:
+    """Test images of a data set, loaded once in the background on first use."""
+
+    def __init__(self, dataset: str | None, data_dir: str | None, model: CapsNet) -> None:
+        self.dataset, self.data_dir, self.model = dataset, data_dir, model
+        self.lock = threading.Lock()
+        self.loaded = False
+        self.images: torch.Tensor | None = None
+        self.labels: torch.Tensor | None = None
+        self.error: str | None = None
+
+    def start(self) -> None:
+        """Begin loading in a daemon thread so the first request does not wait long."""
+        threading.Thread(target=self.load, name="capsnet-explore-data", daemon=True).start()
+
+    def load(self) -> None:
+        with self.lock:
+            if self.loaded:
+                return
+            try:
+                self.images, self.labels = self._read()
+            except CapsNetError as exc:
+                self.error = str(exc)
+            except Exception as exc:  # noqa: BLE001 - any failure just disables samples
+                self.error = f"{type(exc).__name__}: {exc}"
+            self.loaded = True
+
+    def _read(self) -> tuple[torch.Tensor, torch.Tensor]:
+        from .cli import check_fits
+        from .data import load_splits
+
+        if not self.dataset:
+            raise CapsNetError("the checkpoint names no data set; start explore with --dataset")
+        splits = load_splits(self.dataset, self.data_dir, val_size=1)
+        check_fits(self.model, splits.image_size, splits.in_channels, splits.num_classes,
+                   self.dataset)
+        return splits.test.images, splits.test.labels
+
+    def sample(self, index: int | None) -> tuple[int, np.ndarray, int, int]:
+        """``(index, image (C, H, W) float32, label, count)``; random ``index`` if None."""
+        self.load()
+        if self.images is None or self.labels is None:
+            raise ApiError(f"no test images: {self.error}", HTTPStatus.SERVICE_UNAVAILABLE)
+        count = len(self.labels)
+        if index is None:
+            index = random.randrange(count)
+        elif not 0 <= index < count:
+            raise ApiError(f"index {index} out of range [0, {count - 1}]")
+        image = self.images[index].float().div(255.0).numpy()
+        return index, image, int(self.labels[index]), count
+
+
+@dataclass
+class Explorer:
+    """The model, its class names and test images, and the API's operations."""
+
+    model: CapsNet
+    class_names: tuple[str, ...]
+    samples: SampleSource
+    checkpoint: str = ""
+    dataset: str | None = None
+
+    def __post_init__(self) -> None:
+        self.lock = threading.Lock()  # one forward pass at a time
+
+    def info(self) -> dict[str, Any]:
+        c = self.model.config
+        return {"checkpoint": self.checkpoint, "dataset": self.dataset,
+                "classes": c.num_classes, "class_names": list(self.class_names),
+                "image_size": c.image_size, "in_channels": c.in_channels,
+                "digit_dim": c.digit_dim, "primary_grid": c.primary_grid,
+                "primary_maps": c.primary_maps, "offset_limit": OFFSET_LIMIT,
+                "max_side": MAX_SIDE}
+
+    def predict(self, body: dict[str, Any]) -> dict[str, Any]:
+        """Validate a predict request (see the module docstring) and answer it."""
+        config = self.model.config
+        unknown = sorted(set(body) - PREDICT_KEYS)
+        if unknown:
+            raise ApiError(f"unknown keys: {', '.join(unknown)} "
+                           f"(allowed: {', '.join(sorted(PREDICT_KEYS))})")
+        preprocess = body.get("preprocess", False)
+        if not isinstance(preprocess, bool):
+            raise ApiError("preprocess must be true or false")
+        image = image_array(body, config.image_size)
+        if preprocess:
+            image = centre_digit(image, config.image_size)
+        elif image.shape != (config.image_size, config.image_size):
+            raise ApiError(f"image must be {config.image_size}x{config.image_size} without "
+                           f"preprocess, got {image.shape[0]}x{image.shape[1]}")
+        capsule = optional_capsule(body, config.num_classes)
+        offsets = optional_offsets(body, config.digit_dim)
+        return self.run(image, capsule, offsets)
+
+    def run(self, image: np.ndarray, capsule: int | None, offsets: np.ndarray) -> dict[str, Any]:
+        """Forward ``image`` (size, size), decode ``capsule`` (default: the winner) + offsets."""
+        config = self.model.config
+        batch = torch.from_numpy(image).expand(1, config.in_channels, *image.shape)
+        with self.lock, torch.no_grad():
+            digit_caps, coupling = self.model.capsules(batch.contiguous())
+            lengths = safe_norm(digit_caps)[0]
+            prediction = int(lengths.argmax())
+            chosen = prediction if capsule is None else capsule
+            tweaked = digit_caps.clone()
+            tweaked[0, chosen] += torch.from_numpy(offsets)
+            reconstruction = self.model.reconstruct(tweaked, torch.tensor([chosen]))
+        grid, maps = config.primary_grid, config.primary_maps
+        heat = coupling[0, :, chosen].view(grid, grid, maps).permute(2, 0, 1)  # (map, row, col)
+        return {"prediction": prediction, "class_name": self.class_names[prediction],
+                "lengths": rounded(lengths, 5), "capsule": chosen,
+                "pose": rounded(digit_caps[0, chosen], 5),
+                "reconstruction": rounded(reconstruction[0].mean(0), 3),
+                "input": rounded(image, 3), "coupling": rounded(heat, 5)}
+
+    def sample(self, query: dict[str, list[str]]) -> dict[str, Any]:
+        """A test image (random, or ``?index=N``) with its label."""
+        index = None
+        if "index" in query:
+            try:
+                index = int(query["index"][-1])
+            except ValueError:
+                raise ApiError(f"index must be an integer, got {query['index'][-1]!r}") from None
+        index, image, label, count = self.samples.sample(index)
+        return {"image": rounded(image.mean(0), 3), "label": label,
+                "label_name": self.class_names[label] if label < len(self.class_names) else str(label),
+                "index": index, "count": count}
+
+
+# ---------------------------------------------------------------------------------------
+# HTTP
+
+
+class Handler(BaseHTTPRequestHandler):
+    """Static files and the JSON API of an :class:`ExploreServer`."""
+
+    server: "ExploreServer"
+    server_version = "capsnet-explore"
+    protocol_version = "HTTP/1.1"
+    timeout = 30  # seconds a connection may stall (idle keep-alive, a body that never comes)
+
+    def do_GET(self) -> None:  # noqa: N802 - http.server's naming
+        self.handle_safely(self.route_get)
+
+    def do_HEAD(self) -> None:  # noqa: N802
+        self.handle_safely(self.route_get)
+
+    def do_POST(self) -> None:  # noqa: N802
+        self.handle_safely(self.route_post)
+
+    def do_PUT(self) -> None:  # noqa: N802
+        self.handle_safely(self.refuse_method)
+
+    do_DELETE = do_PATCH = do_PUT
+
+    def handle_safely(self, route: Any) -> None:
+        """Run ``route``; turn :class:`ApiError` into its status and anything else into 500."""
+        try:
+            route()
+        except ApiError as exc:
+            self.send_json({"error": str(exc)}, exc.status)
+        except (BrokenPipeError, ConnectionResetError, TimeoutError):
+            self.close_connection = True
+        except Exception as exc:  # noqa: BLE001 - one bad request must not stop the server
+            traceback.print_exc(file=sys.stderr)
+            try:
+                self.send_json({"error": f"internal error: {type(exc).__name__}: {exc}"},
+                               HTTPStatus.INTERNAL_SERVER_ERROR)
+            except OSError:
+                self.close_connection = True
+
+    def route_get(self) -> None:
+        url = urlsplit(self.path)
+        explorer = self.server.explorer
+        if url.path in STATIC_FILES:
+            self.send_static(*STATIC_FILES[url.path])
+        elif url.path == "/api/info":
+            self.send_json(explorer.info())
+        elif url.path == "/api/sample":
+            self.send_json(explorer.sample(parse_qs(url.query)))
+        elif url.path == "/api/predict":
+            self.refuse_method()
+        else:
+            raise ApiError(f"not found: {url.path}", HTTPStatus.NOT_FOUND)
+
+    def route_post(self) -> None:
+        path = urlsplit(self.path).path
+        if path != "/api/predict":
+            if path in STATIC_FILES or path in GET_PATHS:
+                self.refuse_method()
+            self.close_connection = True  # the body is left unread
+            raise ApiError(f"not found: {path}", HTTPStatus.NOT_FOUND)
+        self.send_json(self.server.explorer.predict(parse_body(self.read_body())))
+
+    def refuse_method(self) -> None:
+        self.close_connection = True  # any request body is left unread
+        raise ApiError(f"method {self.command} not allowed here", HTTPStatus.METHOD_NOT_ALLOWED)
+
+    def read_body(self) -> bytes:
+        """The request body; refuse missing, chunked or oversized bodies before reading."""
+        if self.headers.get("Transfer-Encoding"):
+            self.close_connection = True
+            raise ApiError("chunked bodies are not supported; send Content-Length")
+        length_header = self.headers.get("Content-Length")
+        try:
+            length = int(length_header) if length_header is not None else -1
+        except ValueError:
+            length = -1
+        if length < 0:
+            self.close_connection = True
+            raise ApiError("missing or bad Content-Length")
+        if length > MAX_BODY_BYTES:
+            self.discard_body(length)
+            raise ApiError(f"request body of {length} bytes is over the limit of "
+                           f"{MAX_BODY_BYTES} bytes")
+        return self.rfile.read(length)
+
+    def discard_body(self, length: int) -> None:
+        """Read and drop a refused body of up to :data:`MAX_DISCARD_BYTES` so that the client
+        sees the answer (closing on unread data resets the connection); close on bigger ones."""
+        if length > MAX_DISCARD_BYTES:
+            self.close_connection = True
+            return
+        while length > 0:
+            chunk = self.rfile.read(min(length, 65536))
+            if not chunk:
+                break
+            length -= len(chunk)
+
+    def send_static(self, name: str, content_type: str) -> None:
+        data = resources.files("capsnet").joinpath("explore_static", name).read_bytes()
+        self.send_bytes(data, content_type, HTTPStatus.OK)
+
+    def send_json(self, data: Any, status: int = HTTPStatus.OK) -> None:
+        body = json.dumps(data, separators=(",", ":"), allow_nan=False).encode()
+        self.send_bytes(body, "application/json", status)
+
+    def send_bytes(self, body: bytes, content_type: str, status: int) -> None:
+        self.send_response(status)
+        self.send_header("Content-Type", content_type)
+        self.send_header("Content-Length", str(len(body)))
+        for name, value in SECURITY_HEADERS.items():
+            self.send_header(name, value)
+        if self.close_connection:
+            self.send_header("Connection", "close")
+        self.end_headers()
+        if self.command != "HEAD":
+            self.wfile.write(body)
+
+    def log_message(self, format: str, *args: Any) -> None:  # noqa: A002 - base signature
+        if self.server.verbose:
+            super().log_message(format, *args)
+
+
+class ExploreServer(ThreadingHTTPServer):
+    """A threading HTTP server that answers with :class:`Handler` for ``explorer``."""
+
+    daemon_threads = True
+    allow_reuse_address = True
+
+    def __init__(self, address: tuple[str, int], explorer: Explorer, verbose: bool = False) -> None:
+        if ":" in address[0]:
+            self.address_family = socket.AF_INET6
+        self.explorer = explorer
+        self.verbose = verbose
+        super().__init__(address, Handler)
+
+    @property
+    def url(self) -> str:
+        host, port = self.server_address[:2]
+        host = f"[{host}]" if ":" in str(host) else host
+        return f"http://{host}:{port}/"
+
+
+def class_names_for(dataset: str | None, num_classes: int) -> tuple[str, ...]:
+    """The registered data set's class names, else "0", "1", ..."""
+    from .data import DATASETS
+
+    spec = DATASETS.get(dataset or "")
+    if spec is not None and len(spec.class_names) == num_classes:
+        return spec.class_names
+    return tuple(str(i) for i in range(num_classes))
+
+
+def make_server(checkpoint: str | Path, host: str = "127.0.0.1", port: int = 8000, *,
+                dataset: str | None = None, data_dir: str | None = None,
+                verbose: bool = False) -> ExploreServer:
+    """Load ``checkpoint`` and bind a server (not yet serving) on ``host:port`` (0: any port).
+
+    Test images come from ``dataset`` (default: the one the checkpoint was trained on).
+    """
+    from .checkpoint import load_model
+
+    model, payload = load_model(checkpoint)
+    dataset = dataset or (payload.get("train_config") or {}).get("dataset")
+    samples = SampleSource(dataset, data_dir, model)
+    explorer = Explorer(model, class_names_for(dataset, model.config.num_classes), samples,
+                        str(checkpoint), dataset)
+    try:
+        server = ExploreServer((host, port), explorer, verbose)
+    except OSError as exc:
+        raise CapsNetError(f"cannot listen on {host}:{port}: {exc.strerror or exc}") from None
+    samples.start()
+    return server
+
+
+# ---------------------------------------------------------------------------------------
+# Command line
+
+
+def add_explore(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("explore", help="a web page to draw a digit and watch its capsules",
+                       description="Serve a local page: draw a digit or load a test image, see "
+                                   "the capsule lengths, reconstructions, pose sliders and "
+                                   "coupling coefficients.")
+    p.add_argument("checkpoint", type=Path, help="a .pt file or a run directory")
+    p.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1)")
+    p.add_argument("--port", type=port_number, default=8000, help="port (default 8000; 0: any free)")
+    p.add_argument("--dataset", help="data set for the random test images "
+                   "(default: the checkpoint's)")
+    p.add_argument("--data-dir", help="folder holding the data set's IDX files "
+                   "(default: $CAPSNET_DATA_DIR, then the cache, then download)")
+    p.add_argument("--verbose", action="store_true", help="log every request")
+    p.set_defaults(run=run_explore)
+
+
+def port_number(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a port number, got {text!r}") from None
+    if not 0 <= value <= 65535:
+        raise argparse.ArgumentTypeError(f"expected a port number 0..65535, got {text!r}")
+    return value
+
+
+def run_explore(args: argparse.Namespace) -> int:
+    server = make_server(args.checkpoint, args.host, args.port, dataset=args.dataset,
+                         data_dir=args.data_dir, verbose=args.verbose)
+    print(f"capsnet explore: serving {args.checkpoint} at {server.url} (Ctrl-C to stop)",
+          flush=True)
+    try:
+        server.serve_forever()
+    except KeyboardInterrupt:
+        print("capsnet explore: stopped", file=sys.stderr)
+    finally:
+        server.server_close()
+    return 0

@@ -1,0 +1,335 @@
+"""Export a trained CapsNet for inference outside this package: ONNX, safetensors, TorchScript.
+
+    capsnet export runs/mnist-paper --format onnx --out capsnet.onnx
+
+ONNX and TorchScript hold :class:`InferenceWrapper`: images ``(batch, channels, size,
+size)`` float32 in [0, 1] -> ``lengths`` ``(batch, classes)`` float32, ``predictions``
+``(batch,)`` int64 and ``reconstructions`` ``(batch, channels, size, size)`` float32, with
+a dynamic batch dimension. The graph is the model's own modules and weights, routing
+einsums included (they export as ONNX ``Einsum``).
+
+ONNX uses the ``torch.export``-based exporter (``torch.onnx.export(..., dynamo=True)``,
+which needs onnxscript). The TorchScript-based exporter also handles this model, but
+PyTorch marks it for removal, so it is not used. The default opset is
+:data:`DEFAULT_OPSET`, the highest that the exporter translates natively; recent
+onnxruntime loads higher ones, which ``opset=`` (``--opset``) can ask for.
+
+safetensors holds the state dict; its metadata carries the model config as JSON, so
+:func:`load_safetensors` rebuilds the model without any other file.
+
+Every file is written whole to a temporary file in the target folder and renamed over
+the target, so a crash never leaves half a file. Unless ``verify=False``, the written
+model is run on a few random images (onnxruntime, where installed) or read back, and
+compared with PyTorch before ``export_model`` returns.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import io
+import json
+import logging
+import os
+import warnings
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from .errors import CapsNetError
+from .files import write_or_fail
+from .model import CapsNet
+
+FORMATS = ("onnx", "safetensors", "torchscript")
+SAFETENSORS_FORMAT = "capsnet-safetensors"
+SAFETENSORS_VERSION = "1"
+DEFAULT_OPSET = 25  # the newest opset the torch.export-based exporter (onnxscript 0.7) converts natively
+MIN_OPSET = 18      # the exporter's own opset; it converts the graph up from there
+INPUT_NAMES = ["images"]
+OUTPUT_NAMES = ["lengths", "predictions", "reconstructions"]
+VERIFY_BATCH = 3      # differs from the tracing batch, so verification also checks the dynamic batch
+VERIFY_TOLERANCE = 1e-4  # refuse an export whose lengths differ from PyTorch's by more
+INSTALL_HINT = "pip install 'capsnet[export]'"
+
+
+class InferenceWrapper(nn.Module):
+    """The model as exported: ``images -> (lengths, predictions, reconstructions)``.
+
+    The decoder reconstructs the longest capsule (no labels at inference)."""
+
+    def __init__(self, model: CapsNet) -> None:
+        super().__init__()
+        self.model = model
+
+    def forward(self, images: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        out = self.model(images)
+        return out.lengths, out.predictions, out.reconstructions
+
+
+@dataclass
+class ExportResult:
+    path: Path
+    format: str
+    size_bytes: int
+    opset: int | None = None
+    # max abs difference to PyTorch per output on VERIFY_BATCH random images (None: not run)
+    max_abs_diff: dict[str, float] | None = None
+    verified_with: str | None = None
+    notes: list[str] = field(default_factory=list)
+
+
+def example_images(model: CapsNet, batch: int, seed: int = 0) -> Tensor:
+    c, s = model.config.in_channels, model.config.image_size
+    return torch.rand(batch, c, s, s, generator=torch.Generator().manual_seed(seed))
+
+
+def capsnet_version() -> str:
+    from . import __version__
+
+    return __version__
+
+
+def config_json(model: CapsNet) -> str:
+    return json.dumps(model.config.to_dict(), sort_keys=True)
+
+
+def export_model(checkpoint: str | os.PathLike | CapsNet, out: str | os.PathLike, fmt: str,
+                 *, opset: int | None = None, verify: bool = True) -> ExportResult:
+    """Write the model of ``checkpoint`` (a checkpoint file, a run directory or a
+    :class:`CapsNet`) to ``out`` in format ``fmt`` (see :data:`FORMATS`).
+
+    Raises :class:`CapsNetError` for an unknown format, a bad checkpoint, a missing
+    optional package, an unwritable ``out`` or an export that disagrees with PyTorch."""
+    if fmt not in FORMATS:
+        raise CapsNetError(f"unknown export format {fmt!r}; choose one of {', '.join(FORMATS)}")
+    if opset is not None and fmt != "onnx":
+        raise CapsNetError(f"an opset applies to onnx only, not {fmt}")
+    out = Path(out)
+    if out.is_dir():
+        raise CapsNetError(f"{out} is a folder; give the path of the file to write")
+    try:  # fail before the (slow) export, not after it
+        out.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise CapsNetError(f"could not write {out}: {exc.strerror or exc}") from None
+    if not os.access(out.parent, os.W_OK | os.X_OK):
+        raise CapsNetError(f"could not write {out}: the folder {out.parent} is not writable")
+    if isinstance(checkpoint, CapsNet):
+        model = copy.deepcopy(checkpoint).eval()  # leave the caller's model where it is
+    else:
+        from .checkpoint import load_model
+
+        model, _ = load_model(checkpoint)
+    model = model.cpu().float()
+    exporter = {"onnx": export_onnx, "safetensors": export_safetensors,
+                "torchscript": export_torchscript}[fmt]
+    kwargs: dict[str, Any] = {"opset": opset} if fmt == "onnx" else {}
+    return exporter(model, out, verify=verify, **kwargs)
+
+
+def max_abs_diffs(got: tuple[Any, ...], want: tuple[Tensor, ...], source: str) -> dict[str, float]:
+    """Max abs difference per output (for ``predictions``: how many differ); raise if the
+    lengths are off by more than :data:`VERIFY_TOLERANCE` or a prediction differs where
+    PyTorch's two candidate classes are not tied within it."""
+    got = tuple(torch.as_tensor(g) for g in got)
+    for name, g, w in zip(OUTPUT_NAMES, got, want):
+        if g.shape != w.shape:
+            raise CapsNetError(f"{source}: {name} has shape {tuple(g.shape)}, PyTorch {tuple(w.shape)}")
+    (lengths, predictions, reconstructions), (want_lengths, want_predictions, want_rec) = got, want
+    differ = predictions != want_predictions
+    gap = (want_lengths.gather(1, predictions[:, None]) -
+           want_lengths.gather(1, want_predictions[:, None])).abs().squeeze(1)
+    diffs = {"lengths": (lengths.double() - want_lengths.double()).abs().max().item(),
+             "predictions": float(differ.sum().item()),
+             "reconstructions": (reconstructions[~differ].double() -
+                                 want_rec[~differ].double()).abs().max().item()
+             if bool((~differ).any()) else 0.0}
+    if not diffs["lengths"] <= VERIFY_TOLERANCE or bool((gap[differ] > VERIFY_TOLERANCE).any()):
+        raise CapsNetError(f"{source}: the exported model disagrees with PyTorch (max |lengths "
+                           f"difference| {diffs['lengths']:.3g}, {int(diffs['predictions'])} of "
+                           f"{len(differ)} predictions differ)")
+    return diffs
+
+
+# -- ONNX -------------------------------------------------------------------------------
+
+def export_onnx(model: CapsNet, out: Path, *, opset: int | None = None,
+                verify: bool = True) -> ExportResult:
+    try:
+        import onnx
+        import onnxscript  # noqa: F401  (torch.onnx.export(dynamo=True) needs it)
+    except ImportError as exc:
+        raise CapsNetError(f"ONNX export needs the onnx and onnxscript packages "
+                           f"({exc.name} is missing): {INSTALL_HINT}") from None
+    max_opset = onnx.defs.onnx_opset_version()
+    opset = DEFAULT_OPSET if opset is None else opset
+    if not MIN_OPSET <= opset <= max_opset:
+        raise CapsNetError(f"opset {opset} is out of range: this onnx writes opsets "
+                           f"{MIN_OPSET} to {max_opset}")
+    wrapper = InferenceWrapper(model).eval()
+    images = example_images(model, 2)  # not 1: torch.export would fix a batch of 1
+    # quiet "torchvision is not installed", the opset converter's fallback notice and such
+    loggers = [logging.getLogger(name) for name in ("torch.onnx", "onnxscript", "onnx_ir")]
+    levels = [logger.level for logger in loggers]
+    for logger in loggers:
+        logger.setLevel(logging.ERROR)
+    try:
+        with warnings.catch_warnings(), torch.no_grad():
+            warnings.simplefilter("ignore")
+            program = torch.onnx.export(
+                wrapper, (images,), None, dynamo=True, opset_version=opset, verbose=False,
+                input_names=INPUT_NAMES, output_names=OUTPUT_NAMES,
+                dynamic_shapes={"images": {0: torch.export.Dim("batch")}})
+        proto = program.model_proto
+    except Exception as exc:  # the exporter raises many kinds; keep the cause chained
+        first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+        raise CapsNetError(f"ONNX export failed: {first[:300]}") from exc
+    finally:
+        for logger, level in zip(loggers, levels):
+            logger.setLevel(level)
+    proto.doc_string = ("CapsNet (Sabour et al. 2017): images (batch, channels, size, size) "
+                        "in [0, 1] -> lengths, predictions, reconstructions")
+    proto.producer_name, proto.producer_version = "capsnet", capsnet_version()
+    for key, value in (("capsnet_model_config", config_json(model)),
+                       ("capsnet_outputs", ",".join(OUTPUT_NAMES))):
+        entry = proto.metadata_props.add()
+        entry.key, entry.value = key, value
+    data = proto.SerializeToString()
+    result = ExportResult(out, "onnx", len(data), opset=opset)
+    if verify:
+        try:
+            import onnxruntime
+        except ImportError:
+            result.notes.append(f"not verified: onnxruntime is not installed ({INSTALL_HINT})")
+        else:
+            images = example_images(model, VERIFY_BATCH, seed=1)
+            try:
+                session = onnxruntime.InferenceSession(data, providers=["CPUExecutionProvider"])
+                got = session.run(OUTPUT_NAMES, {INPUT_NAMES[0]: images.numpy()})
+            except Exception as exc:  # e.g. an onnxruntime too old for the opset
+                first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+                raise CapsNetError(f"onnxruntime {onnxruntime.__version__} cannot run the "
+                                   f"exported model ({first[:300]}); try a lower --opset "
+                                   f"or --no-verify") from exc
+            with torch.no_grad():
+                want = wrapper(images)
+            result.max_abs_diff = max_abs_diffs(tuple(got), want, f"{out} (onnxruntime)")
+            result.verified_with = f"onnxruntime {onnxruntime.__version__}"
+    write_or_fail(out, data)
+    return result
+
+
+# -- safetensors ------------------------------------------------------------------------
+
+def export_safetensors(model: CapsNet, out: Path, *, verify: bool = True) -> ExportResult:
+    try:
+        from safetensors.torch import save
+    except ImportError:
+        raise CapsNetError(f"safetensors export needs the safetensors package: {INSTALL_HINT}") from None
+    state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
+    metadata = {"format": SAFETENSORS_FORMAT, "version": SAFETENSORS_VERSION,
+                "capsnet_version": capsnet_version(), "model_config": config_json(model)}
+    data = save(state, metadata=metadata)
+    write_or_fail(out, data)
+    result = ExportResult(out, "safetensors", len(data))
+    if verify:
+        loaded = load_safetensors(out).state_dict()
+        if loaded.keys() != state.keys() or not all(torch.equal(loaded[k], v) for k, v in state.items()):
+            raise CapsNetError(f"{out}: the written weights do not read back the same")
+        result.max_abs_diff = {"weights": 0.0}
+        result.verified_with = "read back"
+    return result
+
+
+def load_safetensors(path: str | os.PathLike) -> CapsNet:
+    """The CapsNet (eval mode, CPU) stored by ``capsnet export --format safetensors``."""
+    try:
+        from safetensors import SafetensorError, safe_open
+    except ImportError:
+        raise CapsNetError(f"reading safetensors needs the safetensors package: {INSTALL_HINT}") from None
+    from .checkpoint import model_from_checkpoint
+
+    path = Path(path)
+    if not path.is_file():
+        raise CapsNetError(f"{path}: no such file")
+    try:
+        with safe_open(str(path), framework="pt", device="cpu") as f:
+            metadata = f.metadata() or {}
+            state = {key: f.get_tensor(key) for key in f.keys()}
+    except (SafetensorError, OSError, ValueError, RuntimeError) as exc:
+        reason = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+        raise CapsNetError(f"{path}: not a readable safetensors file ({reason[:200]})") from None
+    if metadata.get("format") != SAFETENSORS_FORMAT or "model_config" not in metadata:
+        raise CapsNetError(f"{path}: not a capsnet safetensors file (no model config in its metadata)")
+    if metadata.get("version") != SAFETENSORS_VERSION:
+        raise CapsNetError(f"{path}: capsnet safetensors version {metadata.get('version')} is not "
+                           f"supported (this capsnet reads version {SAFETENSORS_VERSION})")
+    try:
+        config = json.loads(metadata["model_config"])
+    except json.JSONDecodeError:
+        raise CapsNetError(f"{path}: bad model config in the metadata (not JSON)") from None
+    if not isinstance(config, dict):
+        raise CapsNetError(f"{path}: bad model config in the metadata (not a JSON object)")
+    return model_from_checkpoint({"model_config": config, "model": state}, str(path)).eval()
+
+
+# -- TorchScript ------------------------------------------------------------------------
+
+def export_torchscript(model: CapsNet, out: Path, *, verify: bool = True) -> ExportResult:
+    wrapper = InferenceWrapper(model).eval()
+    with warnings.catch_warnings(), torch.no_grad():
+        # torch.jit is deprecated (it says so on every call) but still works; the routing
+        # loop has a fixed number of iterations, so tracing records all of it.
+        warnings.simplefilter("ignore")
+        traced = torch.jit.trace(wrapper, (example_images(model, 2),), check_trace=False)
+        buffer = io.BytesIO()
+        torch.jit.save(traced, buffer, _extra_files={"capsnet_model_config.json": config_json(model)})
+        data = buffer.getvalue()
+        result = ExportResult(out, "torchscript", len(data))
+        if verify:
+            loaded = torch.jit.load(io.BytesIO(data), map_location="cpu")
+            images = example_images(model, VERIFY_BATCH, seed=1)
+            result.max_abs_diff = max_abs_diffs(tuple(loaded(images)), wrapper(images),
+                                                f"{out} (TorchScript)")
+            result.verified_with = "torch.jit.load"
+    write_or_fail(out, data)
+    return result
+
+
+# -- command line -----------------------------------------------------------------------
+
+def add_export(sub: argparse._SubParsersAction) -> None:
+    from .cli import positive_int
+
+    p = sub.add_parser("export", help="write the model as ONNX, safetensors or TorchScript",
+                       description="Export a checkpoint's model for inference. ONNX and "
+                       "TorchScript take images (batch, channels, size, size) in [0, 1] and give "
+                       "lengths, predictions and reconstructions; safetensors holds the weights "
+                       "and the model config.")
+    p.add_argument("checkpoint", type=Path, help="a .pt file or a run directory")
+    p.add_argument("--format", choices=FORMATS, required=True)
+    p.add_argument("--out", type=Path, required=True, help="file to write")
+    p.add_argument("--opset", type=positive_int,
+                   help=f"ONNX opset (default {DEFAULT_OPSET})")
+    p.add_argument("--no-verify", action="store_true",
+                   help="skip comparing the written model with PyTorch")
+    p.set_defaults(run=run_export)
+
+
+def run_export(args: argparse.Namespace) -> int:
+    result = export_model(args.checkpoint, args.out, args.format, opset=args.opset,
+                          verify=not args.no_verify)
+    kind = f"ONNX opset {result.opset}" if result.format == "onnx" else result.format
+    print(f"wrote {result.path} ({kind}, {result.size_bytes / 1e6:.1f} MB)")
+    if result.max_abs_diff is not None and result.format != "safetensors":
+        d = result.max_abs_diff
+        print(f"checked with {result.verified_with} on {VERIFY_BATCH} random images against "
+              f"PyTorch: max abs difference lengths {d['lengths']:.2g}, reconstructions "
+              f"{d['reconstructions']:.2g}; {int(d['predictions'])} predictions differ")
+    elif result.max_abs_diff is not None:
+        print("checked: the weights read back identical")
+    for note in result.notes:
+        print(note)
+    return 0

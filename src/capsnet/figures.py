@@ -1,0 +1,197 @@
+"""The notebook's figures as PNG files: test samples, reconstructions, tweaked pose
+parameters, and the training curves of a run.
+
+:func:`draw_figures` writes, into one folder (``n`` = number of samples; pixel sizes at
+:data:`DPI` = 100):
+
+    samples.png            the first ``n`` test images and their labels     (150 n x 200)
+    reconstructions.png    those images, and below them the decoder's
+                           reconstructions titled with the predictions      (150 n x 400)
+    tweak_dim_00.png ...   one per pose dimension d of the predicted capsule: row = sample,
+    tweak_dim_15.png       column = d shifted by -0.5, -0.4, ..., +0.5      (825 x 75 n + 50)
+    curves.png             train/validation loss and accuracy per epoch,
+                           when the run's metrics.jsonl exists              (1000 x 400)
+
+Figures are drawn on the Agg canvas without pyplot (no window, no global state) and each
+file is written atomically.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from matplotlib.figure import Figure
+from matplotlib.ticker import MaxNLocator
+from torch import Tensor
+
+from .checkpoint import load_model
+from .config import TrainConfig
+from .data import load_splits
+from .errors import CapsNetError
+from .files import save_png
+from .model import CapsNet
+
+DPI = 100
+CELL = 1.5  # inches per image in the sample and reconstruction figures
+TWEAK_CELL = 0.75  # inches per image in the tweak figures
+TWEAK_STEPS = np.linspace(-0.5, 0.5, 11)
+GAP = 2  # pixels between tiles of the tweak figures
+
+
+def draw_figures(checkpoint: str | os.PathLike, out_dir: str | os.PathLike, *,
+                 data_dir: str | os.PathLike | None = None,
+                 run_dir: str | os.PathLike | None = None, n_samples: int = 5) -> list[Path]:
+    """Draw every figure for ``checkpoint`` on the first ``n_samples`` test images into
+    ``out_dir``; returns the paths written. ``run_dir`` holds metrics.jsonl for the curves."""
+    if n_samples < 1:
+        raise CapsNetError(f"the number of samples must be at least 1, got {n_samples}")
+    model, payload = load_model(checkpoint)
+    train_config = TrainConfig.from_dict(payload.get("train_config") or {})
+    test = load_splits(train_config.dataset, data_dir, train_config.val_size).test
+    check_images_fit(model, test.images, train_config.dataset)
+    images = test.images[:n_samples].float() / 255.0
+    labels = test.labels[:n_samples].tolist()
+    with torch.no_grad():
+        out = model(images)
+        tweaks = tweak_reconstructions(model, out.digit_caps, out.predictions)
+    predictions = out.predictions.tolist()
+    out_dir = Path(out_dir)
+    paths = [save_png(samples_figure(images, labels), out_dir / "samples.png"),
+             save_png(reconstructions_figure(images, out.reconstructions, predictions),
+                  out_dir / "reconstructions.png")]
+    for dim, grid in enumerate(tweaks):
+        paths.append(save_png(tweak_figure(grid, dim), out_dir / f"tweak_dim_{dim:02d}.png"))
+    metrics = Path(run_dir) / "metrics.jsonl" if run_dir is not None else None
+    if metrics is not None and metrics.is_file():
+        records = read_metrics(metrics)
+        if records:
+            paths.append(save_png(curves_figure(records), out_dir / "curves.png"))
+    return paths
+
+
+def check_images_fit(model: CapsNet, images: Tensor, dataset: str) -> None:
+    """Raise unless the model takes images shaped like ``images`` (n, channels, size, size)."""
+    config = model.config
+    if tuple(images.shape[1:]) != (config.in_channels, config.image_size, config.image_size):
+        raise CapsNetError(f"the checkpoint's model takes {config.in_channels}x{config.image_size}"
+                           f"x{config.image_size} images; {dataset} has "
+                           f"{'x'.join(map(str, images.shape[1:]))}")
+
+
+def tweak_reconstructions(model: CapsNet, digit_caps: Tensor, classes: Tensor) -> Tensor:
+    """Decoded images ``(dims, steps, n, channels, size, size)`` with each pose dimension of
+    the ``classes`` capsule shifted by each of :data:`TWEAK_STEPS`, as in the notebook."""
+    n, num_classes, dims = digit_caps.shape
+    steps = torch.as_tensor(TWEAK_STEPS, dtype=digit_caps.dtype)
+    shift = torch.zeros(dims, len(steps), n, num_classes, dims, dtype=digit_caps.dtype)
+    picked = torch.nn.functional.one_hot(classes, num_classes).to(digit_caps.dtype)  # (n, classes)
+    for dim in range(dims):
+        shift[dim, :, :, :, dim] = steps[:, None, None] * picked
+    tweaked = (digit_caps + shift).reshape(-1, num_classes, dims)
+    decoded = model.reconstruct(tweaked, classes.repeat(dims * len(steps)))
+    return decoded.reshape(dims, len(steps), n, *decoded.shape[1:])
+
+
+def read_metrics(path: Path) -> list[dict[str, Any]]:
+    """The records of a run's metrics.jsonl, skipping a line torn by a crash."""
+    records = []
+    for line in path.read_text(errors="replace").splitlines():
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError:
+            continue
+        if isinstance(record, dict) and "epoch" in record:
+            records.append(record)
+    return records
+
+
+# -- figures ----------------------------------------------------------------------------
+
+def show(ax: Any, image: Tensor) -> None:
+    """Draw one ``(channels, h, w)`` image as the notebook does (dark ink on white)."""
+    pixels = image.detach().float().clamp(0, 1).cpu().numpy()
+    if pixels.shape[0] == 1:
+        ax.imshow(pixels[0], cmap="binary", vmin=0.0, vmax=1.0)
+    else:
+        ax.imshow(np.moveaxis(pixels, 0, -1))
+    ax.axis("off")
+
+
+def samples_figure(images: Tensor, labels: list[int]) -> Figure:
+    """The test images in a row, each titled with its label."""
+    fig = Figure(figsize=(CELL * len(images), 2.0), dpi=DPI)
+    for index, (image, label) in enumerate(zip(images, labels)):
+        ax = fig.add_subplot(1, len(images), index + 1)
+        show(ax, image)
+        ax.set_title(f"Label: {label}")
+    return fig
+
+
+def reconstructions_figure(images: Tensor, reconstructions: Tensor,
+                           predictions: list[int]) -> Figure:
+    """Inputs in the top row; below, their reconstructions titled with the predictions."""
+    n = len(images)
+    fig = Figure(figsize=(CELL * n, 4.0), dpi=DPI)
+    for index in range(n):
+        top = fig.add_subplot(2, n, index + 1)
+        show(top, images[index])
+        top.set_title("Input")
+        bottom = fig.add_subplot(2, n, n + index + 1)
+        show(bottom, reconstructions[index])
+        bottom.set_title(f"Predicted: {predictions[index]}")
+    return fig
+
+
+def tweak_figure(grid: Tensor, dim: int) -> Figure:
+    """Reconstructions ``(steps, n, channels, h, w)``: a row per sample, a column per step,
+    tiled into one image (one Axes is much faster to draw than a grid of them)."""
+    steps, n = grid.shape[:2]
+    height, width = grid.shape[-2:]
+    fig = Figure(figsize=(TWEAK_CELL * steps, TWEAK_CELL * n + 0.5), dpi=DPI)
+    ax = fig.add_subplot(1, 1, 1)
+    ax.imshow(mosaic(grid), interpolation="nearest")
+    ax.set_xticks([(width + GAP) * col + (width - 1) / 2 for col in range(steps)],
+                  [f"{step:+.1f}" for step in TWEAK_STEPS[:steps]], fontsize=7)
+    ax.set_yticks([(height + GAP) * row + (height - 1) / 2 for row in range(n)],
+                  [str(row) for row in range(n)], fontsize=7)
+    ax.tick_params(length=0)
+    ax.set_title(f"pose dimension {dim} of the predicted capsule, shifted", fontsize=9)
+    fig.subplots_adjust(left=0.04, right=0.99, bottom=0.08, top=0.9)
+    return fig
+
+
+def mosaic(grid: Tensor) -> np.ndarray:
+    """RGB tiles of ``grid`` ``(cols, rows, channels, h, w)`` separated by grey lines;
+    grayscale shown as the notebook does (dark ink on white)."""
+    cols, rows, channels, height, width = grid.shape
+    pixels = grid.detach().float().clamp(0, 1).cpu().numpy()
+    tiles = 1.0 - np.repeat(pixels, 3, axis=2) if channels == 1 else pixels
+    canvas = np.full(((height + GAP) * rows - GAP, (width + GAP) * cols - GAP, 3), 0.75)
+    for col in range(cols):
+        for row in range(rows):
+            top, left = row * (height + GAP), col * (width + GAP)
+            canvas[top:top + height, left:left + width] = np.moveaxis(tiles[col, row], 0, -1)
+    return canvas
+
+
+def curves_figure(records: list[dict[str, Any]]) -> Figure:
+    """Training and validation loss (left) and accuracy (right) per epoch."""
+    fig = Figure(figsize=(10.0, 4.0), dpi=DPI)
+    epochs = [r["epoch"] for r in records]
+    for index, (metric, title) in enumerate((("loss", "Loss"), ("accuracy", "Accuracy"))):
+        ax = fig.add_subplot(1, 2, index + 1)
+        for split in ("train", "val"):
+            values = [r.get(f"{split}_{metric}", np.nan) for r in records]
+            ax.plot(epochs, values, marker="o", label="validation" if split == "val" else split)
+        ax.set_xlabel("epoch")
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+        ax.set_title(title)
+        ax.grid(alpha=0.3)
+        ax.legend()
+    fig.tight_layout()
+    return fig

@@ -1,0 +1,440 @@
+"""The ``capsnet`` command end to end: train, resume, evaluate, predict, figures, Ctrl-C,
+and one-line errors with exit code 2 for every bad input.
+
+Runs are tiny (a few optimiser steps) and shared between tests through module fixtures.
+The exact-resume tests use 20x20 images, which train several times faster than 28x28.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import re
+import shutil
+import signal
+import subprocess
+import sys
+import threading
+import time
+from contextlib import contextmanager, redirect_stderr, redirect_stdout
+from pathlib import Path
+from typing import Any, Iterator
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from capsnet.checkpoint import load_checkpoint, load_model
+from capsnet.cli import main
+from capsnet.data import load_splits
+from capsnet.images import load_image
+from capsnet.train import Trainer
+from conftest import write_dataset
+
+CAPSNET = (str(Path(sys.executable).with_name("capsnet"))
+           if Path(sys.executable).with_name("capsnet").exists() else shutil.which("capsnet"))
+THREADS = torch.get_num_threads()  # every exact-resume run uses this many, in any process
+TIMEOUT = 300  # seconds for any subprocess; the machine may be busy
+
+
+def cli(*args: Any) -> tuple[int, str, str]:
+    """Run ``capsnet ARGS`` in this process; returns exit code, stdout and stderr."""
+    out, err = io.StringIO(), io.StringIO()
+    with redirect_stdout(out), redirect_stderr(err):
+        code = main([str(a) for a in args])
+    return code, out.getvalue(), err.getvalue()
+
+
+def strict_json(line: str) -> Any:
+    """json.loads that refuses NaN and Infinity, which are not JSON."""
+    def refuse(constant: str) -> None:
+        raise ValueError(f"{constant} is not JSON")
+    return json.loads(line, parse_constant=refuse)
+
+
+def read_metrics(run_dir: Path) -> list[dict[str, Any]]:
+    return [strict_json(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+
+
+def assert_same_state(a: Any, b: Any, where: str = "") -> None:
+    """Every tensor, number and string of two checkpoint payloads is exactly equal."""
+    if isinstance(a, torch.Tensor):
+        assert isinstance(b, torch.Tensor) and a.dtype == b.dtype and a.shape == b.shape, where
+        assert torch.equal(a, b), f"{where} differs"
+    elif isinstance(a, dict):
+        assert isinstance(b, dict) and a.keys() == b.keys(), where
+        for key in a:
+            assert_same_state(a[key], b[key], f"{where}/{key}")
+    elif isinstance(a, (list, tuple)):
+        assert isinstance(b, (list, tuple)) and len(a) == len(b), where
+        for index, (x, y) in enumerate(zip(a, b)):
+            assert_same_state(x, y, f"{where}[{index}]")
+    else:
+        assert a == b, f"{where}: {a!r} != {b!r}"
+
+
+@contextmanager
+def torch_settings() -> Iterator[None]:
+    """Run with THREADS threads (results may depend on it), and restore the thread count and
+    the deterministic-algorithms switch that --deterministic turns on for the process."""
+    threads, deterministic = torch.get_num_threads(), torch.are_deterministic_algorithms_enabled()
+    torch.set_num_threads(THREADS)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
+        torch.use_deterministic_algorithms(deterministic)
+
+
+@pytest.fixture(autouse=True)
+def keep_torch_settings() -> Iterator[None]:
+    with torch_settings():
+        yield
+
+
+# -- shared runs ------------------------------------------------------------------------
+
+
+def train_args(dataset: Path) -> list[str]:
+    return ["train", "--dataset", str(dataset), "--val-size", "40", "--device", "cpu",
+            "--no-progress", "--preset", "seed", "--batch-size", "16", "--train-limit", "32",
+            "--epochs", "1"]
+
+
+@pytest.fixture(scope="module")
+def run28(tiny_dataset: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A 1-epoch run (2 steps) on the 28x28 tiny data set."""
+    run_dir = tmp_path_factory.mktemp("cli") / "run28"
+    code, out, err = cli(*train_args(tiny_dataset), "--run-dir", run_dir)
+    assert code == 0, err
+    assert "test accuracy" in out and f"summary: {run_dir / 'summary.json'}" in out
+    return run_dir
+
+
+@pytest.fixture(scope="module")
+def small_dataset(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """64 training (24 used, 40 validation) and 20 test images of 20x20 pixels."""
+    return write_dataset(tmp_path_factory.mktemp("small") / "small20", n_train=64, n_test=20,
+                         size=20)
+
+
+def exact_args(dataset: Path) -> list[str]:
+    """Two epochs of three steps, with shifts, learning-rate decay and deterministic kernels."""
+    return ["--dataset", str(dataset), "--val-size", "40", "--device", "cpu", "--batch-size",
+            "8", "--train-limit", "24", "--epochs", "2", "--deterministic", "--max-shift", "1",
+            "--seed", "3", "--routing-iterations", "2"]
+
+
+@pytest.fixture(scope="module")
+def reference(small_dataset: Path, tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
+    """last.pt of the uninterrupted run that interrupted-and-resumed runs must reproduce."""
+    run_dir = tmp_path_factory.mktemp("reference") / "run"
+    with torch_settings():
+        code, _, err = cli("train", *exact_args(small_dataset), "--no-progress",
+                           "--run-dir", run_dir)
+    assert code == 0, err
+    return load_checkpoint(run_dir / "last.pt")
+
+
+def test_reference_run_took_six_steps(reference: dict[str, Any]) -> None:
+    assert reference["progress"]["epoch"] == 2 and reference["progress"]["step"] == 6
+
+
+# -- train ------------------------------------------------------------------------------
+
+
+def test_train_writes_a_complete_run(run28: Path, tiny_dataset: Path) -> None:
+    config = strict_json((run28 / "config.json").read_text())
+    assert config["train"]["dataset"] == str(tiny_dataset) and config["train"]["epochs"] == 1
+    assert config["model"]["image_size"] == 28 and config["model"]["num_classes"] == 10
+    records = read_metrics(run28)
+    assert [r["epoch"] for r in records] == [1]
+    assert records[0]["step"] == 2 and records[0]["improved"] is True
+    for key in ("train_loss", "train_accuracy", "val_loss", "val_accuracy", "lr"):
+        assert np.isfinite(records[0][key])
+    for name in ("best.pt", "last.pt"):
+        payload = load_checkpoint(run28 / name)
+        assert payload["progress"]["epoch"] == 1 and payload["progress"]["step"] == 2
+    summary = strict_json((run28 / "summary.json").read_text())
+    assert summary["epochs"] == 1 and summary["steps"] == 2
+    assert 0 <= summary["test_accuracy"] <= 1 and summary["test_loss"] > 0
+    assert Path(summary["checkpoint"]) == run28 / "best.pt"
+    assert not [p for p in run28.iterdir() if p.name.endswith(".tmp")]
+
+
+def test_train_refuses_to_overwrite_a_run(run28: Path, tiny_dataset: Path) -> None:
+    code, _, err = cli(*train_args(tiny_dataset), "--run-dir", run28)
+    assert code == 2 and "already holds a run" in err and f"--resume {run28}" in err
+
+
+def test_resume_to_more_epochs_then_resume_again_keeps_them(run28: Path,
+                                                            tmp_path: Path) -> None:
+    run_dir = tmp_path / "more"
+    shutil.copytree(run28, run_dir)
+    code, out, err = cli("train", "--resume", run_dir, "--epochs", "2", "--no-progress",
+                         "--figures")
+    assert code == 0, err
+    assert [r["epoch"] for r in read_metrics(run_dir)] == [1, 2]
+    summary = strict_json((run_dir / "summary.json").read_text())
+    assert summary["epochs"] == 2 and summary["steps"] == 4
+    assert load_checkpoint(run_dir / "last.pt")["train_config"]["epochs"] == 2
+    assert f"figures: {run_dir / 'figures'} (19 files)" in out
+    assert Image.open(run_dir / "figures" / "curves.png").size == (1000, 400)
+    # Resuming a finished run without --epochs keeps its 2 epochs (not the preset's 10).
+    code, _, err = cli("train", "--resume", run_dir, "--no-progress")
+    assert code == 0, err
+    assert [r["epoch"] for r in read_metrics(run_dir)] == [1, 2]
+    assert strict_json((run_dir / "summary.json").read_text())["steps"] == 4
+
+
+# -- Ctrl-C and exact resume --------------------------------------------------------------
+
+
+def test_ctrl_c_in_a_real_process_then_resume_gives_identical_weights(
+        small_dataset: Path, reference: dict[str, Any], tmp_path: Path) -> None:
+    run_dir = tmp_path / "run"
+    env = {**os.environ, "OMP_NUM_THREADS": str(THREADS)}  # same kernels as the reference
+    proc = subprocess.Popen([CAPSNET, "train", *exact_args(small_dataset), "--run-dir",
+                             str(run_dir)], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            env=env, cwd=tmp_path)
+    stderr = bytearray()
+
+    def read_stderr() -> None:  # progress bars end in "\r", not "\n": read raw bytes
+        while chunk := os.read(proc.stderr.fileno(), 4096):
+            stderr.extend(chunk)
+
+    reader = threading.Thread(target=read_stderr, daemon=True)
+    reader.start()
+    try:
+        deadline = time.monotonic() + TIMEOUT
+        while b"epoch 1/2" not in stderr:  # the progress bar shows once Ctrl-C is handled
+            assert proc.poll() is None and time.monotonic() < deadline, stderr.decode()
+            time.sleep(0.01)
+        proc.send_signal(signal.SIGINT)
+        stdout = proc.stdout.read()
+        assert proc.wait(timeout=TIMEOUT) == 130, stderr.decode()
+        reader.join(timeout=10)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    text = stderr.decode()
+    assert "Traceback" not in text and stdout == b""
+    messages = [line for line in re.split(r"[\r\n]", text) if line.startswith("capsnet:")]
+    assert len(messages) == 1 and messages[0].startswith("capsnet: interrupted in epoch ")
+    assert messages[0].endswith(f"continue with: capsnet train --resume {run_dir}")
+    saved = load_checkpoint(run_dir / "last.pt")["progress"]
+    assert 1 <= saved["step"] < 6
+
+    code, out, err = cli("train", "--resume", run_dir, "--no-progress")
+    assert code == 0, err
+    final = load_checkpoint(run_dir / "last.pt")
+    assert_same_state(final["model"], reference["model"], "model")
+    assert_same_state(final["optimizer"], reference["optimizer"], "optimizer")
+    assert final["progress"] == reference["progress"]
+    assert [r["epoch"] for r in read_metrics(run_dir)] == [1, 2]
+
+
+def test_ctrl_c_in_the_last_step_of_an_epoch_resumes_exactly(
+        small_dataset: Path, reference: dict[str, Any], tmp_path: Path,
+        monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> None:
+    """Ctrl-C (in this process) during step 3, the last of epoch 1; the real-process test
+    above covers Ctrl-C inside an epoch."""
+    stop_after = 3
+    train_step = Trainer.train_step
+
+    def step_then_ctrl_c(self: Trainer, images: torch.Tensor, labels: torch.Tensor) -> Any:
+        result = train_step(self, images, labels)
+        if self.progress["step"] == stop_after:
+            signal.raise_signal(signal.SIGINT)
+        return result
+
+    monkeypatch.setattr(Trainer, "train_step", step_then_ctrl_c)
+    run_dir = tmp_path / "run"
+    assert main(["train", *exact_args(small_dataset), "--no-progress",
+                 "--run-dir", str(run_dir)]) == 130
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and f"capsnet train --resume {run_dir}" in err
+    monkeypatch.undo()
+    saved = load_checkpoint(run_dir / "last.pt")["progress"]
+    assert saved["epoch"] == 1 and saved["batch"] == 1  # epoch 1 validated, one step more
+
+    assert main(["train", "--resume", str(run_dir), "--no-progress"]) == 0
+    final = load_checkpoint(run_dir / "last.pt")
+    assert_same_state(final["model"], reference["model"], "model")
+    assert_same_state(final["optimizer"], reference["optimizer"], "optimizer")
+    assert final["progress"] == reference["progress"]
+    records = read_metrics(run_dir)  # strict JSON: no NaN for an epoch cut at its end
+    assert [r["epoch"] for r in records] == [1, 2]
+    assert all(np.isfinite(r["train_loss"]) and r["train_accuracy"] >= 0 for r in records)
+
+
+# -- evaluate -----------------------------------------------------------------------------
+
+
+def test_evaluate_prints_accuracy_per_class_and_confusion(run28: Path, tiny_dataset: Path,
+                                                          capsys) -> None:
+    assert main(["evaluate", str(run28), "--device", "cpu"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert re.fullmatch(rf"{re.escape(str(tiny_dataset))} test: accuracy \d+\.\d\d% "
+                        r"\(\d+/60\), loss \d+\.\d{5}", lines[0])
+    assert lines[1].startswith("per class: 0 ") and lines[1].count("%") == 10
+    assert lines[2].startswith("confusion matrix")
+    rows = [[int(v) for v in line.split()[1:]] for line in lines[3:]]
+    assert len(rows) == 10 and all(len(row) == 10 for row in rows)
+    assert sum(map(sum, rows)) == 60
+
+
+def test_evaluate_json(run28: Path, capsys) -> None:
+    assert main(["evaluate", str(run28 / "last.pt"), "--json", "--device", "cpu"]) == 0
+    result = strict_json(capsys.readouterr().out)
+    confusion = np.array(result["confusion"])
+    assert confusion.shape == (10, 10) and confusion.sum() == result["total"] == 60
+    assert result["accuracy"] == pytest.approx(np.trace(confusion) / 60)
+    per_class = np.diag(confusion) / np.maximum(confusion.sum(axis=1), 1)
+    np.testing.assert_allclose(result["per_class_accuracy"], per_class)
+    assert result["split"] == "test" and result["loss"] > 0
+    assert main(["evaluate", str(run28), "--json", "--split", "val", "--device", "cpu"]) == 0
+    assert strict_json(capsys.readouterr().out)["total"] == 40
+
+
+# -- predict ------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def test_images(tiny_dataset: Path) -> np.ndarray:
+    """The first three test images, uint8 (3, 28, 28)."""
+    return load_splits(str(tiny_dataset), val_size=40).test.images[:3, 0].numpy()
+
+
+def model_output(run_dir: Path, images: np.ndarray) -> tuple[list[int], np.ndarray]:
+    """Predictions and capsule lengths of the run's best model on float images (n, 1, 28, 28)."""
+    model, _ = load_model(run_dir / "best.pt")
+    with torch.no_grad():
+        out = model(torch.as_tensor(images, dtype=torch.float32))
+    return out.predictions.tolist(), out.lengths.numpy()
+
+
+def test_predict_png_and_npy_give_the_models_output(run28: Path, test_images: np.ndarray,
+                                                    tmp_path: Path, capsys) -> None:
+    png, npy_uint8, npy_float = tmp_path / "a.png", tmp_path / "b.npy", tmp_path / "c.npy"
+    Image.fromarray(test_images[0]).save(png)
+    np.save(npy_uint8, test_images[1])
+    np.save(npy_float, test_images[2].astype(np.float32) / 255)
+    expected, lengths = model_output(run28, test_images[:, None] / 255.0)
+    assert main(["predict", str(run28 / "best.pt"), str(png), str(npy_uint8), str(npy_float),
+                 "--no-preprocess", "--json"]) == 0
+    results = [strict_json(line) for line in capsys.readouterr().out.splitlines()]
+    assert [r["image"] for r in results] == [str(png), str(npy_uint8), str(npy_float)]
+    assert [r["prediction"] for r in results] == expected
+    np.testing.assert_allclose([r["lengths"] for r in results], lengths, atol=2e-6)
+
+
+def test_predict_preprocesses_a_dark_on_light_photo(run28: Path, test_images: np.ndarray,
+                                                    tmp_path: Path, capsys) -> None:
+    photo = 255 - np.kron(test_images[0], np.ones((4, 4), dtype=np.uint8))  # 112x112, inverted
+    path = tmp_path / "photo.png"
+    Image.fromarray(photo).save(path)
+    assert main(["predict", str(run28), str(path)]) == 0
+    line = capsys.readouterr().out.strip()
+    match = re.fullmatch(rf"{re.escape(str(path))}: (\d)  lengths((?: \d\.\d{{3}}){{10}})", line)
+    assert match, line
+    expected, lengths = model_output(run28, load_image(path)[None])
+    assert int(match[1]) == expected[0]
+    np.testing.assert_allclose([float(v) for v in match[2].split()], lengths[0], atol=6e-4)
+
+
+def test_predict_in_a_real_process(run28: Path, test_images: np.ndarray, tmp_path: Path) -> None:
+    path = tmp_path / "digit.png"
+    Image.fromarray(test_images[0]).save(path)
+    result = subprocess.run([CAPSNET, "predict", str(run28 / "best.pt"), str(path), "--json",
+                             "--no-preprocess"], capture_output=True, text=True, timeout=TIMEOUT)
+    assert result.returncode == 0, result.stderr
+    output = strict_json(result.stdout)
+    assert output["image"] == str(path)
+    assert output["prediction"] == model_output(run28, test_images[:1, None] / 255.0)[0][0]
+    assert len(output["lengths"]) == 10
+
+
+# -- figures ------------------------------------------------------------------------------
+
+
+def test_figures_are_pngs_of_the_expected_size(run28: Path, tmp_path: Path, capsys) -> None:
+    out_dir = tmp_path / "figures"
+    assert main(["figures", str(run28 / "best.pt"), "--out", str(out_dir), "--samples", "3"]) == 0
+    printed = [Path(line) for line in capsys.readouterr().out.splitlines()]
+    names = (["samples.png", "reconstructions.png"] +
+             [f"tweak_dim_{d:02d}.png" for d in range(16)] + ["curves.png"])
+    assert printed == [out_dir / name for name in names]
+    assert sorted(p.name for p in out_dir.iterdir()) == sorted(names)  # no temporary files
+    sizes = {"samples.png": (450, 200), "reconstructions.png": (450, 400),
+             "curves.png": (1000, 400)}
+    for path in printed:
+        with Image.open(path) as image:
+            assert image.format == "PNG"
+            assert image.size == sizes.get(path.name, (825, 275)), path.name
+            image.load()
+            assert np.asarray(image.convert("L")).std() > 0  # something was drawn
+
+
+def test_figures_without_metrics_skip_the_curves(run28: Path, tmp_path: Path, capsys) -> None:
+    checkpoint = tmp_path / "alone.pt"
+    shutil.copy(run28 / "best.pt", checkpoint)
+    assert main(["figures", str(checkpoint), "--out", str(tmp_path / "f"), "--samples", "1"]) == 0
+    printed = capsys.readouterr().out.splitlines()
+    assert len(printed) == 18 and not any(line.endswith("curves.png") for line in printed)
+    assert Image.open(tmp_path / "f" / "tweak_dim_15.png").size == (825, 125)
+
+
+# -- bad input: one line on stderr, exit code 2 ----------------------------------------------
+
+
+BAD_COMMANDS = {
+    "no-command": ([], "required: command"),
+    "missing-checkpoint": (["evaluate", "{tmp}/missing.pt"], "{tmp}/missing.pt: no such checkpoint"),
+    "text-as-checkpoint": (["evaluate", "{tmp}/notes.txt"], "{tmp}/notes.txt: "),
+    "foreign-checkpoint": (["evaluate", "{tmp}/foreign.pt"], "not a capsnet checkpoint"),
+    "truncated-checkpoint": (["predict", "{tmp}/truncated.pt", "{tmp}/digit.png"], "truncated"),
+    "unreadable-image": (["predict", "{run}", "{tmp}/notes.txt"], "{tmp}/notes.txt: not an image"),
+    "missing-image": (["predict", "{run}", "{tmp}/nothing.png"], "{tmp}/nothing.png: no such file"),
+    "epochs-0": (["train", "--epochs", "0"], "argument --epochs: expected a positive integer"),
+    "batch-size-negative": (["train", "--batch-size", "-1"], "argument --batch-size"),
+    "lr-not-a-number": (["train", "--lr", "abc"], "argument --lr: expected a number, got 'abc'"),
+    "lr-too-big": (["train", "--lr", "5"], "lr must be in (0, 1), got 5.0"),
+    "resume-nothing": (["train", "--resume", "{tmp}"], "--resume {tmp}: no last.pt"),
+    "unknown-dataset-folder": (["train", "--dataset", "{tmp}/nowhere", "--run-dir", "{tmp}/r"],
+                               "{tmp}/nowhere: not a data set name"),
+    "other-image-size": (["evaluate", "{run}", "--dataset", "{small}"],
+                         "takes 1x28x28 images and 10 classes; {small} has 1x20x20"),
+    "figures-missing-checkpoint": (["figures", "{tmp}/missing.pt", "--out", "{tmp}/f"],
+                                   "no such checkpoint"),
+    "figures-samples-0": (["figures", "{run}", "--out", "{tmp}/f", "--samples", "0"],
+                          "argument --samples"),
+}
+
+
+@pytest.mark.parametrize("name", list(BAD_COMMANDS))
+def test_bad_input_is_one_line_and_exit_code_2(name: str, run28: Path, small_dataset: Path,
+                                               tmp_path: Path, capsys) -> None:
+    (tmp_path / "notes.txt").write_text("these are not the bytes you are looking for\n")
+    torch.save({"weights": torch.zeros(3)}, tmp_path / "foreign.pt")
+    (tmp_path / "truncated.pt").write_bytes((run28 / "best.pt").read_bytes()[:5000])
+    Image.new("L", (28, 28), 0).save(tmp_path / "digit.png")
+    args, expected = BAD_COMMANDS[name]
+    fill = {"tmp": tmp_path, "run": run28, "small": small_dataset}
+    code = main([arg.format(**fill) for arg in args])
+    captured = capsys.readouterr()
+    assert code == 2
+    assert captured.out == ""
+    assert captured.err.startswith("capsnet: ") and captured.err.count("\n") == 1
+    assert expected.format(**fill) in captured.err
+    assert "Traceback" not in captured.err
+
+
+def test_bad_input_in_a_real_process(tmp_path: Path) -> None:
+    result = subprocess.run([CAPSNET, "evaluate", str(tmp_path / "missing.pt")],
+                            capture_output=True, text=True, timeout=TIMEOUT)
+    assert result.returncode == 2 and result.stdout == ""
+    assert result.stderr == f"capsnet: {tmp_path / 'missing.pt'}: no such checkpoint\n"

@@ -1,0 +1,70 @@
+"""The fast paths (bf16 autocast, torch.compile) agree with the fp32 eager reference."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from capsnet.evaluate import autocast
+from capsnet.losses import capsule_loss
+from capsnet.model import CapsNet, CapsNetConfig
+
+SMALL = CapsNetConfig(image_size=16, conv1_channels=16, conv1_kernel=5, primary_maps=4,
+                      primary_dim=8, primary_kernel=5, digit_dim=16, decoder_hidden=(32, 64),
+                      routing_iterations=3, weight_init_std=0.5)
+
+
+def loss_and_grads(model: CapsNet, images: torch.Tensor, labels: torch.Tensor, precision: str
+                   ) -> tuple[torch.Tensor, torch.Tensor, dict[str, torch.Tensor]]:
+    model.zero_grad()
+    with autocast(torch.device("cpu"), precision):
+        out = model(images, labels)
+    loss, _, _ = capsule_loss(out.lengths.float(), out.reconstructions.float(), images, labels)
+    loss.backward()
+    grads = {name: p.grad.clone() for name, p in model.named_parameters()}
+    return loss.detach(), out.lengths.detach().float(), grads
+
+
+@pytest.fixture()
+def setup() -> tuple[CapsNet, torch.Tensor, torch.Tensor]:
+    torch.manual_seed(0)
+    model = CapsNet(SMALL)
+    images = torch.rand(6, 1, 16, 16)
+    labels = torch.arange(6) % 10
+    return model, images, labels
+
+
+def relative_error(a: torch.Tensor, b: torch.Tensor) -> float:
+    return float((a - b).norm() / b.norm().clamp(min=1e-12))
+
+
+def test_bf16_autocast_agrees_with_fp32(setup) -> None:
+    model, images, labels = setup
+    loss32, lengths32, grads32 = loss_and_grads(model, images, labels, "fp32")
+    loss16, lengths16, grads16 = loss_and_grads(model, images, labels, "bf16")
+    # bfloat16 keeps 8 bits of mantissa (relative step 2^-8 = 0.4%); errors add up over
+    # the network, so 3% on outputs and 10% on gradients (as whole tensors) are the bounds.
+    assert relative_error(lengths16, lengths32) < 0.03
+    assert abs(loss16 - loss32) / loss32 < 0.03
+    for name in grads32:
+        assert relative_error(grads16[name], grads32[name]) < 0.10, name
+
+
+def test_bf16_autocast_uses_bfloat16(setup) -> None:
+    model, images, labels = setup
+    with autocast(torch.device("cpu"), "bf16"):
+        features = model.conv1(images)
+    assert features.dtype == torch.bfloat16
+
+
+def test_compiled_model_agrees_with_eager(setup) -> None:
+    pytest.importorskip("torch._inductor")
+    model, images, labels = setup
+    loss_eager, lengths_eager, grads_eager = loss_and_grads(model, images, labels, "fp32")
+    loss_c, lengths_c, grads_c = loss_and_grads(model.compile_routing(), images, labels, "fp32")
+    # Same fp32 math, fused and reordered: differences at rounding level.
+    torch.testing.assert_close(lengths_c, lengths_eager, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(loss_c, loss_eager, rtol=1e-5, atol=1e-7)
+    for name in grads_eager:
+        torch.testing.assert_close(grads_c[name], grads_eager[name], rtol=1e-4, atol=1e-6,
+                                   msg=name)

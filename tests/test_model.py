@@ -1,0 +1,161 @@
+"""Behaviour of the CapsNet model and its configuration."""
+
+from __future__ import annotations
+
+
+import json
+
+import pytest
+import torch
+from torch import Tensor
+from torch.func import functional_call
+
+from capsnet.losses import capsule_loss
+from capsnet.model import CapsNet, CapsNetConfig, count_parameters
+
+# Small enough for a fast CPU forward pass, same geometry as MNIST (kernels 9, stride 2,
+# 32 primary maps) so the primary capsule counts are the real ones.
+NARROW = dict(conv1_channels=4, primary_dim=2, digit_dim=4, decoder_hidden=(8,))
+# Smaller still, for gradcheck in float64. The large W init gives capsule lengths of
+# 0.1-0.6, where the routing logits matter; at the default 0.1 the capsules are ~1e-4 long,
+# coupling stays uniform and a gradient bug in the routing would go unseen.
+TINY = CapsNetConfig(image_size=12, conv1_channels=4, conv1_kernel=3, primary_maps=2,
+                     primary_dim=4, primary_kernel=3, digit_dim=4, num_classes=3,
+                     routing_iterations=3, weight_init_std=3.0, decoder_hidden=(8,))
+
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+
+def test_default_model_has_the_papers_parameter_count() -> None:
+    assert count_parameters(CapsNet()) == 8_215_568
+
+
+@pytest.mark.parametrize("size, channels, primary_caps", [
+    (28, 1, 6 * 6 * 32),    # MNIST: 1152
+    (36, 1, 10 * 10 * 32),  # MultiMNIST: conv1 28x28 -> primary 10x10 grid
+    (32, 3, 8 * 8 * 32),    # CIFAR-style: 2048
+])
+def test_output_shapes(size: int, channels: int, primary_caps: int) -> None:
+    config = CapsNetConfig(image_size=size, in_channels=channels, **NARROW)
+    assert config.primary_caps == primary_caps
+    torch.manual_seed(0)
+    model = CapsNet(config)
+    assert model.digits.weight.shape == (primary_caps, 10, 4, 2)
+    out = model(torch.rand(2, channels, size, size))
+    assert out.digit_caps.shape == (2, 10, 4)
+    assert out.lengths.shape == (2, 10)
+    assert out.predictions.shape == (2,) and out.predictions.dtype == torch.int64
+    assert out.reconstructions.shape == (2, channels, size, size)
+    assert torch.all((out.reconstructions >= 0) & (out.reconstructions <= 1))
+    _, coupling = model.capsules(torch.rand(2, channels, size, size))
+    assert coupling.shape == (2, primary_caps, 10)
+
+
+@pytest.fixture()
+def tiny_model() -> CapsNet:
+    torch.manual_seed(0)
+    # A large W init gives capsules far from zero, so masking visibly changes the decoder input.
+    return CapsNet(CapsNetConfig(image_size=28, weight_init_std=1.0, **NARROW))
+
+
+def decoder_inputs(model: CapsNet, images: Tensor, labels: Tensor | None) -> tuple[Tensor, object]:
+    """What the decoder's first layer receives, and the model output."""
+    seen: list[Tensor] = []
+    handle = model.decoder.register_forward_pre_hook(lambda _, args: seen.append(args[0]))
+    try:
+        out = model(images, labels)
+    finally:
+        handle.remove()
+    return seen[0].view(len(images), model.config.num_classes, -1), out
+
+
+def test_decoder_sees_only_the_labelled_capsule(tiny_model: CapsNet) -> None:
+    images = torch.rand(4, 1, 28, 28)
+    labels = torch.tensor([3, 0, 9, 3])
+    seen, out = decoder_inputs(tiny_model, images, labels)
+    for b, label in enumerate(labels.tolist()):
+        torch.testing.assert_close(seen[b, label], out.digit_caps[b, label])
+        others = [k for k in range(10) if k != label]
+        assert torch.all(seen[b, others] == 0)
+    torch.testing.assert_close(out.reconstructions, tiny_model.reconstruct(out.digit_caps, labels))
+
+
+def test_without_labels_decoder_sees_the_longest_capsule(tiny_model: CapsNet) -> None:
+    images = torch.rand(4, 1, 28, 28)
+    seen, out = decoder_inputs(tiny_model, images, None)
+    longest = out.digit_caps.norm(dim=-1).argmax(dim=1)
+    assert torch.equal(out.predictions, longest)
+    for b, k in enumerate(longest.tolist()):
+        torch.testing.assert_close(seen[b, k], out.digit_caps[b, k])
+        assert seen[b].abs().sum(dim=1).nonzero().flatten().tolist() == [k]
+    torch.testing.assert_close(out.reconstructions, tiny_model.reconstruct(out.digit_caps, longest))
+    # A different label changes what is decoded: masking actually selects.
+    other = (longest + 1) % 10
+    assert not torch.allclose(tiny_model(images, other).reconstructions, out.reconstructions)
+
+
+def test_predictions_are_argmax_of_lengths(tiny_model: CapsNet) -> None:
+    out = tiny_model(torch.rand(6, 1, 28, 28))
+    torch.testing.assert_close(out.lengths, out.digit_caps.norm(dim=-1), rtol=1e-5, atol=1e-3)
+    assert torch.equal(out.predictions, out.lengths.argmax(dim=1))
+
+
+def test_gradcheck_through_total_loss() -> None:
+    torch.manual_seed(0)
+    model = CapsNet(TINY).double()
+    names = [name for name, _ in model.named_parameters()]
+    params = tuple(p.detach().clone().requires_grad_() for p in model.parameters())
+    images = torch.rand(2, 1, 12, 12, dtype=torch.float64, requires_grad=True)
+    targets = torch.rand(2, 1, 12, 12, dtype=torch.float64)  # fixed: gradcheck perturbs images
+    labels = torch.tensor([0, 2])
+
+    def total_loss(images: Tensor, *params: Tensor) -> Tensor:
+        out = functional_call(model, dict(zip(names, params)), (images, labels))
+        return capsule_loss(out.lengths, out.reconstructions, targets, labels,
+                            reconstruction_weight=0.5)[0]
+
+    # Fast mode checks a random projection of the full Jacobian: every parameter counts.
+    assert torch.autograd.gradcheck(total_loss, (images, *params), fast_mode=True)
+    # Full check on the routing weights alone, where the routing gradients live.
+    w = names.index("digits.weight")
+
+    def loss_of_w(weight: Tensor) -> Tensor:
+        return total_loss(images, *params[:w], weight, *params[w + 1:])
+
+    assert torch.autograd.gradcheck(loss_of_w, (params[w],))
+
+
+@pytest.mark.parametrize("overrides, message", [
+    (dict(image_size=-28), "image_size must be a positive integer"),
+    (dict(conv1_channels=0), "conv1_channels must be a positive integer"),
+    (dict(primary_dim=-1), "primary_dim must be a positive integer"),
+    (dict(routing_iterations=0), "routing_iterations must be a positive integer"),
+    (dict(digit_dim=2.5), "digit_dim must be a positive integer"),
+    (dict(primary_maps=True), "primary_maps must be a positive integer"),
+    (dict(num_classes=1), "num_classes must be at least 2"),
+    (dict(weight_init_std=0.0), "weight_init_std must be positive"),
+    (dict(decoder_hidden=(512, -1)), "decoder_hidden sizes must be positive"),
+    (dict(image_size=16), "image_size 16 is too small"),
+    (dict(image_size=8), "image_size 8 is too small"),
+])
+def test_config_validation(overrides: dict, message: str) -> None:
+    with pytest.raises(ValueError, match=message):
+        CapsNetConfig(**overrides)
+
+
+def test_smallest_valid_image_size() -> None:
+    # 9x9 conv -> 9x9, 9x9 stride 2 -> 1x1; one pixel less fails (test above).
+    assert CapsNetConfig(image_size=17).primary_grid == 1
+    assert CapsNetConfig(image_size=17).primary_caps == 32
+
+
+def test_config_dict_round_trip() -> None:
+    config = CapsNetConfig(image_size=36, in_channels=3, routing_iterations=3,
+                           decoder_hidden=(64, 32), weight_init_std=0.05)
+    d = json.loads(json.dumps(config.to_dict()))  # must survive JSON, as in a checkpoint
+    assert d["decoder_hidden"] == [64, 32]
+    restored = CapsNetConfig.from_dict(d)
+    assert restored == config and restored.decoder_hidden == (64, 32)
+    with pytest.raises(ValueError, match="unknown model config keys: bogus"):
+        CapsNetConfig.from_dict({**d, "bogus": 1})
