@@ -270,3 +270,17 @@ def test_too_many_channels_for_the_model(tmp_path: Path) -> None:
     np.save(tmp_path / "rgb.npy", np.zeros((28, 28, 3), dtype=np.uint8))
     with pytest.raises(CapsNetError, match="3 channels; the model takes 2"):
         load_image(tmp_path / "rgb.npy", channels=2)
+
+
+def test_huge_images_are_refused_before_decoding(tmp_path: Path) -> None:
+    from capsnet.images import MAX_IMAGE_PIXELS
+
+    path = tmp_path / "huge.png"
+    Image.new("L", (4097, 4096)).save(path)  # one column over the limit
+    assert 4097 * 4096 > MAX_IMAGE_PIXELS
+    with pytest.raises(CapsNetError, match="too large"):
+        load_image(path)
+    Image.new("L", (4096, 4096), 255).save(path)  # at the limit: decoded (and found blank)
+    with pytest.raises(CapsNetError) as error:
+        load_image(path)
+    assert "too large" not in str(error.value)

@@ -46,8 +46,8 @@ from .checkpoint import save_checkpoint
 from .config import DEVICES, PRECISIONS, TrainConfig, learning_rate, make_config
 from .data import Split, Splits, batches, load_splits
 from .errors import CapsNetError
-from .files import save_png
 from .evaluate import autocast, resolve_device
+from .files import save_png
 from .layers import safe_norm
 from .losses import capsule_loss
 from .model import CapsNet, CapsNetConfig, count_parameters

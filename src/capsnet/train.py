@@ -25,10 +25,10 @@ from tqdm import tqdm
 from .checkpoint import load_checkpoint, model_from_checkpoint, save_checkpoint
 from .config import TrainConfig, learning_rate
 from .data import Split, Splits, batches, load_splits, num_batches
-from .files import atomic_write_bytes
 from .distributed import all_reduce_sum, any_rank, init_world, per_rank_batch, shutdown
 from .errors import CapsNetError
 from .evaluate import Evaluation, autocast, evaluate, resolve_device
+from .files import atomic_write_bytes
 from .losses import capsule_loss
 from .model import CapsNet, CapsNetConfig
 
@@ -284,8 +284,8 @@ class Trainer:
                     train_images += stats["images"]
                     # Ctrl-C in an epoch's last step stops after its validation and save,
                     # in the next step: a checkpoint never holds a trained-out epoch.
-                    if stop[0] and self.progress["batch"] < math.ceil(
-                            len(self.splits.train) / config.batch_size):
+                    if stop[0] and self.progress["batch"] < num_batches(
+                            len(self.splits.train), config.batch_size, self.world.world_size):
                         self.save("last.pt")
                         raise TrainingInterrupted(
                             f"interrupted in epoch {epoch + 1} after step {self.progress['step']}; "
