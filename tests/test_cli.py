@@ -438,3 +438,14 @@ def test_bad_input_in_a_real_process(tmp_path: Path) -> None:
                             capture_output=True, text=True, timeout=TIMEOUT)
     assert result.returncode == 2 and result.stdout == ""
     assert result.stderr == f"capsnet: {tmp_path / 'missing.pt'}: no such checkpoint\n"
+
+
+
+def test_resume_refuses_to_change_the_runs_settings(run28: Path, tmp_path: Path) -> None:
+    run_dir = tmp_path / "other-lr"
+    shutil.copytree(run28, run_dir)
+    before = (run_dir / "last.pt").read_bytes()
+    code, _, err = cli("train", "--resume", run_dir, "--lr", "0.01", "--no-progress")
+    assert code == 2
+    assert err.count("\n") == 1 and "--resume keeps the run's settings: lr is 0.001" in err
+    assert (run_dir / "last.pt").read_bytes() == before

@@ -13,7 +13,8 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
-from .config import DEVICES, PRECISIONS, PRESETS, REDUCTIONS, TrainConfig, make_config
+from .config import (DEVICES, PRECISIONS, PRESETS, REDUCTIONS, RESUME_MAY_CHANGE, TrainConfig,
+                     make_config)
 from .bench import add_bench
 from .errors import CapsNetError
 from .experiments import add_experiment
@@ -114,10 +115,17 @@ def run_train(args: argparse.Namespace) -> int:
     if args.resume is not None:
         if not (args.resume / "last.pt").is_file():
             raise CapsNetError(f"--resume {args.resume}: no last.pt there to resume from")
-        if args.epochs is None:  # continue to the run's own epochs, not the preset's default
-            from .checkpoint import load_checkpoint
+        from .checkpoint import load_checkpoint
 
-            saved = load_checkpoint(args.resume / "last.pt").get("train_config") or {}
+        saved = load_checkpoint(args.resume / "last.pt").get("train_config") or {}
+        for name, value in overrides.items():
+            # A resumed run keeps its settings; only how long and where it runs may change.
+            if name not in RESUME_MAY_CHANGE and value is not None and name in saved \
+                    and value != saved[name]:
+                raise CapsNetError(f"--resume keeps the run's settings: {name} is "
+                                   f"{saved[name]!r} there, not {value!r} (only --epochs, "
+                                   f"--device and --compile may change)")
+        if args.epochs is None:  # continue to the run's own epochs, not the preset's default
             config = replace(config, epochs=saved.get("epochs", config.epochs))
         run_dir = args.resume
     else:

@@ -16,6 +16,7 @@ from .errors import CapsNetError
 DEVICES = ("auto", "cpu", "cuda")
 PRECISIONS = ("fp32", "bf16")
 REDUCTIONS = ("sum", "mean")
+RESUME_MAY_CHANGE = ("epochs", "device", "compile")  # all else is the run's own on resume
 LIMITS = {"epochs": 100_000, "batch_size": 65_536, "eval_batch_size": 65_536,
           "routing_iterations": 100}  # beyond these a value is a typo, not a plan
 

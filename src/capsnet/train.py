@@ -23,7 +23,7 @@ import torch
 from tqdm import tqdm
 
 from .checkpoint import load_checkpoint, model_from_checkpoint, save_checkpoint
-from .config import TrainConfig, learning_rate
+from .config import RESUME_MAY_CHANGE, TrainConfig, learning_rate
 from .data import Split, Splits, batches, load_splits, num_batches
 from .distributed import all_reduce_sum, any_rank, init_world, per_rank_batch, shutdown
 from .errors import CapsNetError
@@ -135,8 +135,8 @@ class Trainer:
             payload = load_checkpoint(self.run_dir / "last.pt", resumable=True)
             saved = TrainConfig.from_dict(payload["train_config"])
             # The run keeps its own settings; only how long and where it runs may change.
-            config = TrainConfig.from_dict({**saved.to_dict(), "epochs": config.epochs,
-                                            "device": config.device, "compile": config.compile})
+            config = TrainConfig.from_dict({**saved.to_dict(), **{
+                name: getattr(config, name) for name in RESUME_MAY_CHANGE}})
         self.config = config
         if config.deterministic:
             torch.use_deterministic_algorithms(True)
