@@ -214,6 +214,7 @@ class Trainer:
         bar = tqdm(total=n_batches, initial=start, desc=f"epoch {epoch + 1}/{config.epochs}",
                    disable=not self.progress_bar, leave=False, dynamic_ncols=True)
         losses: list[torch.Tensor] = []
+        checked = 0  # losses[:checked] are known to be finite
         correct = torch.zeros((), dtype=torch.int64, device=self.device)
         seen, began = 0, time.perf_counter()
         batch_iter = batches(train, config.batch_size, seed=epoch_seed(config, epoch),
@@ -227,7 +228,8 @@ class Trainer:
             self.progress["batch"] = index + 1
             at_log_point = len(losses) % LOG_EVERY == 0 or index + 1 == n_batches
             if at_log_point:
-                self.check_finite(losses)
+                self.check_finite(losses, checked)
+                checked = len(losses)
                 elapsed = time.perf_counter() - began
                 bar.set_postfix(loss=f"{losses[-1].item():.4f}",
                                 acc=f"{correct.item() / seen:.4f}",
@@ -238,7 +240,7 @@ class Trainer:
             if stop[0] and (at_log_point or not self.world.distributed):
                 break
         bar.close()
-        self.check_finite(losses)
+        self.check_finite(losses, checked)
         seconds = time.perf_counter() - began
         totals = torch.stack([torch.stack(losses).sum() if losses else torch.zeros((), device=self.device),
                               correct.float(), torch.tensor(float(seen), device=self.device),
@@ -247,13 +249,14 @@ class Trainer:
         return {"loss": loss_sum / n_steps if n_steps else math.nan,
                 "accuracy": n_correct / max(n_seen, 1), "images": int(n_seen), "seconds": seconds}
 
-    def check_finite(self, losses: list[torch.Tensor]) -> None:
-        """Stop with the first step whose loss is not finite; its weights are never saved."""
-        if not losses:
+    def check_finite(self, losses: list[torch.Tensor], start: int = 0) -> None:
+        """Stop with the first step whose loss is not finite; its weights are never saved.
+        Only ``losses[start:]`` are checked (one host synchronisation for all of them)."""
+        if len(losses) <= start:
             return
-        finite = torch.isfinite(torch.stack(losses))
+        finite = torch.isfinite(torch.stack(losses[start:]))
         if not bool(finite.all()):
-            bad = int((~finite).nonzero()[0, 0])
+            bad = start + int((~finite).nonzero()[0, 0])
             step = self.progress["step"] - len(losses) + bad + 1
             raise CapsNetError(f"loss became {losses[bad].item()} at step {step}; training stopped "
                                f"and the checkpoints in {self.run_dir} were left as they were")
