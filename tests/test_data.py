@@ -283,11 +283,20 @@ def test_load_splits_on_a_folder(folder_dataset: Path) -> None:
     for split in (splits.train, splits.val, splits.test):
         assert split.images.dtype == torch.uint8 and split.images.shape[1:] == (1, 28, 28)
         assert split.labels.dtype == torch.int64 and split.labels.shape == (len(split),)
-    # The validation set is the last val_size training images, in order.
+    # The notebook's split (TensorFlow's read_data_sets): the FIRST val_size training images
+    # are held out, in order, and training gets the rest.
+    np.testing.assert_array_equal(splits.val.images[:, 0].numpy(), train_images[:7])
+    np.testing.assert_array_equal(splits.val.labels.numpy(), train_labels[:7])
+    np.testing.assert_array_equal(splits.train.images[:, 0].numpy(), train_images[7:])
+    np.testing.assert_array_equal(splits.train.labels.numpy(), train_labels[7:])
+    assert splits.num_classes == 10 and splits.image_size == 28 and splits.in_channels == 1
+
+
+def test_load_splits_can_hold_out_the_last_images(folder_dataset: Path) -> None:
+    splits = load_splits(str(folder_dataset), val_size=7, val_split="last")
+    train_images = read_idx(folder_dataset / FILE_NAMES["train_images"])
     np.testing.assert_array_equal(splits.val.images[:, 0].numpy(), train_images[-7:])
     np.testing.assert_array_equal(splits.train.images[:, 0].numpy(), train_images[:-7])
-    np.testing.assert_array_equal(splits.val.labels.numpy(), train_labels[-7:])
-    assert splits.num_classes == 10 and splits.image_size == 28 and splits.in_channels == 1
 
 
 def test_load_splits_on_a_registered_name(source: Path, fake_spec) -> None:

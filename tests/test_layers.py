@@ -92,8 +92,10 @@ def test_outputs_do_not_depend_on_the_rest_of_the_batch() -> None:
         torch.testing.assert_close(c_alone[0], c_batch[k])
 
 
-def reference_routing(weight: Tensor, u: Tensor, iterations: int) -> tuple[Tensor, Tensor]:
-    """The notebook's procedure, one example and one (i, j) pair at a time."""
+def reference_routing(weight: Tensor, u: Tensor, iterations: int,
+                      bias: Tensor | None = None) -> tuple[Tensor, Tensor]:
+    """The notebook's procedure, one example and one (i, j) pair at a time; ``bias`` is
+    added to every s_j as the official code does."""
     in_caps, out_caps = weight.shape[:2]
     vs, cs = [], []
     for example in u:
@@ -104,6 +106,8 @@ def reference_routing(weight: Tensor, u: Tensor, iterations: int) -> tuple[Tenso
             v = []
             for j in range(out_caps):
                 s_j = sum(c[i, j] * u_hat[i][j] for i in range(in_caps))
+                if bias is not None:
+                    s_j = s_j + bias[j]
                 sq = (s_j**2).sum()
                 v.append(sq / (1 + sq) * s_j / torch.sqrt(sq + EPSILON))
             for i in range(in_caps):
@@ -123,6 +127,23 @@ def test_routing_matches_plain_reference(iterations: int) -> None:
         v_ref, c_ref = reference_routing(layer.weight, u, iterations)
     torch.testing.assert_close(v, v_ref, rtol=1e-10, atol=1e-12)
     torch.testing.assert_close(coupling, c_ref, rtol=1e-10, atol=1e-12)
+
+
+@pytest.mark.parametrize("iterations", [1, 3])
+def test_routing_bias_matches_plain_reference(iterations: int) -> None:
+    torch.manual_seed(0)
+    layer = RoutingCapsules(in_caps=6, in_dim=3, out_caps=4, out_dim=5, iterations=iterations,
+                            init_std=0.5, bias=True).double()
+    assert layer.bias.shape == (4, 5) and not layer.bias.any()  # zero until a model sets it
+    with torch.no_grad():
+        layer.bias.normal_()
+        u = random_capsules(3)
+        v, coupling = layer(u)
+        v_ref, c_ref = reference_routing(layer.weight, u, iterations, layer.bias)
+        v_plain, _ = reference_routing(layer.weight, u, iterations)
+    torch.testing.assert_close(v, v_ref, rtol=1e-10, atol=1e-12)
+    torch.testing.assert_close(coupling, c_ref, rtol=1e-10, atol=1e-12)
+    assert not torch.allclose(v, v_plain)
 
 
 def test_more_iterations_change_the_result() -> None:
@@ -204,3 +225,41 @@ def test_primary_capsule_order_is_row_col_map() -> None:
             for m in range(n_maps):
                 expected.append(squash(x[0, m * dim:(m + 1) * dim, row, col]))
     torch.testing.assert_close(out[0], torch.stack(expected))
+
+
+def negative_primary(style: str) -> tuple[PrimaryCapsules, Tensor, Tensor]:
+    """A 1x1 primary layer whose convolution output is negative everywhere, its input, and
+    the convolution output ``(channels, h, w)`` with the bias and without it."""
+    torch.manual_seed(0)
+    layer = PrimaryCapsules(in_channels=4, n_maps=2, caps_dim=3, kernel_size=1, stride=1,
+                            style=style)
+    with torch.no_grad():
+        layer.conv.weight.copy_(-torch.rand_like(layer.conv.weight) - 0.1)
+        layer.conv.bias.copy_(-torch.rand_like(layer.conv.bias))
+    x = torch.rand(1, 4, 2, 2) + 0.1
+    weighted = torch.einsum("oi,bihw->bohw", layer.conv.weight[:, :, 0, 0], x)[0]
+    return layer, x, weighted
+
+
+def test_notebook_primary_capsules_relu_negative_convolutions_to_zero() -> None:
+    layer, x, weighted = negative_primary("notebook")
+    assert torch.all(weighted + layer.conv.bias[:, None, None] < 0)
+    out = layer(x)
+    assert out.shape == (1, 2 * 2 * 2, 3)
+    assert torch.all(out == 0)
+
+
+def test_official_primary_capsules_squash_conv_over_maps_plus_bias_without_relu() -> None:
+    layer, x, weighted = negative_primary("official")
+    out = layer(x)
+    pre = weighted / 2 + layer.conv.bias[:, None, None]  # (maps * dim, h, w); 2 maps
+    assert torch.all(pre < 0)
+    expected = torch.stack([squash(pre[m * 3:(m + 1) * 3, row, col])
+                            for row in range(2) for col in range(2) for m in range(2)])
+    torch.testing.assert_close(out[0], expected)
+    assert torch.all(out < 0)
+
+
+def test_primary_style_is_checked() -> None:
+    with pytest.raises(ValueError, match="style must be one of"):
+        PrimaryCapsules(in_channels=4, style="relu")

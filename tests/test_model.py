@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
-
 import json
+import math
 
 import pytest
 import torch
@@ -56,7 +56,7 @@ def test_output_shapes(size: int, channels: int, primary_caps: int) -> None:
 def tiny_model() -> CapsNet:
     torch.manual_seed(0)
     # A large W init gives capsules far from zero, so masking visibly changes the decoder input.
-    return CapsNet(CapsNetConfig(image_size=28, weight_init_std=1.0, **NARROW))
+    return CapsNet(CapsNetConfig(image_size=28, weight_init_std=1.0, init="torch", **NARROW))
 
 
 def decoder_inputs(model: CapsNet, images: Tensor, labels: Tensor | None) -> tuple[Tensor, object]:
@@ -159,3 +159,50 @@ def test_config_dict_round_trip() -> None:
     assert restored == config and restored.decoder_hidden == (64, 32)
     with pytest.raises(ValueError, match="unknown model config keys: bogus"):
         CapsNetConfig.from_dict({**d, "bogus": 1})
+
+
+def init_model(init: str) -> CapsNet:
+    torch.manual_seed(0)
+    return CapsNet(CapsNetConfig(init=init, primary_style="official", routing_bias=True))
+
+
+def layers_with_bias(model: CapsNet) -> list[torch.nn.Module]:
+    return [model.conv1, model.primary.conv,
+            *[m for m in model.decoder if isinstance(m, torch.nn.Linear)]]
+
+
+def test_glorot_init_is_the_notebooks_tf_layers() -> None:
+    model = init_model("glorot")
+    for layer in layers_with_bias(model):
+        fan_out, fan_in = layer.weight.shape[0], layer.weight[0].numel()
+        fan_out *= layer.weight[0, 0].numel()  # receptive field, for convolutions
+        limit = math.sqrt(6 / (fan_in + fan_out))
+        assert layer.weight.abs().max() <= limit
+        assert layer.weight.abs().max() > 0.99 * limit  # uniform up to the limit
+        assert not layer.bias.any()
+    assert not model.digits.bias.any()
+    assert model.digits.weight.std().item() == pytest.approx(0.1, rel=0.01)
+
+
+def test_official_init_is_truncated_normal_with_biases_of_one_tenth() -> None:
+    model = init_model("official")
+    for layer, std in zip(layers_with_bias(model), (0.05, 0.1, 0.1, 0.1, 0.1)):
+        assert layer.weight.abs().max() <= 2 * std  # cut at two standard deviations
+        # The std of a normal cut at 2 sigma is 0.88 sigma.
+        assert layer.weight.std().item() == pytest.approx(0.88 * std, rel=0.05)
+        assert torch.all(layer.bias == 0.1)
+    assert torch.all(model.digits.bias == 0.1)
+
+
+def test_torch_init_keeps_pytorchs_defaults() -> None:
+    model = init_model("torch")
+    bound = 1 / math.sqrt(model.conv1.weight[0].numel())  # Kaiming-uniform with a = sqrt(5)
+    assert model.conv1.weight.abs().max() <= bound
+    assert model.conv1.bias.abs().max() <= bound and model.conv1.bias.any()
+
+
+def test_routing_bias_adds_one_vector_per_class() -> None:
+    plain = CapsNet(CapsNetConfig())
+    biased = CapsNet(CapsNetConfig(routing_bias=True))
+    assert count_parameters(biased) - count_parameters(plain) == 10 * 16
+    assert count_parameters(plain) == 8_215_568

@@ -13,8 +13,10 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
-from .config import (DEVICES, PRECISIONS, PRESETS, REDUCTIONS, RESUME_MAY_CHANGE, TrainConfig,
-                     make_config)
+from .config import (DEVICES, MARGIN_FORMS, PRECISIONS, PRESETS, REDUCTIONS, RESUME_MAY_CHANGE,
+                     VAL_SPLITS, TrainConfig, make_config)
+from .layers import PRIMARY_STYLES
+from .model import INITS
 from .bench import add_bench
 from .errors import CapsNetError
 from .experiments import add_experiment
@@ -86,7 +88,16 @@ def add_train(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--max-shift", type=non_negative_int, help="random shift in pixels (0: none)")
     p.add_argument("--reconstruction-reduction", choices=REDUCTIONS)
     p.add_argument("--reconstruction-weight", type=float)
+    p.add_argument("--margin-loss", choices=MARGIN_FORMS,
+                   help="paper: eq. 4; official: the official code's (half, mean over classes)")
+    p.add_argument("--init", choices=INITS, help="weight initialisation")
+    p.add_argument("--primary-style", choices=PRIMARY_STYLES,
+                   help="notebook: ReLU before squash; official: no ReLU, convolution / maps")
+    p.add_argument("--routing-bias", action=argparse.BooleanOptionalAction, default=None,
+                   help="learned bias on s_j in every routing iteration (official code)")
     p.add_argument("--val-size", type=positive_int)
+    p.add_argument("--val-split", choices=VAL_SPLITS,
+                   help="hold out the first (TensorFlow's, default) or last training images")
     p.add_argument("--train-limit", type=non_negative_int,
                    help="train on the first N training images only (0: all)")
     p.add_argument("--seed", type=non_negative_int)
@@ -97,6 +108,9 @@ def add_train(sub: argparse._SubParsersAction) -> None:
                    "(default: runs/<dataset>-<preset>)")
     p.add_argument("--resume", type=Path, metavar="RUN_DIR",
                    help="continue the run in RUN_DIR where it stopped")
+    p.add_argument("--init-from", type=Path, metavar="CHECKPOINT",
+                   help="start a new run from a checkpoint's weights and optimizer state "
+                        "(the notebook's restore_checkpoint=True)")
     p.add_argument("--figures", action="store_true", help="draw the figures at the end")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
     add_data_args(p)
@@ -109,7 +123,8 @@ def run_train(args: argparse.Namespace) -> int:
     overrides = {name: getattr(args, name) for name in (
         "dataset", "epochs", "batch_size", "routing_iterations", "lr", "lr_decay",
         "lr_decay_steps", "max_shift", "reconstruction_reduction", "reconstruction_weight",
-        "val_size", "train_limit", "seed", "precision", "compile", "deterministic")}
+        "margin_loss", "init", "primary_style", "routing_bias", "val_size", "val_split",
+        "train_limit", "seed", "precision", "compile", "deterministic")}
     overrides["device"] = args.device
     config = make_config(args.preset, **overrides)
     if args.resume is not None:
@@ -133,8 +148,10 @@ def run_train(args: argparse.Namespace) -> int:
         if (run_dir / "last.pt").exists():
             raise CapsNetError(f"{run_dir} already holds a run; use --resume {run_dir} to continue "
                                f"it or --run-dir to start a new one")
+    if args.init_from is not None and args.resume is not None:
+        raise CapsNetError("--init-from starts a new run; it cannot be combined with --resume")
     summary = train(config, run_dir, data_dir=args.data_dir, resume=args.resume is not None,
-                    progress=not args.no_progress)
+                    init_from=args.init_from, progress=not args.no_progress)
     speed = summary["train_images_per_s"]  # None when a resumed run had nothing left to train
     print(f"test accuracy {summary['test_accuracy']:.2%}, test loss {summary['test_loss']:.5f}, "
           f"{summary['wall_seconds']:.0f} s, "
@@ -170,12 +187,13 @@ def run_evaluate(args: argparse.Namespace) -> int:
     model, payload = load_model(args.checkpoint)
     train_config = TrainConfig.from_dict(payload.get("train_config") or {})
     dataset = args.dataset or train_config.dataset
-    splits = load_splits(dataset, args.data_dir, train_config.val_size)
+    splits = load_splits(dataset, args.data_dir, train_config.val_size, train_config.val_split)
     check_fits(model, splits.image_size, splits.in_channels, splits.num_classes, dataset)
     device = resolve_device(args.device)
     result = evaluate(model.to(device), getattr(splits, args.split), batch_size=args.batch_size,
                       device=device, reconstruction_weight=train_config.reconstruction_weight,
-                      reduction=train_config.reconstruction_reduction)
+                      reduction=train_config.reconstruction_reduction,
+                      margin_form=train_config.margin_loss)
     if args.json:
         print(json.dumps({"checkpoint": str(args.checkpoint), "dataset": dataset,
                           "split": args.split, **result.to_dict()}))

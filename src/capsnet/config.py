@@ -12,10 +12,14 @@ from dataclasses import asdict, dataclass, fields, replace
 from typing import Any
 
 from .errors import CapsNetError
+from .layers import PRIMARY_STYLES
+from .model import INITS
 
 DEVICES = ("auto", "cpu", "cuda")
 PRECISIONS = ("fp32", "bf16")
 REDUCTIONS = ("sum", "mean")
+MARGIN_FORMS = ("paper", "official")
+VAL_SPLITS = ("first", "last")
 RESUME_MAY_CHANGE = ("epochs", "device", "compile")  # all else is the run's own on resume
 LIMITS = {"epochs": 100_000, "batch_size": 65_536, "eval_batch_size": 65_536,
           "routing_iterations": 100}  # beyond these a value is a typo, not a plan
@@ -36,7 +40,12 @@ class TrainConfig:
     max_shift: int = 2  # random translation in pixels, each axis, zero padded
     reconstruction_reduction: str = "sum"  # "sum" over pixels (paper) or "mean" (notebook)
     reconstruction_weight: float = 0.0005
+    margin_loss: str = "paper"  # "paper": eq. 4; "official": the official code's, 1/20 of it
+    init: str = "official"  # "official" truncated normals, "glorot" (notebook) or "torch"
+    primary_style: str = "official"  # "official": no ReLU, conv / maps; "notebook": ReLU
+    routing_bias: bool = True  # the official code's learned bias on s_j
     val_size: int = 5000
+    val_split: str = "first"  # hold out the first val_size training images (TensorFlow's) or the last
     eval_batch_size: int = 500
     train_limit: int = 0  # use only the first N training images (0: all); for quick runs
     seed: int = 0
@@ -67,7 +76,9 @@ class TrainConfig:
             if getattr(self, name) > most:
                 raise CapsNetError(f"{name} must be at most {most:,}, got {getattr(self, name):,}")
         for name, allowed in (("reconstruction_reduction", REDUCTIONS), ("device", DEVICES),
-                              ("precision", PRECISIONS), ("preset", tuple(PRESETS))):
+                              ("precision", PRECISIONS), ("preset", tuple(PRESETS)),
+                              ("margin_loss", MARGIN_FORMS), ("init", INITS),
+                              ("primary_style", PRIMARY_STYLES), ("val_split", VAL_SPLITS)):
             if getattr(self, name) not in allowed:
                 raise CapsNetError(f"{name} must be one of {', '.join(allowed)}, "
                                    f"got {getattr(self, name)!r}")
@@ -89,7 +100,8 @@ class TrainConfig:
 PRESETS: dict[str, dict[str, Any]] = {
     "paper": {},
     "seed": dict(epochs=10, batch_size=50, routing_iterations=2, lr_decay=1.0, max_shift=0,
-                 reconstruction_reduction="mean"),
+                 reconstruction_reduction="mean", init="glorot", primary_style="notebook",
+                 routing_bias=False),
     # Sized for a 2-core CPU in minutes: one pass over 30,000 images, small batches, no shifts.
     "quick": dict(epochs=1, batch_size=32, train_limit=30_000, lr_decay=1.0, max_shift=0),
 }

@@ -327,8 +327,10 @@ class Splits:
 
 
 def load_splits(dataset: str, data_dir: str | os.PathLike | None = None,
-                val_size: int = 5000) -> Splits:
-    """Training, validation (the last ``val_size`` training images) and test splits.
+                val_size: int = 5000, val_split: str = "first") -> Splits:
+    """Training, validation and test splits. The validation set is the first ``val_size``
+    images of the training file (``val_split="first"``, as TensorFlow's ``read_data_sets``
+    that the notebook uses) or the last ones (``"last"``); training gets the rest.
 
     ``dataset`` is a registered name (``mnist``, ``fashion-mnist``) or a folder holding the
     four IDX files of the user's own data (square grayscale images, labels from 0).
@@ -353,14 +355,18 @@ def load_splits(dataset: str, data_dir: str | os.PathLike | None = None,
     if not 0 < val_size < len(train_images):
         raise CapsNetError(f"validation size {val_size} must be between 1 and "
                            f"{len(train_images) - 1} for {len(train_images)} training images")
-    cut = len(train_images) - val_size
+    if val_split not in ("first", "last"):
+        raise CapsNetError(f"val_split must be 'first' or 'last', got {val_split!r}")
+    cut = val_size if val_split == "first" else len(train_images) - val_size
+    head, tail = slice(None, cut), slice(cut, None)
+    train_part, val_part = (tail, head) if val_split == "first" else (head, tail)
 
     def split(images: np.ndarray, labels: np.ndarray) -> Split:
         return Split(torch.from_numpy(images.copy()).unsqueeze(1),
                      torch.from_numpy(labels.astype(np.int64)))
 
-    return Splits(split(train_images[:cut], train_labels[:cut]),
-                  split(train_images[cut:], train_labels[cut:]),
+    return Splits(split(train_images[train_part], train_labels[train_part]),
+                  split(train_images[val_part], train_labels[val_part]),
                   split(arrays["test_images"], arrays["test_labels"]),
                   num_classes, class_names)
 

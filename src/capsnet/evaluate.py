@@ -56,8 +56,8 @@ class Evaluation:
 @torch.no_grad()
 def evaluate(model: CapsNet, split: Split, *, batch_size: int = 500,
              device: torch.device | str = "cpu", reconstruction_weight: float = 0.0005,
-             reduction: str = "sum", precision: str = "fp32", world: World = World()
-             ) -> Evaluation:
+             reduction: str = "sum", margin_form: str = "paper", precision: str = "fp32",
+             world: World = World()) -> Evaluation:
     """Evaluate ``model`` on ``split`` as the notebook does at test time: the decoder
     reconstructs from the predicted (longest) capsule. Losses are means over images.
 
@@ -78,7 +78,8 @@ def evaluate(model: CapsNet, split: Split, *, batch_size: int = 500,
         with autocast(device, precision):
             out = model(images)
         total, margin, recon = capsule_loss(out.lengths.float(), out.reconstructions.float(),
-                                            images, labels, reconstruction_weight, reduction)
+                                            images, labels, reconstruction_weight, reduction,
+                                            margin_form)
         sums += torch.stack([total, margin, recon]).double() * len(labels)
         confusion += torch.bincount(labels * classes + out.predictions, minlength=classes ** 2)
     model.train(was_training)

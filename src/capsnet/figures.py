@@ -52,7 +52,8 @@ def draw_figures(checkpoint: str | os.PathLike, out_dir: str | os.PathLike, *,
         raise CapsNetError(f"the number of samples must be at least 1, got {n_samples}")
     model, payload = load_model(checkpoint)
     train_config = TrainConfig.from_dict(payload.get("train_config") or {})
-    test = load_splits(train_config.dataset, data_dir, train_config.val_size).test
+    test = load_splits(train_config.dataset, data_dir, train_config.val_size,
+                       train_config.val_split).test
     check_images_fit(model, test.images, train_config.dataset)
     images = test.images[:n_samples].float() / 255.0
     labels = test.labels[:n_samples].tolist()

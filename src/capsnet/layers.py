@@ -12,8 +12,10 @@ from __future__ import annotations
 
 import torch
 from torch import Tensor, nn
+import torch.nn.functional as F
 
 EPSILON = 1e-7
+PRIMARY_STYLES = ("notebook", "official")
 
 
 def safe_norm(s: Tensor, dim: int = -1, eps: float = EPSILON, keepdim: bool = False) -> Tensor:
@@ -35,18 +37,28 @@ def squash(s: Tensor, dim: int = -1, eps: float = EPSILON) -> Tensor:
 
 
 class PrimaryCapsules(nn.Module):
-    """A ReLU convolution whose channels are cut into ``n_maps`` capsule maps of ``caps_dim`` each.
+    """A convolution whose channels are cut into ``n_maps`` capsule maps of ``caps_dim`` each.
 
     Input ``(batch, in_channels, H, W)``; output ``(batch, n_maps * H' * W', caps_dim)``,
     squashed. Capsules are ordered (row, column, map), as the notebook's reshape of an
     NHWC tensor, and the channels of one capsule are ``map * caps_dim ... + caps_dim - 1``.
+
+    ``style`` says what comes between the convolution and the squash:
+
+    * ``"notebook"``: ``squash(relu(conv(x) + b))``, the tutorial notebook's layer;
+    * ``"official"``: ``squash(conv(x) / n_maps + b)``, the official code's layer, which runs
+      its routing for one iteration over the ``n_maps`` capsule types: the softmax of zero
+      logits couples each type with ``1 / n_maps``, and there is no ReLU.
     """
 
     def __init__(self, in_channels: int, n_maps: int = 32, caps_dim: int = 8,
-                 kernel_size: int = 9, stride: int = 2) -> None:
+                 kernel_size: int = 9, stride: int = 2, style: str = "notebook") -> None:
         super().__init__()
+        if style not in PRIMARY_STYLES:
+            raise ValueError(f"style must be one of {', '.join(PRIMARY_STYLES)}, got {style!r}")
         self.n_maps = n_maps
         self.caps_dim = caps_dim
+        self.style = style
         self.conv = nn.Conv2d(in_channels, n_maps * caps_dim, kernel_size, stride)
 
     def output_grid(self, height: int, width: int) -> tuple[int, int]:
@@ -55,7 +67,11 @@ class PrimaryCapsules(nn.Module):
         return (height - k[0]) // s[0] + 1, (width - k[1]) // s[1] + 1
 
     def forward(self, features: Tensor) -> Tensor:
-        conv = torch.relu(self.conv(features))  # (batch, maps * dim, h, w)
+        if self.style == "notebook":
+            conv = torch.relu(self.conv(features))  # (batch, maps * dim, h, w)
+        else:
+            conv = (F.conv2d(features, self.conv.weight, stride=self.conv.stride) / self.n_maps
+                    + self.conv.bias[:, None, None])
         batch, _, height, width = conv.shape
         capsules = conv.view(batch, self.n_maps, self.caps_dim, height, width)
         capsules = capsules.permute(0, 3, 4, 1, 2).reshape(batch, -1, self.caps_dim)
@@ -70,16 +86,19 @@ class RoutingCapsules(nn.Module):
     with coupling coefficients ``c_ij = softmax_j(b_ij)``, and the logits ``b_ij`` start at
     zero for each example and grow by the agreement ``u_hat_j|i . v_j``.
 
-    Gradients flow through every routing iteration, as in the official code.
+    Gradients flow through every routing iteration, as in the official code. With
+    ``bias=True`` a learned ``(out_caps, out_dim)`` bias is added to ``s_j`` in every
+    iteration, as the official code does; the notebook has none.
     """
 
     def __init__(self, in_caps: int, in_dim: int, out_caps: int, out_dim: int,
-                 iterations: int = 3, init_std: float = 0.1) -> None:
+                 iterations: int = 3, init_std: float = 0.1, bias: bool = False) -> None:
         super().__init__()
         if iterations < 1:
             raise ValueError(f"routing needs at least 1 iteration, got {iterations}")
         self.iterations = iterations
         self.weight = nn.Parameter(torch.randn(in_caps, out_caps, out_dim, in_dim) * init_std)
+        self.bias = nn.Parameter(torch.zeros(out_caps, out_dim)) if bias else None
 
     def predictions(self, u: Tensor) -> Tensor:
         """``u_hat`` for input capsules ``u`` of shape ``(batch, in_caps, in_dim)``."""
@@ -98,6 +117,8 @@ class RoutingCapsules(nn.Module):
         for iteration in range(self.iterations):
             coupling = routing_logits.softmax(dim=2)  # over output capsules, for each input capsule
             s = torch.einsum("bio,bioj->boj", coupling, u_hat)  # (batch, out_caps, out_dim)
+            if self.bias is not None:
+                s = s + self.bias
             v = squash(s)
             if iteration < self.iterations - 1:
                 routing_logits = routing_logits + torch.einsum("bioj,boj->bio", u_hat, v)

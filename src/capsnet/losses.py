@@ -9,15 +9,19 @@ from torch import Tensor
 import torch.nn.functional as F
 
 Reduction = Literal["sum", "mean"]
+MarginForm = Literal["paper", "official"]
 
 
 def margin_loss(lengths: Tensor, targets: Tensor, m_plus: float = 0.9, m_minus: float = 0.1,
-                lambda_: float = 0.5) -> Tensor:
+                lambda_: float = 0.5, form: MarginForm = "paper") -> Tensor:
     """Paper eq. 4, summed over classes and averaged over the batch.
 
     ``lengths``: capsule lengths ``(batch, classes)``. ``targets``: class indices
     ``(batch,)``, or a presence matrix ``(batch, classes)`` of 0/1 when several classes
-    can be present (MultiMNIST).
+    can be present (MultiMNIST). ``form="official"`` is the official code's
+    ``_margin_loss``: half of eq. 4, averaged over classes as well as the batch, so
+    ``1 / (2 * classes)`` of the paper's value; a reconstruction term of the same weight
+    counts ``2 * classes`` times as much beside it.
     """
     if targets.dim() == 1:
         present = F.one_hot(targets, lengths.shape[1]).to(lengths.dtype)
@@ -25,7 +29,12 @@ def margin_loss(lengths: Tensor, targets: Tensor, m_plus: float = 0.9, m_minus: 
         present = targets.to(lengths.dtype)
     present_loss = present * torch.relu(m_plus - lengths).square()
     absent_loss = lambda_ * (1.0 - present) * torch.relu(lengths - m_minus).square()
-    return (present_loss + absent_loss).sum(dim=1).mean()
+    per_class = present_loss + absent_loss  # (batch, classes)
+    if form == "paper":
+        return per_class.sum(dim=1).mean()
+    if form == "official":
+        return 0.5 * per_class.mean()
+    raise ValueError(f"form must be 'paper' or 'official', got {form!r}")
 
 
 def reconstruction_loss(reconstructions: Tensor, images: Tensor,
@@ -45,9 +54,9 @@ def reconstruction_loss(reconstructions: Tensor, images: Tensor,
 
 
 def capsule_loss(lengths: Tensor, reconstructions: Tensor, images: Tensor, targets: Tensor,
-                 reconstruction_weight: float = 0.0005,
-                 reduction: Reduction = "sum") -> tuple[Tensor, Tensor, Tensor]:
+                 reconstruction_weight: float = 0.0005, reduction: Reduction = "sum",
+                 margin_form: MarginForm = "paper") -> tuple[Tensor, Tensor, Tensor]:
     """Total loss ``margin + weight * reconstruction``; returns (total, margin, reconstruction)."""
-    margin = margin_loss(lengths, targets)
+    margin = margin_loss(lengths, targets, form=margin_form)
     recon = reconstruction_loss(reconstructions, images, reduction)
     return margin + reconstruction_weight * recon, margin, recon

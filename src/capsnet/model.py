@@ -14,7 +14,9 @@ import torch
 from torch import Tensor, nn
 import torch.nn.functional as F
 
-from .layers import PrimaryCapsules, RoutingCapsules, safe_norm
+from .layers import PRIMARY_STYLES, PrimaryCapsules, RoutingCapsules, safe_norm
+
+INITS = ("glorot", "official", "torch")
 
 
 @dataclass(frozen=True)
@@ -32,8 +34,11 @@ class CapsNetConfig:
     primary_stride: int = 2
     digit_dim: int = 16
     routing_iterations: int = 2  # notebook 2, paper 3
-    weight_init_std: float = 0.1
+    weight_init_std: float = 0.1  # of the routing matrices W
     decoder_hidden: tuple[int, ...] = (512, 1024)
+    primary_style: str = "notebook"  # or "official": no ReLU, convolution / maps (see layers)
+    routing_bias: bool = False  # the official code's learned bias on s_j
+    init: str = "glorot"  # see CapsNet.reset_parameters
 
     def __post_init__(self) -> None:
         for f in fields(self):
@@ -45,6 +50,13 @@ class CapsNetConfig:
             elif f.name == "weight_init_std":
                 if not value > 0:
                     raise ValueError(f"weight_init_std must be positive, got {value}")
+            elif f.name in CHOICES:
+                if value not in CHOICES[f.name]:
+                    raise ValueError(f"{f.name} must be one of {', '.join(CHOICES[f.name])}, "
+                                     f"got {value!r}")
+            elif f.name == "routing_bias":
+                if not isinstance(value, bool):
+                    raise ValueError(f"routing_bias must be true or false, got {value!r}")
             elif isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise ValueError(f"{f.name} must be a positive integer, got {value!r}")
         if self.num_classes < 2:
@@ -83,6 +95,9 @@ class CapsNetConfig:
         return cls(**d)
 
 
+CHOICES = {"primary_style": PRIMARY_STYLES, "init": INITS}
+
+
 class CapsNetOutput(NamedTuple):
     digit_caps: Tensor        # (batch, classes, digit_dim) output capsules v_j
     lengths: Tensor           # (batch, classes) safe norms |v_j|, the class scores
@@ -104,16 +119,42 @@ class CapsNet(nn.Module):
         self.conv1 = nn.Conv2d(config.in_channels, config.conv1_channels, config.conv1_kernel)
         self.primary = PrimaryCapsules(config.conv1_channels, config.primary_maps,
                                        config.primary_dim, config.primary_kernel,
-                                       config.primary_stride)
+                                       config.primary_stride, config.primary_style)
         self.digits = RoutingCapsules(config.primary_caps, config.primary_dim,
                                       config.num_classes, config.digit_dim,
-                                      config.routing_iterations, config.weight_init_std)
+                                      config.routing_iterations, config.weight_init_std,
+                                      config.routing_bias)
         sizes = [config.num_classes * config.digit_dim, *config.decoder_hidden]
         layers: list[nn.Module] = []
         for n_in, n_out in zip(sizes, sizes[1:]):
             layers += [nn.Linear(n_in, n_out), nn.ReLU(inplace=True)]
         layers += [nn.Linear(sizes[-1], config.image_pixels), nn.Sigmoid()]
         self.decoder = nn.Sequential(*layers)
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        """Initialise the weights as ``config.init`` says; W is always N(0, weight_init_std).
+
+        * ``"glorot"``: Glorot-uniform weights and zero biases, as the notebook's ``tf.layers``;
+        * ``"official"``: the official code's truncated normals (std 0.05 for conv1, 0.1
+          for everything else, cut at two standard deviations) and biases of 0.1;
+        * ``"torch"``: PyTorch's defaults (Kaiming-uniform weights, uniform biases).
+        """
+        init = self.config.init
+        if init == "torch":
+            return
+        for module in (self.conv1, self.primary.conv, *self.decoder):
+            if not isinstance(module, (nn.Conv2d, nn.Linear)):
+                continue
+            if init == "glorot":
+                nn.init.xavier_uniform_(module.weight)
+                nn.init.zeros_(module.bias)
+            else:
+                std = 0.05 if module is self.conv1 else 0.1
+                nn.init.trunc_normal_(module.weight, std=std, a=-2 * std, b=2 * std)
+                nn.init.constant_(module.bias, 0.1)
+        if self.digits.bias is not None:
+            nn.init.constant_(self.digits.bias, 0.1 if init == "official" else 0.0)
 
     def capsules(self, images: Tensor) -> tuple[Tensor, Tensor]:
         """Digit capsules ``(batch, classes, digit_dim)`` and the last coupling coefficients

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import json
 import math
+import platform
 import signal
 import time
 from contextlib import contextmanager
@@ -66,7 +67,8 @@ def model_config_for(config: TrainConfig, splits: Splits) -> CapsNetConfig:
     """The architecture for ``config``'s routing on ``splits``' image size, channels and classes."""
     return CapsNetConfig(image_size=splits.image_size, in_channels=splits.in_channels,
                          num_classes=splits.num_classes,
-                         routing_iterations=config.routing_iterations)
+                         routing_iterations=config.routing_iterations, init=config.init,
+                         primary_style=config.primary_style, routing_bias=config.routing_bias)
 
 
 def epoch_seed(config: TrainConfig, epoch: int) -> int:
@@ -128,8 +130,10 @@ class Trainer:
     """Owns the model, optimiser and progress of one run; :meth:`fit` runs it to the end."""
 
     def __init__(self, config: TrainConfig, run_dir: str | Path, *, data_dir: str | None = None,
-                 resume: bool = False, progress: bool = True) -> None:
+                 resume: bool = False, init_from: str | Path | None = None,
+                 progress: bool = True) -> None:
         self.run_dir = Path(run_dir)
+        self.init_from = None if resume or init_from is None else Path(init_from)
         payload = None
         if resume:
             payload = load_checkpoint(self.run_dir / "last.pt", resumable=True)
@@ -146,7 +150,7 @@ class Trainer:
             self.device = torch.device("cuda", self.world.local_rank)
         per_rank_batch(config.batch_size, self.world)
         self.progress_bar = progress and self.world.is_main
-        self.splits = load_splits(config.dataset, data_dir, config.val_size)
+        self.splits = load_splits(config.dataset, data_dir, config.val_size, config.val_split)
         if config.train_limit:
             train = self.splits.train
             self.splits.train = Split(train.images[:config.train_limit],
@@ -155,9 +159,12 @@ class Trainer:
             self.splits.train, self.splits.val = (self.splits.train.to(self.device),
                                                   self.splits.val.to(self.device))
         torch.manual_seed(config.seed)
+        start = load_checkpoint(self.init_from) if self.init_from else None
         if payload is None:
             self.model = CapsNet(model_config_for(config, self.splits))
             self.progress = {"epoch": 0, "batch": 0, "step": 0, "best_val_loss": math.inf}
+            if start is not None:
+                self.warm_start(start)
         else:
             self.model = model_from_checkpoint(payload, str(self.run_dir / "last.pt"))
             if self.model.config != model_config_for(config, self.splits):
@@ -168,12 +175,23 @@ class Trainer:
         self.optimizer = torch.optim.Adam(self.model.parameters(), lr=config.lr)
         if payload is not None:
             self.optimizer.load_state_dict(payload["optimizer"])
+        elif start is not None and "optimizer" in start:
+            self.optimizer.load_state_dict(start["optimizer"])
         if config.compile:
             self.model.compile_routing()
         self.step_model = self.model
         if self.world.distributed:
             self.step_model = torch.nn.parallel.DistributedDataParallel(
                 self.step_model, device_ids=[self.device.index] if self.device.type == "cuda" else None)
+
+    def warm_start(self, start: dict[str, Any]) -> None:
+        """Take the weights of checkpoint ``start`` (its Adam state follows in __init__), as
+        the notebook's ``restore_checkpoint=True`` does; epochs and best loss start afresh."""
+        model = model_from_checkpoint(start, str(self.init_from))
+        if model.config != self.model.config:
+            raise CapsNetError(f"--init-from {self.init_from}: its model differs from this run's "
+                               f"(use the preset and flags it was trained with)")
+        self.model = model
 
     # -- checkpoints ---------------------------------------------------------------------
 
@@ -199,7 +217,7 @@ class Trainer:
             out = self.step_model(images, labels)
         loss, _, _ = capsule_loss(out.lengths.float(), out.reconstructions.float(), images, labels,
                                   self.config.reconstruction_weight,
-                                  self.config.reconstruction_reduction)
+                                  self.config.reconstruction_reduction, self.config.margin_loss)
         self.optimizer.zero_grad(set_to_none=True)
         loss.backward()
         self.optimizer.step()
@@ -265,6 +283,7 @@ class Trainer:
         return evaluate(model or self.model, split, batch_size=self.config.eval_batch_size,
                         device=self.device, reconstruction_weight=self.config.reconstruction_weight,
                         reduction=self.config.reconstruction_reduction,
+                        margin_form=self.config.margin_loss,
                         precision=self.config.precision, world=self.world)
 
     def fit(self) -> dict[str, Any]:
@@ -273,9 +292,10 @@ class Trainer:
         log = None
         if self.world.is_main:
             self.run_dir.mkdir(parents=True, exist_ok=True)
-            write_json(self.run_dir / "config.json", {"train": config.to_dict(),
-                                                       "model": self.model.config.to_dict(),
-                                                       "world_size": self.world.world_size})
+            write_json(self.run_dir / "config.json", {
+                "train": config.to_dict(), "model": self.model.config.to_dict(),
+                "world_size": self.world.world_size,
+                "init_from": str(self.init_from) if self.init_from else None})
             log = MetricsLog(self.run_dir, self.progress["epoch"])
         train_seconds, train_images = 0.0, 0
         began = time.perf_counter()
@@ -342,13 +362,26 @@ class Trainer:
 def device_name(device: torch.device) -> str:
     if device.type == "cuda":
         return torch.cuda.get_device_name(device)
-    return f"cpu ({torch.get_num_threads()} threads)"
+    return f"cpu ({cpu_model()}, {torch.get_num_threads()} threads)"
+
+
+def cpu_model() -> str:
+    """The CPU's model name as lscpu shows it (from /proc/cpuinfo), else the platform's."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.partition(":")[2].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine() or "cpu"
 
 
 def train(config: TrainConfig, run_dir: str | Path, *, data_dir: str | None = None,
-          resume: bool = False, progress: bool = True) -> dict[str, Any]:
+          resume: bool = False, init_from: str | Path | None = None,
+          progress: bool = True) -> dict[str, Any]:
     """Train (or resume) a run in ``run_dir`` and return its summary; see :class:`Trainer`."""
     try:
-        return Trainer(config, run_dir, data_dir=data_dir, resume=resume, progress=progress).fit()
+        return Trainer(config, run_dir, data_dir=data_dir, resume=resume, init_from=init_from,
+                       progress=progress).fit()
     finally:
         shutdown()
