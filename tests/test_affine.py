@@ -12,14 +12,14 @@ import numpy as np
 import pytest
 import torch
 
-from capsnet.affine import (AffineParams, AffineRanges, AffineTestSet, affine_transform,
+from capsnet.data.affine import (AffineParams, AffineRanges, AffineTestSet, affine_transform,
                             load_affnist, pad_images, pad_split, random_affine_params,
                             read_affnist_file)
-from capsnet.baseline import BaselineCNN, BaselineConfig, cnn_from_checkpoint
+from capsnet.nn.baseline import BaselineCNN, BaselineConfig, cnn_from_checkpoint
 from capsnet.cli import main
 from capsnet.data import Split, batches
 from capsnet.errors import CapsNetError
-from capsnet.model import count_parameters
+from capsnet.nn.model import count_parameters
 
 
 def digit_split(n: int = 24, seed: int = 0) -> Split:
@@ -214,7 +214,7 @@ def test_end_to_end_cli_run(tiny_dataset: Path, tmp_path: Path) -> None:
     assert summary["test_examples"] == {"translated": 32, "affine": 32, "affnist": None}
     assert summary["max_shift"] == 6 and summary["affine_ranges"]["max_rotation_deg"] == 20
     assert (run_dir / "figures" / "affine-test.png").read_bytes()[:4] == b"\x89PNG"
-    from capsnet.checkpoint import load_checkpoint
+    from capsnet.training.checkpoint import load_checkpoint
 
     cnn = cnn_from_checkpoint(load_checkpoint(run_dir / "cnn" / "best.pt"))
     assert cnn.config.image_size == 40 and cnn.config.variant == "pooled"

@@ -26,11 +26,11 @@ import pytest
 import torch
 from PIL import Image
 
-from capsnet.checkpoint import load_checkpoint, load_model
+from capsnet.training.checkpoint import load_checkpoint, load_model
 from capsnet.cli import main
 from capsnet.data import load_splits
-from capsnet.images import load_image
-from capsnet.train import Trainer
+from capsnet.data.images import load_image
+from capsnet.training.trainer import Trainer
 from conftest import write_dataset
 
 CAPSNET = (str(Path(sys.executable).with_name("capsnet"))

@@ -6,7 +6,7 @@ from dataclasses import fields
 
 import pytest
 
-from capsnet.config import PRESETS, TrainConfig, learning_rate, make_config
+from capsnet.training.config import PRESETS, TrainConfig, learning_rate, make_config
 from capsnet.errors import CapsNetError
 
 # Where a run is and how it is executed: not part of any source's recipe.

@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 import torch
 
-import capsnet.data as data
+import capsnet.data.sources as data
 from capsnet.data import (FILE_NAMES, ROLES, DatasetSpec, Split, acquire, batches,
                           check_images_labels, load_splits, read_idx, shift_images, write_idx)
 from capsnet.errors import CapsNetError
@@ -123,7 +123,7 @@ def fake_spec(source: Path, monkeypatch: pytest.MonkeyPatch) -> Callable[..., Da
 
     def register(**fields) -> DatasetSpec:
         spec = DatasetSpec(name="fake", md5=md5, **{"npm_package": None, **fields})
-        monkeypatch.setattr(data, "DATASETS", {"fake": spec})
+        monkeypatch.setitem(data.DATASETS, "fake", spec)
         return spec
 
     register()

@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from capsnet.checkpoint import load_checkpoint
+from capsnet.training.checkpoint import load_checkpoint
 from capsnet.data import Split, batches
 
 TRAIN = ["train", "--val-size", "40", "--train-limit", "64", "--epochs", "2", "--batch-size", "16",
@@ -76,7 +76,7 @@ def test_failing_rank_stops_the_run(tmp_path: Path) -> None:
     script = tmp_path / "fail.py"
     script.write_text(textwrap.dedent("""
         import torch
-        from capsnet.distributed import all_reduce_sum, init_world
+        from capsnet.utils.distributed import all_reduce_sum, init_world
         world = init_world("cpu")
         if world.rank == 1:
             raise SystemExit("rank 1 failed on purpose")

@@ -19,10 +19,10 @@ import pytest
 import torch
 
 from capsnet.cli import build_parser, main
-from capsnet.config import make_config
-from capsnet.explore import MAX_BODY_BYTES, ExploreServer, make_server, run_explore
-from capsnet.layers import safe_norm
-from capsnet.train import train
+from capsnet.training.config import make_config
+from capsnet.tools.explore import MAX_BODY_BYTES, ExploreServer, make_server, run_explore
+from capsnet.nn.layers import safe_norm
+from capsnet.training.trainer import train
 
 os.environ.setdefault("PLAYWRIGHT_SKIP_BROWSER_DOWNLOAD", "1")
 CHROMIUM = Path(os.environ.get("CAPSNET_CHROMIUM", "/usr/bin/chromium"))

@@ -9,11 +9,11 @@ from pathlib import Path
 import pytest
 import torch
 
-from capsnet.checkpoint import save_checkpoint
+from capsnet.training.checkpoint import save_checkpoint
 from capsnet.cli import main
 from capsnet.errors import CapsNetError
-from capsnet.export import (DEFAULT_OPSET, InferenceWrapper, export_model, load_safetensors)
-from capsnet.model import CapsNet, CapsNetConfig
+from capsnet.tools.export import (DEFAULT_OPSET, InferenceWrapper, export_model, load_safetensors)
+from capsnet.nn.model import CapsNet, CapsNetConfig
 
 # Measured differences to PyTorch are ~1e-7 (float32 rounding in a different order of
 # operations); 1e-5 leaves room for other CPUs and onnxruntime versions.

@@ -5,9 +5,9 @@ from __future__ import annotations
 import pytest
 import torch
 
-from capsnet.evaluate import autocast
-from capsnet.losses import capsule_loss
-from capsnet.model import CapsNet, CapsNetConfig
+from capsnet.training.evaluate import autocast
+from capsnet.nn.losses import capsule_loss
+from capsnet.nn.model import CapsNet, CapsNetConfig
 
 SMALL = CapsNetConfig(image_size=16, conv1_channels=16, conv1_kernel=5, primary_maps=4,
                       primary_dim=8, primary_kernel=5, digit_dim=16, decoder_hidden=(32, 64),

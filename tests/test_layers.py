@@ -7,7 +7,7 @@ import pytest
 import torch
 from torch import Tensor
 
-from capsnet.layers import EPSILON, PrimaryCapsules, RoutingCapsules, safe_norm, squash
+from capsnet.nn.layers import EPSILON, PrimaryCapsules, RoutingCapsules, safe_norm, squash
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")

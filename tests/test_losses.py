@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from capsnet.losses import capsule_loss, margin_loss, reconstruction_loss
+from capsnet.nn.losses import capsule_loss, margin_loss, reconstruction_loss
 
 # Two examples, three classes.
 LENGTHS = torch.tensor([[0.95, 0.30, 0.05],

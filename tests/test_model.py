@@ -10,8 +10,8 @@ import torch
 from torch import Tensor
 from torch.func import functional_call
 
-from capsnet.losses import capsule_loss
-from capsnet.model import CapsNet, CapsNetConfig, count_parameters
+from capsnet.nn.losses import capsule_loss
+from capsnet.nn.model import CapsNet, CapsNetConfig, count_parameters
 
 # Small enough for a fast CPU forward pass, same geometry as MNIST (kernels 9, stride 2,
 # 32 primary maps) so the primary capsule counts are the real ones.

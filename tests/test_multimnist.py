@@ -11,8 +11,8 @@ import torch
 from capsnet.cli import main
 from capsnet.data import Split
 from capsnet.errors import CapsNetError
-from capsnet.model import CapsNet, CapsNetConfig
-from capsnet.multimnist import (MultiMNIST, multimnist_loss, overlay_digits, presence, top2,
+from capsnet.nn.model import CapsNet, CapsNetConfig
+from capsnet.data.multimnist import (MultiMNIST, multimnist_loss, overlay_digits, presence, top2,
                                 top2_correct, two_digit_forward)
 
 
@@ -194,7 +194,7 @@ def test_end_to_end_cli_run(tiny_dataset: Path, tmp_path: Path) -> None:
         assert (run_dir / name).is_file(), name
     assert (run_dir / "figures/multimnist-00.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert not list(run_dir.rglob("*.tmp"))
-    from capsnet.checkpoint import load_model
+    from capsnet.training.checkpoint import load_model
 
     model, payload = load_model(run_dir / "best.pt")
     assert model.config.image_size == 36 and model.config.routing_iterations == 3
@@ -205,8 +205,8 @@ def test_end_to_end_cli_run(tiny_dataset: Path, tmp_path: Path) -> None:
 
 
 def test_warmup_scales_the_paper_learning_rate() -> None:
-    from capsnet.config import make_config
-    from capsnet.experiments import warmup_lr
+    from capsnet.training.config import make_config
+    from capsnet.experiments.legacy import warmup_lr
 
     config = make_config("paper")
     assert warmup_lr(config, 0, 0) == pytest.approx(1e-3)

@@ -41,14 +41,14 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from PIL import Image
 
-import capsnet.train
-from capsnet.checkpoint import (FORMAT, VERSION, load_checkpoint, model_from_checkpoint,
+import capsnet.training.trainer
+from capsnet.training.checkpoint import (FORMAT, VERSION, load_checkpoint, model_from_checkpoint,
                                 save_checkpoint, state_digest)
 from capsnet.cli import main
-from capsnet.config import make_config
+from capsnet.training.config import make_config
 from capsnet.data import FILE_NAMES, read_idx, write_idx
 from capsnet.errors import CapsNetError
-from capsnet.model import CapsNet, CapsNetConfig
+from capsnet.nn.model import CapsNet, CapsNetConfig
 
 from conftest import synthetic_digits, write_dataset
 
@@ -566,7 +566,7 @@ def copy_run(source: Path, target: Path) -> Path:
 
 def poison_batch(monkeypatch: pytest.MonkeyPatch, index: int) -> None:
     """Put a NaN pixel into training batch ``index`` of every epoch."""
-    real = capsnet.train.batches
+    real = capsnet.training.trainer.batches
 
     def batches(*args: Any, **kwargs: Any) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         for i, (images, labels) in enumerate(real(*args, **kwargs), start=kwargs.get("start", 0)):
@@ -575,7 +575,7 @@ def poison_batch(monkeypatch: pytest.MonkeyPatch, index: int) -> None:
                 images[0, 0, 14, 14] = float("nan")
             yield images, labels
 
-    monkeypatch.setattr(capsnet.train, "batches", batches)
+    monkeypatch.setattr(capsnet.training.trainer, "batches", batches)
 
 
 def test_nan_loss_stops_training_naming_the_step(reference_run: dict[str, Any], tmp_path: Path,
@@ -626,7 +626,7 @@ def test_a_torn_metrics_line_does_not_stop_a_resume(tmp_path: Path) -> None:
     run_dir = tmp_path
     good = json.dumps({"epoch": 1, "train_loss": 0.5})
     (run_dir / "metrics.jsonl").write_text(good + "\n" + '{"epoch": 2, "train_lo')
-    log = capsnet.train.MetricsLog(run_dir, keep_epochs=1)
+    log = capsnet.training.trainer.MetricsLog(run_dir, keep_epochs=1)
     log.close()
     assert (run_dir / "metrics.jsonl").read_text() == good + "\n"
 

@@ -9,11 +9,11 @@ from pathlib import Path
 import pytest
 import torch
 
-from capsnet import train as train_module
-from capsnet.checkpoint import load_checkpoint, model_from_checkpoint
-from capsnet.config import make_config
+from capsnet.training import trainer as train_module
+from capsnet.training.checkpoint import load_checkpoint, model_from_checkpoint
+from capsnet.training.config import make_config
 from capsnet.errors import CapsNetError
-from capsnet.evaluate import evaluate
+from capsnet.training.evaluate import evaluate
 
 
 def test_a_run_that_gets_worse_reports_the_test_score_of_best_pt(

@@ -1,8 +1,8 @@
 """capsnet: Capsule Networks with dynamic routing on PyTorch."""
 
-from .layers import PrimaryCapsules, RoutingCapsules, safe_norm, squash
-from .losses import capsule_loss, margin_loss, reconstruction_loss
-from .model import CapsNet, CapsNetConfig, CapsNetOutput, capsnet_mnist, count_parameters
+from .nn.layers import PrimaryCapsules, RoutingCapsules, safe_norm, squash
+from .nn.losses import capsule_loss, margin_loss, reconstruction_loss
+from .nn.model import CapsNet, CapsNetConfig, CapsNetOutput, capsnet_mnist, count_parameters
 
 __version__ = "0.1.0"
 

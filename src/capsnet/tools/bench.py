@@ -18,10 +18,10 @@ from typing import Any, Callable
 
 import torch
 
-from .config import DEVICES, PRECISIONS, make_config
-from .evaluate import autocast, resolve_device
-from .losses import capsule_loss
-from .model import CapsNet, CapsNetConfig
+from ..training.config import DEVICES, PRECISIONS, make_config
+from ..training.evaluate import autocast, resolve_device
+from ..nn.losses import capsule_loss
+from ..nn.model import CapsNet, CapsNetConfig
 
 TARGETS = {  # images/s (train at batch 64 on CPU, 128 on GPU; inference at 256), memory, epoch
     "cpu": {"train_images_per_s": 150, "infer_images_per_s": 500, "peak_memory_mb": 1024},
@@ -122,7 +122,7 @@ def bench_epoch(device: torch.device, precision: str, compile_model: bool, batch
     """Wall time of one paper-preset epoch (55,000 shifted images + 5,000 validation)."""
     import tempfile
 
-    from .train import Trainer
+    from ..training.trainer import Trainer
 
     config = make_config("paper", epochs=1, batch_size=batch, device=device.type,
                          precision=precision, compile=compile_model)
@@ -137,7 +137,7 @@ def bench_epoch(device: torch.device, precision: str, compile_model: bool, batch
 
 
 def add_bench(sub: argparse._SubParsersAction) -> None:
-    from .cli import positive_int
+    from ..cli import positive_int
 
     p = sub.add_parser("bench", help="measure training and inference speed and memory")
     p.add_argument("--device", choices=DEVICES, default="auto")

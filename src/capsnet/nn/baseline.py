@@ -29,7 +29,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from .errors import CapsNetError
+from ..errors import CapsNetError
 
 VARIANTS = ("paper", "pooled")
 ARCHITECTURE = "baseline-cnn"  # the checkpoint tag that tells these apart from CapsNets

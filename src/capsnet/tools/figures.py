@@ -29,12 +29,12 @@ from matplotlib.figure import Figure
 from matplotlib.ticker import MaxNLocator
 from torch import Tensor
 
-from .checkpoint import load_model
-from .config import TrainConfig
-from .data import load_splits
-from .errors import CapsNetError
-from .files import save_png
-from .model import CapsNet
+from ..training.checkpoint import load_model
+from ..training.config import TrainConfig
+from ..data import load_splits
+from ..errors import CapsNetError
+from ..utils.files import save_png
+from ..nn.model import CapsNet
 
 DPI = 100
 CELL = 1.5  # inches per image in the sample and reconstruction figures

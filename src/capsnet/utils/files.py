@@ -8,7 +8,7 @@ import secrets
 from pathlib import Path
 from typing import Any
 
-from .errors import CapsNetError
+from ..errors import CapsNetError
 
 
 def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:

@@ -35,9 +35,9 @@ from typing import Any
 
 import torch
 
-from .files import atomic_write_bytes
-from .errors import CapsNetError
-from .model import CapsNet, CapsNetConfig
+from ..utils.files import atomic_write_bytes
+from ..errors import CapsNetError
+from ..nn.model import CapsNet, CapsNetConfig
 
 FORMAT = "capsnet-checkpoint"
 VERSION = 1

@@ -13,15 +13,15 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
-from .config import (DEVICES, MARGIN_FORMS, PRECISIONS, PRESETS, REDUCTIONS, RESUME_MAY_CHANGE,
+from ..training.config import (DEVICES, MARGIN_FORMS, PRECISIONS, PRESETS, REDUCTIONS, RESUME_MAY_CHANGE,
                      VAL_SPLITS, TrainConfig, make_config)
-from .layers import PRIMARY_STYLES
-from .model import INITS
-from .bench import add_bench
-from .errors import CapsNetError
-from .experiments import add_experiment
-from .explore import add_explore
-from .export import add_export
+from ..nn.layers import PRIMARY_STYLES
+from ..nn.model import INITS
+from ..tools.bench import add_bench
+from ..errors import CapsNetError
+from ..experiments.legacy import add_experiment
+from ..tools.explore import add_explore
+from ..tools.export import add_export
 
 EXIT_USAGE = 2
 EXIT_INTERRUPTED = 130
@@ -118,7 +118,7 @@ def add_train(sub: argparse._SubParsersAction) -> None:
 
 
 def run_train(args: argparse.Namespace) -> int:
-    from .train import train
+    from ..training.trainer import train
 
     overrides = {name: getattr(args, name) for name in (
         "dataset", "epochs", "batch_size", "routing_iterations", "lr", "lr_decay",
@@ -130,7 +130,7 @@ def run_train(args: argparse.Namespace) -> int:
     if args.resume is not None:
         if not (args.resume / "last.pt").is_file():
             raise CapsNetError(f"--resume {args.resume}: no last.pt there to resume from")
-        from .checkpoint import load_checkpoint
+        from ..training.checkpoint import load_checkpoint
 
         saved = load_checkpoint(args.resume / "last.pt").get("train_config") or {}
         for name, value in overrides.items():
@@ -158,7 +158,7 @@ def run_train(args: argparse.Namespace) -> int:
           f"{'no training' if speed is None else f'{speed:.0f} images/s'} on {summary['device']}")
     print(f"best checkpoint: {summary['checkpoint']}; summary: {run_dir / 'summary.json'}")
     if args.figures:
-        from .figures import draw_figures
+        from ..tools.figures import draw_figures
 
         paths = draw_figures(summary["checkpoint"], run_dir / "figures",
                              data_dir=args.data_dir, run_dir=run_dir)
@@ -180,9 +180,9 @@ def add_evaluate(sub: argparse._SubParsersAction) -> None:
 
 
 def run_evaluate(args: argparse.Namespace) -> int:
-    from .checkpoint import load_model
-    from .data import load_splits
-    from .evaluate import evaluate, resolve_device
+    from ..training.checkpoint import load_model
+    from ..data import load_splits
+    from ..training.evaluate import evaluate, resolve_device
 
     model, payload = load_model(args.checkpoint)
     train_config = TrainConfig.from_dict(payload.get("train_config") or {})
@@ -234,8 +234,8 @@ def add_predict(sub: argparse._SubParsersAction) -> None:
 def run_predict(args: argparse.Namespace) -> int:
     import torch
 
-    from .checkpoint import load_model
-    from .images import load_image
+    from ..training.checkpoint import load_model
+    from ..data.images import load_image
 
     model, _ = load_model(args.checkpoint)
     config = model.config
@@ -267,7 +267,7 @@ def add_figures(sub: argparse._SubParsersAction) -> None:
 
 
 def run_figures(args: argparse.Namespace) -> int:
-    from .figures import draw_figures
+    from ..tools.figures import draw_figures
 
     run_dir = args.checkpoint if args.checkpoint.is_dir() else args.checkpoint.parent
     paths = draw_figures(args.checkpoint, args.out, data_dir=args.data_dir, run_dir=run_dir,
@@ -287,7 +287,7 @@ def add_data(sub: argparse._SubParsersAction) -> None:
 
 
 def run_data(args: argparse.Namespace) -> int:
-    from .data import load_splits
+    from ..data import load_splits
 
     splits = load_splits(args.dataset, args.data_dir)
     print(f"{args.dataset}: {len(splits.train)} train, {len(splits.val)} validation, "
@@ -317,14 +317,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         args = build_parser().parse_args(argv)
         return args.run(args)
     except CapsNetError as exc:
-        from .train import TrainingInterrupted
+        from ..training.trainer import TrainingInterrupted
 
         print(f"capsnet: {exc}", file=sys.stderr)
         return EXIT_INTERRUPTED if isinstance(exc, TrainingInterrupted) else EXIT_USAGE
     except KeyboardInterrupt:
         print("capsnet: interrupted", file=sys.stderr)
         return EXIT_INTERRUPTED
-
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import importlib.metadata
 import io
 import json
 import logging
@@ -39,9 +40,9 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from .errors import CapsNetError
-from .files import write_or_fail
-from .model import CapsNet
+from ..errors import CapsNetError
+from ..utils.files import write_or_fail
+from ..nn.model import CapsNet
 
 FORMATS = ("onnx", "safetensors", "torchscript")
 SAFETENSORS_FORMAT = "capsnet-safetensors"
@@ -87,9 +88,7 @@ def example_images(model: CapsNet, batch: int, seed: int = 0) -> Tensor:
 
 
 def capsnet_version() -> str:
-    from . import __version__
-
-    return __version__
+    return importlib.metadata.version("capsnet")
 
 
 def config_json(model: CapsNet) -> str:
@@ -119,7 +118,7 @@ def export_model(checkpoint: str | os.PathLike | CapsNet, out: str | os.PathLike
     if isinstance(checkpoint, CapsNet):
         model = copy.deepcopy(checkpoint).eval()  # leave the caller's model where it is
     else:
-        from .checkpoint import load_model
+        from ..training.checkpoint import load_model
 
         model, _ = load_model(checkpoint)
     model = model.cpu().float()
@@ -249,7 +248,7 @@ def load_safetensors(path: str | os.PathLike) -> CapsNet:
         from safetensors import SafetensorError, safe_open
     except ImportError:
         raise CapsNetError(f"reading safetensors needs the safetensors package: {INSTALL_HINT}") from None
-    from .checkpoint import model_from_checkpoint
+    from ..training.checkpoint import model_from_checkpoint
 
     path = Path(path)
     if not path.is_file():
@@ -301,7 +300,7 @@ def export_torchscript(model: CapsNet, out: Path, *, verify: bool = True) -> Exp
 # -- command line -----------------------------------------------------------------------
 
 def add_export(sub: argparse._SubParsersAction) -> None:
-    from .cli import positive_int
+    from ..cli import positive_int
 
     p = sub.add_parser("export", help="write the model as ONNX, safetensors or TorchScript",
                        description="Export a checkpoint's model for inference. ONNX and "

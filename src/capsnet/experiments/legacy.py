@@ -38,22 +38,22 @@ from torch import Tensor, nn
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from .affine import AffineRanges, AffineTestSet, load_affnist, pad_split, translation_range
-from .baseline import ARCHITECTURE as CNN_ARCHITECTURE
-from .baseline import VARIANTS as CNN_VARIANTS
-from .baseline import BaselineCNN, BaselineConfig
-from .checkpoint import save_checkpoint
-from .config import DEVICES, PRECISIONS, TrainConfig, learning_rate, make_config
-from .data import Split, Splits, batches, load_splits
-from .errors import CapsNetError
-from .evaluate import autocast, resolve_device
-from .files import save_png
-from .layers import safe_norm
-from .losses import capsule_loss
-from .model import CapsNet, CapsNetConfig, count_parameters
-from .multimnist import (OVERLAYS, MultiMNIST, multimnist_loss, top2, top2_correct,
+from ..data.affine import AffineRanges, AffineTestSet, load_affnist, pad_split, translation_range
+from ..nn.baseline import ARCHITECTURE as CNN_ARCHITECTURE
+from ..nn.baseline import VARIANTS as CNN_VARIANTS
+from ..nn.baseline import BaselineCNN, BaselineConfig
+from ..training.checkpoint import save_checkpoint
+from ..training.config import DEVICES, PRECISIONS, TrainConfig, learning_rate, make_config
+from ..data import Split, Splits, batches, load_splits
+from ..errors import CapsNetError
+from ..training.evaluate import autocast, resolve_device
+from ..utils.files import save_png
+from ..nn.layers import safe_norm
+from ..nn.losses import capsule_loss
+from ..nn.model import CapsNet, CapsNetConfig, count_parameters
+from ..data.multimnist import (OVERLAYS, MultiMNIST, multimnist_loss, top2, top2_correct,
                          two_digit_forward)
-from .train import LOG_EVERY, MetricsLog, device_name, epoch_seed, write_json
+from ..training.trainer import LOG_EVERY, MetricsLog, device_name, epoch_seed, write_json
 
 VAL_SEED = 1_000_001
 TEST_SEED = 2_017_000
@@ -202,7 +202,7 @@ def check_finite(losses: list[Tensor], name: str) -> None:
 
 def load_best(model: nn.Module, path: Path) -> nn.Module:
     """Load the weights of checkpoint ``path`` (written by :func:`fit`) into ``model``."""
-    from .checkpoint import load_checkpoint
+    from ..training.checkpoint import load_checkpoint
 
     model.load_state_dict(load_checkpoint(path)["model"])
     return model
@@ -514,7 +514,7 @@ def run_affnist(config: TrainConfig, run_dir: str | Path, *, data_dir: str | Non
 
 def add_experiment(sub: argparse._SubParsersAction) -> None:
     """Register ``capsnet experiment`` with its two sub-commands."""
-    from .cli import ArgumentParser, non_negative_int, positive_float, positive_int
+    from ..cli import ArgumentParser, non_negative_int, positive_float, positive_int
 
     p = sub.add_parser("experiment", help="the paper's MultiMNIST and affine-robustness "
                        "experiments", description="Experiments beyond MNIST.")

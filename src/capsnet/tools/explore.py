@@ -62,10 +62,10 @@ from urllib.parse import parse_qs, urlsplit
 import numpy as np
 import torch
 
-from .errors import CapsNetError
-from .images import mnist_normalise
-from .layers import safe_norm
-from .model import CapsNet
+from ..errors import CapsNetError
+from ..data.images import mnist_normalise
+from ..nn.layers import safe_norm
+from ..nn.model import CapsNet
 
 MAX_BODY_BYTES = 1_000_000
 MAX_DISCARD_BYTES = 16_000_000  # refused bodies up to this size are read and dropped
@@ -235,8 +235,8 @@ class SampleSource:
             self.loaded = True
 
     def _read(self) -> tuple[torch.Tensor, torch.Tensor]:
-        from .cli import check_fits
-        from .data import load_splits
+        from ..cli import check_fits
+        from ..data import load_splits
 
         if not self.dataset:
             raise CapsNetError("the checkpoint names no data set; start explore with --dataset")
@@ -436,7 +436,7 @@ class Handler(BaseHTTPRequestHandler):
             length -= len(chunk)
 
     def send_static(self, name: str, content_type: str) -> None:
-        data = resources.files("capsnet").joinpath("explore_static", name).read_bytes()
+        data = resources.files("capsnet.tools").joinpath("explore_static", name).read_bytes()
         self.send_bytes(data, content_type, HTTPStatus.OK)
 
     def send_json(self, data: Any, status: int = HTTPStatus.OK) -> None:
@@ -482,7 +482,7 @@ class ExploreServer(ThreadingHTTPServer):
 
 def class_names_for(dataset: str | None, num_classes: int) -> tuple[str, ...]:
     """The registered data set's class names, else "0", "1", ..."""
-    from .data import DATASETS
+    from ..data import DATASETS
 
     spec = DATASETS.get(dataset or "")
     if spec is not None and len(spec.class_names) == num_classes:
@@ -497,7 +497,7 @@ def make_server(checkpoint: str | Path, host: str = "127.0.0.1", port: int = 800
 
     Test images come from ``dataset`` (default: the one the checkpoint was trained on).
     """
-    from .checkpoint import load_model
+    from ..training.checkpoint import load_model
 
     model, payload = load_model(checkpoint)
     dataset = dataset or (payload.get("train_config") or {}).get("dataset")

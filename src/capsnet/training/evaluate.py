@@ -9,11 +9,11 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from .data import Split, batches
-from .distributed import World, all_reduce_sum
-from .errors import CapsNetError
-from .losses import capsule_loss
-from .model import CapsNet
+from ..data import Split, batches
+from ..utils.distributed import World, all_reduce_sum
+from ..errors import CapsNetError
+from ..nn.losses import capsule_loss
+from ..nn.model import CapsNet
 
 
 def resolve_device(device: str) -> torch.device:

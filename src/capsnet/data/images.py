@@ -28,7 +28,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
-from .errors import CapsNetError
+from ..errors import CapsNetError
 
 MNIST_BOX = 20 / 28  # MNIST digits fit a 20x20 box inside the 28x28 image
 MIN_CONTRAST = 0.05  # ink must differ from the background by this much (about 13/255)

@@ -15,7 +15,7 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
-from .errors import CapsNetError
+from ..errors import CapsNetError
 
 TIMEOUT = datetime.timedelta(minutes=int(os.environ.get("CAPSNET_DIST_TIMEOUT_MIN", "10")))
 

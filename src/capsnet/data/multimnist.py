@@ -26,10 +26,10 @@ import torch
 from torch import Tensor
 import torch.nn.functional as F
 
-from .data import Split, shift_images
-from .errors import CapsNetError
-from .layers import safe_norm
-from .losses import Reduction, margin_loss, reconstruction_loss
+from .splits import Split, shift_images
+from ..errors import CapsNetError
+from ..nn.layers import safe_norm
+from ..nn.losses import Reduction, margin_loss, reconstruction_loss
 
 Overlay = Literal["max", "sum"]
 OVERLAYS = ("max", "sum")

@@ -11,9 +11,9 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, fields, replace
 from typing import Any
 
-from .errors import CapsNetError
-from .layers import PRIMARY_STYLES
-from .model import INITS
+from ..errors import CapsNetError
+from ..nn.layers import PRIMARY_STYLES
+from ..nn.model import INITS
 
 DEVICES = ("auto", "cpu", "cuda")
 PRECISIONS = ("fp32", "bf16")

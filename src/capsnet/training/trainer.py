@@ -25,13 +25,13 @@ from tqdm import tqdm
 
 from .checkpoint import load_checkpoint, model_from_checkpoint, save_checkpoint
 from .config import RESUME_MAY_CHANGE, TrainConfig, learning_rate
-from .data import Split, Splits, batches, load_splits, num_batches
-from .distributed import all_reduce_sum, any_rank, init_world, per_rank_batch, shutdown
-from .errors import CapsNetError
+from ..data import Split, Splits, batches, load_splits, num_batches
+from ..utils.distributed import all_reduce_sum, any_rank, init_world, per_rank_batch, shutdown
+from ..errors import CapsNetError
 from .evaluate import Evaluation, autocast, evaluate, resolve_device
-from .files import atomic_write_bytes
-from .losses import capsule_loss
-from .model import CapsNet, CapsNetConfig
+from ..utils.files import atomic_write_bytes
+from ..nn.losses import capsule_loss
+from ..nn.model import CapsNet, CapsNetConfig
 
 LOG_EVERY = 20  # steps between progress updates (each costs one host synchronisation)
 

@@ -42,8 +42,8 @@ import torch
 from torch import Tensor
 import torch.nn.functional as F
 
-from .data import Split
-from .errors import CapsNetError
+from .splits import Split
+from ..errors import CapsNetError
 
 CANVAS = 40  # affNIST image side
 AFFNIST_PIXELS = CANVAS * CANVAS

@@ -1,0 +1,92 @@
+"""The IDX format of MNIST-style data sets: four files of unsigned bytes (raw or gzipped),
+read with every corruption case reported in one line, and written atomically."""
+
+from __future__ import annotations
+
+import gzip
+import math
+import os
+import zlib
+from pathlib import Path
+
+import numpy as np
+
+from ..errors import CapsNetError
+from ..utils.files import atomic_write_bytes
+
+ROLES = ("train_images", "train_labels", "test_images", "test_labels")
+FILE_NAMES = {
+    "train_images": "train-images-idx3-ubyte",
+    "train_labels": "train-labels-idx1-ubyte",
+    "test_images": "t10k-images-idx3-ubyte",
+    "test_labels": "t10k-labels-idx1-ubyte",
+}
+IDX_UBYTE = 0x08
+GZIP_MAGIC = b"\x1f\x8b"
+
+
+def parse_idx(data: bytes, name: str = "<bytes>") -> np.ndarray:
+    """Parse the bytes of an IDX file of unsigned bytes (raw or gzipped) into an array.
+
+    Raises :class:`CapsNetError` naming ``name`` and the problem when the magic number,
+    dimensions or length are wrong.
+    """
+    if data[:2] == GZIP_MAGIC:
+        try:
+            data = gzip.decompress(data)
+        except (OSError, EOFError, zlib.error) as exc:  # zlib.error: bad deflate data
+            raise CapsNetError(f"{name}: corrupt gzip stream ({exc})") from None
+    if len(data) < 4:
+        raise CapsNetError(f"{name}: too short for an IDX header ({len(data)} bytes)")
+    zero, dtype, ndim = int.from_bytes(data[:2], "big"), data[2], data[3]
+    if zero != 0 or dtype != IDX_UBYTE:
+        raise CapsNetError(f"{name}: bad IDX magic number 0x{data[:4].hex()} "
+                           f"(expected 0x0000080N for unsigned bytes)")
+    if not 1 <= ndim <= 3:
+        raise CapsNetError(f"{name}: IDX file has {ndim} dimensions, expected 1 to 3")
+    header = 4 + 4 * ndim
+    if len(data) < header:
+        raise CapsNetError(f"{name}: truncated IDX header")
+    shape = tuple(int.from_bytes(data[4 + 4 * k: 8 + 4 * k], "big") for k in range(ndim))
+    if any(s == 0 for s in shape):
+        raise CapsNetError(f"{name}: IDX file has an empty dimension {shape}")
+    expected = math.prod(shape)  # exact: numpy's product overflows for huge headers
+    actual = len(data) - header
+    if actual < expected:
+        raise CapsNetError(f"{name}: truncated: {actual} data bytes, header {shape} needs {expected}")
+    if actual > expected:
+        raise CapsNetError(f"{name}: {actual - expected} bytes of trailing data after {shape}")
+    return np.frombuffer(data, dtype=np.uint8, offset=header).reshape(shape)
+
+
+def read_idx(path: str | os.PathLike) -> np.ndarray:
+    """Read an IDX file (raw or gzipped) from ``path``; see :func:`parse_idx`."""
+    try:
+        data = Path(path).read_bytes()
+    except OSError as exc:
+        raise CapsNetError(f"{path}: cannot read ({exc.strerror or exc})") from None
+    return parse_idx(data, str(path))
+
+
+def write_idx(path: str | os.PathLike, array: np.ndarray) -> None:
+    """Write a uint8 array of 1 to 3 dimensions as a raw IDX file (gzipped if ``path`` ends in .gz)."""
+    array = np.ascontiguousarray(array, dtype=np.uint8)
+    header = bytes([0, 0, IDX_UBYTE, array.ndim]) + b"".join(
+        int(s).to_bytes(4, "big") for s in array.shape)
+    data = header + array.tobytes()
+    if str(path).endswith(".gz"):
+        data = gzip.compress(data, mtime=0)
+    atomic_write_bytes(Path(path), data)
+
+
+def check_images_labels(images: np.ndarray, labels: np.ndarray, num_classes: int,
+                        name: str) -> None:
+    """Raise unless ``images`` (N, H, W) and ``labels`` (N,) belong together."""
+    if images.ndim != 3:
+        raise CapsNetError(f"{name}: images must have 3 dimensions (N, H, W), got {images.shape}")
+    if labels.ndim != 1:
+        raise CapsNetError(f"{name}: labels must have 1 dimension, got {labels.shape}")
+    if len(images) != len(labels):
+        raise CapsNetError(f"{name}: {len(images)} images but {len(labels)} labels")
+    if labels.size and labels.max() >= num_classes:
+        raise CapsNetError(f"{name}: label {int(labels.max())} out of range 0..{num_classes - 1}")

@@ -1,0 +1,168 @@
+"""Splits and batches: a data set's files as uint8 tensors split 55,000 / 5,000 / 10,000 as
+in the notebook, served as float batches on any device with optional random shifts."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterator
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from ..errors import CapsNetError
+from .idx import FILE_NAMES, ROLES, check_images_labels, read_idx
+from .sources import DATASETS, acquire
+
+def read_folder(folder: str | os.PathLike) -> dict[str, np.ndarray]:
+    """Read the four IDX files of a user's own MNIST-style data set, without checksums."""
+    path = Path(folder)
+    if not path.is_dir():
+        raise CapsNetError(f"{folder}: not a data set name ({', '.join(DATASETS)}) nor a folder")
+    arrays = {}
+    for role in ROLES:
+        found = [p for p in (path / FILE_NAMES[role], path / (FILE_NAMES[role] + ".gz"))
+                 if p.is_file()]
+        if not found:
+            raise CapsNetError(f"{folder}: missing {FILE_NAMES[role]} (raw or .gz)")
+        arrays[role] = read_idx(found[0])
+    return arrays
+
+
+
+@dataclass
+class Split:
+    images: Tensor  # (n, channels, height, width) uint8
+    labels: Tensor  # (n,) int64
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    def to(self, device: torch.device | str) -> "Split":
+        return Split(self.images.to(device), self.labels.to(device))
+
+
+@dataclass
+class Splits:
+    train: Split
+    val: Split
+    test: Split
+    num_classes: int
+    class_names: tuple[str, ...]
+
+    @property
+    def image_size(self) -> int:
+        return self.train.images.shape[-1]
+
+    @property
+    def in_channels(self) -> int:
+        return self.train.images.shape[1]
+
+
+def load_splits(dataset: str, data_dir: str | os.PathLike | None = None,
+                val_size: int = 5000, val_split: str = "first") -> Splits:
+    """Training, validation and test splits. The validation set is the first ``val_size``
+    images of the training file (``val_split="first"``, as TensorFlow's ``read_data_sets``
+    that the notebook uses) or the last ones (``"last"``); training gets the rest.
+
+    ``dataset`` is a registered name (``mnist``, ``fashion-mnist``) or a folder holding the
+    four IDX files of the user's own data (square grayscale images, labels from 0).
+    """
+    if dataset in DATASETS:
+        arrays = acquire(dataset, data_dir)
+        spec = DATASETS[dataset]
+        num_classes, class_names = spec.num_classes, spec.class_names
+    else:
+        arrays = read_folder(dataset)
+        num_classes = int(max(arrays["train_labels"].max(), arrays["test_labels"].max())) + 1
+        class_names = tuple(str(i) for i in range(num_classes))
+    for part in ("train", "test"):
+        check_images_labels(arrays[f"{part}_images"], arrays[f"{part}_labels"], num_classes,
+                            f"{dataset} {part}")
+    train_images, train_labels = arrays["train_images"], arrays["train_labels"]
+    if arrays["test_images"].shape[1:] != train_images.shape[1:]:
+        raise CapsNetError(f"{dataset}: test images {arrays['test_images'].shape[1:]} differ "
+                           f"from training images {train_images.shape[1:]}")
+    if train_images.shape[1] != train_images.shape[2]:
+        raise CapsNetError(f"{dataset}: images must be square, got {train_images.shape[1:]}")
+    if not 0 < val_size < len(train_images):
+        raise CapsNetError(f"validation size {val_size} must be between 1 and "
+                           f"{len(train_images) - 1} for {len(train_images)} training images")
+    if val_split not in ("first", "last"):
+        raise CapsNetError(f"val_split must be 'first' or 'last', got {val_split!r}")
+    cut = val_size if val_split == "first" else len(train_images) - val_size
+    head, tail = slice(None, cut), slice(cut, None)
+    train_part, val_part = (tail, head) if val_split == "first" else (head, tail)
+
+    def split(images: np.ndarray, labels: np.ndarray) -> Split:
+        return Split(torch.from_numpy(images.copy()).unsqueeze(1),
+                     torch.from_numpy(labels.astype(np.int64)))
+
+    return Splits(split(train_images[train_part], train_labels[train_part]),
+                  split(train_images[val_part], train_labels[val_part]),
+                  split(arrays["test_images"], arrays["test_labels"]),
+                  num_classes, class_names)
+
+
+def shift_images(images: Tensor, offsets: Tensor, max_shift: int) -> Tensor:
+    """Translate each image's content by ``max_shift - offsets`` pixels (down/right when
+    positive), filling with zeros.
+
+    ``images``: ``(batch, channels, height, width)``; ``offsets``: ``(2, batch)`` integers in
+    ``[0, 2 * max_shift]`` (rows, then columns), on the same device.
+    """
+    batch, channels, height, width = images.shape
+    device = images.device
+    padded = torch.nn.functional.pad(images, (max_shift,) * 4)
+    rows = offsets[0, :, None] + torch.arange(height, device=device)  # (batch, height)
+    cols = offsets[1, :, None] + torch.arange(width, device=device)  # (batch, width)
+    batch_index = torch.arange(batch, device=device)[:, None, None, None]
+    channel_index = torch.arange(channels, device=device)[None, :, None, None]
+    return padded[batch_index, channel_index, rows[:, None, :, None], cols[:, None, None, :]]
+
+
+def batches(split: Split, batch_size: int, *, seed: int | None = None, max_shift: int = 0,
+            start: int = 0, device: torch.device | str | None = None, rank: int = 0,
+            world_size: int = 1) -> Iterator[tuple[Tensor, Tensor]]:
+    """Yield ``(images, labels)`` batches: float images in [0, 1] ``(batch, C, H, W)``.
+
+    With a ``seed`` the order is shuffled and each image shifted by up to ``max_shift``
+    pixels, both drawn once for the whole pass from that seed, so batch ``start`` onwards
+    (to resume inside an epoch) are exactly those of an uninterrupted pass. Without a seed
+    the order is fixed and nothing is shifted. Batches are cut on the device the split
+    lives on, then moved to ``device``.
+
+    ``batch_size`` is the global batch: with ``world_size`` processes, rank ``rank`` gets
+    its own ``batch_size // world_size`` slice of every global batch, and the last
+    incomplete global batch is dropped so every rank takes the same number of steps. With
+    one process the last batch may be smaller.
+    """
+    n = len(split)
+    order, offsets = torch.arange(n), None
+    if seed is not None:
+        generator = torch.Generator().manual_seed(seed)
+        order = torch.randperm(n, generator=generator)
+        if max_shift > 0:
+            offsets = torch.randint(0, 2 * max_shift + 1, (2, n), generator=generator)
+    order = order.to(split.images.device)
+    target = torch.device(device) if device is not None else split.images.device
+    if offsets is not None:
+        offsets = offsets.to(target)
+    per_rank = batch_size // world_size
+    end = n if world_size == 1 else n - n % batch_size
+    for first in range(start * batch_size, end, batch_size):
+        lo = first + rank * per_rank
+        hi = min(first + batch_size, n) if world_size == 1 else lo + per_rank
+        index = order[lo:hi]
+        images = split.images[index].to(target, non_blocking=True).float().div_(255.0)
+        labels = split.labels[index].to(target, non_blocking=True)
+        if offsets is not None:
+            images = shift_images(images, offsets[:, lo:hi], max_shift)
+        yield images, labels
+
+
+def num_batches(n: int, batch_size: int, world_size: int = 1) -> int:
+    """Number of batches :func:`batches` yields for ``n`` images."""
+    return -(-n // batch_size) if world_size == 1 else n // batch_size
