@@ -15,7 +15,7 @@ import torch
 from capsnet.data.affine import (AffineParams, AffineRanges, AffineTestSet, affine_transform,
                             load_affnist, pad_images, pad_split, random_affine_params,
                             read_affnist_file)
-from capsnet.nn.baseline import BaselineCNN, BaselineConfig, cnn_from_checkpoint
+from capsnet.nn.baseline import ARCHITECTURE as CNN, BaselineCNN, BaselineConfig
 from capsnet.cli import main
 from capsnet.data import Split, batches
 from capsnet.errors import CapsNetError
@@ -214,7 +214,7 @@ def test_end_to_end_cli_run(tiny_dataset: Path, tmp_path: Path) -> None:
     assert summary["test_examples"] == {"translated": 32, "affine": 32, "affnist": None}
     assert summary["max_shift"] == 6 and summary["affine_ranges"]["max_rotation_deg"] == 20
     assert (run_dir / "figures" / "affine-test.png").read_bytes()[:4] == b"\x89PNG"
-    from capsnet.training.checkpoint import load_checkpoint
+    from capsnet.training.checkpoint import load_checkpoint, model_from_checkpoint
 
-    cnn = cnn_from_checkpoint(load_checkpoint(run_dir / "cnn" / "best.pt"))
+    cnn = model_from_checkpoint(load_checkpoint(run_dir / "cnn" / "best.pt"), architecture=CNN)
     assert cnn.config.image_size == 40 and cnn.config.variant == "pooled"

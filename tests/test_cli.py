@@ -245,8 +245,8 @@ def test_ctrl_c_in_the_last_step_of_an_epoch_resumes_exactly(
     stop_after = 3
     train_step = Trainer.train_step
 
-    def step_then_ctrl_c(self: Trainer, images: torch.Tensor, labels: torch.Tensor) -> Any:
-        result = train_step(self, images, labels)
+    def step_then_ctrl_c(self: Trainer, batch: Any) -> Any:
+        result = train_step(self, batch)
         if self.progress["step"] == stop_after:
             signal.raise_signal(signal.SIGINT)
         return result
@@ -399,15 +399,15 @@ BAD_COMMANDS = {
     "truncated-checkpoint": (["predict", "{tmp}/truncated.pt", "{tmp}/digit.png"], "truncated"),
     "unreadable-image": (["predict", "{run}", "{tmp}/notes.txt"], "{tmp}/notes.txt: not an image"),
     "missing-image": (["predict", "{run}", "{tmp}/nothing.png"], "{tmp}/nothing.png: no such file"),
-    "epochs-0": (["train", "--epochs", "0"], "argument --epochs: expected a positive integer"),
+    "epochs-0": (["train", "--epochs", "0"], "argument --epochs: expected an integer in [1, 100,000], got '0'"),
     "batch-size-negative": (["train", "--batch-size", "-1"], "argument --batch-size"),
-    "lr-not-a-number": (["train", "--lr", "abc"], "argument --lr: expected a number, got 'abc'"),
-    "lr-too-big": (["train", "--lr", "5"], "lr must be in (0, 1), got 5.0"),
+    "lr-not-a-number": (["train", "--lr", "abc"], "argument --lr: expected a number in (0, 1), got 'abc'"),
+    "lr-too-big": (["train", "--lr", "5"], "argument --lr: expected a number in (0, 1), got '5'"),
     "resume-nothing": (["train", "--resume", "{tmp}"], "--resume {tmp}: no last.pt"),
     "unknown-dataset-folder": (["train", "--dataset", "{tmp}/nowhere", "--run-dir", "{tmp}/r"],
                                "{tmp}/nowhere: not a data set name"),
     "other-image-size": (["evaluate", "{run}", "--dataset", "{small}"],
-                         "takes 1x28x28 images and 10 classes; {small} has 1x20x20"),
+                         "takes 1x28x28 images, 10 classes; {small} has 1x20x20 images"),
     "figures-missing-checkpoint": (["figures", "{tmp}/missing.pt", "--out", "{tmp}/f"],
                                    "no such checkpoint"),
     "figures-samples-0": (["figures", "{run}", "--out", "{tmp}/f", "--samples", "0"],

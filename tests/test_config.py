@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
-from dataclasses import fields
+import re
+from dataclasses import fields, replace
 
 import pytest
 
-from capsnet.training.config import PRESETS, TrainConfig, learning_rate, make_config
+from capsnet.training.config import PRESETS, TrainConfig, learning_rate, make_config, resume_config
 from capsnet.errors import CapsNetError
 
 # Where a run is and how it is executed: not part of any source's recipe.
@@ -16,7 +17,7 @@ HOW = {"dataset": "mnist", "seed": 0, "device": "auto", "precision": "fp32", "co
 # The tutorial notebook and the TensorFlow helper it calls (read_data_sets).
 NOTEBOOK = {
     "epochs": 10, "batch_size": 50, "routing_iterations": 2, "lr": 1e-3, "lr_decay": 1.0,
-    "lr_decay_steps": 2000, "max_shift": 0, "reconstruction_reduction": "mean",
+    "lr_decay_steps": 2000, "warmup_steps": 0, "max_shift": 0, "reconstruction_reduction": "mean",
     "reconstruction_weight": 0.0005, "margin_loss": "paper", "init": "glorot",
     "primary_style": "notebook", "routing_bias": False, "val_size": 5000, "val_split": "first",
     "train_limit": 0,
@@ -25,7 +26,7 @@ NOTEBOOK = {
 # The paper, and the official code where the paper is silent.
 PAPER = {
     "epochs": 30, "batch_size": 128, "routing_iterations": 3, "lr": 1e-3, "lr_decay": 0.96,
-    "lr_decay_steps": 2000, "max_shift": 2, "reconstruction_reduction": "sum",
+    "lr_decay_steps": 2000, "warmup_steps": 0, "max_shift": 2, "reconstruction_reduction": "sum",
     "reconstruction_weight": 0.0005, "margin_loss": "paper", "init": "official",
     "primary_style": "official", "routing_bias": True, "val_size": 5000, "val_split": "first",
     "train_limit": 0,
@@ -65,6 +66,45 @@ def test_overrides_win_over_the_preset_and_none_is_ignored() -> None:
 def test_choices_are_checked(field: str, value: str) -> None:
     with pytest.raises(CapsNetError, match=f"{field} must be one of"):
         make_config("paper", **{field: value})
+
+
+@pytest.mark.parametrize("stored, message", [
+    ({"lr": "0.001"}, "lr must be a number in (0, 1), got '0.001'"),
+    ({"lr": float("nan")}, "lr must be a number in (0, 1), got nan"),
+    ({"epochs": 2.5}, "epochs must be an integer in [1, 100,000], got 2.5"),
+    ({"epochs": True}, "epochs must be an integer in [1, 100,000], got True"),
+    ({"routing_bias": 1}, "routing_bias must be true or false, got 1"),
+    ({"seed": 2**40}, "seed must be an integer in [0, 4,294,967,295]"),
+    ({"batch_size": 0}, "batch_size must be an integer in [1, 65,536], got 0"),
+    ({"dataset": ["mnist"]}, "dataset must be text"),
+    ({"surprise": 1}, "training settings: unknown settings 'surprise'"),
+])
+def test_stored_settings_are_checked_as_flags_are(stored: dict, message: str) -> None:
+    with pytest.raises(CapsNetError, match=re.escape(message)):
+        TrainConfig.from_dict({**TrainConfig().to_dict(), **stored})
+
+
+def test_stored_settings_must_be_a_dict() -> None:
+    with pytest.raises(CapsNetError, match="training settings must be a dict"):
+        TrainConfig.from_dict(["lr", 0.1])
+
+
+def test_resume_may_change_only_epochs_device_and_compile() -> None:
+    saved = make_config("seed", epochs=2)
+    resumed = resume_config(saved, {"epochs": 5, "device": "cpu", "compile": True,
+                                    "batch_size": 50, "lr": None})
+    assert (resumed.epochs, resumed.device, resumed.compile) == (5, "cpu", True)
+    assert replace(resumed, epochs=2, device="auto", compile=False) == saved
+    with pytest.raises(CapsNetError, match=r"batch_size is 50 there, not 64 \(only --epochs, "
+                                           r"--device, --compile may change\)"):
+        resume_config(saved, {"batch_size": 64})
+
+
+def test_warmup_scales_the_learning_rate_linearly() -> None:
+    config = make_config("paper", warmup_steps=200)
+    assert learning_rate(config, 0) == pytest.approx(1e-3 / 200)
+    assert learning_rate(config, 99) == pytest.approx(1e-3 * 0.96 ** (99 / 2000) / 2)
+    assert learning_rate(config, 4000) == pytest.approx(1e-3 * 0.96 ** 2)
 
 
 def test_learning_rate_decays_like_the_official_code() -> None:

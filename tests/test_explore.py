@@ -20,7 +20,8 @@ import torch
 
 from capsnet.cli import build_parser, main
 from capsnet.training.config import make_config
-from capsnet.tools.explore import MAX_BODY_BYTES, ExploreServer, make_server, run_explore
+from capsnet.cli.tools import run_explore
+from capsnet.tools.explore import MAX_BODY_BYTES, ExploreServer, make_server
 from capsnet.nn.layers import safe_norm
 from capsnet.training.trainer import train
 
@@ -46,7 +47,7 @@ def checkpoint(tmp_path_factory: pytest.TempPathFactory, tiny_dataset: Path) -> 
     run_dir = tmp_path_factory.mktemp("explore-run")
     config = make_config("paper", dataset=str(tiny_dataset), epochs=3, batch_size=32,
                          val_size=40, device="cpu", max_shift=0)
-    summary = train(config, run_dir, progress=False)
+    summary = train(config, run_dir, show_progress=False)
     assert summary["test_accuracy"] == 1.0
     return Path(summary["checkpoint"])
 

@@ -12,8 +12,8 @@ from capsnet.cli import main
 from capsnet.data import Split
 from capsnet.errors import CapsNetError
 from capsnet.nn.model import CapsNet, CapsNetConfig
-from capsnet.data.multimnist import (MultiMNIST, multimnist_loss, overlay_digits, presence, top2,
-                                top2_correct, two_digit_forward)
+from capsnet.data.multimnist import MultiMNIST, overlay_digits
+from capsnet.experiments.multimnist import multimnist_loss, presence, top2, top2_correct
 
 
 def block_digits(n: int = 30, value: int = 255, num_classes: int = 10) -> Split:
@@ -153,7 +153,8 @@ def test_reconstructions_are_masked_by_each_label() -> None:
     images = torch.rand(3, 1, 20, 20)
     labels = torch.tensor([[0, 3], [2, 1], [1, 0]])
     with torch.no_grad():
-        lengths, recon = two_digit_forward(model, images, labels)
+        out = model(images, labels)
+        lengths, recon = out.lengths, out.reconstructions
         caps, _ = model.capsules(images)
         assert recon.shape == (3, 2, 1, 20, 20)
         assert torch.allclose(recon[:, 0], model.reconstruct(caps, labels[:, 0]), atol=1e-6)
@@ -198,18 +199,8 @@ def test_end_to_end_cli_run(tiny_dataset: Path, tmp_path: Path) -> None:
 
     model, payload = load_model(run_dir / "best.pt")
     assert model.config.image_size == 36 and model.config.routing_iterations == 3
-    assert payload["experiment"] == "multimnist"
+    assert payload["task"] == {"name": "multimnist", "overlay": "max", "test_limit": 32,
+                               "figures": 2}
     # A second run into the same folder is refused, not overwritten.
     assert main(["experiment", "multimnist", "--dataset", str(tiny_dataset),
                  "--run-dir", str(run_dir), "--val-size", "40"]) == 2
-
-
-def test_warmup_scales_the_paper_learning_rate() -> None:
-    from capsnet.training.config import make_config
-    from capsnet.experiments.legacy import warmup_lr
-
-    config = make_config("paper")
-    assert warmup_lr(config, 0, 0) == pytest.approx(1e-3)
-    assert warmup_lr(config, 0, 200) == pytest.approx(1e-3 / 200)
-    assert warmup_lr(config, 99, 200) == pytest.approx(1e-3 * 0.96 ** (99 / 2000) / 2)
-    assert warmup_lr(config, 4000, 200) == pytest.approx(1e-3 * 0.96 ** 2)

@@ -41,6 +41,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from PIL import Image
 
+import capsnet.training.task
 import capsnet.training.trainer
 from capsnet.training.checkpoint import (FORMAT, VERSION, load_checkpoint, model_from_checkpoint,
                                 save_checkpoint, state_digest)
@@ -110,7 +111,7 @@ def tiny_payload(seed: int = 0) -> dict[str, Any]:
     optimizer.step()
     return {"model_config": TINY.to_dict(), "train_config": make_config("paper").to_dict(),
             "model": model.state_dict(), "optimizer": optimizer.state_dict(),
-            "progress": {"epoch": 1, "batch": 0, "step": 1, "best_val_loss": 0.5}}
+            "progress": {"epoch": 1, "batch": 0, "step": 1, "best": 0.5}}
 
 
 @pytest.fixture(scope="module")
@@ -566,7 +567,7 @@ def copy_run(source: Path, target: Path) -> Path:
 
 def poison_batch(monkeypatch: pytest.MonkeyPatch, index: int) -> None:
     """Put a NaN pixel into training batch ``index`` of every epoch."""
-    real = capsnet.training.trainer.batches
+    real = capsnet.training.task.batches
 
     def batches(*args: Any, **kwargs: Any) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         for i, (images, labels) in enumerate(real(*args, **kwargs), start=kwargs.get("start", 0)):
@@ -575,7 +576,7 @@ def poison_batch(monkeypatch: pytest.MonkeyPatch, index: int) -> None:
                 images[0, 0, 14, 14] = float("nan")
             yield images, labels
 
-    monkeypatch.setattr(capsnet.training.trainer, "batches", batches)
+    monkeypatch.setattr(capsnet.training.task, "batches", batches)
 
 
 def test_nan_loss_stops_training_naming_the_step(reference_run: dict[str, Any], tmp_path: Path,
@@ -636,17 +637,17 @@ def test_a_torn_metrics_line_does_not_stop_a_resume(tmp_path: Path) -> None:
 # --batch-size -1, --lr abc / 5, --resume of nothing and an unknown data set folder.)
 
 BAD_FLAGS = {
-    "batch-size-zero": (["--batch-size", "0"], "argument --batch-size: expected a positive integer, got '0'"),
-    "batch-size-float": (["--batch-size", "1e3"], "argument --batch-size: expected a positive integer, got '1e3'"),
+    "batch-size-zero": (["--batch-size", "0"], "argument --batch-size: expected an integer in [1, 65,536], got '0'"),
+    "batch-size-float": (["--batch-size", "1e3"], "argument --batch-size: expected an integer in [1, 65,536], got '1e3'"),
     "epochs-negative": (["--epochs", "-5"], "argument --epochs"),
-    "lr-nan": (["--lr", "nan"], "argument --lr: expected a finite number > 0, got 'nan'"),
-    "lr-inf": (["--lr", "inf"], "argument --lr: expected a finite number > 0, got 'inf'"),
+    "lr-nan": (["--lr", "nan"], "argument --lr: expected a number in (0, 1), got 'nan'"),
+    "lr-inf": (["--lr", "inf"], "argument --lr: expected a number in (0, 1), got 'inf'"),
     "lr-negative": (["--lr", "-0.001"], "argument --lr"),
-    "lr-decay-above-1": (["--lr-decay", "2"], "lr_decay must be in (0, 1], got 2.0"),
-    "recon-weight-nan": (["--reconstruction-weight", "nan"], "reconstruction_weight must be in [0, 1], got nan"),
-    "recon-weight-negative": (["--reconstruction-weight", "-1"], "reconstruction_weight must be in [0, 1]"),
-    "recon-weight-huge": (["--reconstruction-weight", "1e9"], "reconstruction_weight"),
-    "max-shift-absurd": (["--max-shift", "100"], "max_shift must be at most 8 pixels, got 100"),
+    "lr-decay-above-1": (["--lr-decay", "2"], "argument --lr-decay: expected a number in (0, 1], got '2'"),
+    "recon-weight-nan": (["--reconstruction-weight", "nan"], "argument --reconstruction-weight: expected a number in [0, 1], got 'nan'"),
+    "recon-weight-negative": (["--reconstruction-weight", "-1"], "argument --reconstruction-weight: expected a number in [0, 1]"),
+    "recon-weight-huge": (["--reconstruction-weight", "1e9"], "argument --reconstruction-weight"),
+    "max-shift-absurd": (["--max-shift", "100"], "argument --max-shift: expected an integer in [0, 8], got '100'"),
     "train-limit-negative": (["--train-limit", "-1"], "argument --train-limit: expected an integer >= 0"),
     "val-size-zero": (["--val-size", "0"], "argument --val-size"),
     "val-size-absurd": (["--val-size", "1000000"], "validation size 1000000 must be between 1 and 239"),
@@ -815,13 +816,13 @@ BAD_CHECKPOINTS = {
         "bad model config (image_size 3 is too small"),
     "unknown-train-setting": (
         lambda ckpt, d: ["evaluate", tiny_variant(d / "c.pt", train_config=lambda c: {**c, "warp": 9})],
-        "unknown training settings: warp"),
+        "training settings: unknown settings 'warp'"),
     "other-image-size": (lambda ckpt, d: ["evaluate", ckpt, "--dataset", write_dataset(
-        d / "d20", n_train=30, n_test=10, size=20)], "takes 1x28x28 images and 10 classes; "),
+        d / "d20", n_train=30, n_test=10, size=20)], "takes 1x28x28 images, 10 classes; "),
     "labels-out-of-range": (lambda ckpt, d: ["evaluate", ckpt, "--dataset", labels_up_to(ckpt, d, 12)],
-                            "and 10 classes; "),
+                            "images, 10 classes; "),
     "resume-onto-other-data": (lambda ckpt, d: ["train", "--resume", resumable_elsewhere(ckpt, d)],
-                               "the checkpoint's model does not fit data set"),
+                               "the checkpoint's model does not fit this run's data"),
     "resume-weights-only": (lambda ckpt, d: ["train", "--resume", weights_only_run(d)],
                             "has no train_config, so training cannot resume"),
 }

@@ -1,4 +1,4 @@
-"""The training loop's choices: which checkpoint is tested, what the summary says."""
+"""The training loop's choices: which checkpoint is tested, warm starts, any Dataset."""
 
 from __future__ import annotations
 
@@ -8,32 +8,49 @@ from pathlib import Path
 
 import pytest
 import torch
+from torch.utils.data import DataLoader, TensorDataset
 
-from capsnet.training import trainer as train_module
-from capsnet.training.checkpoint import load_checkpoint, model_from_checkpoint
-from capsnet.training.config import make_config
+from capsnet.data.batching import batches
+from capsnet.data.splits import load_splits
 from capsnet.errors import CapsNetError
+from capsnet.training.checkpoint import load_checkpoint, model_from_checkpoint
+from capsnet.nn.losses import capsule_loss
+from capsnet.nn.model import CapsNet
+from capsnet.training.config import make_config, model_config_for
 from capsnet.training.evaluate import evaluate
+from capsnet.training.task import Classification
+from capsnet.training.trainer import Trainer, train
+
+
+def tiny_config(tiny_dataset: Path, **overrides):
+    return make_config("seed", **{"dataset": str(tiny_dataset), "epochs": 1, "batch_size": 50,
+                                  "val_size": 40, "device": "cpu", "eval_batch_size": 100,
+                                  **overrides})
+
+
+class ScriptedValidation(Classification):
+    """Validation losses from a script; records the weights the test sees."""
+
+    def __init__(self, *args, losses, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        self.losses = iter(losses)
+        self.tested: list[dict[str, torch.Tensor]] = []
+
+    def validate(self, model, device, world):
+        return {**super().validate(model, device, world), "loss": next(self.losses)}
+
+    def test(self, model, device, world):
+        self.tested.append({k: v.detach().clone() for k, v in model.state_dict().items()})
+        return super().test(model, device, world)
 
 
 def test_a_run_that_gets_worse_reports_the_test_score_of_best_pt(
-        tiny_dataset: Path, tmp_path: Path, monkeypatch, one_thread) -> None:
-    config = make_config("seed", dataset=str(tiny_dataset), epochs=3, batch_size=20,
-                         val_size=40, device="cpu", eval_batch_size=100)
-    trainer = train_module.Trainer(config, tmp_path / "run", progress=False)
-    scripted = iter([0.5, 0.2, 0.9])  # epoch 2 is the best; epoch 3 gets worse
-    tested: list[dict[str, torch.Tensor]] = []
-    real = train_module.evaluate
-
-    def scripted_validation(model, split, **kwargs):
-        result = real(model, split, **kwargs)
-        if split is trainer.splits.val:
-            return replace(result, loss=next(scripted))
-        tested.append({k: v.detach().clone() for k, v in model.state_dict().items()})
-        return result
-
-    monkeypatch.setattr(train_module, "evaluate", scripted_validation)
-    summary = trainer.fit()
+        tiny_dataset: Path, tmp_path: Path, one_thread) -> None:
+    config = tiny_config(tiny_dataset, epochs=3, batch_size=20)
+    splits = load_splits(config.dataset, val_size=config.val_size)
+    task = ScriptedValidation(config, splits.train, splits.val, splits.test, num_classes=10,
+                              losses=[0.5, 0.2, 0.9])  # epoch 2 is the best; epoch 3 is worse
+    summary = Trainer(task, tmp_path / "run", show_progress=False).fit()
 
     records = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").open()]
     assert [r["improved"] for r in records] == [True, True, False]
@@ -42,11 +59,10 @@ def test_a_run_that_gets_worse_reports_the_test_score_of_best_pt(
     assert summary["checkpoint"] == str(tmp_path / "run" / "best.pt")
     assert summary["best_val_loss"] == 0.2
     # The one test evaluation saw best.pt's weights, which differ from the last ones.
-    assert len(tested) == 1
-    assert all(torch.equal(tested[0][k], best["model"][k]) for k in best["model"])
+    assert len(task.tested) == 1
+    assert all(torch.equal(task.tested[0][k], best["model"][k]) for k in best["model"])
     assert not all(torch.equal(last["model"][k], best["model"][k]) for k in best["model"])
-    model = model_from_checkpoint(best, "best.pt")
-    again = evaluate(model, trainer.splits.test, batch_size=100,
+    again = evaluate(model_from_checkpoint(best), splits.test, batch_size=100,
                      reconstruction_weight=config.reconstruction_weight,
                      reduction=config.reconstruction_reduction)
     assert summary["test_accuracy"] == again.accuracy
@@ -54,12 +70,11 @@ def test_a_run_that_gets_worse_reports_the_test_score_of_best_pt(
 
 def test_init_from_starts_a_new_run_from_the_weights_and_optimizer_state(
         tiny_dataset: Path, tmp_path: Path, one_thread) -> None:
-    config = make_config("seed", dataset=str(tiny_dataset), epochs=1, batch_size=50,
-                         val_size=40, device="cpu", eval_batch_size=100)
-    train_module.train(config, tmp_path / "first", progress=False)
+    config = tiny_config(tiny_dataset)
+    train(config, tmp_path / "first", show_progress=False)
     best = load_checkpoint(tmp_path / "first" / "best.pt")
-    trainer = train_module.Trainer(config, tmp_path / "second", progress=False,
-                                   init_from=tmp_path / "first" / "best.pt")
+    trainer = Trainer(Classification.from_config(config), tmp_path / "second",
+                      show_progress=False, init_from=tmp_path / "first" / "best.pt")
     assert all(torch.equal(v, best["model"][k]) for k, v in trainer.model.state_dict().items())
     adam = trainer.optimizer.state_dict()["state"]
     assert adam and all(torch.equal(adam[i]["exp_avg"], best["optimizer"]["state"][i]["exp_avg"])
@@ -73,10 +88,59 @@ def test_init_from_starts_a_new_run_from_the_weights_and_optimizer_state(
 
 def test_init_from_refuses_a_different_model(tiny_dataset: Path, tmp_path: Path,
                                              one_thread) -> None:
-    config = make_config("seed", dataset=str(tiny_dataset), epochs=1, batch_size=50,
-                         val_size=40, device="cpu", eval_batch_size=100)
-    train_module.train(config, tmp_path / "first", progress=False)
+    config = tiny_config(tiny_dataset)
+    train(config, tmp_path / "first", show_progress=False)
     other = replace(config, routing_iterations=3)
-    with pytest.raises(CapsNetError, match="its model differs from this run's"):
-        train_module.Trainer(other, tmp_path / "second", progress=False,
-                             init_from=tmp_path / "first" / "best.pt")
+    with pytest.raises(CapsNetError, match="does not fit this run's data and settings"):
+        Trainer(Classification.from_config(other), tmp_path / "second", show_progress=False,
+                init_from=tmp_path / "first" / "best.pt")
+
+
+@pytest.mark.parametrize("wrap", ["dataset", "loader"])
+def test_a_plain_dataset_trains_exactly_as_the_in_memory_split(
+        tiny_dataset: Path, tmp_path: Path, one_thread, wrap: str) -> None:
+    config = tiny_config(tiny_dataset, epochs=2, batch_size=32, max_shift=2)
+    splits = load_splits(config.dataset, val_size=config.val_size)
+
+    def plain(split):  # what a PyTorch user has: float images in [0, 1], int labels
+        dataset = TensorDataset(split.images.float() / 255, split.labels)
+        return dataset if wrap == "dataset" else DataLoader(dataset, batch_size=7, num_workers=0)
+
+    fast = Trainer(Classification.from_splits(config, splits), tmp_path / "fast",
+                   show_progress=False)
+    fast.fit()
+    task = Classification(config, *(plain(s) for s in (splits.train, splits.val, splits.test)),
+                          num_classes=splits.num_classes)
+    general = Trainer(task, tmp_path / "general", show_progress=False)
+    general.fit()
+    for name, tensor in fast.model.state_dict().items():
+        assert torch.equal(tensor, general.model.state_dict()[name]), name
+
+
+def test_the_mnist_run_is_the_plain_training_loop(tiny_dataset: Path, tmp_path: Path,
+                                                  one_thread) -> None:
+    """The Trainer adds checkpoints, logs, validation and resume around the loop below and
+    changes nothing in it: the same weights, bit for bit (shifts and lr decay included)."""
+    config = make_config("paper", dataset=str(tiny_dataset), epochs=2, batch_size=32,
+                         val_size=40, device="cpu", lr_decay=0.5, lr_decay_steps=3)
+    trainer = Trainer(Classification.from_config(config), tmp_path / "run", show_progress=False)
+    trainer.fit()
+
+    splits = load_splits(config.dataset, val_size=config.val_size)
+    torch.manual_seed(config.seed)
+    model = CapsNet(model_config_for(config, 28, 1, 10))
+    optimizer = torch.optim.Adam(model.parameters(), lr=config.lr)
+    step = 0
+    for epoch in range(config.epochs):
+        for images, labels in batches(splits.train, config.batch_size,
+                                      seed=config.seed * 1_000_003 + epoch,
+                                      max_shift=config.max_shift):
+            optimizer.param_groups[0]["lr"] = config.lr * 0.5 ** (step / 3)
+            out = model(images, labels)
+            loss, _, _ = capsule_loss(out.lengths, out.reconstructions, images, labels, 0.0005, "sum")
+            optimizer.zero_grad()
+            loss.backward()
+            optimizer.step()
+            step += 1
+    for name, tensor in model.state_dict().items():
+        assert torch.equal(tensor, trainer.model.state_dict()[name]), name

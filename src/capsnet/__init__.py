@@ -3,11 +3,15 @@
 from .nn.layers import PrimaryCapsules, RoutingCapsules, safe_norm, squash
 from .nn.losses import capsule_loss, margin_loss, reconstruction_loss
 from .nn.model import CapsNet, CapsNetConfig, CapsNetOutput, capsnet_mnist, count_parameters
+from .training.config import TrainConfig, make_config
+from .training.task import Classification, Task
+from .training.trainer import Trainer, train
 
 __version__ = "0.1.0"
 
 __all__ = [
-    "CapsNet", "CapsNetConfig", "CapsNetOutput", "PrimaryCapsules", "RoutingCapsules",
-    "capsnet_mnist", "capsule_loss", "count_parameters", "margin_loss",
-    "reconstruction_loss", "safe_norm", "squash",
+    "CapsNet", "CapsNetConfig", "CapsNetOutput", "Classification", "PrimaryCapsules",
+    "RoutingCapsules", "Task", "TrainConfig", "Trainer", "capsnet_mnist", "capsule_loss",
+    "count_parameters", "make_config", "margin_loss", "reconstruction_loss", "safe_norm",
+    "squash", "train",
 ]

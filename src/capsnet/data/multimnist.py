@@ -26,10 +26,9 @@ import torch
 from torch import Tensor
 import torch.nn.functional as F
 
-from .splits import Split, shift_images
 from ..errors import CapsNetError
-from ..nn.layers import safe_norm
-from ..nn.losses import Reduction, margin_loss, reconstruction_loss
+from .batching import batch_positions, shift_images
+from .splits import Split
 
 Overlay = Literal["max", "sum"]
 OVERLAYS = ("max", "sum")
@@ -139,13 +138,14 @@ class MultiMNIST:
         return MultiMNISTBatch(overlay_digits(digits, self.overlay), labels, digits)
 
     def batches(self, batch_size: int, seed: int, *, size: int | None = None, start: int = 0,
-                device: torch.device | str | None = None) -> Iterator[MultiMNISTBatch]:
-        """Yield the batches of the pass with ``seed`` from batch ``start`` on."""
+                device: torch.device | str | None = None, rank: int = 0, world_size: int = 1,
+                whole: bool = False) -> Iterator[MultiMNISTBatch]:
+        """Yield the batches of the pass with ``seed`` from batch ``start`` on; ranks and
+        ``whole`` as in :func:`capsnet.data.batch_positions`."""
         plan = self.plan(seed, size)
-        for lo in range(start * batch_size, len(plan), batch_size):
-            hi = lo + batch_size
-            yield self.compose(plan.first[lo:hi], plan.second[lo:hi],
-                               plan.offsets[:, :, lo:hi], device)
+        for p in batch_positions(len(plan), batch_size, start=start, rank=rank,
+                                 world_size=world_size, whole=whole):
+            yield self.compose(plan.first[p], plan.second[p], plan.offsets[:, :, p], device)
 
 
 def overlay_digits(digits: Tensor, overlay: Overlay = "max") -> Tensor:
@@ -156,56 +156,3 @@ def overlay_digits(digits: Tensor, overlay: Overlay = "max") -> Tensor:
     if overlay == "sum":
         return digits.sum(dim=1).clamp_(max=1.0)
     raise CapsNetError(f"overlay must be one of {', '.join(OVERLAYS)}, got {overlay!r}")
-
-
-def presence(labels: Tensor, num_classes: int) -> Tensor:
-    """0/1 matrix ``(batch, classes)`` of the classes in ``labels`` ``(batch, k)``."""
-    return F.one_hot(labels, num_classes).amax(dim=1)
-
-
-def multimnist_loss(lengths: Tensor, reconstructions: Tensor, digits: Tensor, labels: Tensor,
-                    reconstruction_weight: float = 0.0005, reduction: Reduction = "sum"
-                    ) -> tuple[Tensor, Tensor, Tensor]:
-    """Loss with two targets (paper, section 6): margin loss with both classes present, plus
-    ``weight`` times the sum of the reconstruction losses of the two digits, each decoded
-    from its own class's capsule and compared with that digit's own shifted image.
-
-    ``lengths`` ``(batch, classes)``; ``reconstructions`` and ``digits``
-    ``(batch, 2, c, h, w)``; ``labels`` ``(batch, 2)``. Returns (total, margin,
-    reconstruction) where reconstruction is ``recon1 + recon2`` (each a mean over the batch).
-    """
-    margin = margin_loss(lengths, presence(labels, lengths.shape[1]))
-    recon = (reconstruction_loss(reconstructions[:, 0], digits[:, 0], reduction)
-             + reconstruction_loss(reconstructions[:, 1], digits[:, 1], reduction))
-    return margin + reconstruction_weight * recon, margin, recon
-
-
-def two_digit_forward(model, images: Tensor, classes: Tensor) -> tuple[Tensor, Tensor]:
-    """Capsule lengths ``(batch, classes)`` and the reconstructions ``(batch, 2, c, h, w)``
-    of ``model`` (a CapsNet) masked by each column of ``classes`` ``(batch, 2)`` in turn."""
-    digit_caps, _ = model.capsules(images)
-    lengths = safe_norm(digit_caps)
-    batch = len(images)
-    # One decoder pass for both digits: (2b, ...) then back to (b, 2, ...).
-    recon = model.reconstruct(torch.cat([digit_caps, digit_caps]),
-                              torch.cat([classes[:, 0], classes[:, 1]]))
-    recon = recon.view(2, batch, *recon.shape[1:]).transpose(0, 1)
-    return lengths, recon
-
-
-def top2(lengths: Tensor) -> Tensor:
-    """The classes of the two longest capsules ``(batch, 2)``, longest first."""
-    return lengths.topk(2, dim=1).indices
-
-
-def top2_correct(lengths: Tensor, labels: Tensor) -> Tensor:
-    """Paper's MultiMNIST criterion: an example is correct when its two longest capsules are
-    exactly its two classes, in either order. ``lengths`` ``(batch, classes)``; ``labels``
-    ``(batch, 2)``. Returns a bool tensor ``(batch,)``.
-
-    Ties are decided against the model: both true classes must be strictly longer than every
-    other capsule (a false class tied with a true one for second place is an error).
-    """
-    true_lengths = lengths.gather(1, labels)  # (batch, 2)
-    others = lengths.scatter(1, labels, float("-inf"))
-    return true_lengths.amin(dim=1) > others.amax(dim=1)

@@ -6,7 +6,7 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator
+
 
 import numpy as np
 import torch
@@ -104,65 +104,3 @@ def load_splits(dataset: str, data_dir: str | os.PathLike | None = None,
                   split(train_images[val_part], train_labels[val_part]),
                   split(arrays["test_images"], arrays["test_labels"]),
                   num_classes, class_names)
-
-
-def shift_images(images: Tensor, offsets: Tensor, max_shift: int) -> Tensor:
-    """Translate each image's content by ``max_shift - offsets`` pixels (down/right when
-    positive), filling with zeros.
-
-    ``images``: ``(batch, channels, height, width)``; ``offsets``: ``(2, batch)`` integers in
-    ``[0, 2 * max_shift]`` (rows, then columns), on the same device.
-    """
-    batch, channels, height, width = images.shape
-    device = images.device
-    padded = torch.nn.functional.pad(images, (max_shift,) * 4)
-    rows = offsets[0, :, None] + torch.arange(height, device=device)  # (batch, height)
-    cols = offsets[1, :, None] + torch.arange(width, device=device)  # (batch, width)
-    batch_index = torch.arange(batch, device=device)[:, None, None, None]
-    channel_index = torch.arange(channels, device=device)[None, :, None, None]
-    return padded[batch_index, channel_index, rows[:, None, :, None], cols[:, None, None, :]]
-
-
-def batches(split: Split, batch_size: int, *, seed: int | None = None, max_shift: int = 0,
-            start: int = 0, device: torch.device | str | None = None, rank: int = 0,
-            world_size: int = 1) -> Iterator[tuple[Tensor, Tensor]]:
-    """Yield ``(images, labels)`` batches: float images in [0, 1] ``(batch, C, H, W)``.
-
-    With a ``seed`` the order is shuffled and each image shifted by up to ``max_shift``
-    pixels, both drawn once for the whole pass from that seed, so batch ``start`` onwards
-    (to resume inside an epoch) are exactly those of an uninterrupted pass. Without a seed
-    the order is fixed and nothing is shifted. Batches are cut on the device the split
-    lives on, then moved to ``device``.
-
-    ``batch_size`` is the global batch: with ``world_size`` processes, rank ``rank`` gets
-    its own ``batch_size // world_size`` slice of every global batch, and the last
-    incomplete global batch is dropped so every rank takes the same number of steps. With
-    one process the last batch may be smaller.
-    """
-    n = len(split)
-    order, offsets = torch.arange(n), None
-    if seed is not None:
-        generator = torch.Generator().manual_seed(seed)
-        order = torch.randperm(n, generator=generator)
-        if max_shift > 0:
-            offsets = torch.randint(0, 2 * max_shift + 1, (2, n), generator=generator)
-    order = order.to(split.images.device)
-    target = torch.device(device) if device is not None else split.images.device
-    if offsets is not None:
-        offsets = offsets.to(target)
-    per_rank = batch_size // world_size
-    end = n if world_size == 1 else n - n % batch_size
-    for first in range(start * batch_size, end, batch_size):
-        lo = first + rank * per_rank
-        hi = min(first + batch_size, n) if world_size == 1 else lo + per_rank
-        index = order[lo:hi]
-        images = split.images[index].to(target, non_blocking=True).float().div_(255.0)
-        labels = split.labels[index].to(target, non_blocking=True)
-        if offsets is not None:
-            images = shift_images(images, offsets[:, lo:hi], max_shift)
-        yield images, labels
-
-
-def num_batches(n: int, batch_size: int, world_size: int = 1) -> int:
-    """Number of batches :func:`batches` yields for ``n`` images."""
-    return -(-n // batch_size) if world_size == 1 else n // batch_size

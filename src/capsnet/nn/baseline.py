@@ -26,7 +26,6 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, fields
 from typing import Any
 
-import torch
 from torch import Tensor, nn
 
 from ..errors import CapsNetError
@@ -109,26 +108,3 @@ class BaselineCNN(nn.Module):
 
     def forward(self, images: Tensor) -> Tensor:
         return self.classifier(self.features(images))
-
-
-def cnn_from_checkpoint(payload: dict[str, Any], source: str = "checkpoint") -> BaselineCNN:
-    """The baseline CNN a checkpoint (with ``architecture: baseline-cnn``) describes."""
-    if payload.get("architecture") != ARCHITECTURE:
-        raise CapsNetError(f"{source}: not a baseline CNN checkpoint")
-    try:
-        model = BaselineCNN(BaselineConfig.from_dict(payload["model_config"]))
-        model.load_state_dict(payload["model"])
-    except (TypeError, RuntimeError) as exc:
-        first = str(exc).strip().splitlines()[0]
-        raise CapsNetError(f"{source}: weights do not fit the baseline config ({first})") from None
-    return model
-
-
-@torch.no_grad()
-def predict(model: BaselineCNN, images: Tensor) -> Tensor:
-    """Predicted classes ``(batch,)`` in eval mode (no dropout)."""
-    was_training = model.training
-    model.eval()
-    out = model(images).argmax(dim=1)
-    model.train(was_training)
-    return out

@@ -10,6 +10,8 @@ import torch.nn.functional as F
 
 Reduction = Literal["sum", "mean"]
 MarginForm = Literal["paper", "official"]
+REDUCTIONS = ("sum", "mean")
+MARGIN_FORMS = ("paper", "official")
 
 
 def margin_loss(lengths: Tensor, targets: Tensor, m_plus: float = 0.9, m_minus: float = 0.1,

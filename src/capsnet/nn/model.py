@@ -102,7 +102,7 @@ class CapsNetOutput(NamedTuple):
     digit_caps: Tensor        # (batch, classes, digit_dim) output capsules v_j
     lengths: Tensor           # (batch, classes) safe norms |v_j|, the class scores
     predictions: Tensor       # (batch,) index of the longest capsule
-    reconstructions: Tensor   # (batch, channels, size, size) decoder output in [0, 1]
+    reconstructions: Tensor   # (batch, [k,] channels, size, size) decoder output in [0, 1]
 
 
 class CapsNet(nn.Module):
@@ -110,7 +110,8 @@ class CapsNet(nn.Module):
 
     ``forward(images, labels=None)`` takes images ``(batch, channels, size, size)`` with
     pixels in [0, 1] and returns a :class:`CapsNetOutput`. The decoder sees only one
-    capsule: the one of ``labels`` when given (training), else the longest one.
+    capsule: the one of ``labels`` when given (training), else the longest one; labels
+    ``(batch, k)`` give k reconstructions per image (see :meth:`reconstruct`).
     """
 
     def __init__(self, config: CapsNetConfig | None = None) -> None:
@@ -164,7 +165,16 @@ class CapsNet(nn.Module):
         return self.digits(u)
 
     def reconstruct(self, digit_caps: Tensor, classes: Tensor) -> Tensor:
-        """Decode the capsule of ``classes`` ``(batch,)`` from ``digit_caps``; others are zeroed."""
+        """Decode the capsule of ``classes`` from ``digit_caps``; others are zeroed.
+
+        ``classes`` ``(batch,)`` gives ``(batch, channels, size, size)``; ``(batch, k)``
+        (several objects, as MultiMNIST) gives one image per column,
+        ``(batch, k, channels, size, size)``, in one decoder pass.
+        """
+        if classes.dim() == 2:
+            batch, k = classes.shape
+            images = self.reconstruct(digit_caps.repeat(k, 1, 1), classes.T.reshape(-1))
+            return images.view(k, batch, *images.shape[1:]).transpose(0, 1)
         mask = F.one_hot(classes, self.config.num_classes).to(digit_caps.dtype)  # (batch, classes)
         decoder_input = (digit_caps * mask.unsqueeze(-1)).flatten(1)  # (batch, classes * digit_dim)
         c, s = self.config.in_channels, self.config.image_size

@@ -8,9 +8,7 @@ whole training epoch with the real data pipeline.
 
 from __future__ import annotations
 
-import argparse
-import json
-import platform
+import tempfile
 import resource
 import statistics
 import time
@@ -18,10 +16,11 @@ from typing import Any, Callable
 
 import torch
 
-from ..training.config import DEVICES, PRECISIONS, make_config
-from ..training.evaluate import autocast, resolve_device
 from ..nn.losses import capsule_loss
 from ..nn.model import CapsNet, CapsNetConfig
+from ..training.config import make_config
+from ..training.trainer import Trainer
+from ..utils.device import autocast, device_name
 
 TARGETS = {  # images/s (train at batch 64 on CPU, 128 on GPU; inference at 256), memory, epoch
     "cpu": {"train_images_per_s": 150, "infer_images_per_s": 500, "peak_memory_mb": 1024},
@@ -120,9 +119,7 @@ def bench_convolutions(device: torch.device, precision: str, train_batch: int, i
 def bench_epoch(device: torch.device, precision: str, compile_model: bool, batch: int,
                 data_dir: str | None) -> dict[str, Any]:
     """Wall time of one paper-preset epoch (55,000 shifted images + 5,000 validation)."""
-    import tempfile
 
-    from ..training.trainer import Trainer
 
     config = make_config("paper", epochs=1, batch_size=batch, device=device.type,
                          precision=precision, compile=compile_model)
@@ -136,50 +133,23 @@ def bench_epoch(device: torch.device, precision: str, compile_model: bool, batch
     return {"epoch_seconds": seconds, "epoch_train_images_per_s": stats["images"] / stats["seconds"]}
 
 
-def add_bench(sub: argparse._SubParsersAction) -> None:
-    from ..cli import positive_int
-
-    p = sub.add_parser("bench", help="measure training and inference speed and memory")
-    p.add_argument("--device", choices=DEVICES, default="auto")
-    p.add_argument("--precision", choices=PRECISIONS, default="fp32")
-    p.add_argument("--compile", action="store_true", help="compile the routing with torch.compile")
-    p.add_argument("--routing-iterations", type=positive_int, default=3)
-    p.add_argument("--train-batch", type=positive_int, help="default: 64 on CPU, 128 on CUDA")
-    p.add_argument("--infer-batch", type=positive_int, default=256)
-    p.add_argument("--warmup", type=positive_int, default=3)
-    p.add_argument("--repeats", type=positive_int, default=10)
-    p.add_argument("--epoch", action="store_true",
-                   help="also time a whole paper-preset epoch on MNIST (data needed)")
-    p.add_argument("--data-dir")
-    p.add_argument("--json", action="store_true", help="print only JSON")
-    p.set_defaults(run=run_bench)
-
-
-def run_bench(args: argparse.Namespace) -> int:
-    device = resolve_device(args.device)
-    train_batch = args.train_batch or (128 if device.type == "cuda" else 64)
+def benchmark(device: torch.device, precision: str, compile_model: bool, routing_iterations: int,
+              train_batch: int | None, infer_batch: int, warmup: int, repeats: int, *,
+              epoch: bool = False, data_dir: str | None = None) -> dict[str, Any]:
+    """Every measurement of ``capsnet bench`` with its settings, as one dict."""
+    train_batch = train_batch or (128 if device.type == "cuda" else 64)
     result: dict[str, Any] = {
-        "device": (torch.cuda.get_device_name(device) if device.type == "cuda"
-                   else f"{platform.processor() or platform.machine()}, "
-                        f"{torch.get_num_threads()} threads"),
-        "torch": torch.__version__, "precision": args.precision, "compile": args.compile,
-        "routing_iterations": args.routing_iterations, "train_batch": train_batch,
-        "infer_batch": args.infer_batch,
-        "date": time.strftime("%Y-%m-%d"),
+        "device": device_name(device), "torch": torch.__version__, "precision": precision,
+        "compile": compile_model, "routing_iterations": routing_iterations,
+        "train_batch": train_batch, "infer_batch": infer_batch, "date": time.strftime("%Y-%m-%d"),
     }
-    result.update(bench_model(device, args.precision, args.compile, args.routing_iterations,
-                              train_batch, args.infer_batch, args.warmup, args.repeats))
-    result.update(bench_convolutions(device, args.precision, train_batch, args.infer_batch,
-                                     args.warmup, args.repeats))
-    if args.epoch:
-        result.update(bench_epoch(device, args.precision, args.compile, 128, args.data_dir))
+    result.update(bench_model(device, precision, compile_model, routing_iterations, train_batch,
+                              infer_batch, warmup, repeats))
+    result.update(bench_convolutions(device, precision, train_batch, infer_batch, warmup, repeats))
+    if epoch:
+        result.update(bench_epoch(device, precision, compile_model, 128, data_dir))
     result["targets"] = TARGETS[device.type]
-    if args.json:
-        print(json.dumps(result))
-        return 0
-    print(format_table(result))
-    print(json.dumps(result))
-    return 0
+    return result
 
 
 def format_table(result: dict[str, Any]) -> str:

@@ -44,7 +44,6 @@ a message, and the server keeps serving.
 
 from __future__ import annotations
 
-import argparse
 import json
 import random
 import socket
@@ -62,10 +61,14 @@ from urllib.parse import parse_qs, urlsplit
 import numpy as np
 import torch
 
-from ..errors import CapsNetError
 from ..data.images import mnist_normalise
+from ..data.sources import DATASETS
+from ..data.splits import load_splits
+from ..errors import CapsNetError
 from ..nn.layers import safe_norm
 from ..nn.model import CapsNet
+from ..training.checkpoint import load_model
+from ..training.task import check_fits
 
 MAX_BODY_BYTES = 1_000_000
 MAX_DISCARD_BYTES = 16_000_000  # refused bodies up to this size are read and dropped
@@ -235,14 +238,11 @@ class SampleSource:
             self.loaded = True
 
     def _read(self) -> tuple[torch.Tensor, torch.Tensor]:
-        from ..cli import check_fits
-        from ..data import load_splits
-
         if not self.dataset:
             raise CapsNetError("the checkpoint names no data set; start explore with --dataset")
         splits = load_splits(self.dataset, self.data_dir, val_size=1)
-        check_fits(self.model, splits.image_size, splits.in_channels, splits.num_classes,
-                   self.dataset)
+        check_fits(self.model.config, self.dataset, splits.image_size, splits.in_channels,
+                   splits.num_classes)
         return splits.test.images, splits.test.labels
 
     def sample(self, index: int | None) -> tuple[int, np.ndarray, int, int]:
@@ -482,8 +482,6 @@ class ExploreServer(ThreadingHTTPServer):
 
 def class_names_for(dataset: str | None, num_classes: int) -> tuple[str, ...]:
     """The registered data set's class names, else "0", "1", ..."""
-    from ..data import DATASETS
-
     spec = DATASETS.get(dataset or "")
     if spec is not None and len(spec.class_names) == num_classes:
         return spec.class_names
@@ -497,8 +495,6 @@ def make_server(checkpoint: str | Path, host: str = "127.0.0.1", port: int = 800
 
     Test images come from ``dataset`` (default: the one the checkpoint was trained on).
     """
-    from ..training.checkpoint import load_model
-
     model, payload = load_model(checkpoint)
     dataset = dataset or (payload.get("train_config") or {}).get("dataset")
     samples = SampleSource(dataset, data_dir, model)
@@ -510,47 +506,3 @@ def make_server(checkpoint: str | Path, host: str = "127.0.0.1", port: int = 800
         raise CapsNetError(f"cannot listen on {host}:{port}: {exc.strerror or exc}") from None
     samples.start()
     return server
-
-
-# ---------------------------------------------------------------------------------------
-# Command line
-
-
-def add_explore(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("explore", help="a web page to draw a digit and watch its capsules",
-                       description="Serve a local page: draw a digit or load a test image, see "
-                                   "the capsule lengths, reconstructions, pose sliders and "
-                                   "coupling coefficients.")
-    p.add_argument("checkpoint", type=Path, help="a .pt file or a run directory")
-    p.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1)")
-    p.add_argument("--port", type=port_number, default=8000, help="port (default 8000; 0: any free)")
-    p.add_argument("--dataset", help="data set for the random test images "
-                   "(default: the checkpoint's)")
-    p.add_argument("--data-dir", help="folder holding the data set's IDX files "
-                   "(default: $CAPSNET_DATA_DIR, then the cache, then download)")
-    p.add_argument("--verbose", action="store_true", help="log every request")
-    p.set_defaults(run=run_explore)
-
-
-def port_number(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a port number, got {text!r}") from None
-    if not 0 <= value <= 65535:
-        raise argparse.ArgumentTypeError(f"expected a port number 0..65535, got {text!r}")
-    return value
-
-
-def run_explore(args: argparse.Namespace) -> int:
-    server = make_server(args.checkpoint, args.host, args.port, dataset=args.dataset,
-                         data_dir=args.data_dir, verbose=args.verbose)
-    print(f"capsnet explore: serving {args.checkpoint} at {server.url} (Ctrl-C to stop)",
-          flush=True)
-    try:
-        server.serve_forever()
-    except KeyboardInterrupt:
-        print("capsnet explore: stopped", file=sys.stderr)
-    finally:
-        server.server_close()
-    return 0

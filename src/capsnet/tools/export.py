@@ -25,7 +25,6 @@ compared with PyTorch before ``export_model`` returns.
 
 from __future__ import annotations
 
-import argparse
 import copy
 import importlib.metadata
 import io
@@ -295,40 +294,3 @@ def export_torchscript(model: CapsNet, out: Path, *, verify: bool = True) -> Exp
             result.verified_with = "torch.jit.load"
     write_or_fail(out, data)
     return result
-
-
-# -- command line -----------------------------------------------------------------------
-
-def add_export(sub: argparse._SubParsersAction) -> None:
-    from ..cli import positive_int
-
-    p = sub.add_parser("export", help="write the model as ONNX, safetensors or TorchScript",
-                       description="Export a checkpoint's model for inference. ONNX and "
-                       "TorchScript take images (batch, channels, size, size) in [0, 1] and give "
-                       "lengths, predictions and reconstructions; safetensors holds the weights "
-                       "and the model config.")
-    p.add_argument("checkpoint", type=Path, help="a .pt file or a run directory")
-    p.add_argument("--format", choices=FORMATS, required=True)
-    p.add_argument("--out", type=Path, required=True, help="file to write")
-    p.add_argument("--opset", type=positive_int,
-                   help=f"ONNX opset (default {DEFAULT_OPSET})")
-    p.add_argument("--no-verify", action="store_true",
-                   help="skip comparing the written model with PyTorch")
-    p.set_defaults(run=run_export)
-
-
-def run_export(args: argparse.Namespace) -> int:
-    result = export_model(args.checkpoint, args.out, args.format, opset=args.opset,
-                          verify=not args.no_verify)
-    kind = f"ONNX opset {result.opset}" if result.format == "onnx" else result.format
-    print(f"wrote {result.path} ({kind}, {result.size_bytes / 1e6:.1f} MB)")
-    if result.max_abs_diff is not None and result.format != "safetensors":
-        d = result.max_abs_diff
-        print(f"checked with {result.verified_with} on {VERIFY_BATCH} random images against "
-              f"PyTorch: max abs difference lengths {d['lengths']:.2g}, reconstructions "
-              f"{d['reconstructions']:.2g}; {int(d['predictions'])} predictions differ")
-    elif result.max_abs_diff is not None:
-        print("checked: the weights read back identical")
-    for note in result.notes:
-        print(note)
-    return 0

@@ -29,12 +29,13 @@ from matplotlib.figure import Figure
 from matplotlib.ticker import MaxNLocator
 from torch import Tensor
 
+from ..data.splits import load_splits
+from ..errors import CapsNetError
+from ..nn.model import CapsNet
 from ..training.checkpoint import load_model
 from ..training.config import TrainConfig
-from ..data import load_splits
-from ..errors import CapsNetError
+from ..training.task import check_fits
 from ..utils.files import save_png
-from ..nn.model import CapsNet
 
 DPI = 100
 CELL = 1.5  # inches per image in the sample and reconstruction figures
@@ -52,9 +53,11 @@ def draw_figures(checkpoint: str | os.PathLike, out_dir: str | os.PathLike, *,
         raise CapsNetError(f"the number of samples must be at least 1, got {n_samples}")
     model, payload = load_model(checkpoint)
     train_config = TrainConfig.from_dict(payload.get("train_config") or {})
-    test = load_splits(train_config.dataset, data_dir, train_config.val_size,
-                       train_config.val_split).test
-    check_images_fit(model, test.images, train_config.dataset)
+    splits = load_splits(train_config.dataset, data_dir, train_config.val_size,
+                         train_config.val_split)
+    check_fits(model.config, train_config.dataset, splits.image_size, splits.in_channels,
+               splits.num_classes)
+    test = splits.test
     images = test.images[:n_samples].float() / 255.0
     labels = test.labels[:n_samples].tolist()
     with torch.no_grad():
@@ -73,15 +76,6 @@ def draw_figures(checkpoint: str | os.PathLike, out_dir: str | os.PathLike, *,
         if records:
             paths.append(save_png(curves_figure(records), out_dir / "curves.png"))
     return paths
-
-
-def check_images_fit(model: CapsNet, images: Tensor, dataset: str) -> None:
-    """Raise unless the model takes images shaped like ``images`` (n, channels, size, size)."""
-    config = model.config
-    if tuple(images.shape[1:]) != (config.in_channels, config.image_size, config.image_size):
-        raise CapsNetError(f"the checkpoint's model takes {config.in_channels}x{config.image_size}"
-                           f"x{config.image_size} images; {dataset} has "
-                           f"{'x'.join(map(str, images.shape[1:]))}")
 
 
 def tweak_reconstructions(model: CapsNet, digit_caps: Tensor, classes: Tensor) -> Tensor:

@@ -5,11 +5,14 @@ dicts, so ``torch.load(weights_only=True)`` reads it and nothing in it can execu
 
     format            "capsnet-checkpoint"
     version           1
-    model_config      CapsNetConfig.to_dict()
+    architecture      a key of :data:`ARCHITECTURES` (absent: "capsnet")
+    model_config      the model's config as a dict
     train_config      TrainConfig.to_dict() (absent for exported weights)
     model             model state dict
     optimizer         optimizer state dict (training checkpoints)
-    progress          {"epoch", "batch", "step", "best_val_loss"}
+    progress          {"epoch", "batch", "step", "best"}: "best" is the best validation value
+                      of the metric that picks best.pt (older files: "best_val_loss")
+    task              what the run trained (experiments: their name and settings)
     sha256            :func:`state_digest` of everything above
 
 ``torch.load`` does not check the CRC-32 of the zip records it reads, so a flipped bit in
@@ -35,14 +38,22 @@ from typing import Any
 
 import torch
 
-from ..utils.files import atomic_write_bytes
+from torch import nn
+
 from ..errors import CapsNetError
+from ..nn.baseline import ARCHITECTURE as CNN, BaselineCNN, BaselineConfig
 from ..nn.model import CapsNet, CapsNetConfig
+from ..utils.files import atomic_write_bytes
 
 FORMAT = "capsnet-checkpoint"
 VERSION = 1
 DIGEST_KEY = "sha256"
-PROGRESS_KEYS = ("epoch", "batch", "step", "best_val_loss")
+PROGRESS_KEYS = ("epoch", "batch", "step", "best")
+LEGACY_BEST = "best_val_loss"
+ARCHITECTURES: dict[str, tuple[type[nn.Module], type]] = {  # name -> (model, its config)
+    "capsnet": (CapsNet, CapsNetConfig),
+    CNN: (BaselineCNN, BaselineConfig),
+}
 ZIP_MAGIC = b"PK\x03\x04"  # torch.save files are zip archives
 
 
@@ -199,6 +210,15 @@ def load_checkpoint(path: str | os.PathLike, *, resumable: bool = False) -> dict
     return payload
 
 
+def progress_of(payload: dict[str, Any]) -> dict[str, Any]:
+    """A copy of the checkpoint's progress (files written before tasks had metrics call
+    "best" "best_val_loss")."""
+    progress = dict(payload["progress"])
+    if "best" not in progress:
+        progress["best"] = progress.pop(LEGACY_BEST)
+    return progress
+
+
 def check_structure(payload: dict[str, Any], path: Path, resumable: bool = False) -> None:
     """Raise :class:`CapsNetError` unless each entry of ``payload`` has the expected shape."""
     for key in ("model_config", "model"):
@@ -228,13 +248,26 @@ def check_structure(payload: dict[str, Any], path: Path, resumable: bool = False
     progress = payload.get("progress")
     if progress is not None:
         for key in PROGRESS_KEYS:
-            value = progress.get(key)
-            if key == "best_val_loss":
+            value = progress.get(key, progress.get(LEGACY_BEST) if key == "best" else None)
+            if key == "best":
                 ok = isinstance(value, (int, float)) and not isinstance(value, bool) and not math.isnan(value)
             else:
                 ok = isinstance(value, int) and not isinstance(value, bool) and value >= 0
             if not ok:
                 raise CapsNetError(f"{path}: checkpoint's progress has a bad {key} ({value!r})")
+        check_partial_epoch(progress, path)
+
+
+def check_partial_epoch(progress: dict[str, Any], path: Path) -> None:
+    """The sums of an epoch stopped part way (Ctrl-C), when present, must be sane."""
+    losses = progress.get("epoch_losses", [])
+    if not (isinstance(losses, list) and len(losses) <= progress.get("batch", 0)
+            and all(isinstance(v, float) and math.isfinite(v) for v in losses)):
+        raise CapsNetError(f"{path}: checkpoint's progress has bad epoch_losses")
+    for key in ("epoch_correct", "epoch_seen"):
+        value = progress.get(key, 0)
+        if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+            raise CapsNetError(f"{path}: checkpoint's progress has a bad {key} ({one_line(value)})")
 
 
 def unpickling_reason(exc: BaseException) -> str:
@@ -262,13 +295,21 @@ def first_line(exc: BaseException) -> str:
     return f"{type(exc).__name__}: {lines[0]}"[:200]
 
 
-def model_from_checkpoint(payload: dict[str, Any], source: str = "checkpoint") -> CapsNet:
-    """Build the model a checkpoint describes and load its weights."""
+def model_from_checkpoint(payload: dict[str, Any], source: str = "checkpoint",
+                          architecture: str | None = "capsnet") -> Any:
+    """Build the model a checkpoint describes and load its weights; it must be an
+    ``architecture`` (a key of :data:`ARCHITECTURES`; None: any of them)."""
+    kind = payload.get("architecture", "capsnet")
+    if kind not in ARCHITECTURES:
+        raise CapsNetError(f"{source}: unknown architecture {one_line(kind)}")
+    if architecture is not None and kind != architecture:
+        raise CapsNetError(f"{source}: holds a {kind} model, not a {architecture}")
+    model_class, config_class = ARCHITECTURES[kind]
     try:
-        config = CapsNetConfig.from_dict(payload["model_config"])
-    except (TypeError, ValueError) as exc:
-        raise CapsNetError(f"{source}: bad model config ({exc})") from None
-    model = CapsNet(config)
+        config = config_class.from_dict(payload["model_config"])
+    except (TypeError, ValueError, CapsNetError) as exc:
+        raise CapsNetError(f"{source}: bad model config ({one_line(exc, 200)})") from None
+    model = model_class(config)
     try:
         model.load_state_dict(payload["model"])
     except RuntimeError as exc:
@@ -279,7 +320,7 @@ def model_from_checkpoint(payload: dict[str, Any], source: str = "checkpoint") -
 
 
 def load_model(path: str | os.PathLike) -> tuple[CapsNet, dict[str, Any]]:
-    """Model (in eval mode, on CPU) and payload of the checkpoint at ``path``."""
+    """CapsNet (in eval mode, on CPU) and payload of the checkpoint at ``path``."""
     payload = load_checkpoint(path)
     model = model_from_checkpoint(payload, str(path))
     return model.eval(), payload

@@ -1,100 +1,86 @@
-"""Training settings: the one dataclass, its defaults and the presets.
+"""Training settings: the one dataclass, its presets, the learning-rate schedule and the rule
+for what ``--resume`` may change.
 
-``seed`` is the tutorial notebook exactly; ``paper`` follows Sabour et al. (3 routing
-iterations, 2-pixel shifts, summed reconstruction loss, Adam with exponential decay) and is
-the default; ``quick`` is the paper's model trained briefly, for a CPU. Every field can be
-overridden after a preset is applied.
+``paper`` (the default) follows Sabour et al. and, where the paper is silent, its official
+code; ``seed`` is the tutorial notebook exactly; ``quick`` is the paper's model trained
+briefly, for a CPU. docs/PRESETS.md gives each value's source. Every field is a command-line
+flag (``--batch-size`` for ``batch_size``) that overrides the preset.
 """
 
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass, fields, replace
-from typing import Any
+from typing import Any, Mapping
 
 from ..errors import CapsNetError
 from ..nn.layers import PRIMARY_STYLES
-from ..nn.model import INITS
+from ..nn.losses import MARGIN_FORMS, REDUCTIONS
+from ..nn.model import INITS, CapsNetConfig
+from ..utils.settings import check_settings, setting, settings_from_dict, short
 
 DEVICES = ("auto", "cpu", "cuda")
 PRECISIONS = ("fp32", "bf16")
-REDUCTIONS = ("sum", "mean")
-MARGIN_FORMS = ("paper", "official")
 VAL_SPLITS = ("first", "last")
-RESUME_MAY_CHANGE = ("epochs", "device", "compile")  # all else is the run's own on resume
-LIMITS = {"epochs": 100_000, "batch_size": 65_536, "eval_batch_size": 65_536,
-          "routing_iterations": 100}  # beyond these a value is a typo, not a plan
+PRESET_NAMES = ("paper", "seed", "quick")
+MAX_SEED = 2**32 - 1
 
 
 @dataclass(frozen=True)
 class TrainConfig:
     """Everything a training run depends on, apart from where its files go."""
 
-    preset: str = "paper"
-    dataset: str = "mnist"  # a registered name or a folder of IDX files
-    epochs: int = 30
-    batch_size: int = 128
-    routing_iterations: int = 3
-    lr: float = 1e-3
-    lr_decay: float = 0.96  # multiply the learning rate by this every lr_decay_steps steps
-    lr_decay_steps: int = 2000  # decay is continuous: lr * lr_decay ** (step / lr_decay_steps)
-    max_shift: int = 2  # random translation in pixels, each axis, zero padded
-    reconstruction_reduction: str = "sum"  # "sum" over pixels (paper) or "mean" (notebook)
-    reconstruction_weight: float = 0.0005
-    margin_loss: str = "paper"  # "paper": eq. 4; "official": the official code's, 1/20 of it
-    init: str = "official"  # "official" truncated normals, "glorot" (notebook) or "torch"
-    primary_style: str = "official"  # "official": no ReLU, conv / maps; "notebook": ReLU
-    routing_bias: bool = True  # the official code's learned bias on s_j
-    val_size: int = 5000
-    val_split: str = "first"  # hold out the first val_size training images (TensorFlow's) or the last
-    eval_batch_size: int = 500
-    train_limit: int = 0  # use only the first N training images (0: all); for quick runs
-    seed: int = 0
-    device: str = "auto"
-    precision: str = "fp32"  # "bf16": autocast matmuls and convolutions to bfloat16
-    compile: bool = False  # torch.compile the routing layer
-    deterministic: bool = False
+    preset: str = setting("paper", "the preset these settings started from",
+                          choices=PRESET_NAMES, flag=False)
+    dataset: str = setting("mnist", "mnist, fashion-mnist, or a folder of IDX files")
+    epochs: int = setting(30, "passes over the training set", min=1, max=100_000, resume=True)
+    batch_size: int = setting(128, "images per optimizer step (the global batch under torchrun)",
+                              min=1, max=65_536)
+    eval_batch_size: int = setting(500, "images per batch when validating and testing",
+                                   min=1, max=65_536)
+    routing_iterations: int = setting(3, "routing-by-agreement iterations", min=1, max=100)
+    init: str = setting("official", "weight initialisation: the official code's truncated "
+                        "normals, the notebook's Glorot-uniform, or PyTorch's defaults",
+                        choices=INITS)
+    primary_style: str = setting("official", "official: squash(conv / maps + bias), no ReLU; "
+                                 "notebook: squash(ReLU(conv))", choices=PRIMARY_STYLES)
+    routing_bias: bool = setting(True, "a learned bias on s_j in every routing iteration "
+                                 "(official code)")
+    lr: float = setting(1e-3, "Adam learning rate", gt=0, lt=1)
+    lr_decay: float = setting(0.96, "multiply the learning rate by this every "
+                              "--lr-decay-steps steps (continuously)", gt=0, max=1)
+    lr_decay_steps: int = setting(2000, "steps per --lr-decay", min=1)
+    warmup_steps: int = setting(0, "raise the learning rate linearly over the first N steps",
+                                min=0, max=10_000_000)
+    max_shift: int = setting(2, "random shift of each training image, in pixels, each axis "
+                             "(0: none)", min=0, max=8)
+    margin_loss: str = setting("paper", "paper: eq. 4; official: the official code's "
+                               "(half, and a mean over classes)", choices=MARGIN_FORMS)
+    reconstruction_reduction: str = setting("sum", "squared error summed over pixels (paper) "
+                                            "or averaged (notebook)", choices=REDUCTIONS)
+    reconstruction_weight: float = setting(0.0005, "weight of the reconstruction loss",
+                                           min=0, max=1)
+    val_size: int = setting(5000, "training images held out for validation", min=1)
+    val_split: str = setting("first", "hold out the first training images (TensorFlow's "
+                             "read_data_sets, the notebook's) or the last", choices=VAL_SPLITS)
+    train_limit: int = setting(0, "train on the first N training images only (0: all)", min=0)
+    seed: int = setting(0, "random seed of the weights, the data order and the shifts",
+                        min=0, max=MAX_SEED)
+    device: str = setting("auto", "auto: CUDA when available", choices=DEVICES, resume=True)
+    precision: str = setting("fp32", "bf16: autocast matmuls and convolutions to bfloat16",
+                             choices=PRECISIONS)
+    compile: bool = setting(False, "compile the routing layer with torch.compile", resume=True)
+    deterministic: bool = setting(False, "use only deterministic algorithms")
 
     def __post_init__(self) -> None:
-        positive = ("epochs", "batch_size", "routing_iterations", "lr_decay_steps", "val_size",
-                    "eval_batch_size")
-        for name in positive:
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise CapsNetError(f"{name} must be a positive integer, got {value!r}")
-        for name in ("max_shift", "train_limit", "seed"):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int) or value < 0:
-                raise CapsNetError(f"{name} must be a non-negative integer, got {value!r}")
-        if not 0 < self.lr < 1:
-            raise CapsNetError(f"lr must be in (0, 1), got {self.lr}")
-        if not 0 < self.lr_decay <= 1:
-            raise CapsNetError(f"lr_decay must be in (0, 1], got {self.lr_decay}")
-        if not 0 <= self.reconstruction_weight <= 1:
-            raise CapsNetError(f"reconstruction_weight must be in [0, 1], got "
-                               f"{self.reconstruction_weight}")
-        for name, most in LIMITS.items():
-            if getattr(self, name) > most:
-                raise CapsNetError(f"{name} must be at most {most:,}, got {getattr(self, name):,}")
-        for name, allowed in (("reconstruction_reduction", REDUCTIONS), ("device", DEVICES),
-                              ("precision", PRECISIONS), ("preset", tuple(PRESETS)),
-                              ("margin_loss", MARGIN_FORMS), ("init", INITS),
-                              ("primary_style", PRIMARY_STYLES), ("val_split", VAL_SPLITS)):
-            if getattr(self, name) not in allowed:
-                raise CapsNetError(f"{name} must be one of {', '.join(allowed)}, "
-                                   f"got {getattr(self, name)!r}")
-        if self.max_shift > 8:
-            raise CapsNetError(f"max_shift must be at most 8 pixels, got {self.max_shift}")
+        check_settings(self)
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
 
     @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> "TrainConfig":
-        known = {f.name for f in fields(cls)}
-        unknown = sorted(set(d) - known)
-        if unknown:
-            raise CapsNetError(f"unknown training settings: {', '.join(unknown)}")
-        return cls(**d)
+    def from_dict(cls, data: Any) -> "TrainConfig":
+        """Settings from stored ``data`` (a checkpoint, config.json): checked as flags are."""
+        return settings_from_dict(cls, data, "training settings")
 
 
 PRESETS: dict[str, dict[str, Any]] = {
@@ -105,16 +91,56 @@ PRESETS: dict[str, dict[str, Any]] = {
     # Sized for a 2-core CPU in minutes: one pass over 30,000 images, small batches, no shifts.
     "quick": dict(epochs=1, batch_size=32, train_limit=30_000, lr_decay=1.0, max_shift=0),
 }
+assert tuple(PRESETS) == PRESET_NAMES
 
 
 def make_config(preset: str = "paper", **overrides: Any) -> TrainConfig:
     """The ``preset``'s settings with ``overrides`` (``None`` values are ignored) on top."""
     if preset not in PRESETS:
-        raise CapsNetError(f"unknown preset {preset!r}; choose one of {', '.join(PRESETS)}")
+        raise CapsNetError(f"unknown preset {short(preset)}; choose one of {', '.join(PRESETS)}")
     settings = {**PRESETS[preset], **{k: v for k, v in overrides.items() if v is not None}}
+    unknown = sorted(set(settings) - {f.name for f in fields(TrainConfig)})
+    if unknown:
+        raise CapsNetError(f"unknown training settings: {', '.join(unknown)}")
     return replace(TrainConfig(preset=preset), **settings)
 
 
+def resume_config(saved: TrainConfig, requested: Mapping[str, Any]) -> TrainConfig:
+    """The settings of a resumed run: its own, with the ``requested`` values of the fields
+    ``--resume`` may change (``epochs``, ``device``, ``compile``); a request that contradicts
+    any other of its settings is refused. ``None`` values are ignored."""
+    may_change = [f.name for f in fields(TrainConfig) if f.metadata["resume"]]
+    changes = {}
+    for name, value in requested.items():
+        if value is None or value == getattr(saved, name):
+            continue
+        if name not in may_change:
+            flags = ", ".join(f"--{n.replace('_', '-')}" for n in may_change)
+            raise CapsNetError(f"--resume keeps the run's settings: {name} is "
+                               f"{short(getattr(saved, name))} there, not {short(value)} "
+                               f"(only {flags} may change)")
+        changes[name] = value
+    return replace(saved, **changes)
+
+
+def model_config_for(config: TrainConfig, image_size: int, in_channels: int,
+                     num_classes: int) -> CapsNetConfig:
+    """The CapsNet for ``config`` on data of this shape: every field the two settings share
+    (routing iterations, initialisation, primary style, routing bias) comes from ``config``."""
+    shared = {f.name for f in fields(CapsNetConfig)} & {f.name for f in fields(TrainConfig)}
+    return CapsNetConfig(image_size=image_size, in_channels=in_channels, num_classes=num_classes,
+                         **{name: getattr(config, name) for name in sorted(shared)})
+
+
 def learning_rate(config: TrainConfig, step: int) -> float:
-    """Learning rate at optimiser step ``step`` (0-based): exponential decay as the official code."""
-    return config.lr * config.lr_decay ** (step / config.lr_decay_steps)
+    """Learning rate at optimiser step ``step`` (0-based): the official code's exponential
+    decay, times a linear warmup over the first ``warmup_steps`` steps when there is one."""
+    rate = config.lr * config.lr_decay ** (step / config.lr_decay_steps)
+    if config.warmup_steps:
+        rate *= min(1.0, (step + 1) / config.warmup_steps)
+    return rate
+
+
+def epoch_seed(config: TrainConfig, epoch: int) -> int:
+    """Seed of epoch ``epoch``'s order and shifts, so any epoch can be replayed on resume."""
+    return config.seed * 1_000_003 + epoch

@@ -1,35 +1,42 @@
-"""Loss, accuracy and confusion matrix of a model on a data split."""
+"""Evaluation: one loop that sums a task's per-batch measures over a data set and over ranks,
+and the classification figures built on it (loss, accuracy, confusion matrix)."""
 
 from __future__ import annotations
 
-import contextlib
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Callable, Iterable
 
 import torch
-from torch import Tensor
+from torch import Tensor, nn
 
-from ..data import Split, batches
-from ..utils.distributed import World, all_reduce_sum
-from ..errors import CapsNetError
+from ..data.batching import Source, batches
 from ..nn.losses import capsule_loss
 from ..nn.model import CapsNet
+from ..utils.device import autocast
+from ..utils.distributed import World, all_reduce_sum
+
+Measure = Callable[[nn.Module, Any], dict[str, Tensor]]
 
 
-def resolve_device(device: str) -> torch.device:
-    """``auto`` picks CUDA when available; asking for CUDA without it is an error."""
-    if device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if device == "cuda" and not torch.cuda.is_available():
-        raise CapsNetError("--device cuda: no CUDA device is available (use cpu or auto)")
-    return torch.device(device)
-
-
-def autocast(device: torch.device, precision: str) -> contextlib.AbstractContextManager:
-    """bfloat16 autocast for ``precision="bf16"``, else nothing."""
-    if precision == "bf16":
-        return torch.autocast(device.type, dtype=torch.bfloat16)
-    return contextlib.nullcontext()
+@torch.no_grad()
+def accumulate(model: nn.Module, batch_iter: Iterable[Any], measure: Measure, *,
+               device: torch.device, precision: str = "fp32", world: World = World()
+               ) -> dict[str, Tensor]:
+    """Sum ``measure(model, batch)`` (a dict of per-batch sums) over ``batch_iter`` with the
+    model in eval mode, then over ranks. Floating-point sums are kept in float64."""
+    was_training = model.training
+    model.eval()
+    totals: dict[str, Tensor] = {}
+    for batch in batch_iter:
+        with autocast(device, precision):
+            sums = measure(model, batch)
+        for name, value in sums.items():
+            value = value.double() if value.is_floating_point() else value
+            totals[name] = totals[name] + value if name in totals else value
+    model.train(was_training)
+    for value in totals.values():
+        all_reduce_sum(value, world)
+    return totals
 
 
 @dataclass
@@ -53,39 +60,34 @@ class Evaluation:
                 "confusion": self.confusion.tolist()}
 
 
-@torch.no_grad()
-def evaluate(model: CapsNet, split: Split, *, batch_size: int = 500,
+def evaluate(model: CapsNet, source: Source, *, batch_size: int = 500,
              device: torch.device | str = "cpu", reconstruction_weight: float = 0.0005,
              reduction: str = "sum", margin_form: str = "paper", precision: str = "fp32",
              world: World = World()) -> Evaluation:
-    """Evaluate ``model`` on ``split`` as the notebook does at test time: the decoder
+    """Evaluate ``model`` on ``source`` as the notebook does at test time: the decoder
     reconstructs from the predicted (longest) capsule. Losses are means over images.
 
     With several processes each rank evaluates every ``world_size``-th image and the sums
-    are reduced, so every rank returns the figures of the whole split.
+    are reduced, so every rank returns the figures of the whole set.
     """
     device = torch.device(device)
-    n = len(split)
-    if world.distributed:
-        split = Split(split.images[world.rank::world.world_size],
-                      split.labels[world.rank::world.world_size])
-    was_training = model.training
-    model.eval()
     classes = model.config.num_classes
-    sums = torch.zeros(3, device=device, dtype=torch.float64)  # loss, margin, reconstruction
-    confusion = torch.zeros(classes * classes, device=device, dtype=torch.int64)
-    for images, labels in batches(split, batch_size, device=device):
-        with autocast(device, precision):
-            out = model(images)
+
+    def measure(model: nn.Module, batch: tuple[Tensor, Tensor]) -> dict[str, Tensor]:
+        images, labels = batch
+        out = model(images)
         total, margin, recon = capsule_loss(out.lengths.float(), out.reconstructions.float(),
                                             images, labels, reconstruction_weight, reduction,
                                             margin_form)
-        sums += torch.stack([total, margin, recon]).double() * len(labels)
-        confusion += torch.bincount(labels * classes + out.predictions, minlength=classes ** 2)
-    model.train(was_training)
-    all_reduce_sum(sums, world)
-    all_reduce_sum(confusion, world)
-    loss, margin, recon = (sums / n).tolist()
-    confusion = confusion.view(classes, classes).cpu()
-    accuracy = confusion.diagonal().sum().item() / n
+        return {"losses": torch.stack([total, margin, recon]).double() * len(labels),
+                "confusion": torch.bincount(labels * classes + out.predictions,
+                                            minlength=classes ** 2)}
+
+    sums = accumulate(model, batches(source, batch_size, device=device, rank=world.rank,
+                                     world_size=world.world_size, whole=True),
+                      measure, device=device, precision=precision, world=world)
+    confusion = sums["confusion"].view(classes, classes).cpu()
+    n = int(confusion.sum())
+    loss, margin, recon = (sums["losses"] / max(n, 1)).tolist()
+    accuracy = confusion.diagonal().sum().item() / max(n, 1)
     return Evaluation(loss, margin, recon, accuracy, n, confusion)

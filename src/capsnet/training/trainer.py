@@ -1,20 +1,22 @@
-"""Training: epochs with validation, best and last checkpoints, exact resume, a test at the end.
+"""The one training loop: epochs with validation, best and last checkpoints, exact resume,
+Ctrl-C, ``torchrun``, NaN checks, logs, and a test of the best checkpoint at the end. What
+is trained comes from a :class:`~capsnet.training.task.Task`.
 
 A run directory holds::
 
-    config.json      the resolved TrainConfig and model config
+    config.json      the resolved TrainConfig, the model config and the task
     metrics.jsonl    one JSON line per epoch (TensorBoard event files too, when installed)
     last.pt          the latest state, enough to resume exactly
-    best.pt          the weights with the lowest validation loss
-    summary.json     test results of best.pt, wall time and speed
+    best.pt          the weights with the best value of the task's validation metric
+    summary.json     test results of best.pt, wall time, speed, machine and date
 """
 
 from __future__ import annotations
 
 import json
 import math
-import platform
 import signal
+import threading
 import time
 from contextlib import contextmanager
 from pathlib import Path
@@ -23,26 +25,19 @@ from typing import Any, Iterator
 import torch
 from tqdm import tqdm
 
-from .checkpoint import load_checkpoint, model_from_checkpoint, save_checkpoint
-from .config import RESUME_MAY_CHANGE, TrainConfig, learning_rate
-from ..data import Split, Splits, batches, load_splits, num_batches
-from ..utils.distributed import all_reduce_sum, any_rank, init_world, per_rank_batch, shutdown
 from ..errors import CapsNetError
-from .evaluate import Evaluation, autocast, evaluate, resolve_device
-from ..utils.files import atomic_write_bytes
-from ..nn.losses import capsule_loss
-from ..nn.model import CapsNet, CapsNetConfig
+from ..utils.device import autocast, device_name, resolve_device
+from ..utils.distributed import all_reduce_sum, any_rank, init_world, per_rank_batch, shutdown
+from ..utils.files import atomic_write_bytes, write_json
+from .checkpoint import load_checkpoint, model_from_checkpoint, progress_of, save_checkpoint
+from .config import TrainConfig, epoch_seed, learning_rate, resume_config
+from .task import Classification, Step, Task
 
 LOG_EVERY = 20  # steps between progress updates (each costs one host synchronisation)
 
 
 class TrainingInterrupted(CapsNetError):
     """Ctrl-C during training; a resumable checkpoint was saved."""
-
-
-def write_json(path: Path, data: Any) -> None:
-    with reporting_write_errors(path):
-        atomic_write_bytes(path, (json.dumps(data, indent=2) + "\n").encode())
 
 
 @contextmanager
@@ -61,19 +56,6 @@ def epoch_of(line: str) -> float:
         return float(json.loads(line)["epoch"])
     except (ValueError, KeyError, TypeError):
         return math.inf
-
-
-def model_config_for(config: TrainConfig, splits: Splits) -> CapsNetConfig:
-    """The architecture for ``config``'s routing on ``splits``' image size, channels and classes."""
-    return CapsNetConfig(image_size=splits.image_size, in_channels=splits.in_channels,
-                         num_classes=splits.num_classes,
-                         routing_iterations=config.routing_iterations, init=config.init,
-                         primary_style=config.primary_style, routing_bias=config.routing_bias)
-
-
-def epoch_seed(config: TrainConfig, epoch: int) -> int:
-    """Seed of epoch ``epoch``'s order and shifts, so any epoch can be replayed on resume."""
-    return config.seed * 1_000_003 + epoch
 
 
 class MetricsLog:
@@ -108,12 +90,12 @@ class MetricsLog:
 
 
 @contextmanager
-def stop_on_sigint() -> Iterator[list[bool]]:
-    """Turn Ctrl-C into a flag checked between steps, so a step is never cut in half."""
-    requested = [False]
+def stop_on_sigint() -> Iterator[threading.Event]:
+    """Turn Ctrl-C into an event checked between steps, so a step is never cut in half."""
+    requested = threading.Event()
 
     def handler(signum: int, frame: Any) -> None:
-        requested[0] = True
+        requested.set()
 
     try:
         previous = signal.signal(signal.SIGINT, handler)
@@ -126,22 +108,30 @@ def stop_on_sigint() -> Iterator[list[bool]]:
         signal.signal(signal.SIGINT, previous)
 
 
-class Trainer:
-    """Owns the model, optimiser and progress of one run; :meth:`fit` runs it to the end."""
+def saved_config(run_dir: str | Path) -> TrainConfig:
+    """The training settings of the run in ``run_dir`` (from its ``last.pt``)."""
+    path = Path(run_dir) / "last.pt"
+    if not path.is_file():
+        raise CapsNetError(f"--resume {run_dir}: no last.pt there to resume from")
+    return TrainConfig.from_dict(load_checkpoint(path, resumable=True)["train_config"])
 
-    def __init__(self, config: TrainConfig, run_dir: str | Path, *, data_dir: str | None = None,
-                 resume: bool = False, init_from: str | Path | None = None,
-                 progress: bool = True) -> None:
-        self.run_dir = Path(run_dir)
+
+class Trainer:
+    """Owns the model, optimiser and progress of one run of ``task``; :meth:`fit` runs it.
+
+    ``resume=True`` continues the run in ``run_dir`` from its ``last.pt`` (the task's config
+    may differ from the run's only where :func:`~capsnet.training.config.resume_config`
+    allows); ``init_from`` starts a new run from a checkpoint's weights and optimizer state.
+    """
+
+    def __init__(self, task: Task, run_dir: str | Path, *, resume: bool = False,
+                 init_from: str | Path | None = None, show_progress: bool = True) -> None:
+        self.task, self.config, self.run_dir = task, task.config, Path(run_dir)
         self.init_from = None if resume or init_from is None else Path(init_from)
-        payload = None
-        if resume:
-            payload = load_checkpoint(self.run_dir / "last.pt", resumable=True)
-            saved = TrainConfig.from_dict(payload["train_config"])
-            # The run keeps its own settings; only how long and where it runs may change.
-            config = TrainConfig.from_dict({**saved.to_dict(), **{
-                name: getattr(config, name) for name in RESUME_MAY_CHANGE}})
-        self.config = config
+        payload = load_checkpoint(self.run_dir / "last.pt", resumable=True) if resume else None
+        if payload is not None:
+            self.check_resumable(payload)
+        config = self.config
         if config.deterministic:
             torch.use_deterministic_algorithms(True)
         self.device = resolve_device(config.device)
@@ -149,56 +139,52 @@ class Trainer:
         if self.device.type == "cuda" and self.world.distributed:
             self.device = torch.device("cuda", self.world.local_rank)
         per_rank_batch(config.batch_size, self.world)
-        self.progress_bar = progress and self.world.is_main
-        self.splits = load_splits(config.dataset, data_dir, config.val_size, config.val_split)
-        if config.train_limit:
-            train = self.splits.train
-            self.splits.train = Split(train.images[:config.train_limit],
-                                      train.labels[:config.train_limit])
-        if self.device.type == "cuda":  # the whole data set lives on the GPU
-            self.splits.train, self.splits.val = (self.splits.train.to(self.device),
-                                                  self.splits.val.to(self.device))
+        self.show_bar = show_progress and self.world.is_main
+        task.to(self.device)
         torch.manual_seed(config.seed)
-        start = load_checkpoint(self.init_from) if self.init_from else None
-        if payload is None:
-            self.model = CapsNet(model_config_for(config, self.splits))
-            self.progress = {"epoch": 0, "batch": 0, "step": 0, "best_val_loss": math.inf}
-            if start is not None:
-                self.warm_start(start)
-        else:
-            self.model = model_from_checkpoint(payload, str(self.run_dir / "last.pt"))
-            if self.model.config != model_config_for(config, self.splits):
-                raise CapsNetError(f"{self.run_dir}: the checkpoint's model does not fit data set "
-                                   f"{config.dataset!r}")
-            self.progress = dict(payload["progress"])
+        self.model = task.build_model()
+        self.progress = {"epoch": 0, "batch": 0, "step": 0,
+                         "best": -math.inf if task.higher_is_better else math.inf}
+        start = payload or (load_checkpoint(self.init_from) if self.init_from else None)
+        if start is not None:
+            self.model = self.model_from(start, str(self.run_dir / "last.pt") if payload
+                                         else f"--init-from {self.init_from}")
+        if payload is not None:
+            self.progress = progress_of(payload)
+            restore_rng(payload.get("rng_state"), str(self.run_dir / "last.pt"))
         self.model.to(self.device)
         self.optimizer = torch.optim.Adam(self.model.parameters(), lr=config.lr)
-        if payload is not None:
-            self.optimizer.load_state_dict(payload["optimizer"])
-        elif start is not None and "optimizer" in start:
+        if start is not None and "optimizer" in start:
             self.optimizer.load_state_dict(start["optimizer"])
-        if config.compile:
+        if config.compile and hasattr(self.model, "compile_routing"):
             self.model.compile_routing()
         self.step_model = self.model
         if self.world.distributed:
             self.step_model = torch.nn.parallel.DistributedDataParallel(
                 self.step_model, device_ids=[self.device.index] if self.device.type == "cuda" else None)
 
-    def warm_start(self, start: dict[str, Any]) -> None:
-        """Take the weights of checkpoint ``start`` (its Adam state follows in __init__), as
-        the notebook's ``restore_checkpoint=True`` does; epochs and best loss start afresh."""
-        model = model_from_checkpoint(start, str(self.init_from))
-        if model.config != self.model.config:
-            raise CapsNetError(f"--init-from {self.init_from}: its model differs from this run's "
-                               f"(use the preset and flags it was trained with)")
-        self.model = model
+    def check_resumable(self, payload: dict[str, Any]) -> None:
+        """Refuse to resume a run with other settings, or one of another task."""
+        saved = TrainConfig.from_dict(payload["train_config"])
+        resume_config(saved, self.config.to_dict())
+        trained = payload.get("task", {"name": "classification"})
+        if trained != self.task.describe():
+            raise CapsNetError(f"--resume {self.run_dir}: that run trained "
+                               f"{json.dumps(trained)}, not {json.dumps(self.task.describe())}")
+
+    def model_from(self, payload: dict[str, Any], source: str) -> torch.nn.Module:
+        model = model_from_checkpoint(payload, source, self.task.architecture)
+        self.task.check_model(model, source)
+        return model
 
     # -- checkpoints ---------------------------------------------------------------------
 
     def payload(self) -> dict[str, Any]:
-        return {"model_config": self.model.config.to_dict(), "train_config": self.config.to_dict(),
-                "model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(),
-                "progress": dict(self.progress)}
+        return {"architecture": self.task.architecture,
+                "model_config": self.model.config.to_dict(), "train_config": self.config.to_dict(),
+                "task": self.task.describe(), "model": self.model.state_dict(),
+                "optimizer": self.optimizer.state_dict(), "progress": dict(self.progress),
+                "rng_state": torch.get_rng_state()}
 
     def save(self, name: str) -> Path:
         """Write checkpoint ``name``; only the main process writes files."""
@@ -209,40 +195,39 @@ class Trainer:
 
     # -- training ------------------------------------------------------------------------
 
-    def train_step(self, images: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """One optimiser step; returns the loss and the number of correct predictions, on device."""
+    def train_step(self, batch: Any) -> Step:
+        """One optimiser step; returns the (detached) loss and the number correct, on device."""
         for group in self.optimizer.param_groups:
             group["lr"] = learning_rate(self.config, self.progress["step"])
         with autocast(self.device, self.config.precision):
-            out = self.step_model(images, labels)
-        loss, _, _ = capsule_loss(out.lengths.float(), out.reconstructions.float(), images, labels,
-                                  self.config.reconstruction_weight,
-                                  self.config.reconstruction_reduction, self.config.margin_loss)
+            step = self.task.step(self.step_model, batch)
         self.optimizer.zero_grad(set_to_none=True)
-        loss.backward()
+        step.loss.backward()
         self.optimizer.step()
         self.progress["step"] += 1
-        return loss.detach(), (out.predictions == labels).sum()
+        return step._replace(loss=step.loss.detach())
 
-    def train_epoch(self, epoch: int, stop: list[bool]) -> dict[str, float]:
-        """Train one epoch from ``progress["batch"]``; returns loss, accuracy, images and seconds."""
-        config, train = self.config, self.splits.train
-        n_batches = num_batches(len(train), config.batch_size, self.world.world_size)
+    def train_epoch(self, epoch: int, stop: threading.Event) -> dict[str, float]:
+        """Train one epoch from ``progress["batch"]``; returns the epoch's loss and accuracy
+        (a resumed epoch's included) and the images and seconds of this call."""
+        n_batches = self.task.num_batches(self.world)
         start = self.progress["batch"]
-        bar = tqdm(total=n_batches, initial=start, desc=f"epoch {epoch + 1}/{config.epochs}",
-                   disable=not self.progress_bar, leave=False, dynamic_ncols=True)
-        losses: list[torch.Tensor] = []
-        checked = 0  # losses[:checked] are known to be finite
-        correct = torch.zeros((), dtype=torch.int64, device=self.device)
-        seen, began = 0, time.perf_counter()
-        batch_iter = batches(train, config.batch_size, seed=epoch_seed(config, epoch),
-                             max_shift=config.max_shift, start=start, device=self.device,
-                             rank=self.world.rank, world_size=self.world.world_size)
-        for index, (images, labels) in enumerate(batch_iter, start=start):
-            loss, n_correct = self.train_step(images, labels)
-            losses.append(loss)
-            correct += n_correct
-            seen += len(labels)
+        bar = tqdm(total=n_batches, initial=start, desc=f"epoch {epoch + 1}/{self.config.epochs}",
+                   disable=not self.show_bar, leave=False, dynamic_ncols=True)
+        # A run stopped inside this epoch saved what its steps had summed so far.
+        losses = [torch.tensor(v, device=self.device) for v in self.progress.pop("epoch_losses", [])]
+        checked = len(losses)  # losses[:checked] are known to be finite
+        correct = torch.tensor(self.progress.pop("epoch_correct", 0), device=self.device)
+        seen = self.progress.pop("epoch_seen", 0)
+        new_images, began = 0, time.perf_counter()
+        batch_iter = self.task.batches(epoch_seed(self.config, epoch), start, self.device,
+                                       self.world)
+        for index, batch in enumerate(batch_iter, start=start):
+            step = self.train_step(batch)
+            losses.append(step.loss)
+            correct += step.correct
+            seen += step.count
+            new_images += step.count
             self.progress["batch"] = index + 1
             at_log_point = len(losses) % LOG_EVERY == 0 or index + 1 == n_batches
             if at_log_point:
@@ -251,21 +236,26 @@ class Trainer:
                 elapsed = time.perf_counter() - began
                 bar.set_postfix(loss=f"{losses[-1].item():.4f}",
                                 acc=f"{correct.item() / seen:.4f}",
-                                img_s=f"{seen * self.world.world_size / elapsed:.0f}")
+                                img_s=f"{new_images * self.world.world_size / elapsed:.0f}")
                 bar.update(index + 1 - bar.n)
                 # Ranks agree on stopping only here, so all stop after the same step.
-                stop[0] = any_rank(stop[0], self.world, self.device)
-            if stop[0] and (at_log_point or not self.world.distributed):
+                if any_rank(stop.is_set(), self.world, self.device):
+                    stop.set()
+            if stop.is_set() and (at_log_point or not self.world.distributed):
                 break
         bar.close()
         self.check_finite(losses, checked)
+        if stop.is_set() and self.progress["batch"] < n_batches:  # resumable inside the epoch
+            self.progress.update(epoch_losses=[loss.item() for loss in losses],
+                                 epoch_correct=int(correct), epoch_seen=seen)
         seconds = time.perf_counter() - began
         totals = torch.stack([torch.stack(losses).sum() if losses else torch.zeros((), device=self.device),
                               correct.float(), torch.tensor(float(seen), device=self.device),
-                              torch.tensor(float(len(losses)), device=self.device)])
-        loss_sum, n_correct, n_seen, n_steps = all_reduce_sum(totals, self.world).tolist()
+                              torch.tensor(float(len(losses)), device=self.device),
+                              torch.tensor(float(new_images), device=self.device)])
+        loss_sum, n_correct, n_seen, n_steps, n_new = all_reduce_sum(totals, self.world).tolist()
         return {"loss": loss_sum / n_steps if n_steps else math.nan,
-                "accuracy": n_correct / max(n_seen, 1), "images": int(n_seen), "seconds": seconds}
+                "accuracy": n_correct / max(n_seen, 1), "images": int(n_new), "seconds": seconds}
 
     def check_finite(self, losses: list[torch.Tensor], start: int = 0) -> None:
         """Stop with the first step whose loss is not finite; its weights are never saved.
@@ -279,21 +269,14 @@ class Trainer:
             raise CapsNetError(f"loss became {losses[bad].item()} at step {step}; training stopped "
                                f"and the checkpoints in {self.run_dir} were left as they were")
 
-    def evaluate(self, split: Split, model: CapsNet | None = None) -> Evaluation:
-        return evaluate(model or self.model, split, batch_size=self.config.eval_batch_size,
-                        device=self.device, reconstruction_weight=self.config.reconstruction_weight,
-                        reduction=self.config.reconstruction_reduction,
-                        margin_form=self.config.margin_loss,
-                        precision=self.config.precision, world=self.world)
-
     def fit(self) -> dict[str, Any]:
         """Train to ``config.epochs``, then test the best checkpoint; returns the summary."""
         config = self.config
         log = None
         if self.world.is_main:
-            self.run_dir.mkdir(parents=True, exist_ok=True)
             write_json(self.run_dir / "config.json", {
                 "train": config.to_dict(), "model": self.model.config.to_dict(),
+                "architecture": self.task.architecture, "task": self.task.describe(),
                 "world_size": self.world.world_size,
                 "init_from": str(self.init_from) if self.init_from else None})
             log = MetricsLog(self.run_dir, self.progress["epoch"])
@@ -307,29 +290,32 @@ class Trainer:
                     train_images += stats["images"]
                     # Ctrl-C in an epoch's last step stops after its validation and save,
                     # in the next step: a checkpoint never holds a trained-out epoch.
-                    if stop[0] and self.progress["batch"] < num_batches(
-                            len(self.splits.train), config.batch_size, self.world.world_size):
+                    if stop.is_set() and self.progress["batch"] < self.task.num_batches(self.world):
                         self.save("last.pt")
                         raise TrainingInterrupted(
                             f"interrupted in epoch {epoch + 1} after step {self.progress['step']}; "
                             f"saved {self.run_dir / 'last.pt'}; continue with: "
-                            f"capsnet train --resume {self.run_dir}")
+                            f"{self.task.command} --resume {self.run_dir}")
                     self.end_epoch(epoch, stats, log)
         finally:
             if log is not None:
                 log.close()
         return self.finish(time.perf_counter() - began, train_images, train_seconds)
 
+    def improves(self, value: float) -> bool:
+        best = self.progress["best"]
+        return value > best if self.task.higher_is_better else value < best
+
     def end_epoch(self, epoch: int, stats: dict[str, float], log: MetricsLog | None) -> None:
-        val = self.evaluate(self.splits.val)
-        improved = val.loss < self.progress["best_val_loss"]
+        val = self.task.validate(self.model, self.device, self.world)
+        improved = self.improves(val[self.task.best_metric])
         self.progress.update(epoch=epoch + 1, batch=0)
         if improved:
-            self.progress["best_val_loss"] = val.loss
+            self.progress["best"] = val[self.task.best_metric]
         record = {"epoch": epoch + 1, "step": self.progress["step"],
                   "lr": learning_rate(self.config, self.progress["step"]),
                   "train_loss": stats["loss"], "train_accuracy": stats["accuracy"],
-                  "val_loss": val.loss, "val_accuracy": val.accuracy,
+                  **{f"val_{name}": value for name, value in val.items()},
                   "images_per_s": stats["images"] / max(stats["seconds"], 1e-9),
                   "epoch_seconds": stats["seconds"], "improved": improved}
         if log is not None:
@@ -337,51 +323,46 @@ class Trainer:
         if improved:
             self.save("best.pt")
         self.save("last.pt")
-        if self.progress_bar:
+        if self.show_bar:
+            shown = " ".join(f"{name} {value:.5g}" for name, value in val.items())
             tqdm.write(f"epoch {epoch + 1}: train loss {stats['loss']:.5f} acc "
-                       f"{stats['accuracy']:.4f} | val loss {val.loss:.5f} acc {val.accuracy:.4f}"
-                       f"{' (best)' if improved else ''} | {record['images_per_s']:.0f} img/s")
+                       f"{stats['accuracy']:.4f} | val {shown}{' (best)' if improved else ''} | "
+                       f"{record['images_per_s']:.0f} img/s")
 
     def finish(self, wall_seconds: float, train_images: int, train_seconds: float) -> dict[str, Any]:
         best = self.run_dir / "best.pt"
         if self.world.distributed:
             torch.distributed.barrier()  # best.pt is written by rank 0
-        model = model_from_checkpoint(load_checkpoint(best), str(best)).to(self.device)
-        test = self.evaluate(self.splits.test, model)
-        summary = {"test_accuracy": test.accuracy, "test_loss": test.loss,
-                   "best_val_loss": self.progress["best_val_loss"], "epochs": self.progress["epoch"],
-                   "steps": self.progress["step"], "wall_seconds": wall_seconds,
+        model = self.model_from(load_checkpoint(best), str(best)).to(self.device)
+        summary = {**self.task.test(model, self.device, self.world),
+                   f"best_val_{self.task.best_metric}": self.progress["best"],
+                   "epochs": self.progress["epoch"], "steps": self.progress["step"],
+                   "wall_seconds": wall_seconds,
                    "train_images_per_s": train_images / train_seconds if train_seconds else None,
                    "device": device_name(self.device), "torch": torch.__version__,
-                   "checkpoint": str(best)}
+                   "date": time.strftime("%Y-%m-%d"), "checkpoint": str(best)}
         if self.world.is_main:
             write_json(self.run_dir / "summary.json", summary)
         return summary
 
 
-def device_name(device: torch.device) -> str:
-    if device.type == "cuda":
-        return torch.cuda.get_device_name(device)
-    return f"cpu ({cpu_model()}, {torch.get_num_threads()} threads)"
-
-
-def cpu_model() -> str:
-    """The CPU's model name as lscpu shows it (from /proc/cpuinfo), else the platform's."""
+def restore_rng(state: Any, source: str) -> None:
+    """Continue the random stream a checkpoint saved (dropout draws from it)."""
+    if state is None:
+        return
     try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.partition(":")[2].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine() or "cpu"
+        torch.set_rng_state(state)
+    except (TypeError, RuntimeError):
+        raise CapsNetError(f"{source}: the saved random state is malformed") from None
 
 
 def train(config: TrainConfig, run_dir: str | Path, *, data_dir: str | None = None,
           resume: bool = False, init_from: str | Path | None = None,
-          progress: bool = True) -> dict[str, Any]:
-    """Train (or resume) a run in ``run_dir`` and return its summary; see :class:`Trainer`."""
+          show_progress: bool = True) -> dict[str, Any]:
+    """Train (or resume) a CapsNet on ``config.dataset`` in ``run_dir``; returns the summary."""
     try:
-        return Trainer(config, run_dir, data_dir=data_dir, resume=resume, init_from=init_from,
-                       progress=progress).fit()
+        task = Classification.from_config(config, data_dir)
+        return Trainer(task, run_dir, resume=resume, init_from=init_from,
+                       show_progress=show_progress).fit()
     finally:
         shutdown()

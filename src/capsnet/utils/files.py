@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+import json
 import os
 import secrets
 from pathlib import Path
@@ -39,6 +40,11 @@ def write_or_fail(path: str | os.PathLike, data: bytes) -> None:
         atomic_write_bytes(path, data)
     except OSError as exc:
         raise CapsNetError(f"could not write {path}: {exc.strerror or exc}") from None
+
+
+def write_json(path: str | os.PathLike, data: Any) -> None:
+    """``data`` as indented JSON, written atomically; failures as one :class:`CapsNetError` line."""
+    write_or_fail(path, (json.dumps(data, indent=2) + "\n").encode())
 
 
 def save_png(figure: Any, path: str | os.PathLike, dpi: int = 100) -> Path:

@@ -1,0 +1,229 @@
+"""The commands that use a trained model or the data: evaluate, predict, figures, data,
+bench, export, explore."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+import torch
+
+from ..data.images import load_image
+from ..data.splits import load_splits
+from ..tools.bench import benchmark, format_table
+from ..tools.explore import make_server
+from ..tools.export import DEFAULT_OPSET, FORMATS, VERIFY_BATCH, export_model
+from ..training.checkpoint import load_model
+from ..training.config import DEVICES, PRECISIONS, TrainConfig
+from ..training.evaluate import evaluate
+from ..training.task import check_fits
+from ..utils.device import resolve_device
+from .args import port_number, positive_int
+
+DATA_DIR_HELP = ("folder holding the data set's IDX files (default: $CAPSNET_DATA_DIR, then "
+                 "the cache, then download)")
+
+
+# -- evaluate ---------------------------------------------------------------------------
+
+def add_evaluate(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("evaluate", help="test accuracy, loss, per-class accuracy, confusion matrix")
+    p.add_argument("checkpoint", type=Path, help="a .pt file or a run directory")
+    p.add_argument("--dataset", help="override the data set the checkpoint was trained on")
+    p.add_argument("--split", choices=("test", "val"), default="test")
+    p.add_argument("--batch-size", type=positive_int, default=500)
+    p.add_argument("--json", action="store_true", help="print JSON")
+    p.add_argument("--data-dir", help=DATA_DIR_HELP)
+    p.add_argument("--device", choices=DEVICES, default="auto")
+    p.set_defaults(run=run_evaluate)
+
+
+def run_evaluate(args: argparse.Namespace) -> int:
+    model, payload = load_model(args.checkpoint)
+    train_config = TrainConfig.from_dict(payload.get("train_config") or {})
+    dataset = args.dataset or train_config.dataset
+    splits = load_splits(dataset, args.data_dir, train_config.val_size, train_config.val_split)
+    check_fits(model.config, dataset, splits.image_size, splits.in_channels, splits.num_classes)
+    device = resolve_device(args.device)
+    result = evaluate(model.to(device), getattr(splits, args.split), batch_size=args.batch_size,
+                      device=device, reconstruction_weight=train_config.reconstruction_weight,
+                      reduction=train_config.reconstruction_reduction,
+                      margin_form=train_config.margin_loss)
+    if args.json:
+        print(json.dumps({"checkpoint": str(args.checkpoint), "dataset": dataset,
+                          "split": args.split, **result.to_dict()}))
+        return 0
+    print(f"{dataset} {args.split}: accuracy {result.accuracy:.2%} "
+          f"({round(result.accuracy * result.total)}/{result.total}), loss {result.loss:.5f}")
+    print("per class: " + "  ".join(f"{name} {acc:.2%}" for name, acc in
+                                    zip(splits.class_names, result.per_class_accuracy)))
+    print("confusion matrix (rows: true class, columns: predicted):")
+    for name, row in zip(splits.class_names, result.confusion.tolist()):
+        print(f"{name[:5]:>5} " + " ".join(f"{v:5d}" for v in row))
+    return 0
+
+
+# -- predict ----------------------------------------------------------------------------
+
+def add_predict(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("predict", help="classify your own images (PNG, JPEG or .npy)")
+    p.add_argument("checkpoint", type=Path)
+    p.add_argument("images", type=Path, nargs="+")
+    p.add_argument("--json", action="store_true", help="print one JSON object per image")
+    p.add_argument("--no-preprocess", action="store_true",
+                   help="use the image as it is (resized only), without MNIST-style centring")
+    p.set_defaults(run=run_predict)
+
+
+def run_predict(args: argparse.Namespace) -> int:
+    model, _ = load_model(args.checkpoint)
+    config = model.config
+    images = torch.stack([
+        torch.from_numpy(load_image(path, config.image_size, config.in_channels,
+                                    preprocess=not args.no_preprocess))
+        for path in args.images])  # (n, channels, size, size)
+    with torch.no_grad():
+        out = model(images)
+    for path, prediction, lengths in zip(args.images, out.predictions.tolist(),
+                                         out.lengths.tolist()):
+        if args.json:
+            print(json.dumps({"image": str(path), "prediction": prediction,
+                              "lengths": [round(v, 6) for v in lengths]}))
+        else:
+            print(f"{path}: {prediction}  lengths " + " ".join(f"{v:.3f}" for v in lengths))
+    return 0
+
+
+# -- figures ----------------------------------------------------------------------------
+
+def add_figures(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("figures", help="the notebook's figures as PNG files")
+    p.add_argument("checkpoint", type=Path, help="a .pt file or a run directory")
+    p.add_argument("--out", type=Path, required=True, help="folder for the PNG files")
+    p.add_argument("--samples", type=positive_int, default=5, help="test digits per figure")
+    p.add_argument("--data-dir", help=DATA_DIR_HELP)
+    p.set_defaults(run=run_figures)
+
+
+def run_figures(args: argparse.Namespace) -> int:
+    from ..tools.figures import draw_figures  # matplotlib: 0.3 s that other commands skip
+
+    run_dir = args.checkpoint if args.checkpoint.is_dir() else args.checkpoint.parent
+    paths = draw_figures(args.checkpoint, args.out, data_dir=args.data_dir, run_dir=run_dir,
+                         n_samples=args.samples)
+    for path in paths:
+        print(path)
+    return 0
+
+
+# -- data -------------------------------------------------------------------------------
+
+def add_data(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("data", help="fetch and verify a data set into the cache")
+    p.add_argument("dataset", nargs="?", default="mnist")
+    p.add_argument("--data-dir", help=DATA_DIR_HELP)
+    p.set_defaults(run=run_data)
+
+
+def run_data(args: argparse.Namespace) -> int:
+    splits = load_splits(args.dataset, args.data_dir)
+    print(f"{args.dataset}: {len(splits.train)} train, {len(splits.val)} validation, "
+          f"{len(splits.test)} test images of {splits.in_channels}x{splits.image_size}x"
+          f"{splits.image_size}, {splits.num_classes} classes, verified")
+    return 0
+
+
+# -- bench ------------------------------------------------------------------------------
+
+def add_bench(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("bench", help="measure training and inference speed and memory")
+    p.add_argument("--device", choices=DEVICES, default="auto")
+    p.add_argument("--precision", choices=PRECISIONS, default="fp32")
+    p.add_argument("--compile", action="store_true", help="compile the routing with torch.compile")
+    p.add_argument("--routing-iterations", type=positive_int, default=3)
+    p.add_argument("--train-batch", type=positive_int, help="default: 64 on CPU, 128 on CUDA")
+    p.add_argument("--infer-batch", type=positive_int, default=256)
+    p.add_argument("--warmup", type=positive_int, default=3)
+    p.add_argument("--repeats", type=positive_int, default=10)
+    p.add_argument("--epoch", action="store_true",
+                   help="also time a whole paper-preset epoch on MNIST (data needed)")
+    p.add_argument("--data-dir", help=DATA_DIR_HELP)
+    p.add_argument("--json", action="store_true", help="print only JSON")
+    p.set_defaults(run=run_bench)
+
+
+def run_bench(args: argparse.Namespace) -> int:
+    result = benchmark(resolve_device(args.device), args.precision, args.compile,
+                       args.routing_iterations, args.train_batch, args.infer_batch, args.warmup,
+                       args.repeats, epoch=args.epoch, data_dir=args.data_dir)
+    if not args.json:
+        print(format_table(result))
+    print(json.dumps(result))
+    return 0
+
+
+# -- export -----------------------------------------------------------------------------
+
+def add_export(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("export", help="write the model as ONNX, safetensors or TorchScript",
+                       description="Export a checkpoint's model for inference. ONNX and "
+                       "TorchScript take images (batch, channels, size, size) in [0, 1] and give "
+                       "lengths, predictions and reconstructions; safetensors holds the weights "
+                       "and the model config.")
+    p.add_argument("checkpoint", type=Path, help="a .pt file or a run directory")
+    p.add_argument("--format", choices=FORMATS, required=True)
+    p.add_argument("--out", type=Path, required=True, help="file to write")
+    p.add_argument("--opset", type=positive_int, help=f"ONNX opset (default {DEFAULT_OPSET})")
+    p.add_argument("--no-verify", action="store_true",
+                   help="skip comparing the written model with PyTorch")
+    p.set_defaults(run=run_export)
+
+
+def run_export(args: argparse.Namespace) -> int:
+    result = export_model(args.checkpoint, args.out, args.format, opset=args.opset,
+                          verify=not args.no_verify)
+    kind = f"ONNX opset {result.opset}" if result.format == "onnx" else result.format
+    print(f"wrote {result.path} ({kind}, {result.size_bytes / 1e6:.1f} MB)")
+    if result.max_abs_diff is not None and result.format != "safetensors":
+        d = result.max_abs_diff
+        print(f"checked with {result.verified_with} on {VERIFY_BATCH} random images against "
+              f"PyTorch: max abs difference lengths {d['lengths']:.2g}, reconstructions "
+              f"{d['reconstructions']:.2g}; {int(d['predictions'])} predictions differ")
+    elif result.max_abs_diff is not None:
+        print("checked: the weights read back identical")
+    for note in result.notes:
+        print(note)
+    return 0
+
+
+# -- explore ----------------------------------------------------------------------------
+
+def add_explore(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("explore", help="a web page to draw a digit and watch its capsules",
+                       description="Serve a local page: draw a digit or load a test image, see "
+                                   "the capsule lengths, reconstructions, pose sliders and "
+                                   "coupling coefficients.")
+    p.add_argument("checkpoint", type=Path, help="a .pt file or a run directory")
+    p.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1)")
+    p.add_argument("--port", type=port_number, default=8000, help="port (default 8000; 0: any free)")
+    p.add_argument("--dataset", help="data set for the random test images "
+                   "(default: the checkpoint's)")
+    p.add_argument("--data-dir", help=DATA_DIR_HELP)
+    p.add_argument("--verbose", action="store_true", help="log every request")
+    p.set_defaults(run=run_explore)
+
+
+def run_explore(args: argparse.Namespace) -> int:
+    server = make_server(args.checkpoint, args.host, args.port, dataset=args.dataset,
+                         data_dir=args.data_dir, verbose=args.verbose)
+    print(f"capsnet explore: serving {args.checkpoint} at {server.url} (Ctrl-C to stop)",
+          flush=True)
+    try:
+        server.serve_forever()
+    except KeyboardInterrupt:
+        print("capsnet explore: stopped", file=sys.stderr)
+    finally:
+        server.server_close()
+    return 0

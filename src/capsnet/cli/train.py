@@ -1,0 +1,134 @@
+"""``capsnet train`` and ``capsnet experiment NAME``: flags generated from the settings
+dataclasses, presets applied first, ``--resume`` by one rule."""
+
+from __future__ import annotations
+
+import argparse
+from dataclasses import fields
+from pathlib import Path
+from typing import Any
+
+from ..errors import CapsNetError
+from ..experiments import EXPERIMENTS
+from ..training.checkpoint import load_checkpoint
+from ..training.config import PRESETS, TrainConfig, make_config, resume_config
+from ..training.trainer import saved_config, train
+from ..utils.settings import settings_from_dict
+from .args import ArgumentParser, add_settings, given_settings
+
+
+def add_run_args(p: argparse.ArgumentParser, default_run_dir: str) -> None:
+    p.add_argument("--preset", choices=tuple(PRESETS), default="paper",
+                   help="paper: the paper and its official code (default); seed: the notebook "
+                        "exactly; quick: the paper's model briefly, for a CPU")
+    p.add_argument("--run-dir", type=Path, help=f"where checkpoints and logs go "
+                   f"(default: {default_run_dir})")
+    p.add_argument("--resume", type=Path, metavar="RUN_DIR",
+                   help="continue the run in RUN_DIR where it stopped")
+    p.add_argument("--data-dir", help="folder holding the data set's IDX files "
+                   "(default: $CAPSNET_DATA_DIR, then the cache, then download)")
+    p.add_argument("--no-progress", action="store_true", help="no progress bars")
+    add_settings(p, TrainConfig)
+
+
+def requested_config(args: argparse.Namespace, defaults: dict[str, Any]) -> TrainConfig:
+    """The preset, then ``defaults``, then the flags given; on --resume the run's own
+    settings with the flags --resume may change."""
+    given = given_settings(args, TrainConfig)
+    if args.resume is not None:
+        return resume_config(saved_config(args.resume), given)
+    return make_config(args.preset, **{**defaults, **given})
+
+
+def new_run_dir(args: argparse.Namespace, default: Path) -> Path:
+    run_dir = args.run_dir or default
+    if (run_dir / "last.pt").exists():
+        raise CapsNetError(f"{run_dir} already holds a run; use --resume {run_dir} to continue "
+                           f"it or --run-dir to start a new one")
+    return run_dir
+
+
+# -- train ------------------------------------------------------------------------------
+
+def add_train(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("train", help="train a CapsNet, validate each epoch, test the best",
+                       description="Train a CapsNet. A preset sets every default; flags override it.")
+    add_run_args(p, "runs/<dataset>-<preset>")
+    p.add_argument("--init-from", type=Path, metavar="CHECKPOINT",
+                   help="start a new run from a checkpoint's weights and optimizer state "
+                        "(the notebook's restore_checkpoint=True)")
+    p.add_argument("--figures", action="store_true", help="draw the figures at the end")
+    p.set_defaults(run=run_train)
+
+
+def run_train(args: argparse.Namespace) -> int:
+    if args.init_from is not None and args.resume is not None:
+        raise CapsNetError("--init-from starts a new run; it cannot be combined with --resume")
+    config = requested_config(args, {})
+    run_dir = args.resume or new_run_dir(
+        args, Path("runs") / f"{Path(config.dataset).name}-{config.preset}")
+    summary = train(config, run_dir, data_dir=args.data_dir, resume=args.resume is not None,
+                    init_from=args.init_from, show_progress=not args.no_progress)
+    speed = summary["train_images_per_s"]  # None when a resumed run had nothing left to train
+    print(f"test accuracy {summary['test_accuracy']:.2%}, test loss {summary['test_loss']:.5f}, "
+          f"{summary['wall_seconds']:.0f} s, "
+          f"{'no training' if speed is None else f'{speed:.0f} images/s'} on {summary['device']}")
+    print(f"best checkpoint: {summary['checkpoint']}; summary: {run_dir / 'summary.json'}")
+    if args.figures:
+        from ..tools.figures import draw_figures  # matplotlib: 0.3 s that other commands skip
+
+        paths = draw_figures(summary["checkpoint"], run_dir / "figures",
+                             data_dir=args.data_dir, run_dir=run_dir)
+        print(f"figures: {run_dir / 'figures'} ({len(paths)} files)")
+    return 0
+
+
+# -- experiment -------------------------------------------------------------------------
+
+def add_experiment(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("experiment", help="the paper's experiments beyond MNIST: "
+                       + ", ".join(EXPERIMENTS), description="Experiments beyond MNIST.")
+    experiments = p.add_subparsers(dest="experiment", required=True, parser_class=ArgumentParser)
+    for name, experiment in EXPERIMENTS.items():
+        e = experiments.add_parser(name, help=experiment.description.split(":")[0],
+                                   description=experiment.description)
+        add_run_args(e, f"runs/{name}-<dataset>")
+        add_settings(e, experiment.settings)
+        e.set_defaults(run=run_experiment)
+
+
+def resumed_experiment(args: argparse.Namespace, settings_class: type) -> tuple[TrainConfig, Any]:
+    """The training settings and experiment settings of the run in ``args.resume`` (from its
+    first checkpoint), with the flags --resume may change; other flags must agree."""
+    paths = [p for p in (args.resume / "last.pt", *sorted(args.resume.glob("*/last.pt")))
+             if p.is_file()]
+    if not paths:
+        raise CapsNetError(f"--resume {args.resume}: no last.pt there to resume from")
+    payload = load_checkpoint(paths[0], resumable=True)
+    task = payload.get("task")
+    names = {f.name for f in fields(settings_class)}
+    stored = {k: v for k, v in task.items() if k in names} if isinstance(task, dict) else task
+    settings = settings_from_dict(settings_class, stored, f"{paths[0]}: experiment settings")
+    for name, value in given_settings(args, settings_class).items():
+        if value != getattr(settings, name):
+            raise CapsNetError(f"--resume keeps the run's settings: {name} is "
+                               f"{getattr(settings, name)!r} there, not {value!r}")
+    config = resume_config(TrainConfig.from_dict(payload["train_config"]),
+                           given_settings(args, TrainConfig))
+    return config, settings
+
+
+def run_experiment(args: argparse.Namespace) -> int:
+    experiment = EXPERIMENTS[args.experiment]
+    if args.resume is not None:
+        config, settings = resumed_experiment(args, experiment.settings)
+        run_dir = args.resume
+    else:
+        settings = experiment.settings(**given_settings(args, experiment.settings))
+        config = requested_config(args, experiment.train_defaults)
+        run_dir = args.run_dir or Path("runs") / f"{args.experiment}-{Path(config.dataset).name}"
+    summary = experiment.run(config, settings, run_dir, data_dir=args.data_dir,
+                             resume=args.resume is not None, show_progress=not args.no_progress)
+    print(experiment.report(summary))
+    print(f"summary: {run_dir / 'summary.json'}")
+    return 0

@@ -1,0 +1,156 @@
+"""Batches: float images in [0, 1] on any device, in a seeded order with optional random
+shifts, sharded over ranks, from an in-memory :class:`Split` (the fast path) or from any
+``torch.utils.data.Dataset`` / ``DataLoader``.
+
+A pass is fixed by its seed: the order and every image's shift are drawn once for the whole
+pass, so batch ``start`` onwards (to resume inside an epoch) are exactly those of an
+uninterrupted pass, and a Dataset holding the same images as a Split gives the same batches.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Iterator
+
+import torch
+from torch import Tensor
+from torch.utils.data import DataLoader, Dataset
+
+from ..errors import CapsNetError
+from .splits import Split
+
+Source = Split | Dataset | DataLoader
+
+
+def batch_positions(n: int, batch_size: int, *, start: int = 0, rank: int = 0,
+                    world_size: int = 1, whole: bool = False) -> Iterator[Tensor]:
+    """Positions in a pass of ``n`` examples that rank ``rank`` takes, batch by batch.
+
+    Training (``whole=False``): ``batch_size`` is the global batch; each rank takes its own
+    ``batch_size // world_size`` slice of every global batch, and with several ranks the last
+    incomplete global batch is dropped so every rank takes the same number of steps. With one
+    process the last batch may be smaller. Evaluation (``whole=True``): every position once,
+    rank ``r`` taking ``r, r + world_size, ...`` in batches of ``batch_size``.
+    """
+    if whole:
+        mine = torch.arange(rank, n, world_size)
+        for lo in range(start * batch_size, len(mine), batch_size):
+            yield mine[lo:lo + batch_size]
+        return
+    per_rank = batch_size // world_size
+    end = n if world_size == 1 else n - n % batch_size
+    for first in range(start * batch_size, end, batch_size):
+        lo = first + rank * per_rank
+        hi = min(first + batch_size, n) if world_size == 1 else lo + per_rank
+        yield torch.arange(lo, hi)
+
+
+def num_batches(n: int, batch_size: int, world_size: int = 1) -> int:
+    """Number of training batches :func:`batches` yields for ``n`` images."""
+    return -(-n // batch_size) if world_size == 1 else n // batch_size
+
+
+def shift_images(images: Tensor, offsets: Tensor, max_shift: int) -> Tensor:
+    """Translate each image's content by ``max_shift - offsets`` pixels (down/right when
+    positive), filling with zeros.
+
+    ``images``: ``(batch, channels, height, width)``; ``offsets``: ``(2, batch)`` integers in
+    ``[0, 2 * max_shift]`` (rows, then columns), on the same device.
+    """
+    batch, channels, height, width = images.shape
+    device = images.device
+    padded = torch.nn.functional.pad(images, (max_shift,) * 4)
+    rows = offsets[0, :, None] + torch.arange(height, device=device)  # (batch, height)
+    cols = offsets[1, :, None] + torch.arange(width, device=device)  # (batch, width)
+    batch_index = torch.arange(batch, device=device)[:, None, None, None]
+    channel_index = torch.arange(channels, device=device)[None, :, None, None]
+    return padded[batch_index, channel_index, rows[:, None, :, None], cols[:, None, None, :]]
+
+
+def pass_plan(n: int, seed: int | None, max_shift: int) -> tuple[Tensor, Tensor | None]:
+    """The order of a pass ``(n,)`` and each position's shift offsets ``(2, n)`` (or None):
+    shuffled and drawn from ``seed``, or in file order and unshifted without one."""
+    if seed is None:
+        return torch.arange(n), None
+    generator = torch.Generator().manual_seed(seed)
+    order = torch.randperm(n, generator=generator)
+    offsets = (torch.randint(0, 2 * max_shift + 1, (2, n), generator=generator)
+               if max_shift > 0 else None)
+    return order, offsets
+
+
+def batches(source: Source, batch_size: int, *, seed: int | None = None, max_shift: int = 0,
+            start: int = 0, device: torch.device | str | None = None, rank: int = 0,
+            world_size: int = 1, whole: bool = False) -> Iterator[tuple[Tensor, Tensor]]:
+    """Yield ``(images, labels)`` batches of ``source``: float images in [0, 1]
+    ``(batch, C, H, W)`` on ``device``, int64 labels ``(batch,)``.
+
+    With a ``seed`` the order is shuffled and each image shifted by up to ``max_shift``
+    pixels (see :func:`pass_plan`); without one the order is the source's and nothing is
+    shifted. Ranks and ``whole`` as in :func:`batch_positions`. A :class:`Split` is cut on
+    the device it lives on, then moved; a Dataset's items (an image tensor, uint8 or float
+    in [0, 1], and a label) are collated by a DataLoader, with a DataLoader's workers and
+    collate function when one is given.
+    """
+    n = len(source.dataset) if isinstance(source, DataLoader) else len(source)
+    order, offsets = pass_plan(n, seed, max_shift)
+    positions = list(batch_positions(n, batch_size, start=start, rank=rank,
+                                     world_size=world_size, whole=whole))
+    if isinstance(source, Split):
+        target = torch.device(device) if device is not None else source.images.device
+        order = order.to(source.images.device)
+
+        def cut(p: Tensor) -> tuple[Tensor, Tensor]:
+            index = order[p.to(order.device)]
+            return (source.images[index].to(target, non_blocking=True),
+                    source.labels[index].to(target, non_blocking=True))
+
+        loaded: Iterator[tuple[Tensor, Tensor]] = map(cut, positions)
+    else:
+        target = torch.device(device) if device is not None else torch.device("cpu")
+        loaded = loader_batches(source, [order[p].tolist() for p in positions], target)
+    if offsets is not None:
+        offsets = offsets.to(target)
+    for p, (images, labels) in zip(positions, loaded):
+        images = to_unit_float(images)
+        if offsets is not None:
+            images = shift_images(images, offsets[:, p.to(target)], max_shift)
+        yield images, labels
+
+
+def loader_batches(source: Dataset | DataLoader, index_lists: list[list[int]],
+                   device: torch.device) -> Iterator[tuple[Tensor, Tensor]]:
+    """The batches of ``source`` holding the items of each of ``index_lists``, on ``device``."""
+    options: dict[str, Any] = {}
+    dataset = source
+    if isinstance(source, DataLoader):
+        dataset = source.dataset
+        options = {"num_workers": source.num_workers, "collate_fn": source.collate_fn,
+                   "pin_memory": source.pin_memory}
+    loader = DataLoader(dataset, batch_sampler=index_lists, **options)
+    for batch in loader:
+        if not (isinstance(batch, (tuple, list)) and len(batch) == 2):
+            raise CapsNetError("a data set item must be (image, label)")
+        images, labels = batch
+        yield (torch.as_tensor(images).to(device, non_blocking=True),
+               torch.as_tensor(labels).long().to(device, non_blocking=True))
+
+
+def to_unit_float(images: Tensor) -> Tensor:
+    """uint8 pixels scaled to [0, 1]; floating-point images as they are (as float32)."""
+    if images.dtype == torch.uint8:
+        return images.float().div_(255.0)
+    return images.float()
+
+
+def example_shape(source: Source) -> tuple[int, ...]:
+    """``(channels, height, width)`` of the source's images."""
+    if isinstance(source, Split):
+        return tuple(source.images.shape[1:])
+    dataset = source.dataset if isinstance(source, DataLoader) else source
+    if len(dataset) == 0:
+        raise CapsNetError("the data set is empty")
+    image = torch.as_tensor(dataset[0][0])
+    if image.dim() != 3:
+        raise CapsNetError(f"a data set image must be (channels, height, width), got "
+                           f"{tuple(image.shape)}")
+    return tuple(image.shape)

@@ -1,0 +1,32 @@
+"""What every experiment is: a name, its own settings dataclass (each field a flag, as
+:class:`~capsnet.training.config.TrainConfig`'s are), the training defaults it changes, and a
+``run`` that trains its tasks with the one :class:`~capsnet.training.trainer.Trainer`."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+from ..errors import CapsNetError
+
+VAL_SEED = 1_000_001  # generated evaluation sets are the same in every run, whatever --seed
+TEST_SEED = 2_017_000
+
+
+@dataclass(frozen=True)
+class Experiment:
+    name: str
+    description: str
+    settings: type  # a settings dataclass (capsnet.utils.settings)
+    run: Callable[..., dict[str, Any]]  # (config, settings, run_dir, *, data_dir, resume, show_progress)
+    report: Callable[[dict[str, Any]], str]  # summary -> lines for the terminal
+    train_defaults: dict[str, Any] = field(default_factory=dict)  # on top of the preset
+
+
+def check_new_run(run_dir: Path, *names: str) -> None:
+    """Refuse to start a run in a folder that holds one (any of ``names``)."""
+    for name in names:
+        if (run_dir / name).exists():
+            raise CapsNetError(f"{run_dir} already holds a run ({name}); use --resume {run_dir} "
+                               f"to continue it or --run-dir to start a new one")

@@ -1,0 +1,186 @@
+"""Tasks: what a run trains. A task builds the model, serves the training batches, says what
+one step computes, validates, names the metric that picks ``best.pt`` and tests; the
+:class:`~capsnet.training.trainer.Trainer` does everything else (optimiser, learning-rate
+schedule, epochs, checkpoints, exact resume, Ctrl-C, ``torchrun``, NaN checks, logs).
+
+:class:`Classification` is the MNIST task: a CapsNet trained on labelled images, from
+in-memory splits (the fast path) or any ``torch.utils.data.Dataset`` / ``DataLoader``.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Iterable, NamedTuple
+
+import torch
+from torch import Tensor, nn
+
+from ..data.batching import Source, batches, example_shape, num_batches
+from ..data.splits import Split, Splits, load_splits
+from ..errors import CapsNetError
+from ..nn.losses import capsule_loss
+from ..nn.model import CapsNetConfig
+from ..utils.distributed import World
+from .checkpoint import ARCHITECTURES
+from .config import TrainConfig, model_config_for
+from .evaluate import Evaluation, evaluate
+
+
+class Step(NamedTuple):
+    loss: Tensor     # scalar, the one to back-propagate
+    correct: Tensor  # number of correct predictions in the batch, on the device
+    count: int       # examples in the batch
+
+
+class Task:
+    """The interface the Trainer runs. Subclasses set the class attributes and implement the
+    methods that raise ``NotImplementedError``."""
+
+    name = "task"
+    command = "capsnet train"  # the command that resumes a run of this task
+    architecture = "capsnet"  # key of capsnet.training.checkpoint.ARCHITECTURES
+    best_metric = "loss"  # key of validate()'s result whose best value picks best.pt
+    higher_is_better = False
+
+    def __init__(self, config: TrainConfig) -> None:
+        self.config = config
+
+    def model_config(self) -> Any:
+        """The config dataclass of the model to train."""
+        raise NotImplementedError
+
+    def build_model(self) -> nn.Module:
+        model_class, _ = ARCHITECTURES[self.architecture]
+        return model_class(self.model_config())
+
+    def check_model(self, model: nn.Module, source: str) -> None:
+        """Refuse a model (from a checkpoint at ``source``) that does not fit this task."""
+        if model.config != self.model_config():
+            raise CapsNetError(f"{source}: the checkpoint's model does not fit this run's data "
+                               f"and settings ({describe_model(model.config)} vs "
+                               f"{describe_model(self.model_config())})")
+
+    def to(self, device: torch.device) -> None:
+        """Move data that lives with the model (on a GPU) to ``device``."""
+
+    def num_batches(self, world: World) -> int:
+        raise NotImplementedError
+
+    def batches(self, seed: int, start: int, device: torch.device, world: World) -> Iterable[Any]:
+        """The training batches of the epoch with ``seed`` from batch ``start`` on."""
+        raise NotImplementedError
+
+    def step(self, model: nn.Module, batch: Any) -> Step:
+        """Forward pass and loss of one training batch (the Trainer does backward and Adam)."""
+        raise NotImplementedError
+
+    def validate(self, model: nn.Module, device: torch.device, world: World) -> dict[str, float]:
+        raise NotImplementedError
+
+    def test(self, model: nn.Module, device: torch.device, world: World) -> dict[str, Any]:
+        """Test figures of the best model, for summary.json."""
+        raise NotImplementedError
+
+    def describe(self) -> dict[str, Any]:
+        """What this task is, for config.json and the checkpoints (JSON-able)."""
+        return {"name": self.name}
+
+
+class Classification(Task):
+    """A CapsNet learning the classes of images.
+
+    ``train``, ``val`` and ``test`` are :class:`Split` s (uint8 tensors, cut into batches on
+    the device they live on) or any ``Dataset`` of ``(image, label)`` (image ``(C, H, W)``,
+    uint8 or float in [0, 1]) or a ``DataLoader`` over one (its workers and collate function
+    are used; the order is the task's own, so resume stays exact). Square images.
+    """
+
+    name = "classification"
+
+    def __init__(self, config: TrainConfig, train: Source, val: Source, test: Source, *,
+                 num_classes: int, class_names: tuple[str, ...] | None = None) -> None:
+        super().__init__(config)
+        self.train, self.val, self.test_set = train, val, test
+        self.num_classes = num_classes
+        self.class_names = class_names or tuple(str(i) for i in range(num_classes))
+        channels, height, width = example_shape(train)
+        if height != width:
+            raise CapsNetError(f"images must be square, got {height}x{width}")
+        self.image_size, self.in_channels = height, channels
+
+    @classmethod
+    def from_config(cls, config: TrainConfig, data_dir: str | None = None) -> "Classification":
+        """The task of ``config.dataset`` (a registered name or a folder of IDX files), split
+        as the config says and cut to ``train_limit``."""
+        splits = load_splits(config.dataset, data_dir, config.val_size, config.val_split)
+        return cls.from_splits(config, splits)
+
+    @classmethod
+    def from_splits(cls, config: TrainConfig, splits: Splits) -> "Classification":
+        train = splits.train
+        if config.train_limit:
+            train = Split(train.images[:config.train_limit], train.labels[:config.train_limit])
+        return cls(config, train, splits.val, splits.test, num_classes=splits.num_classes,
+                   class_names=splits.class_names)
+
+    def model_config(self) -> CapsNetConfig:
+        return model_config_for(self.config, self.image_size, self.in_channels,
+                                self.num_classes)
+
+    def to(self, device: torch.device) -> None:
+        if device.type == "cuda":  # the whole data set lives on the GPU
+            self.train, self.val, self.test_set = (
+                s.to(device) if isinstance(s, Split) else s
+                for s in (self.train, self.val, self.test_set))
+
+    def num_batches(self, world: World) -> int:
+        return num_batches(len(self.train), self.config.batch_size, world.world_size)
+
+    def batches(self, seed: int, start: int, device: torch.device, world: World
+                ) -> Iterable[tuple[Tensor, Tensor]]:
+        return batches(self.train, self.config.batch_size, seed=seed,
+                       max_shift=self.config.max_shift, start=start, device=device,
+                       rank=world.rank, world_size=world.world_size)
+
+    def loss(self, out: Any, images: Tensor, labels: Tensor) -> Tensor:
+        loss, _, _ = capsule_loss(out.lengths.float(), out.reconstructions.float(), images,
+                                  labels, self.config.reconstruction_weight,
+                                  self.config.reconstruction_reduction, self.config.margin_loss)
+        return loss
+
+    def step(self, model: nn.Module, batch: tuple[Tensor, Tensor]) -> Step:
+        images, labels = batch
+        out = model(images, labels)
+        return Step(self.loss(out, images, labels), (out.predictions == labels).sum(),
+                    len(labels))
+
+    def evaluation(self, model: nn.Module, source: Source, device: torch.device,
+                   world: World) -> Evaluation:
+        config = self.config
+        return evaluate(model, source, batch_size=config.eval_batch_size, device=device,
+                        reconstruction_weight=config.reconstruction_weight,
+                        reduction=config.reconstruction_reduction,
+                        margin_form=config.margin_loss, precision=config.precision, world=world)
+
+    def validate(self, model: nn.Module, device: torch.device, world: World) -> dict[str, float]:
+        result = self.evaluation(model, self.val, device, world)
+        return {"loss": result.loss, "accuracy": result.accuracy}
+
+    def test(self, model: nn.Module, device: torch.device, world: World) -> dict[str, Any]:
+        result = self.evaluation(model, self.test_set, device, world)
+        return {"test_accuracy": result.accuracy, "test_loss": result.loss}
+
+
+def check_fits(config: Any, dataset: str, image_size: int, in_channels: int,
+               num_classes: int) -> None:
+    """Refuse a model (its ``config``) that cannot take ``dataset``'s images and classes."""
+    if (config.image_size, config.in_channels, config.num_classes) != (
+            image_size, in_channels, num_classes):
+        raise CapsNetError(
+            f"the checkpoint's model takes {describe_model(config)}; {dataset} has "
+            f"{in_channels}x{image_size}x{image_size} images, {num_classes} classes")
+
+
+def describe_model(config: Any) -> str:
+    """Geometry of a model config, for messages: ``1x28x28 images, 10 classes``."""
+    return (f"{config.in_channels}x{config.image_size}x{config.image_size} images, "
+            f"{config.num_classes} classes")

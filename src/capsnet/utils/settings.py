@@ -1,0 +1,122 @@
+"""Settings dataclasses: each field says its help text, its bounds and whether ``--resume`` may
+change it, once; validation, reading stored settings and command-line flags all follow it.
+
+    @dataclass(frozen=True)
+    class Config:
+        epochs: int = setting(30, "passes over the training set", min=1, resume=True)
+
+:func:`check_settings` (called from ``__post_init__``) checks types, bounds and choices and
+raises :class:`CapsNetError` in one line, so a stored config that says ``lr = "0.001"`` is
+refused exactly as the flag ``--lr 0.001x`` would be.
+"""
+
+from __future__ import annotations
+
+import math
+import operator
+import typing
+from dataclasses import MISSING, Field, field, fields
+from typing import Any, Mapping
+
+from ..errors import CapsNetError
+
+TYPES = (bool, int, float, str)
+BOUNDS = {"min": operator.ge, "max": operator.le, "gt": operator.gt, "lt": operator.lt}
+
+
+def setting(default: Any, help: str, *, min: float | None = None, max: float | None = None,
+            gt: float | None = None, lt: float | None = None,
+            choices: tuple[str, ...] | None = None, resume: bool = False,
+            flag: bool = True) -> Any:
+    """A dataclass field with its help text and rules. ``min``/``max`` are inclusive bounds,
+    ``gt``/``lt`` exclusive ones; ``resume=True`` lets ``--resume`` change it; ``flag=False``
+    keeps it off the command line (set another way)."""
+    rules = {"help": help, "min": min, "max": max, "gt": gt, "lt": lt, "choices": choices,
+             "resume": resume, "flag": flag}
+    return field(default=default, metadata=rules)
+
+
+def setting_fields(cls: type) -> list[tuple[Field, type]]:
+    """The fields of settings class ``cls`` with their types (bool, int, float or str)."""
+    hints = typing.get_type_hints(cls)
+    result = []
+    for f in fields(cls):
+        kind = hints[f.name]
+        if kind not in TYPES:
+            raise TypeError(f"{cls.__name__}.{f.name}: settings are bool, int, float or str")
+        result.append((f, kind))
+    return result
+
+
+def requirement(kind: type, rules: Mapping[str, Any]) -> str:
+    """What a value must be, in words: ``an integer >= 1``, ``a number in (0, 1]``, ..."""
+    if rules.get("choices"):
+        return f"one of {', '.join(rules['choices'])}"
+    if kind is bool:
+        return "true or false"
+    if kind is str:
+        return "text"
+    noun = "an integer" if kind is int else "a number"
+    low, high = rules.get("min"), rules.get("max")
+    low_open, high_open = rules.get("gt"), rules.get("lt")
+    if low_open is not None:
+        low = low_open
+    if high_open is not None:
+        high = high_open
+    if low is None and high is None:
+        return "a finite number" if kind is float else noun
+    if high is None:
+        return f"{noun} {'>' if low_open is not None else '>='} {low:,}"
+    if low is None:
+        return f"{noun} {'<' if high_open is not None else '<='} {high:,}"
+    return (f"{noun} in {'(' if low_open is not None else '['}{low:,}, {high:,}"
+            f"{')' if high_open is not None else ']'}")
+
+
+def valid(value: Any, kind: type, rules: Mapping[str, Any]) -> bool:
+    """Whether ``value`` is a ``kind`` within ``rules``."""
+    if kind is bool:
+        return isinstance(value, bool)
+    if kind is str:
+        return isinstance(value, str) and (not rules.get("choices") or value in rules["choices"])
+    if isinstance(value, bool) or not isinstance(value, int if kind is int else (int, float)):
+        return False
+    if kind is float and not math.isfinite(value):
+        return False
+    return all(compare(value, rules[key]) for key, compare in BOUNDS.items()
+               if rules.get(key) is not None)
+
+
+def check_value(name: str, value: Any, kind: type, rules: Mapping[str, Any]) -> None:
+    """Raise :class:`CapsNetError` unless ``value`` is a ``kind`` within ``rules``."""
+    if not valid(value, kind, rules):
+        raise CapsNetError(f"{name} must be {requirement(kind, rules)}, got {short(value)}")
+
+
+def check_settings(instance: Any) -> None:
+    """Check every field of a settings dataclass instance; see :func:`check_value`."""
+    for f, kind in setting_fields(type(instance)):
+        check_value(f.name, getattr(instance, f.name), kind, f.metadata)
+
+
+def settings_from_dict(cls: type, data: Any, what: str) -> Any:
+    """Build settings class ``cls`` from stored ``data`` (untrusted): it must be a dict of
+    known names; missing names take their defaults; values are checked as flags are."""
+    if not isinstance(data, dict):
+        raise CapsNetError(f"{what} must be a dict of settings, got {short(data)}")
+    known = {f.name for f in fields(cls)}
+    unknown = sorted(str(k) for k in data if k not in known)
+    if unknown:
+        raise CapsNetError(f"{what}: unknown settings {short(', '.join(unknown))}")
+    return cls(**data)
+
+
+def defaults(cls: type) -> dict[str, Any]:
+    """Default value of every field of settings class ``cls``."""
+    return {f.name: f.default for f in fields(cls) if f.default is not MISSING}
+
+
+def short(value: Any, limit: int = 60) -> str:
+    """``repr(value)`` on one line, cut to ``limit`` characters."""
+    text = " ".join(repr(value).split())
+    return text if len(text) <= limit else text[:limit - 3] + "..."
