@@ -2,14 +2,26 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 from typing import Iterator
 
 import numpy as np
 import pytest
 import torch
+from hypothesis import settings
+from hypothesis.database import DirectoryBasedExampleDatabase, ReadOnlyDatabase
 
 from capsnet.data import FILE_NAMES, write_idx
+
+# Property-based tests are the same in every CI run: a fixed seed (--hypothesis-seed in
+# pyproject.toml) and the stored examples that once failed, replayed first and never
+# rewritten. HYPOTHESIS_PROFILE=record (with -p no:randomly --hypothesis-seed=N for other
+# seeds) stores new failures there.
+EXAMPLES = DirectoryBasedExampleDatabase(Path(__file__).parent / "hypothesis-examples")
+settings.register_profile("ci", database=ReadOnlyDatabase(EXAMPLES))
+settings.register_profile("record", database=EXAMPLES)
+settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "ci"))
 
 
 def synthetic_digits(n: int, size: int = 28, num_classes: int = 10, seed: int = 0

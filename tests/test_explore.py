@@ -10,6 +10,8 @@ from __future__ import annotations
 import http.client
 import json
 import os
+import socket
+import struct
 import threading
 from pathlib import Path
 from typing import Any, Iterator
@@ -82,6 +84,8 @@ def request(server: ExploreServer, method: str, path: str, body: Any = None,
     connection = http.client.HTTPConnection(host, port, timeout=30)
     if body is not None and not isinstance(body, bytes):
         body = json.dumps(body).encode()
+    if body is not None:
+        headers = {"Content-Type": "application/json", **(headers or {})}
     try:
         connection.request(method, path, body=body, headers=headers or {})
         response = connection.getresponse()
@@ -218,6 +222,7 @@ def test_oversized_body_is_refused_unread(server: ExploreServer) -> None:
     host, port = server.server_address[:2]  # a huge claimed length is refused before reading
     connection = http.client.HTTPConnection(host, port, timeout=10)
     connection.putrequest("POST", "/api/predict")
+    connection.putheader("Content-Type", "application/json")
     connection.putheader("Content-Length", str(10 ** 12))
     connection.endheaders()
     assert connection.getresponse().status == 400
@@ -386,3 +391,56 @@ def test_missing_data_set_shows_a_message(browser: "Browser",
     draw_stroke(page)  # drawing still works
     wait_idle(page, 0)
     page.close()
+
+
+@pytest.mark.parametrize("host", ["evil.example:8000", "attacker.test", "127.0.0.1:1", ""])
+def test_requests_for_another_host_are_refused(server: ExploreServer, host: str) -> None:
+    """DNS rebinding: a page on another site that resolves its name to 127.0.0.1 sends its
+    own name as Host."""
+    for method, path, body in (("GET", "/api/info", None), ("POST", "/api/predict", {})):
+        status, data = request(server, method, path, body, headers={"Host": host})
+        assert status == 403 and "answers only requests for" in data["error"]
+    port = server.server_address[1]
+    for host in (f"127.0.0.1:{port}", f"localhost:{port}"):
+        assert request(server, "GET", "/api/info", headers={"Host": host})[0] == 200
+
+
+@pytest.mark.parametrize("content_type", ["text/plain", "application/x-www-form-urlencoded", None])
+def test_predict_takes_json_only(server: ExploreServer, content_type: str | None) -> None:
+    host, port = server.server_address[:2]
+    connection = http.client.HTTPConnection(host, port, timeout=10)
+    headers = {"Content-Type": content_type} if content_type else {}
+    connection.request("POST", "/api/predict", body=json.dumps({"pixels": blank()}),
+                       headers=headers)
+    response = connection.getresponse()
+    assert response.status == 415 and response.getheader("Content-Type") == "application/json"
+    assert "application/json" in json.loads(response.read())["error"]
+    connection.close()
+
+
+@pytest.mark.parametrize("request_line", [b"BREW /api/info HTTP/1.1", b"GARBAGE", b"GET / HTTP/9.9"])
+def test_http_errors_are_json(server: ExploreServer, request_line: bytes) -> None:
+    host, port = server.server_address[:2]
+    with socket.create_connection((host, port), timeout=10) as sock:
+        sock.sendall(request_line + b"\r\nHost: x\r\n\r\n")
+        answer = b""
+        while chunk := sock.recv(65536):
+            answer += chunk
+    if answer.startswith(b"HTTP/"):
+        head, _, answer = answer.partition(b"\r\n\r\n")
+        assert b"Content-Type: application/json" in head
+    # (an unparsable request line gets an HTTP/0.9 answer: the body alone)
+    assert "error" in json.loads(answer)
+
+
+def test_a_client_that_hangs_up_leaves_no_traceback(server: ExploreServer, capfd) -> None:
+    host, port = server.server_address[:2]
+    body = json.dumps({"pixels": blank()}).encode()
+    for _ in range(5):
+        with socket.create_connection((host, port), timeout=10) as sock:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+            sock.sendall(b"POST /api/predict HTTP/1.1\r\nHost: 127.0.0.1:%d\r\n"
+                         b"Content-Type: application/json\r\nContent-Length: %d\r\n\r\n"
+                         % (port, len(body)) + body)  # and reset before the answer
+    assert request(server, "GET", "/api/info")[0] == 200  # still serving
+    assert "Traceback" not in capfd.readouterr().err

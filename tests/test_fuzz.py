@@ -317,6 +317,8 @@ def make_array(dtype: str, shape: tuple, seed: int, scale: str, special: float |
        cut=st.one_of(st.none(), st.integers(0, 4000)), **image_options)
 @example(dtype="u1", shape=(), seed=0, scale="byte", special=None,  # header no longer parses
          header_change=(25, ord("{")), cut=None, size=28, channels=1, preprocess=False)
+@example(dtype="u1", shape=(28, 28), seed=0, scale="byte", special=None,  # {b'descr': ...}:
+         header_change=(26, ord("b")), cut=None, size=28, channels=1, preprocess=False)  # TypeError
 def test_load_image_on_npy_arrays(dtype: str, shape: tuple, seed: int, scale: str,
                                   special: float | None, header_change: tuple | None,
                                   cut: int | None, size: int, channels: int,
@@ -358,6 +360,12 @@ NPY_EDGE_CASES = {
                                        ).replace(b"'descr': '|u1',", b"'descr': '|u1'{", 1),
     # shape of 2**60 pixels: np.load raises MemoryError
     "huge-shape": npy_with_header({"descr": "|u1", "fortran_order": False, "shape": (2 ** 30, 2 ** 30)}),
+    # a side beyond any C integer: np.load raises OverflowError
+    "overflowing-shape": npy_with_header({"descr": "|u1", "fortran_order": False,
+                                          "shape": (99999999999999999999999, 0)}),
+    # a dict key that is bytes: numpy's header check compares bytes with str (TypeError)
+    "bytes-key": npy_with_header({"descr": "|u1", "fortran_order": False, "shape": (2, 2)}
+                                 ).replace(b"{'descr'", b"{b'descr'", 1),
     # a .npz archive, or any zip, named .npy: np.load returns an NpzFile or raises BadZipFile
     "npz-named-npy": npz_bytes(),
     "zip-garbage-named-npy": b"PK\x03\x04" + b"\0" * 40,

@@ -4,12 +4,14 @@ from __future__ import annotations
 
 import json
 import math
+import re
 
 import pytest
 import torch
 from torch import Tensor
 from torch.func import functional_call
 
+from capsnet.errors import CapsNetError
 from capsnet.nn.losses import capsule_loss
 from capsnet.nn.model import CapsNet, CapsNetConfig, count_parameters
 
@@ -127,21 +129,37 @@ def test_gradcheck_through_total_loss() -> None:
 
 
 @pytest.mark.parametrize("overrides, message", [
-    (dict(image_size=-28), "image_size must be a positive integer"),
-    (dict(conv1_channels=0), "conv1_channels must be a positive integer"),
-    (dict(primary_dim=-1), "primary_dim must be a positive integer"),
-    (dict(routing_iterations=0), "routing_iterations must be a positive integer"),
-    (dict(digit_dim=2.5), "digit_dim must be a positive integer"),
-    (dict(primary_maps=True), "primary_maps must be a positive integer"),
-    (dict(num_classes=1), "num_classes must be at least 2"),
-    (dict(weight_init_std=0.0), "weight_init_std must be positive"),
-    (dict(decoder_hidden=(512, -1)), "decoder_hidden sizes must be positive"),
+    (dict(image_size=-28), "image_size must be an integer in [1, 4,096], got -28"),
+    (dict(conv1_channels=0), "conv1_channels must be an integer in [1, 8,192], got 0"),
+    (dict(primary_dim=-1), "primary_dim must be an integer in [1, 1,024]"),
+    (dict(routing_iterations=0), "routing_iterations must be an integer in [1, 100]"),
+    (dict(digit_dim=2.5), "digit_dim must be an integer in [1, 1,024], got 2.5"),
+    (dict(primary_maps=True), "primary_maps must be an integer in [1, 4,096], got True"),
+    (dict(num_classes=1), "num_classes must be an integer in [2, 10,000], got 1"),
+    (dict(weight_init_std=0.0), "weight_init_std must be a number in (0, 10]"),
+    (dict(decoder_hidden=(512, -1)), "decoder_hidden must be a list of 1 to 16 sizes"),
+    (dict(decoder_hidden=(2**40, 1024)), "decoder_hidden must be a list of 1 to 16 sizes, "
+                                         "each an integer in [1, 65,536]"),
+    (dict(decoder_hidden=()), "decoder_hidden must be a list of 1 to 16 sizes"),
     (dict(image_size=16), "image_size 16 is too small"),
     (dict(image_size=8), "image_size 8 is too small"),
+    (dict(init="xavier"), "init must be one of glorot, official, torch"),
+    (dict(routing_bias="yes"), "routing_bias must be true or false"),
 ])
 def test_config_validation(overrides: dict, message: str) -> None:
-    with pytest.raises(ValueError, match=message):
+    with pytest.raises(CapsNetError, match=re.escape(message)):
         CapsNetConfig(**overrides)
+
+
+def test_a_network_too_big_for_the_machine_is_refused_before_allocation(monkeypatch) -> None:
+    import capsnet.utils.device as device
+
+    needed = 4 * CapsNetConfig(image_size=200).parameter_count / 2**30  # 92 x 92 x 32 capsules
+    monkeypatch.setattr(device, "physical_memory", lambda: 2**30)  # a 1 GiB machine
+    with pytest.raises(CapsNetError, match=rf"its weights would need {needed:.1f} GiB, more "
+                                           rf"than this machine's 1.0 GiB"):
+        CapsNetConfig(image_size=200)
+    assert CapsNetConfig().parameter_count == count_parameters(CapsNet(CapsNetConfig()))
 
 
 def test_smallest_valid_image_size() -> None:
@@ -157,7 +175,7 @@ def test_config_dict_round_trip() -> None:
     assert d["decoder_hidden"] == [64, 32]
     restored = CapsNetConfig.from_dict(d)
     assert restored == config and restored.decoder_hidden == (64, 32)
-    with pytest.raises(ValueError, match="unknown model config keys: bogus"):
+    with pytest.raises(CapsNetError, match="model config: unknown settings 'bogus'"):
         CapsNetConfig.from_dict({**d, "bogus": 1})
 
 

@@ -820,7 +820,7 @@ BAD_CHECKPOINTS = {
     "other-image-size": (lambda ckpt, d: ["evaluate", ckpt, "--dataset", write_dataset(
         d / "d20", n_train=30, n_test=10, size=20)], "takes 1x28x28 images, 10 classes; "),
     "labels-out-of-range": (lambda ckpt, d: ["evaluate", ckpt, "--dataset", labels_up_to(ckpt, d, 12)],
-                            "images, 10 classes; "),
+                            "test: label 12 out of range 0..9"),
     "resume-onto-other-data": (lambda ckpt, d: ["train", "--resume", resumable_elsewhere(ckpt, d)],
                                "the checkpoint's model does not fit this run's data"),
     "resume-weights-only": (lambda ckpt, d: ["train", "--resume", weights_only_run(d)],

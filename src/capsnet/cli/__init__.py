@@ -7,10 +7,11 @@ training saves a resumable checkpoint and exits with 130.
 
 from __future__ import annotations
 
+import os
 import sys
 from typing import Sequence
 
-from ..errors import CapsNetError
+from ..errors import CapsNetError, first_line
 from ..training.trainer import TrainingInterrupted
 from ..utils.distributed import shutdown
 from .args import ArgumentParser
@@ -18,6 +19,7 @@ from .tools import (add_bench, add_data, add_evaluate, add_explore, add_export, 
                     add_predict)
 from .train import add_experiment, add_train
 
+EXIT_BUG = 1
 EXIT_USAGE = 2
 EXIT_INTERRUPTED = 130
 COMMANDS = [add_train, add_experiment, add_evaluate, add_predict, add_figures, add_data,
@@ -32,15 +34,26 @@ def build_parser() -> ArgumentParser:
     return parser
 
 
+def one_line(message: str) -> str:
+    """``message`` with control characters escaped (a file name may hold a newline)."""
+    return "".join(c if c.isprintable() else repr(c)[1:-1] for c in message)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     try:
         args = build_parser().parse_args(argv)
         return args.run(args)
     except CapsNetError as exc:
-        print(f"capsnet: {exc}", file=sys.stderr)
+        print(f"capsnet: {one_line(str(exc))}", file=sys.stderr)
         return EXIT_INTERRUPTED if isinstance(exc, TrainingInterrupted) else EXIT_USAGE
     except KeyboardInterrupt:
         print("capsnet: interrupted", file=sys.stderr)
         return EXIT_INTERRUPTED
+    except Exception as exc:  # noqa: BLE001 - a bug: one line, and the traceback on request
+        if os.environ.get("CAPSNET_DEBUG"):
+            raise
+        print(f"capsnet: internal error, please report it: {one_line(first_line(exc))} "
+              f"(CAPSNET_DEBUG=1 shows the traceback)", file=sys.stderr)
+        return EXIT_BUG
     finally:
         shutdown()

@@ -19,7 +19,9 @@ from ..training.checkpoint import load_model
 from ..training.config import DEVICES, PRECISIONS, TrainConfig
 from ..training.evaluate import evaluate
 from ..training.task import check_fits
+from ..errors import CapsNetError
 from ..utils.device import resolve_device
+from ..utils.files import check_writable_folder
 from .args import port_number, positive_int
 
 DATA_DIR_HELP = ("folder holding the data set's IDX files (default: $CAPSNET_DATA_DIR, then "
@@ -110,6 +112,7 @@ def add_figures(sub: argparse._SubParsersAction) -> None:
 def run_figures(args: argparse.Namespace) -> int:
     from ..tools.figures import draw_figures  # matplotlib: 0.3 s that other commands skip
 
+    check_writable_folder(args.out, "--out")
     run_dir = args.checkpoint if args.checkpoint.is_dir() else args.checkpoint.parent
     paths = draw_figures(args.checkpoint, args.out, data_dir=args.data_dir, run_dir=run_dir,
                          n_samples=args.samples)
@@ -182,6 +185,9 @@ def add_export(sub: argparse._SubParsersAction) -> None:
 
 
 def run_export(args: argparse.Namespace) -> int:
+    if args.out.is_dir():
+        raise CapsNetError(f"--out {args.out} is a folder; name the file to write")
+    check_writable_folder(args.out.parent, "--out's folder")
     result = export_model(args.checkpoint, args.out, args.format, opset=args.opset,
                           verify=not args.no_verify)
     kind = f"ONNX opset {result.opset}" if result.format == "onnx" else result.format

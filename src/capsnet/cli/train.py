@@ -10,11 +10,13 @@ from typing import Any
 
 from ..errors import CapsNetError
 from ..experiments import EXPERIMENTS
-from ..training.checkpoint import load_checkpoint
 from ..training.config import PRESETS, TrainConfig, make_config, resume_config
-from ..training.trainer import saved_config, train
+from ..training.trainer import resume_point, saved_config, train
+from ..utils.files import check_writable_folder
 from ..utils.settings import settings_from_dict
 from .args import ArgumentParser, add_settings, given_settings
+
+RUN_FILES = ("last.pt", "summary.json", "capsnet/last.pt", "cnn/last.pt")  # a run is there
 
 
 def add_run_args(p: argparse.ArgumentParser, default_run_dir: str) -> None:
@@ -25,6 +27,9 @@ def add_run_args(p: argparse.ArgumentParser, default_run_dir: str) -> None:
                    f"(default: {default_run_dir})")
     p.add_argument("--resume", type=Path, metavar="RUN_DIR",
                    help="continue the run in RUN_DIR where it stopped")
+    p.add_argument("--from-best", action="store_true",
+                   help="with --resume: continue from best.pt instead of last.pt (which is "
+                        "kept, renamed)")
     p.add_argument("--data-dir", help="folder holding the data set's IDX files "
                    "(default: $CAPSNET_DATA_DIR, then the cache, then download)")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
@@ -36,13 +41,18 @@ def requested_config(args: argparse.Namespace, defaults: dict[str, Any]) -> Trai
     settings with the flags --resume may change."""
     given = given_settings(args, TrainConfig)
     if args.resume is not None:
-        return resume_config(saved_config(args.resume), given)
+        return resume_config(saved_config(args.resume, args.from_best), given)
     return make_config(args.preset, **{**defaults, **given})
 
 
-def new_run_dir(args: argparse.Namespace, default: Path) -> Path:
-    run_dir = args.run_dir or default
-    if (run_dir / "last.pt").exists():
+def run_folder(args: argparse.Namespace, default: Path) -> Path:
+    """The run's folder: --resume's, or a new one that must not hold a run; checked for
+    writing before any work."""
+    if args.from_best and args.resume is None:
+        raise CapsNetError("--from-best goes with --resume RUN_DIR")
+    run_dir = args.resume or args.run_dir or default
+    check_writable_folder(run_dir, "run folder")
+    if args.resume is None and any((run_dir / name).exists() for name in RUN_FILES):
         raise CapsNetError(f"{run_dir} already holds a run; use --resume {run_dir} to continue "
                            f"it or --run-dir to start a new one")
     return run_dir
@@ -65,10 +75,10 @@ def run_train(args: argparse.Namespace) -> int:
     if args.init_from is not None and args.resume is not None:
         raise CapsNetError("--init-from starts a new run; it cannot be combined with --resume")
     config = requested_config(args, {})
-    run_dir = args.resume or new_run_dir(
-        args, Path("runs") / f"{Path(config.dataset).name}-{config.preset}")
+    run_dir = run_folder(args, Path("runs") / f"{Path(config.dataset).name}-{config.preset}")
     summary = train(config, run_dir, data_dir=args.data_dir, resume=args.resume is not None,
-                    init_from=args.init_from, show_progress=not args.no_progress)
+                    from_best=args.from_best, init_from=args.init_from,
+                    show_progress=not args.no_progress)
     speed = summary["train_images_per_s"]  # None when a resumed run had nothing left to train
     print(f"test accuracy {summary['test_accuracy']:.2%}, test loss {summary['test_loss']:.5f}, "
           f"{summary['wall_seconds']:.0f} s, "
@@ -100,11 +110,12 @@ def add_experiment(sub: argparse._SubParsersAction) -> None:
 def resumed_experiment(args: argparse.Namespace, settings_class: type) -> tuple[TrainConfig, Any]:
     """The training settings and experiment settings of the run in ``args.resume`` (from its
     first checkpoint), with the flags --resume may change; other flags must agree."""
-    paths = [p for p in (args.resume / "last.pt", *sorted(args.resume.glob("*/last.pt")))
+    name = "best.pt" if args.from_best else "last.pt"
+    paths = [p for p in (args.resume / name, *sorted(args.resume.glob(f"*/{name}")))
              if p.is_file()]
     if not paths:
-        raise CapsNetError(f"--resume {args.resume}: no last.pt there to resume from")
-    payload = load_checkpoint(paths[0], resumable=True)
+        raise CapsNetError(f"--resume {args.resume}: no {name} there to resume from")
+    payload = resume_point(paths[0].parent, args.from_best)
     task = payload.get("task")
     names = {f.name for f in fields(settings_class)}
     stored = {k: v for k, v in task.items() if k in names} if isinstance(task, dict) else task
@@ -122,13 +133,13 @@ def run_experiment(args: argparse.Namespace) -> int:
     experiment = EXPERIMENTS[args.experiment]
     if args.resume is not None:
         config, settings = resumed_experiment(args, experiment.settings)
-        run_dir = args.resume
     else:
         settings = experiment.settings(**given_settings(args, experiment.settings))
         config = requested_config(args, experiment.train_defaults)
-        run_dir = args.run_dir or Path("runs") / f"{args.experiment}-{Path(config.dataset).name}"
+    run_dir = run_folder(args, Path("runs") / f"{args.experiment}-{Path(config.dataset).name}")
     summary = experiment.run(config, settings, run_dir, data_dir=args.data_dir,
-                             resume=args.resume is not None, show_progress=not args.no_progress)
+                             resume=args.resume is not None, from_best=args.from_best,
+                             show_progress=not args.no_progress)
     print(experiment.report(summary))
     print(f"summary: {run_dir / 'summary.json'}")
     return 0

@@ -12,6 +12,7 @@ from pathlib import Path
 import numpy as np
 
 from ..errors import CapsNetError
+from ..utils.device import check_fits_in_memory
 from ..utils.files import atomic_write_bytes
 
 ROLES = ("train_images", "train_labels", "test_images", "test_labels")
@@ -23,6 +24,7 @@ FILE_NAMES = {
 }
 IDX_UBYTE = 0x08
 GZIP_MAGIC = b"\x1f\x8b"
+TRAILING_READ = 2**20  # bytes read past the declared data, to report trailing data
 
 
 def parse_idx(data: bytes, name: str = "<bytes>") -> np.ndarray:
@@ -60,11 +62,26 @@ def parse_idx(data: bytes, name: str = "<bytes>") -> np.ndarray:
 
 
 def read_idx(path: str | os.PathLike) -> np.ndarray:
-    """Read an IDX file (raw or gzipped) from ``path``; see :func:`parse_idx`."""
+    """Read an IDX file (raw or gzipped) from ``path``; see :func:`parse_idx`. The size its
+    header declares is checked against this machine's memory before the data is read, and
+    no more than that is read, whatever the file's size."""
     try:
-        data = Path(path).read_bytes()
+        with open(path, "rb") as raw:
+            gzipped = raw.read(2) == GZIP_MAGIC
     except OSError as exc:
         raise CapsNetError(f"{path}: cannot read ({exc.strerror or exc})") from None
+    try:
+        with (gzip.open if gzipped else open)(path, "rb") as f:
+            head = f.read(4)
+            dims = f.read(4 * head[3]) if len(head) == 4 and 1 <= head[3] <= 3 else b""
+            declared = math.prod(int.from_bytes(dims[k:k + 4], "big")
+                                 for k in range(0, len(dims) - 3, 4))
+            check_fits_in_memory(declared, f"{path}: the data its header declares")
+            data = head + dims + f.read(declared + TRAILING_READ)
+    except (OSError, EOFError, zlib.error) as exc:
+        what = "corrupt gzip stream" if gzipped else "cannot read"
+        reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else exc
+        raise CapsNetError(f"{path}: {what} ({reason})") from None
     return parse_idx(data, str(path))
 
 

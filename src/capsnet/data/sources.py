@@ -170,7 +170,7 @@ def acquire(name: str, data_dir: str | os.PathLike | None = None,
             files = load()
             _verify(files, spec)
         except Exception as exc:  # each source may fail in its own way; report and go on
-            failures.append(f"  - {description}: {_reason(exc)}")
+            failures.append(f"{description} ({_reason(exc)})")
             continue
         if not quiet:
             print(f"{name}: using {description}")
@@ -180,8 +180,8 @@ def acquire(name: str, data_dir: str | os.PathLike | None = None,
         return {role: parse_idx(files[role], f"{description}/{FILE_NAMES[role]}")
                 for role in ROLES}
     raise CapsNetError(
-        f"could not get data set {name!r}; tried:\n" + "\n".join(failures) +
-        f"\nPut the four files ({', '.join(FILE_NAMES.values())}, raw or .gz) in a folder and "
+        f"could not get data set {name!r}; tried: " + "; ".join(failures) +
+        f". Put the four files ({', '.join(FILE_NAMES.values())}, raw or .gz) in a folder and "
         f"pass --data-dir FOLDER or set CAPSNET_DATA_DIR, or copy them to {cache_root() / name}")
 
 

@@ -32,6 +32,24 @@ def read_folder(folder: str | os.PathLike) -> dict[str, np.ndarray]:
 
 
 
+def classes_of(labels: np.ndarray, dataset: str) -> int:
+    """Number of classes of a user's data set: its training labels must be 0 .. K-1, every
+    one of them used, K >= 2 (a gap is almost always a mistake in the files)."""
+    if labels.ndim != 1 or labels.size == 0:
+        return 0  # check_images_labels names the problem
+    used = np.unique(labels)
+    if len(used) < 2:
+        raise CapsNetError(f"{dataset}: every training label is {int(used[0])}; a classifier "
+                           f"needs at least 2 classes")
+    missing = sorted(set(range(int(used[-1]) + 1)) - set(used.tolist()))
+    if missing:
+        shown = ", ".join(map(str, missing[:5])) + (", ..." if len(missing) > 5 else "")
+        raise CapsNetError(f"{dataset}: the training labels use {len(used)} classes between 0 "
+                           f"and {int(used[-1])} but not {shown}; labels must be 0 .. K-1, "
+                           f"every class present")
+    return len(used)
+
+
 @dataclass
 class Split:
     images: Tensor  # (n, channels, height, width) uint8
@@ -76,7 +94,7 @@ def load_splits(dataset: str, data_dir: str | os.PathLike | None = None,
         num_classes, class_names = spec.num_classes, spec.class_names
     else:
         arrays = read_folder(dataset)
-        num_classes = int(max(arrays["train_labels"].max(), arrays["test_labels"].max())) + 1
+        num_classes = classes_of(arrays["train_labels"], dataset)
         class_names = tuple(str(i) for i in range(num_classes))
     for part in ("train", "test"):
         check_images_labels(arrays[f"{part}_images"], arrays[f"{part}_labels"], num_classes,

@@ -34,7 +34,7 @@ from ..utils.device import autocast, device_name
 from ..utils.distributed import World
 from ..utils.files import save_png, write_json
 from ..utils.settings import check_settings, setting
-from .base import TEST_SEED, VAL_SEED, Experiment, check_new_run
+from .base import TEST_SEED, VAL_SEED, Experiment
 
 CANVAS = 40
 MODELS = ("capsnet", "cnn")
@@ -187,12 +187,10 @@ def affine_figure(path: Path, images: Tensor, labels: Tensor,
 
 
 def run(config: TrainConfig, settings: AffnistSettings, run_dir: str | Path, *,
-        data_dir: str | None = None, resume: bool = False,
+        data_dir: str | None = None, resume: bool = False, from_best: bool = False,
         show_progress: bool = True) -> dict[str, Any]:
     """Train (or resume) each model of ``settings`` and test it; returns the summary."""
     run_dir = Path(run_dir)
-    if not resume:
-        check_new_run(run_dir, "summary.json", *(f"{m}/last.pt" for m in MODELS))
     # Read the affNIST files first: a bad path should fail before hours of training.
     affnist = load_affnist(settings.affnist_dir, settings.test_limit) if settings.affnist_dir else None
     splits = load_splits(config.dataset, data_dir, config.val_size, config.val_split)
@@ -215,7 +213,7 @@ def run(config: TrainConfig, settings: AffnistSettings, run_dir: str | Path, *,
         task = task_class(config, settings, train, val, test, affine, affnist, splits.num_classes)
         sub = run_dir / name
         trainer = Trainer(task, sub, resume=resume and (sub / "last.pt").is_file(),
-                          show_progress=show_progress)
+                          from_best=from_best, show_progress=show_progress)
         results[name] = trainer.fit()
         device = trainer.device
         trained[name] = trainer.model_from(load_checkpoint(sub / "best.pt"), str(sub / "best.pt"))

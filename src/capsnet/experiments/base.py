@@ -5,10 +5,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any, Callable
-
-from ..errors import CapsNetError
 
 VAL_SEED = 1_000_001  # generated evaluation sets are the same in every run, whatever --seed
 TEST_SEED = 2_017_000
@@ -22,11 +19,3 @@ class Experiment:
     run: Callable[..., dict[str, Any]]  # (config, settings, run_dir, *, data_dir, resume, show_progress)
     report: Callable[[dict[str, Any]], str]  # summary -> lines for the terminal
     train_defaults: dict[str, Any] = field(default_factory=dict)  # on top of the preset
-
-
-def check_new_run(run_dir: Path, *names: str) -> None:
-    """Refuse to start a run in a folder that holds one (any of ``names``)."""
-    for name in names:
-        if (run_dir / name).exists():
-            raise CapsNetError(f"{run_dir} already holds a run ({name}); use --resume {run_dir} "
-                               f"to continue it or --run-dir to start a new one")

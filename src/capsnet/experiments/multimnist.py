@@ -35,7 +35,7 @@ from ..training.trainer import Trainer
 from ..utils.distributed import World
 from ..utils.files import save_png, write_json
 from ..utils.settings import check_settings, setting
-from .base import TEST_SEED, VAL_SEED, Experiment, check_new_run
+from .base import TEST_SEED, VAL_SEED, Experiment
 
 CRITERION = "the two longest capsules are exactly the two classes"
 
@@ -222,18 +222,17 @@ def multimnist_figures(model: CapsNet, data: MultiMNIST, out_dir: Path, *, count
 
 
 def run(config: TrainConfig, settings: MultiMNISTSettings, run_dir: str | Path, *,
-        data_dir: str | None = None, resume: bool = False,
+        data_dir: str | None = None, resume: bool = False, from_best: bool = False,
         show_progress: bool = True) -> dict[str, Any]:
     """Train (or resume) a CapsNet on MultiMNIST in ``run_dir``; returns the summary."""
     run_dir = Path(run_dir)
-    if not resume:
-        check_new_run(run_dir, "summary.json", "last.pt")
     splits = load_splits(config.dataset, data_dir, config.val_size, config.val_split)
     train = splits.train
     if config.train_limit:
         train = Split(train.images[:config.train_limit], train.labels[:config.train_limit])
     task = MultiMNISTTask(config, settings, train, splits.val, splits.test, splits.num_classes)
-    trainer = Trainer(task, run_dir, resume=resume, show_progress=show_progress)
+    trainer = Trainer(task, run_dir, resume=resume, from_best=from_best,
+                      show_progress=show_progress)
     summary = trainer.fit()
     if trainer.world.is_main:
         best = trainer.model_from(load_checkpoint(run_dir / "best.pt"), str(run_dir / "best.pt"))

@@ -23,12 +23,14 @@ the model returns logits (the softmax is in the cross-entropy loss).
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass
 from typing import Any
 
 from torch import Tensor, nn
 
 from ..errors import CapsNetError
+from ..utils.device import check_fits_in_memory
+from ..utils.settings import check_settings, setting, settings_from_dict
 
 VARIANTS = ("paper", "pooled")
 ARCHITECTURE = "baseline-cnn"  # the checkpoint tag that tells these apart from CapsNets
@@ -36,26 +38,38 @@ ARCHITECTURE = "baseline-cnn"  # the checkpoint tag that tells these apart from 
 
 @dataclass(frozen=True)
 class BaselineConfig:
-    image_size: int = 28
-    in_channels: int = 1
-    num_classes: int = 10
-    variant: str = "paper"
-    conv_channels: tuple[int, ...] = (256, 256, 128)
-    kernel_size: int = 5
-    hidden: tuple[int, ...] = (328, 192)
-    dropout: float = 0.5
+    """Architecture of the baseline CNN; bounded as :class:`~capsnet.nn.model.CapsNetConfig`."""
+
+    image_size: int = setting(28, "side of the square input images", min=1, max=4096)
+    in_channels: int = setting(1, "channels of the input images", min=1, max=64)
+    num_classes: int = setting(10, "classes", min=2, max=10_000)
+    variant: str = setting("paper", "paper: no pooling; pooled: 2x2 max pooling after the "
+                           "first two convolutions", choices=VARIANTS)
+    conv_channels: tuple[int, ...] = setting((256, 256, 128), "channels of each convolution",
+                                             min=1, max=8192, max_len=16)
+    kernel_size: int = setting(5, "kernel of every convolution", min=1, max=64)
+    hidden: tuple[int, ...] = setting((328, 192), "hidden fully connected layers", min=1,
+                                      max=65_536, max_len=16)
+    dropout: float = setting(0.5, "dropout before the class layer", min=0, lt=1)
 
     def __post_init__(self) -> None:
-        if self.variant not in VARIANTS:
-            raise CapsNetError(f"baseline variant must be one of {', '.join(VARIANTS)}, "
-                               f"got {self.variant!r}")
-        object.__setattr__(self, "conv_channels", tuple(int(c) for c in self.conv_channels))
-        object.__setattr__(self, "hidden", tuple(int(h) for h in self.hidden))
-        if not 0 <= self.dropout < 1:
-            raise CapsNetError(f"dropout must be in [0, 1), got {self.dropout}")
+        for name in ("conv_channels", "hidden"):
+            if isinstance(getattr(self, name), list):
+                object.__setattr__(self, name, tuple(getattr(self, name)))
+        check_settings(self)
         if self.feature_size < 1:
             raise CapsNetError(f"image_size {self.image_size} is too small for the "
                                f"{self.variant} baseline")
+        check_fits_in_memory(4 * self.parameter_count, "its weights")
+
+    @property
+    def parameter_count(self) -> int:
+        """Number of parameters, from the config alone."""
+        sizes = [self.in_channels, *self.conv_channels]
+        convs = sum((n_in * self.kernel_size ** 2 + 1) * n_out
+                    for n_in, n_out in zip(sizes, sizes[1:]))
+        dense = [self.conv_channels[-1] * self.feature_size ** 2, *self.hidden, self.num_classes]
+        return convs + sum((n_in + 1) * n_out for n_in, n_out in zip(dense, dense[1:]))
 
     @property
     def pooled_layers(self) -> int:
@@ -76,12 +90,8 @@ class BaselineConfig:
         return d
 
     @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> "BaselineConfig":
-        known = {f.name for f in fields(cls)}
-        unknown = sorted(set(d) - known)
-        if unknown:
-            raise CapsNetError(f"unknown baseline config keys: {', '.join(unknown)}")
-        return cls(**d)
+    def from_dict(cls, data: Any) -> "BaselineConfig":
+        return settings_from_dict(cls, data, "baseline config")
 
 
 class BaselineCNN(nn.Module):

@@ -7,13 +7,16 @@
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass
 from typing import Any, NamedTuple
 
 import torch
 from torch import Tensor, nn
 import torch.nn.functional as F
 
+from ..errors import CapsNetError
+from ..utils.device import check_fits_in_memory
+from ..utils.settings import check_settings, setting, settings_from_dict
 from .layers import PRIMARY_STYLES, PrimaryCapsules, RoutingCapsules, safe_norm
 
 INITS = ("glorot", "official", "torch")
@@ -21,50 +24,41 @@ INITS = ("glorot", "official", "torch")
 
 @dataclass(frozen=True)
 class CapsNetConfig:
-    """Architecture of a CapsNet. The defaults are the notebook's MNIST network."""
+    """Architecture of a CapsNet. The defaults are the notebook's MNIST network. Every field
+    is bounded (a value past a bound is a typo, not a plan), and a network whose weights
+    would not fit in this machine's memory is refused before anything is allocated."""
 
-    image_size: int = 28  # square inputs: 28 MNIST, 36 MultiMNIST, 40 affNIST-style
-    in_channels: int = 1
-    num_classes: int = 10
-    conv1_channels: int = 256
-    conv1_kernel: int = 9
-    primary_maps: int = 32
-    primary_dim: int = 8
-    primary_kernel: int = 9
-    primary_stride: int = 2
-    digit_dim: int = 16
-    routing_iterations: int = 2  # notebook 2, paper 3
-    weight_init_std: float = 0.1  # of the routing matrices W
-    decoder_hidden: tuple[int, ...] = (512, 1024)
-    primary_style: str = "notebook"  # or "official": no ReLU, convolution / maps (see layers)
-    routing_bias: bool = False  # the official code's learned bias on s_j
-    init: str = "glorot"  # see CapsNet.reset_parameters
+    image_size: int = setting(28, "side of the square input images (28 MNIST, 36 MultiMNIST, "
+                              "40 affNIST-style)", min=1, max=4096)
+    in_channels: int = setting(1, "channels of the input images", min=1, max=64)
+    num_classes: int = setting(10, "classes, one digit capsule each", min=2, max=10_000)
+    conv1_channels: int = setting(256, "channels of the first convolution", min=1, max=8192)
+    conv1_kernel: int = setting(9, "kernel of the first convolution", min=1, max=64)
+    primary_maps: int = setting(32, "primary capsule maps", min=1, max=4096)
+    primary_dim: int = setting(8, "dimensions of a primary capsule", min=1, max=1024)
+    primary_kernel: int = setting(9, "kernel of the primary capsule convolution", min=1, max=64)
+    primary_stride: int = setting(2, "stride of the primary capsule convolution", min=1, max=64)
+    digit_dim: int = setting(16, "dimensions of a digit capsule", min=1, max=1024)
+    routing_iterations: int = setting(2, "routing iterations (notebook 2, paper 3)", min=1,
+                                      max=100)
+    weight_init_std: float = setting(0.1, "standard deviation of the routing matrices W",
+                                     gt=0, max=10)
+    decoder_hidden: tuple[int, ...] = setting((512, 1024), "hidden layers of the decoder",
+                                              min=1, max=65_536, max_len=16)
+    primary_style: str = setting("notebook", "notebook: squash(ReLU(conv)); official: "
+                                 "squash(conv / maps + bias) (see layers)", choices=PRIMARY_STYLES)
+    routing_bias: bool = setting(False, "the official code's learned bias on s_j")
+    init: str = setting("glorot", "see CapsNet.reset_parameters", choices=INITS)
 
     def __post_init__(self) -> None:
-        for f in fields(self):
-            value = getattr(self, f.name)
-            if f.name == "decoder_hidden":
-                object.__setattr__(self, f.name, tuple(int(v) for v in value))
-                if any(v < 1 for v in self.decoder_hidden):
-                    raise ValueError(f"decoder_hidden sizes must be positive, got {value}")
-            elif f.name == "weight_init_std":
-                if not value > 0:
-                    raise ValueError(f"weight_init_std must be positive, got {value}")
-            elif f.name in CHOICES:
-                if value not in CHOICES[f.name]:
-                    raise ValueError(f"{f.name} must be one of {', '.join(CHOICES[f.name])}, "
-                                     f"got {value!r}")
-            elif f.name == "routing_bias":
-                if not isinstance(value, bool):
-                    raise ValueError(f"routing_bias must be true or false, got {value!r}")
-            elif isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise ValueError(f"{f.name} must be a positive integer, got {value!r}")
-        if self.num_classes < 2:
-            raise ValueError(f"num_classes must be at least 2, got {self.num_classes}")
+        if isinstance(self.decoder_hidden, list):
+            object.__setattr__(self, "decoder_hidden", tuple(self.decoder_hidden))
+        check_settings(self)
         if self.primary_grid < 1:
-            raise ValueError(
+            raise CapsNetError(
                 f"image_size {self.image_size} is too small for two {self.conv1_kernel}x"
                 f"{self.conv1_kernel} / {self.primary_kernel}x{self.primary_kernel} convolutions")
+        check_fits_in_memory(4 * self.parameter_count, "its weights")
 
     @property
     def primary_grid(self) -> int:
@@ -81,21 +75,27 @@ class CapsNetConfig:
     def image_pixels(self) -> int:
         return self.in_channels * self.image_size ** 2
 
+    @property
+    def parameter_count(self) -> int:
+        """Number of parameters of the network, from the config alone (8,215,568 by default)."""
+        c1, maps_dims = self.conv1_channels, self.primary_maps * self.primary_dim
+        convs = (self.in_channels * self.conv1_kernel ** 2 + 1) * c1 \
+            + (c1 * self.primary_kernel ** 2 + 1) * maps_dims
+        routing = self.primary_caps * self.num_classes * self.digit_dim * self.primary_dim \
+            + self.routing_bias * self.num_classes * self.digit_dim
+        sizes = [self.num_classes * self.digit_dim, *self.decoder_hidden, self.image_pixels]
+        decoder = sum((n_in + 1) * n_out for n_in, n_out in zip(sizes, sizes[1:]))
+        return convs + routing + decoder
+
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)
         d["decoder_hidden"] = list(self.decoder_hidden)
         return d
 
     @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> "CapsNetConfig":
-        known = {f.name for f in fields(cls)}
-        unknown = sorted(set(d) - known)
-        if unknown:
-            raise ValueError(f"unknown model config keys: {', '.join(unknown)}")
-        return cls(**d)
-
-
-CHOICES = {"primary_style": PRIMARY_STYLES, "init": INITS}
+    def from_dict(cls, data: Any) -> "CapsNetConfig":
+        """A config from stored ``data`` (a checkpoint, a safetensors header): checked."""
+        return settings_from_dict(cls, data, "model config")
 
 
 class CapsNetOutput(NamedTuple):

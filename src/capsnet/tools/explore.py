@@ -44,12 +44,12 @@ a message, and the server keeps serving.
 
 from __future__ import annotations
 
+import ipaddress
 import json
 import random
 import socket
 import sys
 import threading
-import traceback
 from dataclasses import dataclass
 from http import HTTPStatus
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -364,18 +364,37 @@ class Handler(BaseHTTPRequestHandler):
     def handle_safely(self, route: Any) -> None:
         """Run ``route``; turn :class:`ApiError` into its status and anything else into 500."""
         try:
+            self.check_host()
             route()
         except ApiError as exc:
             self.send_json({"error": str(exc)}, exc.status)
         except (BrokenPipeError, ConnectionResetError, TimeoutError):
             self.close_connection = True
         except Exception as exc:  # noqa: BLE001 - one bad request must not stop the server
-            traceback.print_exc(file=sys.stderr)
+            print(f"capsnet explore: {self.command} {self.path[:200]!r} failed: "
+                  f"{type(exc).__name__}: {exc}", file=sys.stderr)
             try:
                 self.send_json({"error": f"internal error: {type(exc).__name__}: {exc}"},
                                HTTPStatus.INTERNAL_SERVER_ERROR)
             except OSError:
                 self.close_connection = True
+
+    def check_host(self) -> None:
+        """Answer only requests addressed to this server by a name it was bound to, so that a
+        web page elsewhere cannot reach it through DNS rebinding."""
+        allowed = self.server.allowed_hosts
+        if allowed is not None and (self.headers.get("Host") or "").lower() not in allowed:
+            self.close_connection = True
+            raise ApiError("this server answers only requests for " + ", ".join(sorted(allowed)),
+                           HTTPStatus.FORBIDDEN)
+
+    def send_error(self, code: int, message: str | None = None, explain: str | None = None) -> None:
+        """http.server's own errors (a bad request line, an unknown method) as JSON too."""
+        self.close_connection = True
+        try:
+            self.send_json({"error": message or HTTPStatus(code).phrase}, code)
+        except OSError:
+            pass
 
     def route_get(self) -> None:
         url = urlsplit(self.path)
@@ -398,6 +417,11 @@ class Handler(BaseHTTPRequestHandler):
                 self.refuse_method()
             self.close_connection = True  # the body is left unread
             raise ApiError(f"not found: {path}", HTTPStatus.NOT_FOUND)
+        content_type = (self.headers.get("Content-Type") or "").split(";")[0].strip().lower()
+        if content_type != "application/json":
+            self.close_connection = True
+            raise ApiError("send the request as Content-Type: application/json",
+                           HTTPStatus.UNSUPPORTED_MEDIA_TYPE)
         self.send_json(self.server.explorer.predict(parse_body(self.read_body())))
 
     def refuse_method(self) -> None:
@@ -472,6 +496,17 @@ class ExploreServer(ThreadingHTTPServer):
         self.explorer = explorer
         self.verbose = verbose
         super().__init__(address, Handler)
+        host, port = self.server_address[:2]
+        self.allowed_hosts = (None if not ipaddress.ip_address(host).is_loopback else
+                              {f"{name}:{port}" for name in ("127.0.0.1", "localhost", "[::1]")})
+
+    def handle_error(self, request: Any, client_address: Any) -> None:
+        """A client that hangs up is not an error; anything else is one line on stderr."""
+        exc = sys.exc_info()[1]
+        if isinstance(exc, (ConnectionError, TimeoutError)):
+            return
+        print(f"capsnet explore: request from {client_address[0]} failed: "
+              f"{type(exc).__name__}: {exc}", file=sys.stderr)
 
     @property
     def url(self) -> str:

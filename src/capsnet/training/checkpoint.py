@@ -40,10 +40,11 @@ import torch
 
 from torch import nn
 
-from ..errors import CapsNetError
+from ..errors import CapsNetError, first_line
 from ..nn.baseline import ARCHITECTURE as CNN, BaselineCNN, BaselineConfig
 from ..nn.model import CapsNet, CapsNetConfig
 from ..utils.files import atomic_write_bytes
+from .config import TrainConfig
 
 FORMAT = "capsnet-checkpoint"
 VERSION = 1
@@ -207,6 +208,11 @@ def load_checkpoint(path: str | os.PathLike, *, resumable: bool = False) -> dict
         raise CapsNetError(f"{path}: checksum mismatch (stored sha256 {one_line(stored)}, content "
                            f"{actual}): the file is corrupt")
     check_structure(payload, path, resumable)
+    if "train_config" in payload:  # stored settings obey the flags' rules
+        try:
+            TrainConfig.from_dict(payload["train_config"])
+        except CapsNetError as exc:
+            raise CapsNetError(f"{path}: {exc}") from None
     return payload
 
 
@@ -283,16 +289,6 @@ def unpickling_reason(exc: BaseException) -> str:
 def one_line(value: Any, limit: int = 64) -> str:
     """``value`` as text for a one-line message: no line breaks, at most ``limit`` characters."""
     return " ".join(str(value).split())[:limit]
-
-
-def first_line(exc: BaseException) -> str:
-    """``exc``'s first line, after its type unless it is a plain RuntimeError or OSError."""
-    lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
-    if not lines:
-        return type(exc).__name__
-    if type(exc) in (RuntimeError, OSError):
-        return lines[0][:200]
-    return f"{type(exc).__name__}: {lines[0]}"[:200]
 
 
 def model_from_checkpoint(payload: dict[str, Any], source: str = "checkpoint",

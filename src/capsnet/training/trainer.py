@@ -108,29 +108,53 @@ def stop_on_sigint() -> Iterator[threading.Event]:
         signal.signal(signal.SIGINT, previous)
 
 
-def saved_config(run_dir: str | Path) -> TrainConfig:
-    """The training settings of the run in ``run_dir`` (from its ``last.pt``)."""
-    path = Path(run_dir) / "last.pt"
-    if not path.is_file():
-        raise CapsNetError(f"--resume {run_dir}: no last.pt there to resume from")
-    return TrainConfig.from_dict(load_checkpoint(path, resumable=True)["train_config"])
+def resume_point(run_dir: str | Path, from_best: bool = False) -> dict[str, Any]:
+    """The checkpoint a resumed run continues from: ``last.pt``, or ``best.pt`` with
+    ``from_best``. A damaged last.pt is refused with a pointer to an intact best.pt."""
+    run_dir = Path(run_dir)
+    name = "best.pt" if from_best else "last.pt"
+    if not (run_dir / name).is_file():
+        raise CapsNetError(f"--resume {run_dir}: no {name} there to resume from")
+    try:
+        return load_checkpoint(run_dir / name, resumable=True)
+    except CapsNetError as exc:
+        if from_best or not (run_dir / "best.pt").is_file():
+            raise
+        try:
+            epoch = load_checkpoint(run_dir / "best.pt", resumable=True)["progress"]["epoch"]
+        except CapsNetError:
+            raise exc from None
+        raise CapsNetError(f"{exc}; best.pt (after epoch {epoch}) is intact: add --from-best to "
+                           f"continue from it (last.pt is kept, renamed)") from None
+
+
+def saved_config(run_dir: str | Path, from_best: bool = False) -> TrainConfig:
+    """The training settings of the run in ``run_dir``."""
+    return TrainConfig.from_dict(resume_point(run_dir, from_best)["train_config"])
 
 
 class Trainer:
     """Owns the model, optimiser and progress of one run of ``task``; :meth:`fit` runs it.
 
-    ``resume=True`` continues the run in ``run_dir`` from its ``last.pt`` (the task's config
-    may differ from the run's only where :func:`~capsnet.training.config.resume_config`
-    allows); ``init_from`` starts a new run from a checkpoint's weights and optimizer state.
+    ``resume=True`` continues the run in ``run_dir`` from its ``last.pt`` (``from_best``:
+    from its ``best.pt``, the old last.pt renamed aside); the task's config may differ from
+    the run's only where :func:`~capsnet.training.config.resume_config` allows.
+    ``init_from`` starts a new run from a checkpoint's weights and optimizer state.
     """
 
     def __init__(self, task: Task, run_dir: str | Path, *, resume: bool = False,
-                 init_from: str | Path | None = None, show_progress: bool = True) -> None:
+                 from_best: bool = False, init_from: str | Path | None = None,
+                 show_progress: bool = True) -> None:
         self.task, self.config, self.run_dir = task, task.config, Path(run_dir)
         self.init_from = None if resume or init_from is None else Path(init_from)
-        payload = load_checkpoint(self.run_dir / "last.pt", resumable=True) if resume else None
+        if not resume and (self.run_dir / "last.pt").exists():
+            raise CapsNetError(f"{self.run_dir} already holds a run; resume it or start a new "
+                               f"one elsewhere")
+        payload = resume_point(self.run_dir, from_best) if resume else None
         if payload is not None:
             self.check_resumable(payload)
+            if from_best:
+                set_aside(self.run_dir / "last.pt")
         config = self.config
         if config.deterministic:
             torch.use_deterministic_algorithms(True)
@@ -147,11 +171,11 @@ class Trainer:
                          "best": -math.inf if task.higher_is_better else math.inf}
         start = payload or (load_checkpoint(self.init_from) if self.init_from else None)
         if start is not None:
-            self.model = self.model_from(start, str(self.run_dir / "last.pt") if payload
+            self.model = self.model_from(start, f"--resume {self.run_dir}" if payload
                                          else f"--init-from {self.init_from}")
         if payload is not None:
             self.progress = progress_of(payload)
-            restore_rng(payload.get("rng_state"), str(self.run_dir / "last.pt"))
+            restore_rng(payload.get("rng_state"), str(self.run_dir))
         self.model.to(self.device)
         self.optimizer = torch.optim.Adam(self.model.parameters(), lr=config.lr)
         if start is not None and "optimizer" in start:
@@ -346,6 +370,15 @@ class Trainer:
         return summary
 
 
+def set_aside(path: Path) -> None:
+    """Rename ``path`` (a last.pt being replaced) to ``last.<date-time>.pt``, so nothing is lost."""
+    if path.exists():
+        try:
+            path.rename(path.with_name(f"{path.stem}.{time.strftime('%Y%m%d-%H%M%S')}{path.suffix}"))
+        except OSError as exc:
+            raise CapsNetError(f"could not rename {path} aside: {exc.strerror or exc}") from None
+
+
 def restore_rng(state: Any, source: str) -> None:
     """Continue the random stream a checkpoint saved (dropout draws from it)."""
     if state is None:
@@ -357,12 +390,12 @@ def restore_rng(state: Any, source: str) -> None:
 
 
 def train(config: TrainConfig, run_dir: str | Path, *, data_dir: str | None = None,
-          resume: bool = False, init_from: str | Path | None = None,
+          resume: bool = False, from_best: bool = False, init_from: str | Path | None = None,
           show_progress: bool = True) -> dict[str, Any]:
     """Train (or resume) a CapsNet on ``config.dataset`` in ``run_dir``; returns the summary."""
     try:
         task = Classification.from_config(config, data_dir)
-        return Trainer(task, run_dir, resume=resume, init_from=init_from,
+        return Trainer(task, run_dir, resume=resume, from_best=from_best, init_from=init_from,
                        show_progress=show_progress).fit()
     finally:
         shutdown()

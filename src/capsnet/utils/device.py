@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import os
 import platform
 from pathlib import Path
 
@@ -43,3 +44,19 @@ def device_name(device: torch.device) -> str:
     if device.type == "cuda":
         return torch.cuda.get_device_name(device)
     return f"cpu ({cpu_model()}, {torch.get_num_threads()} threads)"
+
+
+def physical_memory() -> int:
+    """Bytes of memory of this machine (0 when the system does not say)."""
+    try:
+        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (ValueError, OSError, AttributeError):
+        return 0
+
+
+def check_fits_in_memory(needed: int, what: str) -> None:
+    """Refuse to allocate ``needed`` bytes for ``what`` when this machine has fewer."""
+    total = physical_memory()
+    if total and needed > total:
+        raise CapsNetError(f"{what} would need {needed / 2**30:,.1f} GiB, more than this "
+                           f"machine's {total / 2**30:,.1f} GiB of memory")

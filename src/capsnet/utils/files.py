@@ -6,6 +6,7 @@ import io
 import json
 import os
 import secrets
+import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -40,6 +41,23 @@ def write_or_fail(path: str | os.PathLike, data: bytes) -> None:
         atomic_write_bytes(path, data)
     except OSError as exc:
         raise CapsNetError(f"could not write {path}: {exc.strerror or exc}") from None
+
+
+def check_writable_folder(folder: str | os.PathLike, what: str) -> None:
+    """Refuse, before any work, a ``folder`` that could not be created or written in: an
+    existing file in its way, a read-only place. Nothing is left behind by the check."""
+    folder = Path(folder)
+    existing = folder
+    while not existing.exists() and existing != existing.parent:
+        existing = existing.parent
+    if not existing.is_dir():
+        blocker = "is a file" if existing == folder else f"cannot be made: {existing} is a file"
+        raise CapsNetError(f"{what} {folder} {blocker}")
+    try:
+        os.rmdir(tempfile.mkdtemp(prefix=".capsnet-write-check-", dir=existing))
+    except OSError as exc:
+        raise CapsNetError(f"{what} {folder}: cannot write in {existing} "
+                           f"({exc.strerror or exc})") from None
 
 
 def write_json(path: str | os.PathLike, data: Any) -> None:

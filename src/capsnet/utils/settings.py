@@ -20,19 +20,20 @@ from typing import Any, Mapping
 
 from ..errors import CapsNetError
 
-TYPES = (bool, int, float, str)
+SIZES = tuple[int, ...]  # a list of layer sizes; "min"/"max" bound each, "max_len" the count
+TYPES = (bool, int, float, str, SIZES)
 BOUNDS = {"min": operator.ge, "max": operator.le, "gt": operator.gt, "lt": operator.lt}
 
 
 def setting(default: Any, help: str, *, min: float | None = None, max: float | None = None,
             gt: float | None = None, lt: float | None = None,
-            choices: tuple[str, ...] | None = None, resume: bool = False,
-            flag: bool = True) -> Any:
+            choices: tuple[str, ...] | None = None, max_len: int | None = None,
+            resume: bool = False, flag: bool = True) -> Any:
     """A dataclass field with its help text and rules. ``min``/``max`` are inclusive bounds,
     ``gt``/``lt`` exclusive ones; ``resume=True`` lets ``--resume`` change it; ``flag=False``
     keeps it off the command line (set another way)."""
     rules = {"help": help, "min": min, "max": max, "gt": gt, "lt": lt, "choices": choices,
-             "resume": resume, "flag": flag}
+             "max_len": max_len, "resume": resume, "flag": flag}
     return field(default=default, metadata=rules)
 
 
@@ -43,13 +44,17 @@ def setting_fields(cls: type) -> list[tuple[Field, type]]:
     for f in fields(cls):
         kind = hints[f.name]
         if kind not in TYPES:
-            raise TypeError(f"{cls.__name__}.{f.name}: settings are bool, int, float or str")
+            raise TypeError(f"{cls.__name__}.{f.name}: settings are bool, int, float, str or "
+                            f"tuple[int, ...]")
         result.append((f, kind))
     return result
 
 
 def requirement(kind: type, rules: Mapping[str, Any]) -> str:
     """What a value must be, in words: ``an integer >= 1``, ``a number in (0, 1]``, ..."""
+    if kind == SIZES:
+        return (f"a list of 1 to {rules['max_len']} sizes, each "
+                f"{requirement(int, {**rules, 'max_len': None})}")
     if rules.get("choices"):
         return f"one of {', '.join(rules['choices'])}"
     if kind is bool:
@@ -75,6 +80,9 @@ def requirement(kind: type, rules: Mapping[str, Any]) -> str:
 
 def valid(value: Any, kind: type, rules: Mapping[str, Any]) -> bool:
     """Whether ``value`` is a ``kind`` within ``rules``."""
+    if kind == SIZES:
+        return (isinstance(value, (tuple, list)) and 1 <= len(value) <= rules["max_len"]
+                and all(valid(v, int, rules) for v in value))
     if kind is bool:
         return isinstance(value, bool)
     if kind is str:
@@ -104,6 +112,7 @@ def settings_from_dict(cls: type, data: Any, what: str) -> Any:
     known names; missing names take their defaults; values are checked as flags are."""
     if not isinstance(data, dict):
         raise CapsNetError(f"{what} must be a dict of settings, got {short(data)}")
+    data = {k: tuple(v) if isinstance(v, list) else v for k, v in data.items()}  # from JSON
     known = {f.name for f in fields(cls)}
     unknown = sorted(str(k) for k in data if k not in known)
     if unknown:
