@@ -699,7 +699,7 @@ BAD_DATA = {
     "count-mismatch": (lambda d: write_idx(d / TRAIN_LABELS, read_idx(d / TRAIN_LABELS)[:-3]),
                        "240 images but 237 labels"),
     "labels-as-images": (lambda d: shutil.copy(d / TRAIN_LABELS, d / TRAIN_IMAGES),
-                         "images must have 3 dimensions (N, H, W), got (240,)"),
+                         "images must have 3 dimensions (N, H, W) or 4 (N, C, H, W), got (240,)"),
     "not-square": (lambda d: [write_idx(d / name, read_idx(d / name)[:, :, :20])
                               for name in (TRAIN_IMAGES, TEST_IMAGES)],
                    "images must be square, got (28, 20)"),

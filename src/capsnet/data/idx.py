@@ -98,9 +98,10 @@ def write_idx(path: str | os.PathLike, array: np.ndarray) -> None:
 
 def check_images_labels(images: np.ndarray, labels: np.ndarray, num_classes: int,
                         name: str) -> None:
-    """Raise unless ``images`` (N, H, W) and ``labels`` (N,) belong together."""
-    if images.ndim != 3:
-        raise CapsNetError(f"{name}: images must have 3 dimensions (N, H, W), got {images.shape}")
+    """Raise unless ``images`` (N, H, W) or (N, C, H, W) and ``labels`` (N,) belong together."""
+    if images.ndim not in (3, 4):
+        raise CapsNetError(f"{name}: images must have 3 dimensions (N, H, W) or 4 (N, C, H, W), "
+                           f"got {images.shape}")
     if labels.ndim != 1:
         raise CapsNetError(f"{name}: labels must have 1 dimension, got {labels.shape}")
     if len(images) != len(labels):

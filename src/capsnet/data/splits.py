@@ -85,8 +85,9 @@ def load_splits(dataset: str, data_dir: str | os.PathLike | None = None,
     images of the training file (``val_split="first"``, as TensorFlow's ``read_data_sets``
     that the notebook uses) or the last ones (``"last"``); training gets the rest.
 
-    ``dataset`` is a registered name (``mnist``, ``fashion-mnist``) or a folder holding the
-    four IDX files of the user's own data (square grayscale images, labels from 0).
+    ``dataset`` is a registered name (:data:`~capsnet.data.sources.DATASETS`) or a folder
+    holding the four IDX files of the user's own data (square grayscale images, labels 0 ..
+    K-1). Images come as uint8 ``(N, H, W)`` (one channel) or ``(N, C, H, W)``.
     """
     if dataset in DATASETS:
         arrays = acquire(dataset, data_dir)
@@ -96,6 +97,12 @@ def load_splits(dataset: str, data_dir: str | os.PathLike | None = None,
         arrays = read_folder(dataset)
         num_classes = classes_of(arrays["train_labels"], dataset)
         class_names = tuple(str(i) for i in range(num_classes))
+    return split_arrays(arrays, dataset, num_classes, class_names, val_size, val_split)
+
+
+def split_arrays(arrays: dict[str, np.ndarray], dataset: str, num_classes: int,
+                 class_names: tuple[str, ...], val_size: int, val_split: str) -> Splits:
+    """Check the four arrays of a data set and cut validation off its training part."""
     for part in ("train", "test"):
         check_images_labels(arrays[f"{part}_images"], arrays[f"{part}_labels"], num_classes,
                             f"{dataset} {part}")
@@ -103,7 +110,7 @@ def load_splits(dataset: str, data_dir: str | os.PathLike | None = None,
     if arrays["test_images"].shape[1:] != train_images.shape[1:]:
         raise CapsNetError(f"{dataset}: test images {arrays['test_images'].shape[1:]} differ "
                            f"from training images {train_images.shape[1:]}")
-    if train_images.shape[1] != train_images.shape[2]:
+    if train_images.shape[-1] != train_images.shape[-2]:
         raise CapsNetError(f"{dataset}: images must be square, got {train_images.shape[1:]}")
     if not 0 < val_size < len(train_images):
         raise CapsNetError(f"validation size {val_size} must be between 1 and "
@@ -115,7 +122,8 @@ def load_splits(dataset: str, data_dir: str | os.PathLike | None = None,
     train_part, val_part = (tail, head) if val_split == "first" else (head, tail)
 
     def split(images: np.ndarray, labels: np.ndarray) -> Split:
-        return Split(torch.from_numpy(images.copy()).unsqueeze(1),
+        images = torch.from_numpy(images.copy())
+        return Split(images.unsqueeze(1) if images.dim() == 3 else images,
                      torch.from_numpy(labels.astype(np.int64)))
 
     return Splits(split(train_images[train_part], train_labels[train_part]),
