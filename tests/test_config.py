@@ -12,7 +12,7 @@ from capsnet.errors import CapsNetError
 
 # Where a run is and how it is executed: not part of any source's recipe.
 HOW = {"dataset": "mnist", "seed": 0, "device": "auto", "precision": "fp32", "compile": False,
-       "deterministic": False, "eval_batch_size": 500}
+       "deterministic": False, "eval_batch_size": 500, "time_limit": 0.0}
 
 # The tutorial notebook and the TensorFlow helper it calls (read_data_sets).
 NOTEBOOK = {
@@ -89,14 +89,14 @@ def test_stored_settings_must_be_a_dict() -> None:
         TrainConfig.from_dict(["lr", 0.1])
 
 
-def test_resume_may_change_only_epochs_device_and_compile() -> None:
+def test_resume_may_change_only_how_long_and_where() -> None:
     saved = make_config("seed", epochs=2)
     resumed = resume_config(saved, {"epochs": 5, "device": "cpu", "compile": True,
                                     "batch_size": 50, "lr": None})
     assert (resumed.epochs, resumed.device, resumed.compile) == (5, "cpu", True)
     assert replace(resumed, epochs=2, device="auto", compile=False) == saved
     with pytest.raises(CapsNetError, match=r"batch_size is 50 there, not 64 \(only --epochs, "
-                                           r"--device, --compile may change\)"):
+                                           r"--time-limit, --device, --compile may change\)"):
         resume_config(saved, {"batch_size": 64})
 
 

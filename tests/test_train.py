@@ -144,3 +144,13 @@ def test_the_mnist_run_is_the_plain_training_loop(tiny_dataset: Path, tmp_path: 
             step += 1
     for name, tensor in model.state_dict().items():
         assert torch.equal(tensor, trainer.model.state_dict()[name]), name
+
+
+def test_a_time_limit_stops_between_epochs_and_says_so(tiny_dataset: Path, tmp_path: Path,
+                                                       one_thread) -> None:
+    config = tiny_config(tiny_dataset, epochs=50, time_limit=1e-6)
+    summary = train(config, tmp_path / "run", show_progress=False)
+    assert summary["epochs"] == 1  # the first epoch always runs
+    assert summary["cut_short"] == "time limit of 1e-06 s: stopped after epoch 1 of 50"
+    assert train(tiny_config(tiny_dataset), tmp_path / "whole",
+                 show_progress=False)["cut_short"] is None

@@ -65,6 +65,9 @@ class TrainConfig:
     train_limit: int = setting(0, "train on the first N training images only (0: all)", min=0)
     seed: int = setting(0, "random seed of the weights, the data order and the shifts",
                         min=0, max=MAX_SEED)
+    time_limit: float = setting(0.0, "seconds this call may train: no epoch starts that would end "
+                                "past it (0: no limit); the summary says where it stopped",
+                                min=0, resume=True)
     device: str = setting("auto", "auto: CUDA when available", choices=DEVICES, resume=True)
     precision: str = setting("fp32", "bf16: autocast matmuls and convolutions to bfloat16",
                              choices=PRECISIONS)

@@ -304,12 +304,18 @@ class Trainer:
                 "world_size": self.world.world_size,
                 "init_from": str(self.init_from) if self.init_from else None})
             log = MetricsLog(self.run_dir, self.progress["epoch"])
-        train_seconds, train_images = 0.0, 0
+        train_seconds, train_images, epochs_run = 0.0, 0, 0
         began = time.perf_counter()
+        self.cut_short = None
         try:
             with stop_on_sigint() as stop:
                 for epoch in range(self.progress["epoch"], config.epochs):
+                    if epochs_run and self.out_of_time(time.perf_counter() - began, epochs_run):
+                        self.cut_short = (f"time limit of {config.time_limit:g} s: stopped after "
+                                          f"epoch {epoch} of {config.epochs}")
+                        break
                     stats = self.train_epoch(epoch, stop)
+                    epochs_run += 1
                     train_seconds += stats["seconds"]
                     train_images += stats["images"]
                     # Ctrl-C in an epoch's last step stops after its validation and save,
@@ -325,6 +331,13 @@ class Trainer:
             if log is not None:
                 log.close()
         return self.finish(time.perf_counter() - began, train_images, train_seconds)
+
+    def out_of_time(self, elapsed: float, epochs_run: int) -> bool:
+        """Whether one more epoch, as long as the average so far, would end past the time
+        limit (all ranks decide together)."""
+        limit = self.config.time_limit
+        late = bool(limit) and elapsed + elapsed / epochs_run > limit
+        return any_rank(late, self.world, self.device)
 
     def improves(self, value: float) -> bool:
         best = self.progress["best"]
@@ -363,7 +376,10 @@ class Trainer:
                    "epochs": self.progress["epoch"], "steps": self.progress["step"],
                    "wall_seconds": wall_seconds,
                    "train_images_per_s": train_images / train_seconds if train_seconds else None,
-                   "device": device_name(self.device), "torch": torch.__version__,
+                   "cut_short": self.cut_short, "device": device_name(self.device),
+                   "torch": torch.__version__, "cuda": torch.version.cuda,
+                   "peak_gpu_memory_mb": (torch.cuda.max_memory_allocated(self.device) / 2**20
+                                          if self.device.type == "cuda" else None),
                    "date": time.strftime("%Y-%m-%d"), "checkpoint": str(best)}
         if self.world.is_main:
             write_json(self.run_dir / "summary.json", summary)
