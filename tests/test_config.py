@@ -12,7 +12,8 @@ from capsnet.errors import CapsNetError
 
 # Where a run is and how it is executed: not part of any source's recipe.
 HOW = {"dataset": "mnist", "seed": 0, "device": "auto", "precision": "fp32", "compile": False,
-       "deterministic": False, "eval_batch_size": 500, "time_limit": 0.0}
+       "deterministic": False, "eval_batch_size": 500, "time_limit": 0.0, "image_size": 0,
+       "channels": 0}
 
 # The tutorial notebook and the TensorFlow helper it calls (read_data_sets).
 NOTEBOOK = {

@@ -18,6 +18,7 @@ import torch
 import capsnet.data.sources as data
 from capsnet.data import (FILE_NAMES, ROLES, DatasetSpec, Split, acquire, batches,
                           check_images_labels, load_splits, read_idx, shift_images, write_idx)
+from capsnet.data.formats import read_idx_files
 from capsnet.errors import CapsNetError
 from conftest import write_dataset
 
@@ -118,11 +119,12 @@ def source(tmp_path: Path) -> Path:
 @pytest.fixture()
 def fake_spec(source: Path, monkeypatch: pytest.MonkeyPatch) -> Callable[..., DatasetSpec]:
     """Register data set ``fake`` whose MD5s match ``source``; keyword args override fields."""
-    md5 = {role: hashlib.md5(gzip.decompress((source / (FILE_NAMES[role] + ".gz")).read_bytes()))
-           .hexdigest() for role in ROLES}
+    md5 = {name: hashlib.md5(gzip.decompress((source / (name + ".gz")).read_bytes())).hexdigest()
+           for name in FILE_NAMES.values()}
 
     def register(**fields) -> DatasetSpec:
-        spec = DatasetSpec(name="fake", md5=md5, **{"npm_package": None, **fields})
+        spec = DatasetSpec(name="fake", md5=md5, reader=read_idx_files, gzipped=True,
+                           **{"npm_package": None, **fields})
         monkeypatch.setitem(data.DATASETS, "fake", spec)
         return spec
 
@@ -210,7 +212,7 @@ def test_bad_checksum_is_skipped_and_failure_lists_every_source(
     write_idx(tampered / (FILE_NAMES["test_labels"] + ".gz"), labels)
     bad_md5 = hashlib.md5(gzip.decompress(
         (tampered / (FILE_NAMES["test_labels"] + ".gz")).read_bytes())).hexdigest()
-    good_md5 = data.DATASETS["fake"].md5["test_labels"]
+    good_md5 = data.DATASETS["fake"].md5[FILE_NAMES["test_labels"]]
     dead, bad = dead_url(), serve(tampered)
 
     with pytest.raises(CapsNetError) as info:

@@ -137,7 +137,7 @@ def test_load_safetensors_refuses_foreign_files(tmp_path) -> None:
         load_safetensors(tmp_path / "missing.safetensors")
     garbage = tmp_path / "garbage.safetensors"
     garbage.write_bytes(b"\x10\x00\x00\x00\x00\x00\x00\x00not json at all!")
-    with pytest.raises(CapsNetError, match="not a readable safetensors file"):
+    with pytest.raises(CapsNetError, match="not a valid safetensors file"):
         load_safetensors(garbage)
     foreign = tmp_path / "foreign.safetensors"
     safetensors_torch.save_file({"w": torch.zeros(2)}, str(foreign))

@@ -1,5 +1,7 @@
 """capsnet: Capsule Networks with dynamic routing on PyTorch."""
 
+import importlib.metadata
+
 from .nn.layers import PrimaryCapsules, RoutingCapsules, safe_norm, squash
 from .nn.losses import capsule_loss, margin_loss, reconstruction_loss
 from .nn.model import CapsNet, CapsNetConfig, CapsNetOutput, capsnet_mnist, count_parameters
@@ -7,7 +9,7 @@ from .training.config import TrainConfig, make_config
 from .training.task import Classification, Task
 from .training.trainer import Trainer, train
 
-__version__ = "0.1.0"
+__version__ = importlib.metadata.version("capsnet")
 
 __all__ = [
     "CapsNet", "CapsNetConfig", "CapsNetOutput", "Classification", "PrimaryCapsules",

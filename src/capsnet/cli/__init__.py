@@ -7,6 +7,7 @@ training saves a resumable checkpoint and exits with 130.
 
 from __future__ import annotations
 
+import importlib.metadata
 import os
 import sys
 from typing import Sequence
@@ -28,6 +29,8 @@ COMMANDS = [add_train, add_experiment, add_evaluate, add_predict, add_figures, a
 
 def build_parser() -> ArgumentParser:
     parser = ArgumentParser(prog="capsnet", description="Capsule Networks with dynamic routing.")
+    parser.add_argument("--version", action="version",
+                        version=f"capsnet {importlib.metadata.version('capsnet')}")
     sub = parser.add_subparsers(dest="command", required=True, parser_class=ArgumentParser)
     for add in COMMANDS:
         add(sub)

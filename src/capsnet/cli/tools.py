@@ -6,7 +6,9 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from dataclasses import replace
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -16,10 +18,11 @@ from ..tools.bench import benchmark, format_table
 from ..tools.explore import make_server
 from ..tools.export import DEFAULT_OPSET, FORMATS, VERIFY_BATCH, export_model
 from ..training.checkpoint import load_model
-from ..training.config import DEVICES, PRECISIONS, TrainConfig
+from ..training.config import DEVICES, PRECISIONS, TrainConfig, splits_for
 from ..training.evaluate import evaluate
 from ..training.task import check_fits
 from ..errors import CapsNetError
+from ..nn.model import CapsNet
 from ..utils.device import resolve_device
 from ..utils.files import check_writable_folder
 from .args import port_number, positive_int
@@ -46,7 +49,7 @@ def run_evaluate(args: argparse.Namespace) -> int:
     model, payload = load_model(args.checkpoint)
     train_config = TrainConfig.from_dict(payload.get("train_config") or {})
     dataset = args.dataset or train_config.dataset
-    splits = load_splits(dataset, args.data_dir, train_config.val_size, train_config.val_split)
+    splits = splits_for(replace(train_config, dataset=dataset), args.data_dir)
     check_fits(model.config, dataset, splits.image_size, splits.in_channels, splits.num_classes)
     device = resolve_device(args.device)
     result = evaluate(model.to(device), getattr(splits, args.split), batch_size=args.batch_size,
@@ -70,31 +73,44 @@ def run_evaluate(args: argparse.Namespace) -> int:
 # -- predict ----------------------------------------------------------------------------
 
 def add_predict(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("predict", help="classify your own images (PNG, JPEG or .npy)")
-    p.add_argument("checkpoint", type=Path)
-    p.add_argument("images", type=Path, nargs="+")
+    p = sub.add_parser("predict", help="classify your own images (PNG, JPEG or .npy)",
+                       description="Classify images with a checkpoint (the first path) or, with "
+                                   "--model, a trained model shipped with capsnet or saved with "
+                                   "save_pretrained.")
+    p.add_argument("paths", type=Path, nargs="+", metavar="CHECKPOINT_OR_IMAGE",
+                   help="a checkpoint or run folder, then the images (only images with --model)")
+    p.add_argument("--model", help="shipped model name (mnist) or save_pretrained folder")
     p.add_argument("--json", action="store_true", help="print one JSON object per image")
     p.add_argument("--no-preprocess", action="store_true",
                    help="use the image as it is (resized only), without MNIST-style centring")
     p.set_defaults(run=run_predict)
 
 
+def model_and_images(args: argparse.Namespace) -> tuple[Any, list[Path]]:
+    if args.model is not None:
+        return CapsNet.from_pretrained(args.model), args.paths
+    if len(args.paths) < 2:
+        raise CapsNetError("predict: give a checkpoint and at least one image (or --model NAME)")
+    model, _ = load_model(args.paths[0])
+    return model, args.paths[1:]
+
+
 def run_predict(args: argparse.Namespace) -> int:
-    model, _ = load_model(args.checkpoint)
+    model, paths = model_and_images(args)
     config = model.config
+    preprocess = model.prepare == "mnist" and not args.no_preprocess
     images = torch.stack([
-        torch.from_numpy(load_image(path, config.image_size, config.in_channels,
-                                    preprocess=not args.no_preprocess))
-        for path in args.images])  # (n, channels, size, size)
+        torch.from_numpy(load_image(path, config.image_size, config.in_channels, preprocess))
+        for path in paths])  # (n, channels, size, size)
     with torch.no_grad():
         out = model(images)
-    for path, prediction, lengths in zip(args.images, out.predictions.tolist(),
-                                         out.lengths.tolist()):
+    for path, prediction, lengths in zip(paths, out.predictions.tolist(), out.lengths.tolist()):
+        name = model.class_names[prediction]
         if args.json:
-            print(json.dumps({"image": str(path), "prediction": prediction,
+            print(json.dumps({"image": str(path), "prediction": prediction, "class": name,
                               "lengths": [round(v, 6) for v in lengths]}))
         else:
-            print(f"{path}: {prediction}  lengths " + " ".join(f"{v:.3f}" for v in lengths))
+            print(f"{path}: {name}  lengths " + " ".join(f"{v:.3f}" for v in lengths))
     return 0
 
 
@@ -211,7 +227,9 @@ def add_explore(sub: argparse._SubParsersAction) -> None:
                        description="Serve a local page: draw a digit or load a test image, see "
                                    "the capsule lengths, reconstructions, pose sliders and "
                                    "coupling coefficients.")
-    p.add_argument("checkpoint", type=Path, help="a .pt file or a run directory")
+    p.add_argument("checkpoint", type=Path, nargs="?", help="a .pt file or a run directory")
+    p.add_argument("--model", help="instead of a checkpoint: shipped model name (mnist) or "
+                                   "save_pretrained folder")
     p.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1)")
     p.add_argument("--port", type=port_number, default=8000, help="port (default 8000; 0: any free)")
     p.add_argument("--dataset", help="data set for the random test images "
@@ -222,10 +240,12 @@ def add_explore(sub: argparse._SubParsersAction) -> None:
 
 
 def run_explore(args: argparse.Namespace) -> int:
-    server = make_server(args.checkpoint, args.host, args.port, dataset=args.dataset,
-                         data_dir=args.data_dir, verbose=args.verbose)
-    print(f"capsnet explore: serving {args.checkpoint} at {server.url} (Ctrl-C to stop)",
-          flush=True)
+    if (args.checkpoint is None) == (args.model is None):
+        raise CapsNetError("explore: give a checkpoint or --model NAME (one of them)")
+    server = make_server(args.checkpoint, args.host, args.port, pretrained=args.model,
+                         dataset=args.dataset, data_dir=args.data_dir, verbose=args.verbose)
+    print(f"capsnet explore: serving {args.model or args.checkpoint} at {server.url} "
+          f"(Ctrl-C to stop)", flush=True)
     try:
         server.serve_forever()
     except KeyboardInterrupt:

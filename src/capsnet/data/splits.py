@@ -14,6 +14,7 @@ from torch import Tensor
 
 from ..errors import CapsNetError
 from .idx import FILE_NAMES, ROLES, check_images_labels, read_idx
+from .folders import is_class_folder_data_set, read_class_folders
 from .sources import DATASETS, acquire
 
 def read_folder(folder: str | os.PathLike) -> dict[str, np.ndarray]:
@@ -69,6 +70,7 @@ class Splits:
     test: Split
     num_classes: int
     class_names: tuple[str, ...]
+    prepare: str = "mnist"  # how to prepare a user's image for these models: see data.images
 
     @property
     def image_size(self) -> int:
@@ -80,15 +82,21 @@ class Splits:
 
 
 def load_splits(dataset: str, data_dir: str | os.PathLike | None = None,
-                val_size: int = 5000, val_split: str = "first") -> Splits:
+                val_size: int = 5000, val_split: str = "first", image_size: int = 0,
+                channels: int = 0) -> Splits:
     """Training, validation and test splits. The validation set is the first ``val_size``
     images of the training file (``val_split="first"``, as TensorFlow's ``read_data_sets``
     that the notebook uses) or the last ones (``"last"``); training gets the rest.
 
-    ``dataset`` is a registered name (:data:`~capsnet.data.sources.DATASETS`) or a folder
+    ``dataset`` is a registered name (:data:`~capsnet.data.sources.DATASETS`), a folder
     holding the four IDX files of the user's own data (square grayscale images, labels 0 ..
-    K-1). Images come as uint8 ``(N, H, W)`` (one channel) or ``(N, C, H, W)``.
+    K-1), or a folder of class folders (:mod:`capsnet.data.folders`, whose images are
+    resized to ``image_size`` and given ``channels``).
     """
+    if is_class_folder_data_set(dataset):
+        parts, class_names = read_class_folders(dataset, val_size, image_size, channels)
+        return Splits(*(to_split(*parts[part]) for part in ("train", "val", "test")),
+                      len(class_names), class_names, prepare="resize")
     if dataset in DATASETS:
         arrays = acquire(dataset, data_dir)
         spec = DATASETS[dataset]
@@ -121,12 +129,14 @@ def split_arrays(arrays: dict[str, np.ndarray], dataset: str, num_classes: int,
     head, tail = slice(None, cut), slice(cut, None)
     train_part, val_part = (tail, head) if val_split == "first" else (head, tail)
 
-    def split(images: np.ndarray, labels: np.ndarray) -> Split:
-        images = torch.from_numpy(images.copy())
-        return Split(images.unsqueeze(1) if images.dim() == 3 else images,
-                     torch.from_numpy(labels.astype(np.int64)))
-
-    return Splits(split(train_images[train_part], train_labels[train_part]),
-                  split(train_images[val_part], train_labels[val_part]),
-                  split(arrays["test_images"], arrays["test_labels"]),
+    return Splits(to_split(train_images[train_part], train_labels[train_part]),
+                  to_split(train_images[val_part], train_labels[val_part]),
+                  to_split(arrays["test_images"], arrays["test_labels"]),
                   num_classes, class_names)
+
+
+def to_split(images: np.ndarray, labels: np.ndarray) -> Split:
+    """uint8 images ``(N, H, W)`` or ``(N, C, H, W)`` and labels as a :class:`Split`."""
+    tensor = torch.from_numpy(images.copy())
+    return Split(tensor.unsqueeze(1) if tensor.dim() == 3 else tensor,
+                 torch.from_numpy(labels.astype(np.int64)))

@@ -20,13 +20,13 @@ import torch.nn.functional as F
 
 from ..data.affine import AffineRanges, AffineTestSet, load_affnist, pad_split, translation_range
 from ..data.batching import batches
-from ..data.splits import Split, load_splits
+from ..data.splits import Split
 from ..errors import CapsNetError
 from ..nn.baseline import ARCHITECTURE as CNN, VARIANTS, BaselineConfig
 from ..nn.layers import safe_norm
 from ..nn.model import CapsNet, count_parameters
 from ..training.checkpoint import load_checkpoint
-from ..training.config import TrainConfig
+from ..training.config import TrainConfig, splits_for
 from ..training.evaluate import accumulate
 from ..training.task import Classification, Step
 from ..training.trainer import Trainer
@@ -193,7 +193,7 @@ def run(config: TrainConfig, settings: AffnistSettings, run_dir: str | Path, *,
     run_dir = Path(run_dir)
     # Read the affNIST files first: a bad path should fail before hours of training.
     affnist = load_affnist(settings.affnist_dir, settings.test_limit) if settings.affnist_dir else None
-    splits = load_splits(config.dataset, data_dir, config.val_size, config.val_split)
+    splits = splits_for(config, data_dir)
     if splits.image_size > CANVAS:
         raise CapsNetError(f"{config.dataset}: {splits.image_size}x{splits.image_size} images "
                            f"do not fit the {CANVAS}x{CANVAS} canvas")

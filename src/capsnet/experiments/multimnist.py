@@ -23,12 +23,12 @@ import torch.nn.functional as F
 
 from ..data.batching import num_batches
 from ..data.multimnist import MAX_SHIFT, OVERLAYS, MultiMNIST, MultiMNISTBatch
-from ..data.splits import Split, load_splits
+from ..data.splits import Split
 from ..nn.layers import safe_norm
 from ..nn.losses import Reduction, margin_loss, reconstruction_loss
 from ..nn.model import CapsNet, CapsNetConfig, count_parameters
 from ..training.checkpoint import load_checkpoint
-from ..training.config import TrainConfig, model_config_for
+from ..training.config import TrainConfig, model_config_for, splits_for
 from ..training.evaluate import accumulate
 from ..training.task import Step, Task
 from ..training.trainer import Trainer
@@ -226,7 +226,7 @@ def run(config: TrainConfig, settings: MultiMNISTSettings, run_dir: str | Path, 
         show_progress: bool = True) -> dict[str, Any]:
     """Train (or resume) a CapsNet on MultiMNIST in ``run_dir``; returns the summary."""
     run_dir = Path(run_dir)
-    splits = load_splits(config.dataset, data_dir, config.val_size, config.val_split)
+    splits = splits_for(config, data_dir)
     train = splits.train
     if config.train_limit:
         train = Split(train.images[:config.train_limit], train.labels[:config.train_limit])

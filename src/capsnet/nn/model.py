@@ -8,6 +8,7 @@
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass
+from pathlib import Path
 from typing import Any, NamedTuple
 
 import torch
@@ -15,6 +16,7 @@ from torch import Tensor, nn
 import torch.nn.functional as F
 
 from ..errors import CapsNetError
+from . import pretrained
 from ..utils.device import check_fits_in_memory
 from ..utils.settings import check_settings, setting, settings_from_dict
 from .layers import PRIMARY_STYLES, PrimaryCapsules, RoutingCapsules, safe_norm
@@ -117,6 +119,9 @@ class CapsNet(nn.Module):
     def __init__(self, config: CapsNetConfig | None = None) -> None:
         super().__init__()
         self.config = config = config or CapsNetConfig()
+        # What the outputs mean, kept with trained models (see capsnet.nn.pretrained).
+        self.class_names = tuple(str(i) for i in range(config.num_classes))
+        self.prepare = "mnist"
         self.conv1 = nn.Conv2d(config.in_channels, config.conv1_channels, config.conv1_kernel)
         self.primary = PrimaryCapsules(config.conv1_channels, config.primary_maps,
                                        config.primary_dim, config.primary_kernel,
@@ -179,6 +184,23 @@ class CapsNet(nn.Module):
         decoder_input = (digit_caps * mask.unsqueeze(-1)).flatten(1)  # (batch, classes * digit_dim)
         c, s = self.config.in_channels, self.config.image_size
         return self.decoder(decoder_input).view(-1, c, s, s)
+
+    def save_pretrained(self, folder: str | Path, dtype: torch.dtype | None = None) -> Path:
+        """Write config.json and model.safetensors (``dtype``: e.g. torch.float16 to halve
+        the size) to ``folder``; :meth:`from_pretrained` reads it back."""
+        return pretrained.save_pretrained(self, folder, dtype)
+
+    @classmethod
+    def from_pretrained(cls, name_or_path: str | Path) -> "CapsNet":
+        """A trained CapsNet in eval mode, float32, on the CPU: a model shipped with the
+        package by name (``"mnist"``), a folder written by :meth:`save_pretrained`, or a file
+        written by ``capsnet export --format safetensors``."""
+        path = pretrained.pretrained_file(name_or_path)
+        config, state, labels = pretrained.read_weights(path)
+        model = pretrained.build(cls, CapsNetConfig, config, state, str(path))
+        labels = pretrained.check_labels(labels, model.config.num_classes, str(path))
+        model.class_names, model.prepare = labels["class_names"], labels["prepare"]
+        return model.eval()
 
     def compile_routing(self) -> "CapsNet":
         """Compile the routing layer with ``torch.compile`` (in place; weights and state-dict

@@ -50,7 +50,7 @@ import random
 import socket
 import sys
 import threading
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from http import HTTPStatus
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from importlib import resources
@@ -63,11 +63,11 @@ import torch
 
 from ..data.images import mnist_normalise
 from ..data.sources import DATASETS
-from ..data.splits import load_splits
 from ..errors import CapsNetError
 from ..nn.layers import safe_norm
 from ..nn.model import CapsNet
 from ..training.checkpoint import load_model
+from ..training.config import TrainConfig, splits_for
 from ..training.task import check_fits
 
 MAX_BODY_BYTES = 1_000_000
@@ -213,8 +213,9 @@ def rounded(array: np.ndarray | torch.Tensor, digits: int = 4) -> list:
 class SampleSource:
     """Test images of a data set, loaded once in the background on first use."""
 
-    def __init__(self, dataset: str | None, data_dir: str | None, model: CapsNet) -> None:
-        self.dataset, self.data_dir, self.model = dataset, data_dir, model
+    def __init__(self, config: TrainConfig | None, data_dir: str | None, model: CapsNet) -> None:
+        self.config, self.data_dir, self.model = config, data_dir, model
+        self.dataset = config.dataset if config is not None else None
         self.lock = threading.Lock()
         self.loaded = False
         self.images: torch.Tensor | None = None
@@ -240,7 +241,7 @@ class SampleSource:
     def _read(self) -> tuple[torch.Tensor, torch.Tensor]:
         if not self.dataset:
             raise CapsNetError("the checkpoint names no data set; start explore with --dataset")
-        splits = load_splits(self.dataset, self.data_dir, val_size=1)
+        splits = splits_for(self.config, self.data_dir)
         check_fits(self.model.config, self.dataset, splits.image_size, splits.in_channels,
                    splits.num_classes)
         return splits.test.images, splits.test.labels
@@ -515,26 +516,25 @@ class ExploreServer(ThreadingHTTPServer):
         return f"http://{host}:{port}/"
 
 
-def class_names_for(dataset: str | None, num_classes: int) -> tuple[str, ...]:
-    """The registered data set's class names, else "0", "1", ..."""
-    spec = DATASETS.get(dataset or "")
-    if spec is not None and len(spec.class_names) == num_classes:
-        return spec.class_names
-    return tuple(str(i) for i in range(num_classes))
+def make_server(checkpoint: str | Path | None, host: str = "127.0.0.1", port: int = 8000, *,
+                pretrained: str | None = None, dataset: str | None = None,
+                data_dir: str | None = None, verbose: bool = False) -> ExploreServer:
+    """Load ``checkpoint`` (or the ``pretrained`` model, see CapsNet.from_pretrained) and bind
+    a server (not yet serving) on ``host:port`` (0: any port).
 
-
-def make_server(checkpoint: str | Path, host: str = "127.0.0.1", port: int = 8000, *,
-                dataset: str | None = None, data_dir: str | None = None,
-                verbose: bool = False) -> ExploreServer:
-    """Load ``checkpoint`` and bind a server (not yet serving) on ``host:port`` (0: any port).
-
-    Test images come from ``dataset`` (default: the one the checkpoint was trained on).
+    Test images come from ``dataset`` (default: the one the checkpoint was trained on; for a
+    shipped model, the data set of its name).
     """
-    model, payload = load_model(checkpoint)
-    dataset = dataset or (payload.get("train_config") or {}).get("dataset")
-    samples = SampleSource(dataset, data_dir, model)
-    explorer = Explorer(model, class_names_for(dataset, model.config.num_classes), samples,
-                        str(checkpoint), dataset)
+    if pretrained is not None:
+        model, stored = CapsNet.from_pretrained(pretrained), None
+        dataset = dataset or (pretrained if pretrained in DATASETS else None)
+    else:
+        model, payload = load_model(checkpoint)
+        stored = TrainConfig.from_dict(payload["train_config"]) if "train_config" in payload else None
+    config = replace(stored or TrainConfig(), dataset=dataset) if dataset else stored
+    samples = SampleSource(config, data_dir, model)
+    explorer = Explorer(model, model.class_names, samples, str(pretrained or checkpoint),
+                        config.dataset if config is not None else None)
     try:
         server = ExploreServer((host, port), explorer, verbose)
     except OSError as exc:

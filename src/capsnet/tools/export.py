@@ -42,10 +42,9 @@ from torch import Tensor, nn
 from ..errors import CapsNetError
 from ..utils.files import write_or_fail
 from ..nn.model import CapsNet
+from ..nn.pretrained import weights_bytes
 
 FORMATS = ("onnx", "safetensors", "torchscript")
-SAFETENSORS_FORMAT = "capsnet-safetensors"
-SAFETENSORS_VERSION = "1"
 DEFAULT_OPSET = 25  # the newest opset the torch.export-based exporter (onnxscript 0.7) converts natively
 MIN_OPSET = 18      # the exporter's own opset; it converts the graph up from there
 INPUT_NAMES = ["images"]
@@ -222,17 +221,12 @@ def export_onnx(model: CapsNet, out: Path, *, opset: int | None = None,
 # -- safetensors ------------------------------------------------------------------------
 
 def export_safetensors(model: CapsNet, out: Path, *, verify: bool = True) -> ExportResult:
-    try:
-        from safetensors.torch import save
-    except ImportError:
-        raise CapsNetError(f"safetensors export needs the safetensors package: {INSTALL_HINT}") from None
-    state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
-    metadata = {"format": SAFETENSORS_FORMAT, "version": SAFETENSORS_VERSION,
-                "capsnet_version": capsnet_version(), "model_config": config_json(model)}
-    data = save(state, metadata=metadata)
+    """The file :meth:`CapsNet.save_pretrained` writes as model.safetensors."""
+    data = weights_bytes(model)
     write_or_fail(out, data)
     result = ExportResult(out, "safetensors", len(data))
     if verify:
+        state = model.state_dict()
         loaded = load_safetensors(out).state_dict()
         if loaded.keys() != state.keys() or not all(torch.equal(loaded[k], v) for k, v in state.items()):
             raise CapsNetError(f"{out}: the written weights do not read back the same")
@@ -243,34 +237,7 @@ def export_safetensors(model: CapsNet, out: Path, *, verify: bool = True) -> Exp
 
 def load_safetensors(path: str | os.PathLike) -> CapsNet:
     """The CapsNet (eval mode, CPU) stored by ``capsnet export --format safetensors``."""
-    try:
-        from safetensors import SafetensorError, safe_open
-    except ImportError:
-        raise CapsNetError(f"reading safetensors needs the safetensors package: {INSTALL_HINT}") from None
-    from ..training.checkpoint import model_from_checkpoint
-
-    path = Path(path)
-    if not path.is_file():
-        raise CapsNetError(f"{path}: no such file")
-    try:
-        with safe_open(str(path), framework="pt", device="cpu") as f:
-            metadata = f.metadata() or {}
-            state = {key: f.get_tensor(key) for key in f.keys()}
-    except (SafetensorError, OSError, ValueError, RuntimeError) as exc:
-        reason = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
-        raise CapsNetError(f"{path}: not a readable safetensors file ({reason[:200]})") from None
-    if metadata.get("format") != SAFETENSORS_FORMAT or "model_config" not in metadata:
-        raise CapsNetError(f"{path}: not a capsnet safetensors file (no model config in its metadata)")
-    if metadata.get("version") != SAFETENSORS_VERSION:
-        raise CapsNetError(f"{path}: capsnet safetensors version {metadata.get('version')} is not "
-                           f"supported (this capsnet reads version {SAFETENSORS_VERSION})")
-    try:
-        config = json.loads(metadata["model_config"])
-    except json.JSONDecodeError:
-        raise CapsNetError(f"{path}: bad model config in the metadata (not JSON)") from None
-    if not isinstance(config, dict):
-        raise CapsNetError(f"{path}: bad model config in the metadata (not a JSON object)")
-    return model_from_checkpoint({"model_config": config, "model": state}, str(path)).eval()
+    return CapsNet.from_pretrained(Path(path))
 
 
 # -- TorchScript ------------------------------------------------------------------------

@@ -29,11 +29,10 @@ from matplotlib.figure import Figure
 from matplotlib.ticker import MaxNLocator
 from torch import Tensor
 
-from ..data.splits import load_splits
 from ..errors import CapsNetError
 from ..nn.model import CapsNet
 from ..training.checkpoint import load_model
-from ..training.config import TrainConfig
+from ..training.config import TrainConfig, splits_for
 from ..training.task import check_fits
 from ..utils.files import save_png
 
@@ -53,8 +52,7 @@ def draw_figures(checkpoint: str | os.PathLike, out_dir: str | os.PathLike, *,
         raise CapsNetError(f"the number of samples must be at least 1, got {n_samples}")
     model, payload = load_model(checkpoint)
     train_config = TrainConfig.from_dict(payload.get("train_config") or {})
-    splits = load_splits(train_config.dataset, data_dir, train_config.val_size,
-                         train_config.val_split)
+    splits = splits_for(train_config, data_dir)
     check_fits(model.config, train_config.dataset, splits.image_size, splits.in_channels,
                splits.num_classes)
     test = splits.test

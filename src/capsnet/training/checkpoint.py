@@ -43,6 +43,7 @@ from torch import nn
 from ..errors import CapsNetError, first_line
 from ..nn.baseline import ARCHITECTURE as CNN, BaselineCNN, BaselineConfig
 from ..nn.model import CapsNet, CapsNetConfig
+from ..nn.pretrained import build, check_labels
 from ..utils.files import atomic_write_bytes
 from .config import TrainConfig
 
@@ -294,24 +295,17 @@ def one_line(value: Any, limit: int = 64) -> str:
 def model_from_checkpoint(payload: dict[str, Any], source: str = "checkpoint",
                           architecture: str | None = "capsnet") -> Any:
     """Build the model a checkpoint describes and load its weights; it must be an
-    ``architecture`` (a key of :data:`ARCHITECTURES`; None: any of them)."""
+    ``architecture`` (a key of :data:`ARCHITECTURES`; None: any of them). Stored class names
+    and image preparation, when there are, come with it."""
     kind = payload.get("architecture", "capsnet")
     if kind not in ARCHITECTURES:
         raise CapsNetError(f"{source}: unknown architecture {one_line(kind)}")
     if architecture is not None and kind != architecture:
         raise CapsNetError(f"{source}: holds a {kind} model, not a {architecture}")
-    model_class, config_class = ARCHITECTURES[kind]
-    try:
-        config = config_class.from_dict(payload["model_config"])
-    except (TypeError, ValueError, CapsNetError) as exc:
-        raise CapsNetError(f"{source}: bad model config ({one_line(exc, 200)})") from None
-    model = model_class(config)
-    try:
-        model.load_state_dict(payload["model"])
-    except RuntimeError as exc:
-        first = str(exc).strip().splitlines()
-        raise CapsNetError(f"{source}: weights do not fit the model config "
-                           f"({first[1].strip() if len(first) > 1 else first[0]})") from None
+    model = build(*ARCHITECTURES[kind], payload["model_config"], payload["model"], source)
+    labels = check_labels({k: payload[k] for k in ("class_names", "prepare") if k in payload},
+                          model.config.num_classes, source)
+    model.class_names, model.prepare = labels["class_names"], labels["prepare"]
     return model
 
 

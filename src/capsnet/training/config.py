@@ -12,6 +12,7 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, fields, replace
 from typing import Any, Mapping
 
+from ..data.splits import Splits, load_splits
 from ..errors import CapsNetError
 from ..nn.layers import PRIMARY_STYLES
 from ..nn.losses import MARGIN_FORMS, REDUCTIONS
@@ -63,6 +64,10 @@ class TrainConfig:
     val_split: str = setting("first", "hold out the first training images (TensorFlow's "
                              "read_data_sets, the notebook's) or the last", choices=VAL_SPLITS)
     train_limit: int = setting(0, "train on the first N training images only (0: all)", min=0)
+    image_size: int = setting(0, "class-folder data sets: the side images are resized to "
+                              "(0: 28)", min=0, max=4096)
+    channels: int = setting(0, "class-folder data sets: 1 (grayscale) or 3 (colour); 0: colour "
+                            "when any image is", min=0, max=3)
     seed: int = setting(0, "random seed of the weights, the data order and the shifts",
                         min=0, max=MAX_SEED)
     time_limit: float = setting(0.0, "seconds this call may train: no epoch starts that would end "
@@ -128,9 +133,11 @@ def resume_config(saved: TrainConfig, requested: Mapping[str, Any]) -> TrainConf
 
 def model_config_for(config: TrainConfig, image_size: int, in_channels: int,
                      num_classes: int) -> CapsNetConfig:
-    """The CapsNet for ``config`` on data of this shape: every field the two settings share
-    (routing iterations, initialisation, primary style, routing bias) comes from ``config``."""
-    shared = {f.name for f in fields(CapsNetConfig)} & {f.name for f in fields(TrainConfig)}
+    """The CapsNet for ``config`` on data of this shape: every other field the two settings
+    share (routing iterations, initialisation, primary style, routing bias) comes from
+    ``config``."""
+    shared = ({f.name for f in fields(CapsNetConfig)} & {f.name for f in fields(TrainConfig)}
+              - {"image_size", "in_channels", "num_classes"})
     return CapsNetConfig(image_size=image_size, in_channels=in_channels, num_classes=num_classes,
                          **{name: getattr(config, name) for name in sorted(shared)})
 
@@ -147,3 +154,9 @@ def learning_rate(config: TrainConfig, step: int) -> float:
 def epoch_seed(config: TrainConfig, epoch: int) -> int:
     """Seed of epoch ``epoch``'s order and shifts, so any epoch can be replayed on resume."""
     return config.seed * 1_000_003 + epoch
+
+
+def splits_for(config: TrainConfig, data_dir: str | None = None) -> Splits:
+    """The data set of ``config``, split and prepared as it says."""
+    return load_splits(config.dataset, data_dir, config.val_size, config.val_split,
+                       config.image_size, config.channels)

@@ -15,13 +15,13 @@ import torch
 from torch import Tensor, nn
 
 from ..data.batching import Source, batches, example_shape, num_batches
-from ..data.splits import Split, Splits, load_splits
+from ..data.splits import Split, Splits
 from ..errors import CapsNetError
 from ..nn.losses import capsule_loss
 from ..nn.model import CapsNetConfig
 from ..utils.distributed import World
 from .checkpoint import ARCHITECTURES
-from .config import TrainConfig, model_config_for
+from .config import TrainConfig, model_config_for, splits_for
 from .evaluate import Evaluation, evaluate
 
 
@@ -37,6 +37,8 @@ class Task:
 
     name = "task"
     command = "capsnet train"  # the command that resumes a run of this task
+    class_names: tuple[str, ...] = ()
+    prepare = "mnist"
     architecture = "capsnet"  # key of capsnet.training.checkpoint.ARCHITECTURES
     best_metric = "loss"  # key of validate()'s result whose best value picks best.pt
     higher_is_better = False
@@ -84,6 +86,11 @@ class Task:
         """What this task is, for config.json and the checkpoints (JSON-able)."""
         return {"name": self.name}
 
+    def labels(self) -> dict[str, Any]:
+        """What a trained model's outputs mean, stored with it: class names, and how to
+        prepare a user's image ("mnist": centred as MNIST's digits; "resize": only resized)."""
+        return {"class_names": list(self.class_names), "prepare": self.prepare}
+
 
 class Classification(Task):
     """A CapsNet learning the classes of images.
@@ -97,11 +104,13 @@ class Classification(Task):
     name = "classification"
 
     def __init__(self, config: TrainConfig, train: Source, val: Source, test: Source, *,
-                 num_classes: int, class_names: tuple[str, ...] | None = None) -> None:
+                 num_classes: int, class_names: tuple[str, ...] | None = None,
+                 prepare: str = "resize") -> None:
         super().__init__(config)
         self.train, self.val, self.test_set = train, val, test
         self.num_classes = num_classes
         self.class_names = class_names or tuple(str(i) for i in range(num_classes))
+        self.prepare = prepare
         channels, height, width = example_shape(train)
         if height != width:
             raise CapsNetError(f"images must be square, got {height}x{width}")
@@ -111,8 +120,7 @@ class Classification(Task):
     def from_config(cls, config: TrainConfig, data_dir: str | None = None) -> "Classification":
         """The task of ``config.dataset`` (a registered name or a folder of IDX files), split
         as the config says and cut to ``train_limit``."""
-        splits = load_splits(config.dataset, data_dir, config.val_size, config.val_split)
-        return cls.from_splits(config, splits)
+        return cls.from_splits(config, splits_for(config, data_dir))
 
     @classmethod
     def from_splits(cls, config: TrainConfig, splits: Splits) -> "Classification":
@@ -120,7 +128,7 @@ class Classification(Task):
         if config.train_limit:
             train = Split(train.images[:config.train_limit], train.labels[:config.train_limit])
         return cls(config, train, splits.val, splits.test, num_classes=splits.num_classes,
-                   class_names=splits.class_names)
+                   class_names=splits.class_names, prepare=splits.prepare)
 
     def model_config(self) -> CapsNetConfig:
         return model_config_for(self.config, self.image_size, self.in_channels,

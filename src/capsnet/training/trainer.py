@@ -206,7 +206,7 @@ class Trainer:
     def payload(self) -> dict[str, Any]:
         return {"architecture": self.task.architecture,
                 "model_config": self.model.config.to_dict(), "train_config": self.config.to_dict(),
-                "task": self.task.describe(), "model": self.model.state_dict(),
+                "task": self.task.describe(), **self.task.labels(), "model": self.model.state_dict(),
                 "optimizer": self.optimizer.state_dict(), "progress": dict(self.progress),
                 "rng_state": torch.get_rng_state()}
 
