@@ -20,8 +20,8 @@ NOTEBOOK = {
     "epochs": 10, "batch_size": 50, "routing_iterations": 2, "lr": 1e-3, "lr_decay": 1.0,
     "lr_decay_steps": 2000, "warmup_steps": 0, "max_shift": 0, "reconstruction_reduction": "mean",
     "reconstruction_weight": 0.0005, "margin_loss": "paper", "init": "glorot",
-    "primary_style": "notebook", "routing_bias": False, "val_size": 5000, "val_split": "first",
-    "train_limit": 0,
+    "primary_style": "notebook", "routing_bias": False, "leaky_routing": False,
+    "primary_maps": 32, "crop": 0, "val_size": 5000, "val_split": "first", "train_limit": 0,
 }
 
 # The paper, and the official code where the paper is silent.
@@ -29,21 +29,26 @@ PAPER = {
     "epochs": 30, "batch_size": 128, "routing_iterations": 3, "lr": 1e-3, "lr_decay": 0.96,
     "lr_decay_steps": 2000, "warmup_steps": 0, "max_shift": 2, "reconstruction_reduction": "sum",
     "reconstruction_weight": 0.0005, "margin_loss": "paper", "init": "official",
-    "primary_style": "official", "routing_bias": True, "val_size": 5000, "val_split": "first",
-    "train_limit": 0,
+    "primary_style": "official", "routing_bias": True, "leaky_routing": False,
+    "primary_maps": 32, "crop": 0, "val_size": 5000, "val_split": "first", "train_limit": 0,
 }
 
 # The paper's model and losses, briefly, for a CPU.
 QUICK = {**PAPER, "epochs": 1, "batch_size": 32, "train_limit": 30_000, "lr_decay": 1.0,
          "max_shift": 0}
 
-EXPECTED = {"seed": NOTEBOOK, "paper": PAPER, "quick": QUICK}
+# The paper's section on CIFAR-10, with the paper preset where it is silent.
+CIFAR10 = {**PAPER, "max_shift": 0, "crop": 24, "primary_maps": 64, "leaky_routing": True}
+
+EXPECTED = {"seed": NOTEBOOK, "paper": PAPER, "quick": QUICK, "cifar10": CIFAR10}
 
 
 @pytest.mark.parametrize("preset", sorted(EXPECTED))
 def test_every_field_of_every_preset_is_pinned(preset: str) -> None:
     config = make_config(preset).to_dict()
     expected = {"preset": preset, **HOW, **EXPECTED[preset]}
+    if preset == "cifar10":
+        expected["dataset"] = "cifar10"
     assert set(expected) == {f.name for f in fields(TrainConfig)}, "a field is not pinned"
     assert config == expected
 

@@ -396,3 +396,20 @@ def test_shift_images_by_hand() -> None:
     torch.testing.assert_close(out[1, 0], image[0, 0])  # centre offset: unchanged
     torch.testing.assert_close(out[2, 0], torch.tensor([[0.0, 4, 5], [0, 7, 8], [0, 0, 0]]))  # up, right
     torch.testing.assert_close(out[0], shifted(image[0], 1, -1))  # agrees with the test's helper
+
+
+def test_random_crops_stay_inside_and_evaluation_takes_the_centre() -> None:
+    # Each pixel holds its own column index, so a crop's content says where it was cut.
+    images = torch.arange(32, dtype=torch.uint8).repeat(6, 3, 32, 1)  # (6, 3, 32, 32)
+    split = Split(images, torch.arange(6))
+    cropped = torch.cat([x for x, _ in batches(split, 4, seed=5, crop=24)])
+    assert cropped.shape == (6, 3, 24, 24)
+    first_columns = (cropped[:, 0, 0, 0] * 255).round().long()
+    assert torch.all((0 <= first_columns) & (first_columns <= 8))
+    assert len(set(first_columns.tolist())) > 1  # random places
+    again = torch.cat([x for x, _ in batches(split, 4, seed=5, crop=24)])
+    assert torch.equal(cropped, again)  # replayable for resume
+    centre = torch.cat([x for x, _ in batches(split, 4, crop=24)])
+    assert torch.all((centre[:, :, :, 0] * 255).round() == 4)
+    with pytest.raises(CapsNetError, match="cannot crop 40x40 out of 32x32 images"):
+        next(batches(split, 4, crop=40))

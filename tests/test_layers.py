@@ -93,16 +93,17 @@ def test_outputs_do_not_depend_on_the_rest_of_the_batch() -> None:
 
 
 def reference_routing(weight: Tensor, u: Tensor, iterations: int,
-                      bias: Tensor | None = None) -> tuple[Tensor, Tensor]:
+                      bias: Tensor | None = None, leaky: bool = False) -> tuple[Tensor, Tensor]:
     """The notebook's procedure, one example and one (i, j) pair at a time; ``bias`` is
-    added to every s_j as the official code does."""
+    added to every s_j as the official code does; ``leaky`` adds an output j = -1 whose
+    logit stays 0 to the softmax."""
     in_caps, out_caps = weight.shape[:2]
     vs, cs = [], []
     for example in u:
         u_hat = [[weight[i, j] @ example[i] for j in range(out_caps)] for i in range(in_caps)]
         b = torch.zeros(in_caps, out_caps, dtype=u.dtype)
         for _ in range(iterations):
-            c = torch.exp(b) / torch.exp(b).sum(dim=1, keepdim=True)  # softmax over j
+            c = torch.exp(b) / (torch.exp(b).sum(dim=1, keepdim=True) + leaky)  # softmax over j
             v = []
             for j in range(out_caps):
                 s_j = sum(c[i, j] * u_hat[i][j] for i in range(in_caps))
@@ -144,6 +145,20 @@ def test_routing_bias_matches_plain_reference(iterations: int) -> None:
     torch.testing.assert_close(v, v_ref, rtol=1e-10, atol=1e-12)
     torch.testing.assert_close(coupling, c_ref, rtol=1e-10, atol=1e-12)
     assert not torch.allclose(v, v_plain)
+
+
+@pytest.mark.parametrize("iterations", [1, 3])
+def test_leaky_routing_matches_plain_reference(iterations: int) -> None:
+    torch.manual_seed(0)
+    layer = RoutingCapsules(in_caps=6, in_dim=3, out_caps=4, out_dim=5, iterations=iterations,
+                            init_std=0.5, leaky=True).double()
+    u = random_capsules(3)
+    with torch.no_grad():
+        v, coupling = layer(u)
+        v_ref, c_ref = reference_routing(layer.weight, u, iterations, leaky=True)
+    torch.testing.assert_close(v, v_ref, rtol=1e-10, atol=1e-12)
+    torch.testing.assert_close(coupling, c_ref, rtol=1e-10, atol=1e-12)
+    assert torch.all(coupling.sum(dim=2) < 1)  # some of each vote goes to none of the above
 
 
 def test_more_iterations_change_the_result() -> None:

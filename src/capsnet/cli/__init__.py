@@ -7,7 +7,6 @@ training saves a resumable checkpoint and exits with 130.
 
 from __future__ import annotations
 
-import importlib.metadata
 import os
 import sys
 from typing import Sequence
@@ -15,6 +14,7 @@ from typing import Sequence
 from ..errors import CapsNetError, first_line
 from ..training.trainer import TrainingInterrupted
 from ..utils.distributed import shutdown
+from ..utils.version import package_version
 from .args import ArgumentParser
 from .tools import (add_bench, add_data, add_evaluate, add_explore, add_export, add_figures,
                     add_predict)
@@ -30,7 +30,7 @@ COMMANDS = [add_train, add_experiment, add_evaluate, add_predict, add_figures, a
 def build_parser() -> ArgumentParser:
     parser = ArgumentParser(prog="capsnet", description="Capsule Networks with dynamic routing.")
     parser.add_argument("--version", action="version",
-                        version=f"capsnet {importlib.metadata.version('capsnet')}")
+                        version=f"capsnet {package_version()}")
     sub = parser.add_subparsers(dest="command", required=True, parser_class=ArgumentParser)
     for add in COMMANDS:
         add(sub)

@@ -50,12 +50,13 @@ def run_evaluate(args: argparse.Namespace) -> int:
     train_config = TrainConfig.from_dict(payload.get("train_config") or {})
     dataset = args.dataset or train_config.dataset
     splits = splits_for(replace(train_config, dataset=dataset), args.data_dir)
-    check_fits(model.config, dataset, splits.image_size, splits.in_channels, splits.num_classes)
+    check_fits(model.config, dataset, train_config.crop or splits.image_size, splits.in_channels,
+               splits.num_classes)
     device = resolve_device(args.device)
     result = evaluate(model.to(device), getattr(splits, args.split), batch_size=args.batch_size,
                       device=device, reconstruction_weight=train_config.reconstruction_weight,
                       reduction=train_config.reconstruction_reduction,
-                      margin_form=train_config.margin_loss)
+                      margin_form=train_config.margin_loss, crop=train_config.crop)
     if args.json:
         print(json.dumps({"checkpoint": str(args.checkpoint), "dataset": dataset,
                           "split": args.split, **result.to_dict()}))

@@ -66,33 +66,55 @@ def shift_images(images: Tensor, offsets: Tensor, max_shift: int) -> Tensor:
     return padded[batch_index, channel_index, rows[:, None, :, None], cols[:, None, None, :]]
 
 
-def pass_plan(n: int, seed: int | None, max_shift: int) -> tuple[Tensor, Tensor | None]:
-    """The order of a pass ``(n,)`` and each position's shift offsets ``(2, n)`` (or None):
-    shuffled and drawn from ``seed``, or in file order and unshifted without one."""
+def crop_images(images: Tensor, offsets: Tensor, size: int) -> Tensor:
+    """The ``size`` x ``size`` window of each image whose top-left corner is at ``offsets``
+    ``(2, batch)`` (rows, then columns)."""
+    batch, channels = images.shape[:2]
+    device = images.device
+    rows = offsets[0, :, None] + torch.arange(size, device=device)  # (batch, size)
+    cols = offsets[1, :, None] + torch.arange(size, device=device)
+    batch_index = torch.arange(batch, device=device)[:, None, None, None]
+    channel_index = torch.arange(channels, device=device)[None, :, None, None]
+    return images[batch_index, channel_index, rows[:, None, :, None], cols[:, None, None, :]]
+
+
+def pass_plan(n: int, seed: int | None, max_shift: int, crop_room: int = 0
+              ) -> tuple[Tensor, Tensor | None, Tensor | None]:
+    """The order of a pass ``(n,)``, each position's shift offsets ``(2, n)`` and its crop's
+    corner ``(2, n)`` in ``[0, crop_room]`` (or None): shuffled and drawn from ``seed``, or
+    in file order, unshifted and centre-cropped without one."""
     if seed is None:
-        return torch.arange(n), None
+        return torch.arange(n), None, None
     generator = torch.Generator().manual_seed(seed)
     order = torch.randperm(n, generator=generator)
     offsets = (torch.randint(0, 2 * max_shift + 1, (2, n), generator=generator)
                if max_shift > 0 else None)
-    return order, offsets
+    corners = (torch.randint(0, crop_room + 1, (2, n), generator=generator)
+               if crop_room > 0 else None)
+    return order, offsets, corners
 
 
 def batches(source: Source, batch_size: int, *, seed: int | None = None, max_shift: int = 0,
-            start: int = 0, device: torch.device | str | None = None, rank: int = 0,
-            world_size: int = 1, whole: bool = False) -> Iterator[tuple[Tensor, Tensor]]:
+            crop: int = 0, start: int = 0, device: torch.device | str | None = None,
+            rank: int = 0, world_size: int = 1, whole: bool = False
+            ) -> Iterator[tuple[Tensor, Tensor]]:
     """Yield ``(images, labels)`` batches of ``source``: float images in [0, 1]
     ``(batch, C, H, W)`` on ``device``, int64 labels ``(batch,)``.
 
     With a ``seed`` the order is shuffled and each image shifted by up to ``max_shift``
     pixels (see :func:`pass_plan`); without one the order is the source's and nothing is
-    shifted. Ranks and ``whole`` as in :func:`batch_positions`. A :class:`Split` is cut on
+    shifted. ``crop`` > 0 cuts a ``crop`` x ``crop`` window out of each image: at a random
+    place with a seed, in the centre without one. Ranks and ``whole`` as in
+    :func:`batch_positions`. A :class:`Split` is cut on
     the device it lives on, then moved; a Dataset's items (an image tensor, uint8 or float
     in [0, 1], and a label) are collated by a DataLoader, with a DataLoader's workers and
     collate function when one is given.
     """
     n = len(source.dataset) if isinstance(source, DataLoader) else len(source)
-    order, offsets = pass_plan(n, seed, max_shift)
+    side = example_shape(source)[-1]
+    if crop > side:
+        raise CapsNetError(f"cannot crop {crop}x{crop} out of {side}x{side} images")
+    order, offsets, corners = pass_plan(n, seed, max_shift, side - crop if crop else 0)
     positions = list(batch_positions(n, batch_size, start=start, rank=rank,
                                      world_size=world_size, whole=whole))
     if isinstance(source, Split):
@@ -108,12 +130,17 @@ def batches(source: Source, batch_size: int, *, seed: int | None = None, max_shi
     else:
         target = torch.device(device) if device is not None else torch.device("cpu")
         loaded = loader_batches(source, [order[p].tolist() for p in positions], target)
-    if offsets is not None:
-        offsets = offsets.to(target)
+    offsets = offsets.to(target) if offsets is not None else None
+    corners = corners.to(target) if corners is not None else None
     for p, (images, labels) in zip(positions, loaded):
         images = to_unit_float(images)
         if offsets is not None:
             images = shift_images(images, offsets[:, p.to(target)], max_shift)
+        if corners is not None:
+            images = crop_images(images, corners[:, p.to(target)], crop)
+        elif crop:
+            margin = (side - crop) // 2
+            images = images[:, :, margin:margin + crop, margin:margin + crop]
         yield images, labels
 
 

@@ -88,17 +88,22 @@ class RoutingCapsules(nn.Module):
 
     Gradients flow through every routing iteration, as in the official code. With
     ``bias=True`` a learned ``(out_caps, out_dim)`` bias is added to ``s_j`` in every
-    iteration, as the official code does; the notebook has none.
+    iteration, as the official code does; the notebook has none. With ``leaky=True`` the
+    softmax also holds a "none-of-the-above" output whose logit stays zero (the paper's
+    CIFAR-10 network; the official code's leaky routing): an input capsule that fits no
+    output capsule can send its vote there, so its couplings sum to less than one.
     """
 
     def __init__(self, in_caps: int, in_dim: int, out_caps: int, out_dim: int,
-                 iterations: int = 3, init_std: float = 0.1, bias: bool = False) -> None:
+                 iterations: int = 3, init_std: float = 0.1, bias: bool = False,
+                 leaky: bool = False) -> None:
         super().__init__()
         if iterations < 1:
             raise ValueError(f"routing needs at least 1 iteration, got {iterations}")
         self.iterations = iterations
         self.weight = nn.Parameter(torch.randn(in_caps, out_caps, out_dim, in_dim) * init_std)
         self.bias = nn.Parameter(torch.zeros(out_caps, out_dim)) if bias else None
+        self.leaky = leaky
 
     def predictions(self, u: Tensor) -> Tensor:
         """``u_hat`` for input capsules ``u`` of shape ``(batch, in_caps, in_dim)``."""
@@ -115,7 +120,7 @@ class RoutingCapsules(nn.Module):
         # Logits are per example: sharing them across the batch couples unrelated images.
         routing_logits = u_hat.new_zeros(batch, in_caps, out_caps)
         for iteration in range(self.iterations):
-            coupling = routing_logits.softmax(dim=2)  # over output capsules, for each input capsule
+            coupling = self.couple(routing_logits)  # (batch, in_caps, out_caps)
             s = torch.einsum("bio,bioj->boj", coupling, u_hat)  # (batch, out_caps, out_dim)
             if self.bias is not None:
                 s = s + self.bias
@@ -124,6 +129,18 @@ class RoutingCapsules(nn.Module):
                 routing_logits = routing_logits + torch.einsum("bioj,boj->bio", u_hat, v)
         return v, coupling
 
+    def couple(self, routing_logits: Tensor) -> Tensor:
+        """Coupling coefficients: the softmax over output capsules, for each input capsule
+        (with leaky routing over one more output whose logit is zero, then dropped)."""
+        if self.leaky:
+            return F.pad(routing_logits, (1, 0)).softmax(dim=2)[..., 1:]
+        return routing_logits.softmax(dim=2)
+
     def forward(self, u: Tensor) -> tuple[Tensor, Tensor]:
-        """Input capsules ``(batch, in_caps, in_dim)`` -> ``(v, coupling)``, see :meth:`route`."""
-        return self.route(self.predictions(u))
+        """Input capsules ``(batch, in_caps, in_dim)`` -> ``(v, coupling)``, see :meth:`route`.
+
+        Always in float32, under bf16 autocast too: the routing logits grow by sums of
+        agreements that bfloat16's 8-bit mantissa rounds away, and this layer is a small part
+        of the network's arithmetic (the convolutions are most of it)."""
+        with torch.autocast(u.device.type, enabled=False):
+            return self.route(self.predictions(u.to(self.weight.dtype)))

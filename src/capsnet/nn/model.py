@@ -50,6 +50,8 @@ class CapsNetConfig:
     primary_style: str = setting("notebook", "notebook: squash(ReLU(conv)); official: "
                                  "squash(conv / maps + bias) (see layers)", choices=PRIMARY_STYLES)
     routing_bias: bool = setting(False, "the official code's learned bias on s_j")
+    leaky_routing: bool = setting(False, "a none-of-the-above output in the routing softmax "
+                                  "(the paper's CIFAR-10 network)")
     init: str = setting("glorot", "see CapsNet.reset_parameters", choices=INITS)
 
     def __post_init__(self) -> None:
@@ -129,7 +131,7 @@ class CapsNet(nn.Module):
         self.digits = RoutingCapsules(config.primary_caps, config.primary_dim,
                                       config.num_classes, config.digit_dim,
                                       config.routing_iterations, config.weight_init_std,
-                                      config.routing_bias)
+                                      config.routing_bias, config.leaky_routing)
         sizes = [config.num_classes * config.digit_dim, *config.decoder_hidden]
         layers: list[nn.Module] = []
         for n_in, n_out in zip(sizes, sizes[1:]):

@@ -12,7 +12,6 @@ Nothing in these files is executed: safetensors holds tensors and strings only.
 
 from __future__ import annotations
 
-import importlib.metadata
 import json
 from importlib import resources
 from pathlib import Path
@@ -23,6 +22,7 @@ from torch import nn
 
 from ..errors import CapsNetError, reading
 from ..utils.files import write_or_fail
+from ..utils.version import package_version
 
 FORMAT = "capsnet-safetensors"
 VERSION = "1"
@@ -44,7 +44,7 @@ def weights_bytes(model: nn.Module, dtype: torch.dtype | None = None) -> bytes:
     state = {k: v.detach().cpu().to(dtype or v.dtype).contiguous()
              for k, v in model.state_dict().items()}
     metadata = {"format": FORMAT, "version": VERSION,
-                "capsnet_version": importlib.metadata.version("capsnet"),
+                "capsnet_version": package_version(),
                 "model_config": json.dumps(model.config.to_dict(), sort_keys=True),
                 "labels": json.dumps(labels_of(model), sort_keys=True)}
     return save(state, metadata=metadata)

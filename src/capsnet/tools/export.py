@@ -26,7 +26,6 @@ compared with PyTorch before ``export_model`` returns.
 from __future__ import annotations
 
 import copy
-import importlib.metadata
 import io
 import json
 import logging
@@ -41,6 +40,7 @@ from torch import Tensor, nn
 
 from ..errors import CapsNetError
 from ..utils.files import write_or_fail
+from ..utils.version import package_version
 from ..nn.model import CapsNet
 from ..nn.pretrained import weights_bytes
 
@@ -86,7 +86,7 @@ def example_images(model: CapsNet, batch: int, seed: int = 0) -> Tensor:
 
 
 def capsnet_version() -> str:
-    return importlib.metadata.version("capsnet")
+    return package_version()
 
 
 def config_json(model: CapsNet) -> str:

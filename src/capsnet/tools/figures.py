@@ -29,6 +29,7 @@ from matplotlib.figure import Figure
 from matplotlib.ticker import MaxNLocator
 from torch import Tensor
 
+from ..data.batching import batches
 from ..errors import CapsNetError
 from ..nn.model import CapsNet
 from ..training.checkpoint import load_model
@@ -53,11 +54,10 @@ def draw_figures(checkpoint: str | os.PathLike, out_dir: str | os.PathLike, *,
     model, payload = load_model(checkpoint)
     train_config = TrainConfig.from_dict(payload.get("train_config") or {})
     splits = splits_for(train_config, data_dir)
-    check_fits(model.config, train_config.dataset, splits.image_size, splits.in_channels,
-               splits.num_classes)
-    test = splits.test
-    images = test.images[:n_samples].float() / 255.0
-    labels = test.labels[:n_samples].tolist()
+    check_fits(model.config, train_config.dataset, train_config.crop or splits.image_size,
+               splits.in_channels, splits.num_classes)
+    images, labels = next(batches(splits.test, n_samples, crop=train_config.crop))
+    labels = labels.tolist()
     with torch.no_grad():
         out = model(images)
         tweaks = tweak_reconstructions(model, out.digit_caps, out.predictions)

@@ -63,12 +63,13 @@ class Evaluation:
 def evaluate(model: CapsNet, source: Source, *, batch_size: int = 500,
              device: torch.device | str = "cpu", reconstruction_weight: float = 0.0005,
              reduction: str = "sum", margin_form: str = "paper", precision: str = "fp32",
-             world: World = World()) -> Evaluation:
+             world: World = World(), crop: int = 0) -> Evaluation:
     """Evaluate ``model`` on ``source`` as the notebook does at test time: the decoder
     reconstructs from the predicted (longest) capsule. Losses are means over images.
 
     With several processes each rank evaluates every ``world_size``-th image and the sums
-    are reduced, so every rank returns the figures of the whole set.
+    are reduced, so every rank returns the figures of the whole set. ``crop`` evaluates the
+    centre ``crop`` x ``crop`` window of each image.
     """
     device = torch.device(device)
     classes = model.config.num_classes
@@ -83,8 +84,8 @@ def evaluate(model: CapsNet, source: Source, *, batch_size: int = 500,
                 "confusion": torch.bincount(labels * classes + out.predictions,
                                             minlength=classes ** 2)}
 
-    sums = accumulate(model, batches(source, batch_size, device=device, rank=world.rank,
-                                     world_size=world.world_size, whole=True),
+    sums = accumulate(model, batches(source, batch_size, crop=crop, device=device,
+                                     rank=world.rank, world_size=world.world_size, whole=True),
                       measure, device=device, precision=precision, world=world)
     confusion = sums["confusion"].view(classes, classes).cpu()
     n = int(confusion.sum())

@@ -114,7 +114,9 @@ class Classification(Task):
         channels, height, width = example_shape(train)
         if height != width:
             raise CapsNetError(f"images must be square, got {height}x{width}")
-        self.image_size, self.in_channels = height, channels
+        if config.crop > height:
+            raise CapsNetError(f"--crop {config.crop} is larger than the {height}x{height} images")
+        self.image_size, self.in_channels = config.crop or height, channels
 
     @classmethod
     def from_config(cls, config: TrainConfig, data_dir: str | None = None) -> "Classification":
@@ -146,8 +148,8 @@ class Classification(Task):
     def batches(self, seed: int, start: int, device: torch.device, world: World
                 ) -> Iterable[tuple[Tensor, Tensor]]:
         return batches(self.train, self.config.batch_size, seed=seed,
-                       max_shift=self.config.max_shift, start=start, device=device,
-                       rank=world.rank, world_size=world.world_size)
+                       max_shift=self.config.max_shift, crop=self.config.crop, start=start,
+                       device=device, rank=world.rank, world_size=world.world_size)
 
     def loss(self, out: Any, images: Tensor, labels: Tensor) -> Tensor:
         loss, _, _ = capsule_loss(out.lengths.float(), out.reconstructions.float(), images,
@@ -167,7 +169,8 @@ class Classification(Task):
         return evaluate(model, source, batch_size=config.eval_batch_size, device=device,
                         reconstruction_weight=config.reconstruction_weight,
                         reduction=config.reconstruction_reduction,
-                        margin_form=config.margin_loss, precision=config.precision, world=world)
+                        margin_form=config.margin_loss, precision=config.precision, world=world,
+                        crop=config.crop)
 
     def validate(self, model: nn.Module, device: torch.device, world: World) -> dict[str, float]:
         result = self.evaluation(model, self.val, device, world)

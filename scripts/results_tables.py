@@ -1,0 +1,259 @@
+"""Regenerate the tables of docs/RESULTS.md from the run records in docs/runs/.
+
+Each table sits between ``<!-- begin table: NAME -->`` and ``<!-- end table: NAME -->``
+and is made from every docs/runs/*/summary.json (with the run's config.json, metrics logs
+and campaign.json): never typed by hand. A field a record lacks is shown as "not recorded".
+
+    python scripts/results_tables.py            # rewrite the tables in docs/RESULTS.md
+    python scripts/results_tables.py --check    # exit 1 when RESULTS.md differs from them
+"""
+
+from __future__ import annotations
+
+import argparse
+import difflib
+import json
+import re
+import sys
+from pathlib import Path
+from typing import Any, Callable
+
+DOCS = Path(__file__).resolve().parent.parent / "docs"
+MISSING = "not recorded"
+DATASET_NAMES = {"mnist": "MNIST", "fashion-mnist": "Fashion-MNIST"}
+
+
+class Run:
+    """One record folder: its summary, config, campaign record and metrics logs."""
+
+    def __init__(self, folder: Path) -> None:
+        self.name = folder.name
+        self.folder = folder
+        self.summary = read_json(folder / "summary.json")
+        self.config = read_json(folder / "config.json") if (folder / "config.json").is_file() else {}
+        campaign = folder / "campaign.json"
+        self.campaign = read_json(campaign) if campaign.is_file() else {}
+
+    @property
+    def kind(self) -> str:
+        if "infer_images_per_s" in self.summary:
+            return "bench"
+        return "experiments" if "experiment" in self.summary else "training"
+
+    @property
+    def train(self) -> dict[str, Any]:
+        return self.config.get("train", {})
+
+    def models(self) -> dict[str, dict[str, Any]]:
+        """The trained models' summaries: the run's own, or the affine experiment's two."""
+        return self.summary.get("models") or {"": self.summary}
+
+    def metrics(self, model: str) -> list[dict[str, Any]] | None:
+        path = self.folder / (f"{model}-metrics.jsonl" if model else "metrics.jsonl")
+        if not path.is_file():
+            return None
+        return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def read_json(path: Path) -> dict[str, Any]:
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError) as exc:
+        raise SystemExit(f"{path}: cannot read the record ({exc})") from None
+
+
+# -- cells ------------------------------------------------------------------------------
+
+def percent(value: Any) -> str:
+    return MISSING if value is None else f"{value:.2%}"
+
+
+def count(value: Any) -> str:
+    return MISSING if value is None else f"{value:,.0f}"
+
+
+def duration(seconds: Any) -> str:
+    if seconds is None:
+        return MISSING
+    seconds = round(seconds)
+    hours, rest = divmod(seconds, 3600)
+    minutes, seconds = divmod(rest, 60)
+    parts = [f"{hours} h"] * bool(hours) + [f"{minutes} min"] * bool(minutes or hours)
+    return " ".join(parts + [f"{seconds} s"])
+
+
+def per_model(run: Run, cell: Callable[[str, dict[str, Any]], str]) -> str:
+    """One value, or "capsnet X, cnn Y" for the affine experiment's two models."""
+    values = {name: cell(name, summary) for name, summary in run.models().items()}
+    if len(set(values.values())) == 1:
+        return next(iter(values.values()))
+    return ", ".join(f"{name} {value}" for name, value in values.items())
+
+
+def epochs(run: Run) -> str:
+    def cell(_: str, summary: dict[str, Any]) -> str:
+        shown = str(summary.get("epochs", MISSING))
+        cut = summary.get("cut_short")
+        return f"{shown} (cut short: {cut})" if cut else shown
+    return per_model(run, cell)
+
+
+def training_images(run: Run) -> str:
+    """Images trained on, from the metrics log: each epoch's images/s times its seconds."""
+    def cell(model: str, _: dict[str, Any]) -> str:
+        records = run.metrics(model)
+        if not records or any("images_per_s" not in r for r in records):
+            return MISSING
+        return count(sum(round(r["images_per_s"] * r["epoch_seconds"]) for r in records))
+    return per_model(run, cell)
+
+
+def hardware(run: Run) -> str:
+    device = run.summary.get("device", MISSING)
+    alongside = run.campaign.get("alongside")
+    return f"{device}, alongside {len(alongside)} other runs" if alongside else device
+
+
+def date(run: Run) -> str:
+    dates = {s.get("date") for s in run.models().values()} | {run.summary.get("date")}
+    dates.discard(None)
+    return ", ".join(sorted(dates)) or MISSING
+
+
+def dataset(run: Run) -> str:
+    name = run.train.get("dataset") or run.summary.get("dataset")
+    return MISSING if name is None else DATASET_NAMES.get(name, f"`{name}`")
+
+
+def link(run: Run) -> str:
+    return f"[runs/{run.name}](runs/{run.name})"
+
+
+def result(run: Run) -> str:
+    s = run.summary
+    if s["experiment"] == "multimnist":
+        return (f"test error {percent(s.get('test_error'))} on {count(s.get('test_examples'))} "
+                f"pairs; both digits among the two longest capsules in "
+                f"{percent(s.get('test_classes_found'))}")
+    if s["experiment"] == "affnist":
+        shown = {"capsnet": "CapsNet", "cnn": "CNN"}
+        return "; ".join(f"{shown.get(name, name)} {percent(m.get('translated_test_accuracy'))} "
+                         f"translated, {percent(m.get('affine_test_accuracy'))} affine"
+                         for name, m in s["models"].items())
+    return MISSING
+
+
+# -- tables -----------------------------------------------------------------------------
+
+def markdown(header: list[str], rows: list[list[str]], empty: str) -> str:
+    if not rows:
+        return empty
+    lines = ["| " + " | ".join(header) + " |", "| " + " | ".join("---" for _ in header) + " |"]
+    return "\n".join(lines + ["| " + " | ".join(row) + " |" for row in rows])
+
+
+def training_table(runs: list[Run]) -> str:
+    header = ["data set", "preset", "epochs", "training images", "wall time", "hardware",
+              "test accuracy", "seed", "date", "run"]
+    rows = [[dataset(r), r.train.get("preset", MISSING), epochs(r), training_images(r),
+             duration(r.summary.get("wall_seconds")), hardware(r),
+             percent(r.summary.get("test_accuracy")), str(r.train.get("seed", MISSING)),
+             date(r), link(r)] for r in runs]
+    return markdown(header, rows, "No training runs recorded yet.") + seed_means(runs)
+
+
+def seed_means(runs: list[Run]) -> str:
+    """A line for each data set, preset and hardware trained with several seeds: the mean
+    test accuracy over them."""
+    groups: dict[tuple[str, str, str], list[Run]] = {}
+    for r in runs:
+        if r.summary.get("test_accuracy") is not None:
+            key = (dataset(r), r.train.get("preset", MISSING), r.summary.get("device", MISSING))
+            groups.setdefault(key, []).append(r)
+    lines = []
+    for (data, preset, device), group in groups.items():
+        seeds = sorted({r.train.get("seed") for r in group}, key=str)
+        if len(seeds) > 1:
+            mean = sum(r.summary["test_accuracy"] for r in group) / len(group)
+            lines.append(f"\n\nMean test accuracy of {data}, {preset} preset, on {device}, over "
+                         f"{len(group)} runs (seeds {', '.join(map(str, seeds))}): "
+                         f"{percent(mean)} ({', '.join(link(r) for r in group)}).")
+    return "".join(lines)
+
+
+def experiments_table(runs: list[Run]) -> str:
+    header = ["experiment", "data set", "epochs", "training images", "wall time", "hardware",
+              "result", "seed", "date", "run"]
+    rows = [[r.summary["experiment"], dataset(r), epochs(r), training_images(r),
+             duration(r.summary.get("wall_seconds")), hardware(r), result(r),
+             str(r.train.get("seed", MISSING)), date(r), link(r)] for r in runs]
+    return markdown(header, rows, "No experiment runs recorded yet.")
+
+
+def bench_table(runs: list[Run]) -> str:
+    header = ["hardware", "precision", "compiled", "training batch", "training images/s",
+              "inference batch", "inference images/s", "convolutions alone, training images/s",
+              "peak memory (MB)", "date", "run"]
+    rows = []
+    for r in runs:
+        s = r.summary
+        rows.append([hardware(r), s.get("precision", MISSING),
+                     "yes" if s.get("compile") else "no", count(s.get("train_batch")),
+                     count(s.get("train_images_per_s")), count(s.get("infer_batch")),
+                     count(s.get("infer_images_per_s")), count(s.get("convs_train_images_per_s")),
+                     count(s.get("peak_memory_mb")), s.get("date", MISSING), link(r)])
+    return markdown(header, rows, "No `capsnet bench` records yet.")
+
+
+TABLES = {"training": training_table, "experiments": experiments_table, "bench": bench_table}
+
+
+def load_runs(runs_dir: Path) -> dict[str, list[Run]]:
+    """Each table's runs, oldest first (then by name); a record without a date sorts first."""
+    runs = [Run(p.parent) for p in runs_dir.glob("*/summary.json")]
+    runs.sort(key=lambda r: (date(r) if date(r) != MISSING else "", r.name))
+    return {kind: [r for r in runs if r.kind == kind] for kind in TABLES}
+
+
+def generate(text: str, runs_dir: Path) -> str:
+    """``text`` (RESULTS.md) with every marked table regenerated."""
+    runs = load_runs(runs_dir)
+    for name, table in TABLES.items():
+        pattern = re.compile(rf"(<!-- begin table: {name} [^\n]*-->\n)(?:.*?\n)?"
+                             rf"(<!-- end table: {name} -->)", re.S)
+        if not pattern.search(text):
+            raise SystemExit(f"RESULTS.md has no marked table {name!r}: add the lines "
+                             f"'<!-- begin table: {name} (generated by "
+                             f"scripts/results_tables.py) -->' and "
+                             f"'<!-- end table: {name} -->'")
+        text = pattern.sub(lambda m: m.group(1) + table(runs[name]) + "\n" + m.group(2), text)
+    return text
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--check", action="store_true",
+                        help="change nothing; exit 1 when RESULTS.md differs from the records")
+    parser.add_argument("--docs", type=Path, default=DOCS,
+                        help="the folder holding RESULTS.md and runs/ (default: docs/)")
+    args = parser.parse_args(argv)
+    path = args.docs / "RESULTS.md"
+    current = path.read_text()
+    wanted = generate(current, args.docs / "runs")
+    if args.check:
+        if current == wanted:
+            return 0
+        diff = difflib.unified_diff(current.splitlines(), wanted.splitlines(), str(path),
+                                    "generated from the records", lineterm="")
+        print("\n".join(diff), file=sys.stderr)
+        print(f"{path} disagrees with {args.docs / 'runs'}: run python "
+              f"scripts/results_tables.py", file=sys.stderr)
+        return 1
+    if current != wanted:
+        path.write_text(wanted)
+        print(f"rewrote the tables of {path}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,198 @@
+"""The GPU campaign's machinery on the CPU: the tiny plan end to end (the same script and
+runs as the GPU parts, tiny settings), its records brought home, and the generated tables
+of docs/RESULTS.md checked against docs/runs/."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+import tarfile
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+REPO = Path(__file__).resolve().parent.parent
+CAMPAIGN = REPO / "scripts" / "gpu_campaign.sh"
+TOOLS = REPO / "scripts" / "campaign_tools.py"
+TABLES = REPO / "scripts" / "results_tables.py"
+
+BENCH = ["bench-eager-b8", "bench-fast-b8", "bench-eager-b16", "bench-fast-b16"]
+TRAIN = ["mnist-paper-s0", "mnist-paper-s1", "mnist-paper-s2", "mnist-seed-s0",
+         "fashion-paper-s0"]
+EXPERIMENTS = {"multimnist-s0": "multimnist", "affnist-s0": "affnist"}
+PART2 = [*TRAIN[1:], *EXPERIMENTS]
+
+
+@pytest.fixture(scope="module")
+def tiny_campaign(tiny_dataset: Path, tmp_path_factory: pytest.TempPathFactory
+                  ) -> tuple[Path, Path, subprocess.CompletedProcess]:
+    """``gpu_campaign.sh tiny`` on the synthetic data set: (output folder, archive, result)."""
+    tmp = tmp_path_factory.mktemp("campaign")
+    out, archive = tmp / "out", tmp / "returned" / "tiny.tar.gz"
+    env = {**os.environ, "CAMPAIGN_DATA": str(tiny_dataset), "PYTHON": sys.executable}
+    result = subprocess.run(["bash", str(CAMPAIGN), "tiny", str(out), str(archive)], env=env,
+                            capture_output=True, text=True, timeout=1200)
+    return out, archive, result
+
+
+def test_tiny_plan_writes_a_finished_record_for_every_run(tiny_campaign) -> None:
+    out, _, result = tiny_campaign
+    assert result.returncode == 0, result.stdout + result.stderr
+    machine = json.loads((out / "machine.json").read_text())
+    assert machine["torch"] and machine["cpu"] and machine["cuda_available"] in (True, False)
+    assert "nvidia-smi" in (out / "machine.txt").read_text()
+    log = (out / "campaign.log").read_text()
+    for name in [*BENCH, *TRAIN, *EXPERIMENTS]:
+        assert f"{name}: ok" in log, log
+        record = json.loads((out / name / "campaign.json").read_text())
+        assert record["status"] == "ok" and record["plan"] == "tiny"
+        assert record["command"].startswith("capsnet ")
+        assert record["machine"] == machine
+        # Part 2 starts its runs together; the record says which ran alongside.
+        expected = sorted(set(PART2) - {name}) if name in PART2 else []
+        assert sorted(record["alongside"]) == expected
+
+
+def test_tiny_bench_records_are_capsnet_bench_json(tiny_campaign) -> None:
+    out, _, _ = tiny_campaign
+    for name in BENCH:
+        summary = json.loads((out / name / "summary.json").read_text())
+        assert summary["train_batch"] == int(name.rsplit("-b", 1)[1])
+        assert summary["infer_batch"] == 16
+        assert (summary["precision"], summary["compile"]) == \
+            (("bf16", True) if "fast" in name else ("fp32", False))
+        assert summary["train_images_per_s"] > 0 and summary["infer_images_per_s"] > 0
+        assert summary["device"].startswith("cpu")
+
+
+def test_tiny_training_runs_are_cut_short_by_their_time_limit(tiny_campaign) -> None:
+    out, _, _ = tiny_campaign
+    for name in TRAIN:
+        folder = out / name
+        config = json.loads((folder / "config.json").read_text())["train"]
+        summary = json.loads((folder / "summary.json").read_text())
+        assert (folder / "best.pt").is_file() and (folder / "metrics.jsonl").is_file()
+        assert (config["epochs"], config["time_limit"]) == (2, 1.0)
+        assert config["precision"] == "bf16" and config["compile"] and config["device"] == "cpu"
+        assert summary["epochs"] == 1
+        assert summary["cut_short"] == "time limit of 1 s: stopped after epoch 1 of 2"
+        assert 0 <= summary["test_accuracy"] <= 1
+        assert summary["device"].startswith("cpu") and summary["date"] and summary["torch"]
+    seeds = {name: json.loads((out / name / "config.json").read_text())["train"]
+             for name in TRAIN}
+    assert [seeds[n]["seed"] for n in TRAIN] == [0, 1, 2, 0, 0]
+    assert [seeds[n]["preset"] for n in TRAIN] == ["paper", "paper", "paper", "seed", "paper"]
+
+
+def test_tiny_experiments_are_cut_short_too(tiny_campaign) -> None:
+    out, _, _ = tiny_campaign
+    multimnist = json.loads((out / "multimnist-s0" / "summary.json").read_text())
+    assert multimnist["experiment"] == "multimnist" and 0 <= multimnist["test_error"] <= 1
+    assert multimnist["cut_short"]
+    affnist = json.loads((out / "affnist-s0" / "summary.json").read_text())
+    assert sorted(affnist["models"]) == ["capsnet", "cnn"]
+    for model in affnist["models"].values():
+        assert 0 <= model["affine_test_accuracy"] <= 1 and model["cut_short"]
+
+
+def test_archive_holds_every_record_and_no_checkpoint(tiny_campaign) -> None:
+    _, archive, _ = tiny_campaign
+    with tarfile.open(archive) as tar:
+        names = tar.getnames()
+    assert not [n for n in names if n.endswith(".pt")]
+    for name in [*BENCH, *TRAIN, *EXPERIMENTS]:
+        assert f"{name}/summary.json" in names and f"{name}/campaign.json" in names
+    assert "affnist-s0/capsnet/metrics.jsonl" in names and "machine.txt" in names
+
+
+def test_records_come_home_and_fill_the_tables(tiny_campaign, tmp_path: Path) -> None:
+    _, archive, _ = tiny_campaign
+    docs = copy_docs(tmp_path)
+    home = [sys.executable, str(TOOLS), "home", str(archive), "--runs", str(docs / "runs"),
+            "--tag", "tiny"]
+    assert subprocess.run(home, capture_output=True).returncode == 0
+    affnist = docs / "runs" / "affnist-s0-tiny"
+    assert sorted(p.name for p in affnist.iterdir()) == [
+        "campaign.json", "capsnet-metrics.jsonl", "cnn-metrics.jsonl", "config.json",
+        "summary.json"]
+    assert sorted(p.name for p in (docs / "runs" / "mnist-paper-s0-tiny").iterdir()) == [
+        "campaign.json", "config.json", "metrics.jsonl", "summary.json"]
+    # Bringing the same runs home again overwrites nothing and says so.
+    assert subprocess.run(home, capture_output=True).returncode == 1
+    assert tables(docs, "--check").returncode == 1
+    assert tables(docs).returncode == 0 and tables(docs, "--check").returncode == 0
+    text = (docs / "RESULTS.md").read_text()
+    for name in [*BENCH, *TRAIN, *EXPERIMENTS]:
+        assert f"[runs/{name}-tiny](runs/{name}-tiny)" in text
+    assert "1 (cut short: time limit of 1 s: stopped after epoch 1 of 2)" in text
+    assert "alongside 5 other runs" in text
+    assert "over 4 runs (seeds 0, 1, 2)" in text  # the paper preset's seeds, mean accuracy
+
+
+def test_a_run_past_its_time_is_stopped_and_recorded(tmp_path: Path) -> None:
+    began = time.monotonic()
+    result = subprocess.run([sys.executable, str(TOOLS), "run", str(tmp_path), "slow", "--plan",
+                             "tiny", "--timeout", "1", "--", "sleep", "60"],
+                            capture_output=True, text=True)
+    assert result.returncode == 0 and time.monotonic() - began < 30
+    record = json.loads((tmp_path / "slow" / "campaign.json").read_text())
+    assert record["status"] == "stopped at the part's hard stop after 1 s"
+    assert "slow: stopped" in (tmp_path / "campaign.log").read_text()
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has CUDA")
+def test_a_gpu_part_without_cuda_stops_before_any_run(tmp_path: Path) -> None:
+    result = subprocess.run(["bash", str(CAMPAIGN), "part1", str(tmp_path / "out"),
+                             str(tmp_path / "part1.tar.gz")], capture_output=True, text=True,
+                            env={**os.environ, "PYTHON": sys.executable}, timeout=300)
+    assert result.returncode == 1 and "needs CUDA" in result.stderr
+    written = sorted(p.name for p in (tmp_path / "out").iterdir() if p.name[0] != ".")
+    assert written == ["machine.json", "machine.txt"]
+    with tarfile.open(tmp_path / "part1.tar.gz") as tar:  # what says why comes home
+        assert sorted(tar.getnames()) == ["machine.json", "machine.txt"]
+
+
+def test_results_tables_agree_with_the_committed_records() -> None:
+    result = tables(REPO / "docs", "--check")
+    assert result.returncode == 0, result.stderr
+
+
+def test_check_fails_when_a_committed_summary_changes(tmp_path: Path) -> None:
+    docs = copy_docs(tmp_path)
+    summary_path = docs / "runs" / "mnist-quick-cpu" / "summary.json"
+    summary = json.loads(summary_path.read_text())
+    summary["test_accuracy"] = 0.5
+    summary_path.write_text(json.dumps(summary))
+    result = tables(docs, "--check")
+    assert result.returncode == 1 and "+| MNIST | quick |" in result.stderr
+    assert "50.00%" in result.stderr
+    assert tables(docs).returncode == 0 and tables(docs, "--check").returncode == 0
+
+
+def test_a_field_a_record_lacks_shows_as_not_recorded(tmp_path: Path) -> None:
+    docs = copy_docs(tmp_path)
+    folder = docs / "runs" / "bare"
+    folder.mkdir()
+    (folder / "summary.json").write_text(json.dumps({"test_accuracy": 0.9}))
+    assert tables(docs).returncode == 0
+    row = next(line for line in (docs / "RESULTS.md").read_text().splitlines()
+               if "runs/bare" in line)
+    assert row.count("not recorded") == 8 and "90.00%" in row
+
+
+def copy_docs(tmp_path: Path) -> Path:
+    docs = tmp_path / "docs"
+    docs.mkdir()
+    shutil.copyfile(REPO / "docs" / "RESULTS.md", docs / "RESULTS.md")
+    shutil.copytree(REPO / "docs" / "runs", docs / "runs")
+    return docs
+
+
+def tables(docs: Path, *flags: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, str(TABLES), "--docs", str(docs), *flags],
+                          capture_output=True, text=True)
