@@ -115,8 +115,7 @@ def machine(out: Path, need_cuda: bool) -> int:
     lscpu = command_output(["lscpu"]) or ""
     cpu = next((line.partition(":")[2].strip() for line in lscpu.splitlines()
                 if line.startswith("Model name")), platform.processor() or "not recorded")
-    facts = {"date": time.strftime("%Y-%m-%d %H:%M:%S %Z"), "host": platform.node(),
-             "gpus": gpus.strip().splitlines() if gpus else [], "cpu": cpu,
+    facts = {"date": time.strftime("%Y-%m-%d %H:%M:%S %Z"),              "gpus": gpus.strip().splitlines() if gpus else [], "cpu": cpu,
              "cpus": os.cpu_count(), "python": platform.python_version(),
              "torch": torch.__version__, "cuda": torch.version.cuda,
              "cuda_available": torch.cuda.is_available()}

@@ -1,4 +1,5 @@
-"""Regenerate the tables of docs/RESULTS.md from the run records in docs/runs/.
+"""Regenerate the tables of docs/RESULTS.md (and docs/PERFORMANCE.md) from the run records
+in docs/runs/.
 
 Each table sits between ``<!-- begin table: NAME -->`` and ``<!-- end table: NAME -->``
 and is made from every docs/runs/*/summary.json (with the run's config.json, metrics logs
@@ -17,6 +18,8 @@ import re
 import sys
 from pathlib import Path
 from typing import Any, Callable
+
+from capsnet.training.config import make_config
 
 DOCS = Path(__file__).resolve().parent.parent / "docs"
 MISSING = "not recorded"
@@ -70,6 +73,10 @@ def percent(value: Any) -> str:
 
 def count(value: Any) -> str:
     return MISSING if value is None else f"{value:,.0f}"
+
+
+def ratio(part: Any, whole: Any) -> str:
+    return MISSING if part is None or not whole else f"{part / whole:.2f}x"
 
 
 def duration(seconds: Any) -> str:
@@ -162,22 +169,36 @@ def training_table(runs: list[Run]) -> str:
     return markdown(header, rows, "No training runs recorded yet.") + seed_means(runs)
 
 
-def seed_means(runs: list[Run]) -> str:
-    """A line for each data set, preset and hardware trained with several seeds: the mean
-    test accuracy over them."""
+RUN_ONLY = {"seed", "time_limit", "device"}  # settings that do not make another recipe
+
+
+def recipe(run: Run) -> str:
+    """The run's training settings but its seed and where and how long it ran."""
+    return json.dumps({k: v for k, v in run.train.items() if k not in RUN_ONLY}, sort_keys=True)
+
+
+def full_runs_by_recipe(runs: list[Run]) -> dict[tuple[str, str, str], list[Run]]:
+    """Runs that trained all their epochs, grouped by data set, hardware and recipe."""
     groups: dict[tuple[str, str, str], list[Run]] = {}
     for r in runs:
-        if r.summary.get("test_accuracy") is not None:
-            key = (dataset(r), r.train.get("preset", MISSING), r.summary.get("device", MISSING))
-            groups.setdefault(key, []).append(r)
+        if r.summary.get("test_accuracy") is not None and not r.summary.get("cut_short"):
+            groups.setdefault((dataset(r), r.summary.get("device", MISSING), recipe(r)),
+                              []).append(r)
+    return groups
+
+
+def seed_means(runs: list[Run]) -> str:
+    """A line for each recipe trained in full with several seeds on the same hardware: the
+    mean test accuracy over them."""
     lines = []
-    for (data, preset, device), group in groups.items():
+    for (data, device, _), group in full_runs_by_recipe(runs).items():
         seeds = sorted({r.train.get("seed") for r in group}, key=str)
         if len(seeds) > 1:
             mean = sum(r.summary["test_accuracy"] for r in group) / len(group)
-            lines.append(f"\n\nMean test accuracy of {data}, {preset} preset, on {device}, over "
-                         f"{len(group)} runs (seeds {', '.join(map(str, seeds))}): "
-                         f"{percent(mean)} ({', '.join(link(r) for r in group)}).")
+            lines.append(f"\n\nMean test accuracy of {data}, {group[0].train.get('preset')} "
+                         f"preset as it is, on {device}, over {len(group)} runs (seeds "
+                         f"{', '.join(map(str, seeds))}): {percent(mean)} "
+                         f"({', '.join(link(r) for r in group)}).")
     return "".join(lines)
 
 
@@ -192,40 +213,112 @@ def experiments_table(runs: list[Run]) -> str:
 
 def bench_table(runs: list[Run]) -> str:
     header = ["hardware", "precision", "compiled", "training batch", "training images/s",
-              "inference batch", "inference images/s", "convolutions alone, training images/s",
+              "convolutions alone, training images/s", "ratio", "inference batch",
+              "inference images/s", "convolutions alone, inference images/s", "ratio",
               "peak memory (MB)", "date", "run"]
     rows = []
     for r in runs:
         s = r.summary
         rows.append([hardware(r), s.get("precision", MISSING),
                      "yes" if s.get("compile") else "no", count(s.get("train_batch")),
-                     count(s.get("train_images_per_s")), count(s.get("infer_batch")),
-                     count(s.get("infer_images_per_s")), count(s.get("convs_train_images_per_s")),
+                     count(s.get("train_images_per_s")), count(s.get("convs_train_images_per_s")),
+                     ratio(s.get("train_images_per_s"), s.get("convs_train_images_per_s")),
+                     count(s.get("infer_batch")), count(s.get("infer_images_per_s")),
+                     count(s.get("convs_infer_images_per_s")),
+                     ratio(s.get("infer_images_per_s"), s.get("convs_infer_images_per_s")),
                      count(s.get("peak_memory_mb")), s.get("date", MISSING), link(r)])
     return markdown(header, rows, "No `capsnet bench` records yet.")
 
 
-TABLES = {"training": training_table, "experiments": experiments_table, "bench": bench_table}
+HOW = RUN_ONLY | {"dataset", "precision", "compile", "eval_batch_size", "deterministic"}
+
+
+def as_preset(run: Run, preset: str, data: str) -> bool:
+    """A run of ``preset`` on ``data`` that trained all its epochs with every setting of
+    the recipe as the preset gives it today (only seed, device, speed and time may differ)."""
+    wanted = make_config(preset).to_dict()
+    return (run.train.get("preset") == preset and run.train.get("dataset") == data
+            and not run.summary.get("cut_short")
+            and all(run.train.get(k) == v for k, v in wanted.items() if k not in HOW))
+
+
+def best(runs: list[Run], value: Callable[[Run], float | None]) -> tuple[float, list[Run]] | None:
+    found = [(value(r), r) for r in runs if value(r) is not None]
+    return (max(v for v, _ in found), [r for _, r in found]) if found else None
+
+
+def targets_table(runs: list[Run]) -> str:
+    """Issue 16's targets against the records that measure them."""
+    training = [r for r in runs if r.kind == "training"]
+    bench = {(r.summary.get("precision"), r.summary.get("compile"), r.summary.get("train_batch")): r
+             for r in runs if r.kind == "bench" and r.summary.get("device", "").startswith("NVIDIA")}
+    rows = []
+
+    def add(target: str, wanted: float, unit: str, runs_used: list[Run], measured: float | None,
+            higher: bool = True) -> None:
+        shown = (MISSING if measured is None else percent(measured) if unit == "%" else
+                 f"{count(measured)} {unit}" if unit == "images/s" else f"{measured:.1f} {unit}")
+        met = (MISSING if measured is None else
+               "yes" if (measured >= wanted if higher else measured <= wanted) else "no")
+        rows.append([target, shown, met, ", ".join(link(r) for r in runs_used) or MISSING])
+
+    paper = [r for r in training if as_preset(r, "paper", "mnist")]
+    accuracy = lambda r: r.summary.get("test_accuracy")
+    top = best(paper, accuracy)
+    add("paper preset, MNIST, one run >= 99.70%", 0.997, "%", top[1] if top else [],
+        top[0] if top else None)
+    mean = sum(accuracy(r) for r in paper) / len(paper) if paper else None
+    add(f"paper preset, MNIST, mean of {len(paper)} seeds (the paper: 99.75%)", 0.9975, "%",
+        paper, mean)
+    seed = [r for r in training if as_preset(r, "seed", "mnist")]
+    top = best(seed, accuracy)
+    add("seed preset, MNIST, >= 99.50% (the notebook: 99.53%)", 0.995, "%",
+        top[1] if top else [], top[0] if top else None)
+    fashion = [r for r in training if as_preset(r, "paper", "fashion-mnist")]
+    top = best(fashion, accuracy)
+    add("paper preset, Fashion-MNIST, >= 92%", 0.92, "%", top[1] if top else [],
+        top[0] if top else None)
+    fast = bench.get(("bf16", True, 128))
+    speed = lambda key, r: r.summary.get(key) if r else None
+    add("training at batch 128, >= 40,000 images/s (fast path)", 40_000, "images/s",
+        [fast] if fast else [], speed("train_images_per_s", fast))
+    add("inference at batch 1,024, >= 150,000 images/s (fast path)", 150_000, "images/s",
+        [fast] if fast else [], speed("infer_images_per_s", fast))
+    alone = [r for r in paper if not r.campaign.get("alongside")]
+    epoch = (min(r.summary["wall_seconds"] / r.summary["epochs"] for r in alone)
+             if alone else None)
+    add("one paper-preset epoch with its validation, <= 2 s", 2.0, "s", alone, epoch,
+        higher=False)
+    return markdown(["target (issue 16)", "measured", "met", "runs"], rows, "")
+
+
+TABLES = {"training": training_table, "experiments": experiments_table, "bench": bench_table,
+          "targets": targets_table}
 
 
 def load_runs(runs_dir: Path) -> dict[str, list[Run]]:
     """Each table's runs, oldest first (then by name); a record without a date sorts first."""
     runs = [Run(p.parent) for p in runs_dir.glob("*/summary.json")]
     runs.sort(key=lambda r: (date(r) if date(r) != MISSING else "", r.name))
-    return {kind: [r for r in runs if r.kind == kind] for kind in TABLES}
+    tables = {kind: [r for r in runs if r.kind == kind] for kind in ("training", "experiments", "bench")}
+    return {**tables, "targets": runs}
 
 
-def generate(text: str, runs_dir: Path) -> str:
-    """``text`` (RESULTS.md) with every marked table regenerated."""
+DOCUMENTS = {"RESULTS.md": tuple(TABLES), "PERFORMANCE.md": ()}  # tables each must hold
+
+
+def generate(text: str, runs_dir: Path, required: tuple[str, ...]) -> str:
+    """``text`` with every marked table regenerated; the ``required`` ones must be marked."""
     runs = load_runs(runs_dir)
     for name, table in TABLES.items():
         pattern = re.compile(rf"(<!-- begin table: {name} [^\n]*-->\n)(?:.*?\n)?"
                              rf"(<!-- end table: {name} -->)", re.S)
         if not pattern.search(text):
-            raise SystemExit(f"RESULTS.md has no marked table {name!r}: add the lines "
-                             f"'<!-- begin table: {name} (generated by "
-                             f"scripts/results_tables.py) -->' and "
-                             f"'<!-- end table: {name} -->'")
+            if name in required:
+                raise SystemExit(f"no marked table {name!r}: add the lines '<!-- begin table: "
+                                 f"{name} (generated by scripts/results_tables.py) -->' and "
+                                 f"'<!-- end table: {name} -->'")
+            continue
         text = pattern.sub(lambda m: m.group(1) + table(runs[name]) + "\n" + m.group(2), text)
     return text
 
@@ -233,26 +326,28 @@ def generate(text: str, runs_dir: Path) -> str:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--check", action="store_true",
-                        help="change nothing; exit 1 when RESULTS.md differs from the records")
+                        help="change nothing; exit 1 when a document differs from the records")
     parser.add_argument("--docs", type=Path, default=DOCS,
-                        help="the folder holding RESULTS.md and runs/ (default: docs/)")
+                        help="the folder holding the documents and runs/ (default: docs/)")
     args = parser.parse_args(argv)
-    path = args.docs / "RESULTS.md"
-    current = path.read_text()
-    wanted = generate(current, args.docs / "runs")
-    if args.check:
+    status = 0
+    for document, required in DOCUMENTS.items():
+        path = args.docs / document
+        current = path.read_text()
+        wanted = generate(current, args.docs / "runs", required)
         if current == wanted:
-            return 0
-        diff = difflib.unified_diff(current.splitlines(), wanted.splitlines(), str(path),
-                                    "generated from the records", lineterm="")
-        print("\n".join(diff), file=sys.stderr)
-        print(f"{path} disagrees with {args.docs / 'runs'}: run python "
-              f"scripts/results_tables.py", file=sys.stderr)
-        return 1
-    if current != wanted:
-        path.write_text(wanted)
-        print(f"rewrote the tables of {path}")
-    return 0
+            continue
+        if args.check:
+            diff = difflib.unified_diff(current.splitlines(), wanted.splitlines(), str(path),
+                                        "generated from the records", lineterm="")
+            print("\n".join(diff), file=sys.stderr)
+            print(f"{path} disagrees with {args.docs / 'runs'}: run python "
+                  f"scripts/results_tables.py", file=sys.stderr)
+            status = 1
+        else:
+            path.write_text(wanted)
+            print(f"rewrote the tables of {path}")
+    return status
 
 
 if __name__ == "__main__":
