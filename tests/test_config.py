@@ -11,7 +11,7 @@ from capsnet.training.config import PRESETS, TrainConfig, learning_rate, make_co
 from capsnet.errors import CapsNetError
 
 # Where a run is and how it is executed: not part of any source's recipe.
-HOW = {"dataset": "mnist", "seed": 0, "device": "auto", "precision": "fp32", "compile": False,
+HOW = {"dataset": "mnist", "seed": 0, "device": "auto", "precision": "fp32", "compile": "auto",
        "deterministic": False, "eval_batch_size": 500, "time_limit": 0.0, "image_size": 0,
        "channels": 0}
 
@@ -97,10 +97,10 @@ def test_stored_settings_must_be_a_dict() -> None:
 
 def test_resume_may_change_only_how_long_and_where() -> None:
     saved = make_config("seed", epochs=2)
-    resumed = resume_config(saved, {"epochs": 5, "device": "cpu", "compile": True,
+    resumed = resume_config(saved, {"epochs": 5, "device": "cpu", "compile": "on",
                                     "batch_size": 50, "lr": None})
-    assert (resumed.epochs, resumed.device, resumed.compile) == (5, "cpu", True)
-    assert replace(resumed, epochs=2, device="auto", compile=False) == saved
+    assert (resumed.epochs, resumed.device, resumed.compile) == (5, "cpu", "on")
+    assert replace(resumed, epochs=2, device="auto", compile="auto") == saved
     with pytest.raises(CapsNetError, match=r"batch_size is 50 there, not 64 \(only --epochs, "
                                            r"--time-limit, --device, --compile may change\)"):
         resume_config(saved, {"batch_size": 64})
@@ -119,3 +119,9 @@ def test_learning_rate_decays_like_the_official_code() -> None:
     assert learning_rate(config, 2000) == pytest.approx(0.96e-3)
     assert learning_rate(config, 4000) == pytest.approx(0.96 ** 2 * 1e-3)
     assert learning_rate(make_config("seed"), 10_000) == 1e-3
+
+
+def test_stored_compile_flags_of_older_runs_still_load() -> None:
+    stored = {**make_config("seed").to_dict(), "compile": True}
+    assert TrainConfig.from_dict(stored).compile == "on"
+    assert TrainConfig.from_dict({**stored, "compile": False}).compile == "off"

@@ -154,3 +154,14 @@ def test_a_time_limit_stops_between_epochs_and_says_so(tiny_dataset: Path, tmp_p
     assert summary["cut_short"] == "time limit of 1e-06 s: stopped after epoch 1 of 50"
     assert train(tiny_config(tiny_dataset), tmp_path / "whole",
                  show_progress=False)["cut_short"] is None
+
+
+@pytest.mark.parametrize("epochs, compile_setting, compiled", [
+    (3, "auto", True), (2, "auto", False), (2, "on", True), (3, "off", False)])
+def test_auto_compiles_runs_long_enough_to_pay_for_it(tiny_dataset: Path, tmp_path: Path,
+                                                      epochs: int, compile_setting: str,
+                                                      compiled: bool) -> None:
+    # 200 training images at batch 1: 200 steps an epoch; auto compiles from 500 steps on.
+    config = tiny_config(tiny_dataset, epochs=epochs, batch_size=1, compile=compile_setting)
+    trainer = Trainer(Classification.from_config(config), tmp_path / "run", show_progress=False)
+    assert trainer.compiled is compiled

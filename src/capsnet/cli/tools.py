@@ -161,7 +161,7 @@ def add_bench(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("bench", help="measure training and inference speed and memory")
     p.add_argument("--device", choices=DEVICES, default="auto")
     p.add_argument("--precision", choices=PRECISIONS, default="fp32")
-    p.add_argument("--compile", action="store_true", help="compile the routing with torch.compile")
+    p.add_argument("--compile", action="store_true", help="torch.compile the model")
     p.add_argument("--routing-iterations", type=positive_int, default=3)
     p.add_argument("--train-batch", type=positive_int, help="default: 64 on CPU, 128 on CUDA")
     p.add_argument("--infer-batch", type=positive_int, default=256)

@@ -204,13 +204,6 @@ class CapsNet(nn.Module):
         model.class_names, model.prepare = labels["class_names"], labels["prepare"]
         return model.eval()
 
-    def compile_routing(self) -> "CapsNet":
-        """Compile the routing layer with ``torch.compile`` (in place; weights and state-dict
-        keys unchanged). Fusing its many small element-wise steps is where compilation pays;
-        the convolutions already run in vendor kernels and gain nothing."""
-        self.digits.compile()
-        return self
-
     def forward(self, images: Tensor, labels: Tensor | None = None) -> CapsNetOutput:
         digit_caps, _ = self.capsules(images)
         lengths = safe_norm(digit_caps)  # (batch, classes)

@@ -30,7 +30,7 @@ from ..utils.device import autocast, device_name, resolve_device
 from ..utils.distributed import all_reduce_sum, any_rank, init_world, per_rank_batch, shutdown
 from ..utils.files import atomic_write_bytes, write_json
 from .checkpoint import load_checkpoint, model_from_checkpoint, progress_of, save_checkpoint
-from .config import TrainConfig, epoch_seed, learning_rate, resume_config
+from .config import COMPILE_AFTER_STEPS, TrainConfig, epoch_seed, learning_rate, resume_config
 from .task import Classification, Step, Task
 
 LOG_EVERY = 20  # steps between progress updates (each costs one host synchronisation)
@@ -180,12 +180,22 @@ class Trainer:
         self.optimizer = torch.optim.Adam(self.model.parameters(), lr=config.lr)
         if start is not None and "optimizer" in start:
             self.optimizer.load_state_dict(start["optimizer"])
-        if config.compile and hasattr(self.model, "compile_routing"):
-            self.model.compile_routing()
+        self.first_step_seconds: float | None = None
+        self.first_step_images = 0
+        self.compiled = self.should_compile()
+        if self.compiled:  # in place: the weights and the state-dict keys stay as they are
+            self.model.compile()
         self.step_model = self.model
         if self.world.distributed:
             self.step_model = torch.nn.parallel.DistributedDataParallel(
                 self.step_model, device_ids=[self.device.index] if self.device.type == "cuda" else None)
+
+    def should_compile(self) -> bool:
+        """``compile`` on, or auto and this call trains at least COMPILE_AFTER_STEPS steps."""
+        if self.config.compile != "auto":
+            return self.config.compile == "on"
+        steps = self.task.num_batches(self.world) * (self.config.epochs - self.progress["epoch"])
+        return steps - self.progress["batch"] >= COMPILE_AFTER_STEPS
 
     def check_resumable(self, payload: dict[str, Any]) -> None:
         """Refuse to resume a run with other settings, or one of another task."""
@@ -247,7 +257,10 @@ class Trainer:
         batch_iter = self.task.batches(epoch_seed(self.config, epoch), start, self.device,
                                        self.world)
         for index, batch in enumerate(batch_iter, start=start):
-            step = self.train_step(batch)
+            if self.first_step_seconds is None:  # compiles, when compiled: timed apart
+                step = self.timed_first_step(batch)
+            else:
+                step = self.train_step(batch)
             losses.append(step.loss)
             correct += step.correct
             seen += step.count
@@ -280,6 +293,16 @@ class Trainer:
         loss_sum, n_correct, n_seen, n_steps, n_new = all_reduce_sum(totals, self.world).tolist()
         return {"loss": loss_sum / n_steps if n_steps else math.nan,
                 "accuracy": n_correct / max(n_seen, 1), "images": int(n_new), "seconds": seconds}
+
+    def timed_first_step(self, batch: Any) -> Step:
+        """The first step of this call, timed on its own: it holds the compilation."""
+        began = time.perf_counter()
+        step = self.train_step(batch)
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+        self.first_step_seconds = time.perf_counter() - began
+        self.first_step_images = step.count * self.world.world_size
+        return step
 
     def check_finite(self, losses: list[torch.Tensor], start: int = 0) -> None:
         """Stop with the first step whose loss is not finite; its weights are never saved.
@@ -375,7 +398,9 @@ class Trainer:
                    f"best_val_{self.task.best_metric}": self.progress["best"],
                    "epochs": self.progress["epoch"], "steps": self.progress["step"],
                    "wall_seconds": wall_seconds,
-                   "train_images_per_s": train_images / train_seconds if train_seconds else None,
+                   "train_images_per_s": steady_rate(train_images - self.first_step_images,
+                                                     train_seconds - (self.first_step_seconds or 0)),
+                   "compiled": self.compiled, "first_step_seconds": self.first_step_seconds,
                    "cut_short": self.cut_short, "device": device_name(self.device),
                    "torch": torch.__version__, "cuda": torch.version.cuda,
                    "peak_gpu_memory_mb": (torch.cuda.max_memory_allocated(self.device) / 2**20
@@ -384,6 +409,11 @@ class Trainer:
         if self.world.is_main:
             write_json(self.run_dir / "summary.json", summary)
         return summary
+
+
+def steady_rate(images: int, seconds: float) -> float | None:
+    """Images per second after the first step (which compiles, when compiled)."""
+    return images / seconds if images > 0 and seconds > 0 else None
 
 
 def set_aside(path: Path) -> None:
