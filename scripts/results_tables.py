@@ -19,7 +19,7 @@ import sys
 from pathlib import Path
 from typing import Any, Callable
 
-from capsnet.training.config import make_config
+from capsnet.training.config import TrainConfig, make_config
 
 DOCS = Path(__file__).resolve().parent.parent / "docs"
 MISSING = "not recorded"
@@ -236,10 +236,13 @@ HOW = RUN_ONLY | {"dataset", "precision", "compile", "eval_batch_size", "determi
 def as_preset(run: Run, preset: str, data: str) -> bool:
     """A run of ``preset`` on ``data`` that trained all its epochs with every setting of
     the recipe as the preset gives it today (only seed, device, speed and time may differ)."""
+    if run.train.get("preset") != preset or run.train.get("dataset") != data:
+        return False
+    # Fields added since the run was recorded take their defaults, as the run then had.
+    recorded = TrainConfig.from_dict(run.train).to_dict()
     wanted = make_config(preset).to_dict()
-    return (run.train.get("preset") == preset and run.train.get("dataset") == data
-            and not run.summary.get("cut_short")
-            and all(run.train.get(k) == v for k, v in wanted.items() if k not in HOW))
+    return (not run.summary.get("cut_short")
+            and all(recorded[k] == v for k, v in wanted.items() if k not in HOW))
 
 
 def best(runs: list[Run], value: Callable[[Run], float | None]) -> tuple[float, list[Run]] | None:
@@ -292,8 +295,37 @@ def targets_table(runs: list[Run]) -> str:
     return markdown(["target (issue 16)", "measured", "met", "runs"], rows, "")
 
 
+NOTEBOOK = DOCS.parent.parent / "shared" / "seed" / "capsnet-notebook.txt"
+
+
+def notebook_curve() -> list[float] | None:
+    """The notebook's printed validation accuracy per epoch (its "Epoch: N  Val accuracy:
+    X%" lines), read from the notebook's text beside the checkout."""
+    if not NOTEBOOK.is_file():
+        return None
+    found = re.findall(r"Epoch: (\d+)  Val accuracy: ([\d.]+)%", NOTEBOOK.read_text())
+    return [float(accuracy) / 100 for _, accuracy in sorted(found, key=lambda f: int(f[0]))]
+
+
+def seed_curve_table(runs: list[Run]) -> str:
+    """Validation accuracy per epoch of every seed-preset run beside the notebook's."""
+    rows = []
+    curve = notebook_curve()
+    if curve:
+        rows.append(["the notebook (printed after restoring an earlier checkpoint)",
+                     *map(percent, curve)])
+    for r in runs:
+        if r.train.get("preset") == "seed" and r.train.get("dataset") == "mnist":
+            accuracy = [m["val_accuracy"] for m in r.metrics("") or []]
+            rows.append([f"{link(r)} ({hardware(r)})", *map(percent, accuracy)])
+    epochs = max((len(row) - 1 for row in rows), default=0)
+    rows = [row + [""] * (epochs + 1 - len(row)) for row in rows]
+    return markdown(["run", *(str(e) for e in range(1, epochs + 1))], rows,
+                    "No seed-preset runs recorded yet.")
+
+
 TABLES = {"training": training_table, "experiments": experiments_table, "bench": bench_table,
-          "targets": targets_table}
+          "targets": targets_table, "seed-curve": seed_curve_table}
 
 
 def load_runs(runs_dir: Path) -> dict[str, list[Run]]:
@@ -301,7 +333,7 @@ def load_runs(runs_dir: Path) -> dict[str, list[Run]]:
     runs = [Run(p.parent) for p in runs_dir.glob("*/summary.json")]
     runs.sort(key=lambda r: (date(r) if date(r) != MISSING else "", r.name))
     tables = {kind: [r for r in runs if r.kind == kind] for kind in ("training", "experiments", "bench")}
-    return {**tables, "targets": runs}
+    return {**tables, "targets": runs, "seed-curve": tables["training"]}
 
 
 DOCUMENTS = {"RESULTS.md": tuple(TABLES), "PERFORMANCE.md": ()}  # tables each must hold
