@@ -2,14 +2,10 @@
 
 from __future__ import annotations
 
-import functools
 import gzip
 import hashlib
-import http.server
-import socket
-import threading
 from pathlib import Path
-from typing import Callable, Iterator
+from typing import Callable
 
 import numpy as np
 import pytest
@@ -20,7 +16,9 @@ from capsnet.data import (FILE_NAMES, ROLES, DatasetSpec, Split, acquire, batche
                           check_images_labels, load_splits, read_idx, shift_images, write_idx)
 from capsnet.data.formats import read_idx_files
 from capsnet.errors import CapsNetError
-from conftest import write_dataset
+from conftest import dead_url, write_dataset
+
+pytestmark = pytest.mark.usefixtures("isolated_env")  # a private cache, no proxy
 
 # --- IDX files ---------------------------------------------------------------------------
 
@@ -97,19 +95,6 @@ def test_check_images_labels() -> None:
 # --- acquisition ---------------------------------------------------------------------------
 
 
-@pytest.fixture(autouse=True)
-def isolated_env(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
-    """A private cache, no user data dir, and no proxy between urllib and 127.0.0.1."""
-    cache_home = tmp_path / "xdg-cache"
-    monkeypatch.setenv("XDG_CACHE_HOME", str(cache_home))
-    monkeypatch.delenv("CAPSNET_DATA_DIR", raising=False)
-    for var in ("http_proxy", "HTTP_PROXY", "https_proxy", "HTTPS_PROXY", "all_proxy", "ALL_PROXY"):
-        monkeypatch.delenv(var, raising=False)
-    monkeypatch.setenv("no_proxy", "127.0.0.1,localhost")
-    monkeypatch.setenv("NO_PROXY", "127.0.0.1,localhost")
-    return cache_home
-
-
 @pytest.fixture()
 def source(tmp_path: Path) -> Path:
     """The four .gz files of a tiny data set."""
@@ -130,37 +115,6 @@ def fake_spec(source: Path, monkeypatch: pytest.MonkeyPatch) -> Callable[..., Da
 
     register()
     return register
-
-
-class QuietHandler(http.server.SimpleHTTPRequestHandler):
-    def log_message(self, *args: object) -> None:  # keep test output clean
-        pass
-
-
-@pytest.fixture()
-def serve() -> Iterator[Callable[[Path], str]]:
-    """``serve(folder)`` starts an HTTP server on 127.0.0.1 and returns its base URL."""
-    servers: list[http.server.ThreadingHTTPServer] = []
-
-    def start(folder: Path) -> str:
-        handler = functools.partial(QuietHandler, directory=str(folder))
-        server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
-        threading.Thread(target=server.serve_forever, args=(0.05,), daemon=True).start()
-        servers.append(server)
-        return f"http://127.0.0.1:{server.server_address[1]}/"
-
-    yield start
-    for server in servers:
-        server.shutdown()
-        server.server_close()
-
-
-def dead_url() -> str:
-    """A URL on a port nothing listens on: the connection is refused at once."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    return f"http://127.0.0.1:{port}/"
 
 
 def assert_matches_source(arrays: dict[str, np.ndarray], source: Path) -> None:

@@ -4,16 +4,12 @@ tiny files made in the real formats, and one-line errors for corrupt ones."""
 from __future__ import annotations
 
 import dataclasses
-import functools
 import hashlib
-import http.server
 import io
-import socket
 import sys
 import tarfile
-import threading
 from pathlib import Path
-from typing import Callable, Iterator
+from typing import Callable
 
 import numpy as np
 import pytest
@@ -24,6 +20,9 @@ import capsnet.data.formats as formats
 from capsnet.data import DATASETS, acquire, load_splits
 from capsnet.data.formats import CIFAR10_ARCHIVE, CIFAR10_TEST, CIFAR10_TRAIN, SVHN_FILES
 from capsnet.errors import CapsNetError
+from conftest import dead_url
+
+pytestmark = pytest.mark.usefixtures("isolated_env")  # a private cache, no proxy
 
 CIFAR10_CLASSES = ("airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse",
                    "ship", "truck")
@@ -141,50 +140,6 @@ def made(request: pytest.FixtureRequest, tmp_path: Path, monkeypatch: pytest.Mon
 
 
 # --- a local mirror --------------------------------------------------------------------------
-
-
-@pytest.fixture(autouse=True)
-def isolated_env(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
-    """A private cache, no user data dir, and no proxy between urllib and 127.0.0.1."""
-    cache_home = tmp_path / "xdg-cache"
-    monkeypatch.setenv("XDG_CACHE_HOME", str(cache_home))
-    monkeypatch.delenv("CAPSNET_DATA_DIR", raising=False)
-    for var in ("http_proxy", "HTTP_PROXY", "https_proxy", "HTTPS_PROXY", "all_proxy", "ALL_PROXY"):
-        monkeypatch.delenv(var, raising=False)
-    monkeypatch.setenv("no_proxy", "127.0.0.1,localhost")
-    monkeypatch.setenv("NO_PROXY", "127.0.0.1,localhost")
-    return cache_home
-
-
-class QuietHandler(http.server.SimpleHTTPRequestHandler):
-    def log_message(self, *args: object) -> None:  # keep test output clean
-        pass
-
-
-@pytest.fixture()
-def serve() -> Iterator[Callable[[Path], str]]:
-    """``serve(folder)`` starts an HTTP server on 127.0.0.1 and returns its base URL."""
-    servers: list[http.server.ThreadingHTTPServer] = []
-
-    def start(folder: Path) -> str:
-        handler = functools.partial(QuietHandler, directory=str(folder))
-        server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
-        threading.Thread(target=server.serve_forever, args=(0.05,), daemon=True).start()
-        servers.append(server)
-        return f"http://127.0.0.1:{server.server_address[1]}/"
-
-    yield start
-    for server in servers:
-        server.shutdown()
-        server.server_close()
-
-
-def dead_url() -> str:
-    """A URL on a port nothing listens on: the connection is refused at once."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    return f"http://127.0.0.1:{port}/"
 
 
 def assert_arrays_equal(arrays: dict[str, np.ndarray], expected: dict[str, np.ndarray]) -> None:
