@@ -21,11 +21,14 @@ CAMPAIGN = REPO / "scripts" / "gpu_campaign.sh"
 TOOLS = REPO / "scripts" / "campaign_tools.py"
 TABLES = REPO / "scripts" / "results_tables.py"
 
-BENCH = ["bench-eager-b8", "bench-fast-b8", "bench-eager-b16", "bench-fast-b16"]
+BENCH = ["bench-eager-b8", "bench-fast-b8", "bench-eager-b16", "bench-fast-b16",
+         "bench-compiled-b8", "bench-fp32-b8", "bench-graphs-b8"]
 TRAIN = ["mnist-paper-s0", "mnist-paper-s1", "mnist-paper-s2", "mnist-seed-s0",
-         "fashion-paper-s0"]
-EXPERIMENTS = {"multimnist-s0": "multimnist", "affnist-s0": "affnist"}
-PART2 = [*TRAIN[1:], *EXPERIMENTS]
+         "fashion-paper-s0", "mnist-paper-decay-s0", "mnist-paper-decay-s1",
+         "mnist-paper-decay-s2", "fashion-paper-decay-s0", "mnist-seed-e20-s0"]
+EXPERIMENTS = {"multimnist-s0": "multimnist", "affnist-s0": "affnist",
+               "multimnist-long-s0": "multimnist"}
+GROUPS = [[*TRAIN[1:5], "multimnist-s0", "affnist-s0"], [*TRAIN[5:], "multimnist-long-s0"]]
 
 
 @pytest.fixture(scope="module")
@@ -53,9 +56,9 @@ def test_tiny_plan_writes_a_finished_record_for_every_run(tiny_campaign) -> None
         assert record["status"] == "ok" and record["plan"] == "tiny"
         assert record["command"].startswith("capsnet ")
         assert record["machine"] == machine
-        # Part 2 starts its runs together; the record says which ran alongside.
-        expected = sorted(set(PART2) - {name}) if name in PART2 else []
-        assert sorted(record["alongside"]) == expected
+        # Parts 2 and 3 start their runs together; the record says which ran alongside.
+        group = next((g for g in GROUPS if name in g), [name])
+        assert sorted(record["alongside"]) == sorted(set(group) - {name})
 
 
 def test_tiny_bench_records_are_capsnet_bench_json(tiny_campaign) -> None:
@@ -64,8 +67,10 @@ def test_tiny_bench_records_are_capsnet_bench_json(tiny_campaign) -> None:
         summary = json.loads((out / name / "summary.json").read_text())
         assert summary["train_batch"] == int(name.rsplit("-b", 1)[1])
         assert summary["infer_batch"] == 16
+        fast = "eager" not in name and "fp32" not in name
         assert (summary["precision"], summary["compile"]) == \
-            (("bf16", True) if "fast" in name else ("fp32", False))
+            (("bf16", True) if fast else ("fp32", False))
+        assert summary.get("cuda_graphs", False) == ("graphs" in name)
         assert summary["train_images_per_s"] > 0 and summary["infer_images_per_s"] > 0
         assert summary["device"].startswith("cpu")
 
@@ -85,15 +90,18 @@ def test_tiny_training_runs_are_cut_short_by_their_time_limit(tiny_campaign) -> 
         assert summary["device"].startswith("cpu") and summary["date"] and summary["torch"]
     seeds = {name: json.loads((out / name / "config.json").read_text())["train"]
              for name in TRAIN}
-    assert [seeds[n]["seed"] for n in TRAIN] == [0, 1, 2, 0, 0]
-    assert [seeds[n]["preset"] for n in TRAIN] == ["paper", "paper", "paper", "seed", "paper"]
+    assert [seeds[n]["seed"] for n in TRAIN] == [0, 1, 2, 0, 0] * 2
+    assert [seeds[n]["preset"] for n in TRAIN] == ["paper", "paper", "paper", "seed", "paper",
+                                                   "paper", "paper", "paper", "paper", "seed"]
+    assert [seeds[n]["lr_decay"] for n in TRAIN] == [0.96, 0.96, 0.96, 1.0, 0.96, 0.9, 0.9, 0.9, 0.9, 1.0]
 
 
 def test_tiny_experiments_are_cut_short_too(tiny_campaign) -> None:
     out, _, _ = tiny_campaign
-    multimnist = json.loads((out / "multimnist-s0" / "summary.json").read_text())
-    assert multimnist["experiment"] == "multimnist" and 0 <= multimnist["test_error"] <= 1
-    assert multimnist["cut_short"]
+    for name in ("multimnist-s0", "multimnist-long-s0"):
+        multimnist = json.loads((out / name / "summary.json").read_text())
+        assert multimnist["experiment"] == "multimnist" and 0 <= multimnist["test_error"] <= 1
+        assert multimnist["cut_short"]
     affnist = json.loads((out / "affnist-s0" / "summary.json").read_text())
     assert sorted(affnist["models"]) == ["capsnet", "cnn"]
     for model in affnist["models"].values():
@@ -171,7 +179,7 @@ def test_check_fails_when_a_committed_summary_changes(tmp_path: Path) -> None:
     summary["test_accuracy"] = 0.5
     summary_path.write_text(json.dumps(summary))
     result = tables(docs, "--check")
-    assert result.returncode == 1 and "+| MNIST | quick |" in result.stderr
+    assert result.returncode == 1 and "+| MNIST | quick" in result.stderr
     assert "50.00%" in result.stderr
     assert tables(docs).returncode == 0 and tables(docs, "--check").returncode == 0
 

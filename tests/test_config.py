@@ -125,3 +125,15 @@ def test_stored_compile_flags_of_older_runs_still_load() -> None:
     stored = {**make_config("seed").to_dict(), "compile": True}
     assert TrainConfig.from_dict(stored).compile == "on"
     assert TrainConfig.from_dict({**stored, "compile": False}).compile == "off"
+
+
+def test_settings_stored_before_a_field_existed_mean_what_the_code_then_did() -> None:
+    # Runs recorded before the presets followed their sources: PyTorch's initialisation,
+    # ReLU primary capsules, no routing bias, the last 5,000 images held out.
+    older = {k: v for k, v in make_config("paper").to_dict().items()
+             if k not in ("init", "primary_style", "routing_bias", "val_split")}
+    config = TrainConfig.from_dict(older)
+    assert (config.init, config.primary_style, config.routing_bias, config.val_split) == \
+        ("torch", "notebook", False, "last")
+    assert TrainConfig.from_dict(make_config("paper").to_dict()) == make_config("paper")
+    assert TrainConfig.of_checkpoint({}) == TrainConfig()  # exported weights: no settings

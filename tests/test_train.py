@@ -86,6 +86,22 @@ def test_init_from_starts_a_new_run_from_the_weights_and_optimizer_state(
     assert config_json["init_from"] == str(tmp_path / "first" / "best.pt")
 
 
+def test_a_resumed_run_keeps_where_it_started_and_its_earlier_time(
+        tiny_dataset: Path, tmp_path: Path, one_thread) -> None:
+    config = tiny_config(tiny_dataset)
+    train(config, tmp_path / "first", show_progress=False)
+    origin = tmp_path / "first" / "best.pt"
+    first = Trainer(Classification.from_config(config), tmp_path / "second",
+                    show_progress=False, init_from=origin).fit()
+    resumed = Trainer(Classification.from_config(replace(config, epochs=2)), tmp_path / "second",
+                      show_progress=False, resume=True)
+    assert resumed.progress["init_from"] == str(origin)
+    summary = resumed.fit()
+    assert summary["epochs"] == 2 and summary["wall_seconds"] > first["wall_seconds"]
+    config_json = json.loads((tmp_path / "second" / "config.json").read_text())
+    assert config_json["init_from"] == str(origin)
+
+
 def test_init_from_refuses_a_different_model(tiny_dataset: Path, tmp_path: Path,
                                              one_thread) -> None:
     config = tiny_config(tiny_dataset)

@@ -47,7 +47,7 @@ def add_evaluate(sub: argparse._SubParsersAction) -> None:
 
 def run_evaluate(args: argparse.Namespace) -> int:
     model, payload = load_model(args.checkpoint)
-    train_config = TrainConfig.from_dict(payload.get("train_config") or {})
+    train_config = TrainConfig.of_checkpoint(payload)
     dataset = args.dataset or train_config.dataset
     splits = splits_for(replace(train_config, dataset=dataset), args.data_dir)
     check_fits(model.config, dataset, train_config.crop or splits.image_size, splits.in_channels,
@@ -162,6 +162,8 @@ def add_bench(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--device", choices=DEVICES, default="auto")
     p.add_argument("--precision", choices=PRECISIONS, default="fp32")
     p.add_argument("--compile", action="store_true", help="torch.compile the model")
+    p.add_argument("--cuda-graphs", action="store_true",
+                   help="torch.compile in reduce-overhead mode: CUDA graphs on a GPU")
     p.add_argument("--routing-iterations", type=positive_int, default=3)
     p.add_argument("--train-batch", type=positive_int, help="default: 64 on CPU, 128 on CUDA")
     p.add_argument("--infer-batch", type=positive_int, default=256)
@@ -177,7 +179,8 @@ def add_bench(sub: argparse._SubParsersAction) -> None:
 def run_bench(args: argparse.Namespace) -> int:
     result = benchmark(resolve_device(args.device), args.precision, args.compile,
                        args.routing_iterations, args.train_batch, args.infer_batch, args.warmup,
-                       args.repeats, epoch=args.epoch, data_dir=args.data_dir)
+                       args.repeats, epoch=args.epoch, data_dir=args.data_dir,
+                       cuda_graphs=args.cuda_graphs)
     if not args.json:
         print(format_table(result))
     print(json.dumps(result))

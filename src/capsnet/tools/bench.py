@@ -61,14 +61,16 @@ def rates_in_turns(model_step: Callable[[], Any], floor_step: Callable[[], Any],
 
 
 def steps(device: torch.device, precision: str, compile_model: bool, routing_iterations: int,
-          train_batch: int, infer_batch: int) -> dict[str, Callable[[], Any]]:
-    """The training and inference steps of the model and of its two convolutions alone."""
+          train_batch: int, infer_batch: int, cuda_graphs: bool = False
+          ) -> dict[str, Callable[[], Any]]:
+    """The training and inference steps of the model and of its two convolutions alone;
+    ``cuda_graphs`` compiles in torch's reduce-overhead mode (CUDA graphs on a GPU)."""
     torch.manual_seed(0)
     model = CapsNet(CapsNetConfig(routing_iterations=routing_iterations)).to(device)
     # The model's own convolutions (sharing the weights costs no memory).
     convs = torch.nn.Sequential(model.conv1, torch.nn.ReLU(), model.primary.conv, torch.nn.ReLU())
-    if compile_model:
-        model.compile()
+    if compile_model or cuda_graphs:
+        model.compile(mode="reduce-overhead" if cuda_graphs else None)
     model_adam = torch.optim.Adam(model.parameters(), lr=1e-3)
     convs_adam = torch.optim.Adam(convs.parameters(), lr=1e-3)
     images = torch.rand(train_batch, 1, 28, 28, device=device)
@@ -103,9 +105,11 @@ def steps(device: torch.device, precision: str, compile_model: bool, routing_ite
 
 
 def bench_model(device: torch.device, precision: str, compile_model: bool, routing_iterations: int,
-                train_batch: int, infer_batch: int, warmup: int, repeats: int) -> dict[str, Any]:
+                train_batch: int, infer_batch: int, warmup: int, repeats: int,
+                cuda_graphs: bool = False) -> dict[str, Any]:
     """Training-step and inference rates of the default 28x28 model and of its floor."""
-    step = steps(device, precision, compile_model, routing_iterations, train_batch, infer_batch)
+    step = steps(device, precision, compile_model, routing_iterations, train_batch, infer_batch,
+                 cuda_graphs)
     first = timed(step["train"], device)  # compiles, if compiled
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
@@ -125,32 +129,37 @@ def bench_model(device: torch.device, precision: str, compile_model: bool, routi
 
 def bench_epoch(device: torch.device, precision: str, compile_model: bool, batch: int,
                 data_dir: str | None) -> dict[str, Any]:
-    """Wall time of one paper-preset epoch (55,000 shifted images + 5,000 validation)."""
+    """Wall time of one paper-preset epoch (55,000 shifted images + 5,000 validation), after
+    one untimed epoch that compiles, when compiled."""
     config = make_config("paper", epochs=1, batch_size=batch, device=device.type,
                          precision=precision, compile="on" if compile_model else "off")
     with tempfile.TemporaryDirectory() as run_dir:
         trainer = Trainer(Classification.from_config(config, data_dir), run_dir,
                           show_progress=False)
-        began = time.perf_counter()
-        stats = trainer.train_epoch(0, threading.Event())
-        trainer.task.validate(trainer.model, trainer.device, trainer.world)
-        synchronize(device)
-        seconds = time.perf_counter() - began
+        for epoch in range(2):
+            trainer.progress["batch"] = 0  # the next epoch from its first batch
+            began = time.perf_counter()
+            stats = trainer.train_epoch(epoch, threading.Event())
+            trainer.task.validate(trainer.model, trainer.device, trainer.world)
+            synchronize(device)
+            seconds = time.perf_counter() - began
     return {"epoch_seconds": seconds, "epoch_train_images_per_s": stats["images"] / stats["seconds"]}
 
 
 def benchmark(device: torch.device, precision: str, compile_model: bool, routing_iterations: int,
               train_batch: int | None, infer_batch: int, warmup: int, repeats: int, *,
-              epoch: bool = False, data_dir: str | None = None) -> dict[str, Any]:
+              epoch: bool = False, data_dir: str | None = None, cuda_graphs: bool = False
+              ) -> dict[str, Any]:
     """Every measurement of ``capsnet bench`` with its settings, as one dict."""
     train_batch = train_batch or (128 if device.type == "cuda" else 64)
     result: dict[str, Any] = {
         "device": device_name(device), "torch": torch.__version__, "precision": precision,
-        "compile": compile_model, "routing_iterations": routing_iterations,
+        "compile": compile_model or cuda_graphs, "cuda_graphs": cuda_graphs,
+        "routing_iterations": routing_iterations,
         "train_batch": train_batch, "infer_batch": infer_batch, "date": time.strftime("%Y-%m-%d"),
     }
     result.update(bench_model(device, precision, compile_model, routing_iterations, train_batch,
-                              infer_batch, warmup, repeats))
+                              infer_batch, warmup, repeats, cuda_graphs))
     if epoch:
         result.update(bench_epoch(device, precision, compile_model, 128, data_dir))
     return result

@@ -52,7 +52,7 @@ def draw_figures(checkpoint: str | os.PathLike, out_dir: str | os.PathLike, *,
     if n_samples < 1:
         raise CapsNetError(f"the number of samples must be at least 1, got {n_samples}")
     model, payload = load_model(checkpoint)
-    train_config = TrainConfig.from_dict(payload.get("train_config") or {})
+    train_config = TrainConfig.of_checkpoint(payload)
     splits = splits_for(train_config, data_dir)
     check_fits(model.config, train_config.dataset, train_config.crop or splits.image_size,
                splits.in_channels, splits.num_classes)

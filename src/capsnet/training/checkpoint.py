@@ -11,7 +11,9 @@ dicts, so ``torch.load(weights_only=True)`` reads it and nothing in it can execu
     model             model state dict
     optimizer         optimizer state dict (training checkpoints)
     progress          {"epoch", "batch", "step", "best"}: "best" is the best validation value
-                      of the metric that picks best.pt (older files: "best_val_loss")
+                      of the metric that picks best.pt (older files: "best_val_loss");
+                      optional "wall_seconds" (all calls so far) and "init_from" (the
+                      checkpoint the run started from)
     task              what the run trained (experiments: their name and settings)
     sha256            :func:`state_digest` of everything above
 
@@ -263,6 +265,20 @@ def check_structure(payload: dict[str, Any], path: Path, resumable: bool = False
             if not ok:
                 raise CapsNetError(f"{path}: checkpoint's progress has a bad {key} ({value!r})")
         check_partial_epoch(progress, path)
+        check_history(progress, path)
+
+
+def check_history(progress: dict[str, Any], path: Path) -> None:
+    """Where the run started and how long it has run, when recorded, must be sane."""
+    seconds = progress.get("wall_seconds", 0.0)
+    if isinstance(seconds, bool) or not isinstance(seconds, (int, float)) \
+            or not math.isfinite(seconds) or seconds < 0:
+        raise CapsNetError(f"{path}: checkpoint's progress has a bad wall_seconds "
+                           f"({one_line(seconds)})")
+    origin = progress.get("init_from")
+    if origin is not None and not (isinstance(origin, str) and len(origin) <= 4096):
+        raise CapsNetError(f"{path}: checkpoint's progress has a bad init_from "
+                           f"({one_line(origin)})")
 
 
 def check_partial_epoch(progress: dict[str, Any], path: Path) -> None:

@@ -43,11 +43,12 @@ class TrainConfig:
     routing_iterations: int = setting(3, "routing-by-agreement iterations", min=1, max=100)
     init: str = setting("official", "weight initialisation: the official code's truncated "
                         "normals, the notebook's Glorot-uniform, or PyTorch's defaults",
-                        choices=INITS)
+                        choices=INITS, before="torch")
     primary_style: str = setting("official", "official: squash(conv / maps + bias), no ReLU; "
-                                 "notebook: squash(ReLU(conv))", choices=PRIMARY_STYLES)
+                                 "notebook: squash(ReLU(conv))", choices=PRIMARY_STYLES,
+                                 before="notebook")
     routing_bias: bool = setting(True, "a learned bias on s_j in every routing iteration "
-                                 "(official code)")
+                                 "(official code)", before=False)
     leaky_routing: bool = setting(False, "a none-of-the-above output in the routing softmax "
                                   "(the paper's CIFAR-10 network)")
     primary_maps: int = setting(32, "primary capsule maps (the paper: 32 for MNIST, 64 for "
@@ -70,7 +71,8 @@ class TrainConfig:
                                            min=0, max=1)
     val_size: int = setting(5000, "training images held out for validation", min=1)
     val_split: str = setting("first", "hold out the first training images (TensorFlow's "
-                             "read_data_sets, the notebook's) or the last", choices=VAL_SPLITS)
+                             "read_data_sets, the notebook's) or the last", choices=VAL_SPLITS,
+                             before="last")
     train_limit: int = setting(0, "train on the first N training images only (0: all)", min=0)
     image_size: int = setting(0, "class-folder data sets: the side images are resized to "
                               "(0: 28)", min=0, max=4096)
@@ -102,6 +104,13 @@ class TrainConfig:
         if isinstance(data, dict) and isinstance(data.get("compile"), bool):
             data = {**data, "compile": "on" if data["compile"] else "off"}
         return settings_from_dict(cls, data, "training settings")
+
+    @classmethod
+    def of_checkpoint(cls, payload: dict[str, Any]) -> "TrainConfig":
+        """The settings a checkpoint was trained with; today's defaults for weights exported
+        without them."""
+        stored = payload.get("train_config")
+        return cls() if stored is None else cls.from_dict(stored)
 
 
 PRESETS: dict[str, dict[str, Any]] = {

@@ -168,7 +168,9 @@ class Trainer:
         torch.manual_seed(config.seed)
         self.model = task.build_model()
         self.progress = {"epoch": 0, "batch": 0, "step": 0,
-                         "best": -math.inf if task.higher_is_better else math.inf}
+                         "best": -math.inf if task.higher_is_better else math.inf,
+                         "wall_seconds": 0.0,
+                         "init_from": str(self.init_from) if self.init_from else None}
         start = payload or (load_checkpoint(self.init_from) if self.init_from else None)
         if start is not None:
             self.model = self.model_from(start, f"--resume {self.run_dir}" if payload
@@ -176,6 +178,8 @@ class Trainer:
         if payload is not None:
             self.progress = progress_of(payload)
             restore_rng(payload.get("rng_state"), str(self.run_dir))
+        self.wall_before = self.progress.get("wall_seconds", 0.0)  # earlier calls of this run
+        self.began = time.perf_counter()
         self.model.to(self.device)
         self.optimizer = torch.optim.Adam(self.model.parameters(), lr=config.lr)
         if start is not None and "optimizer" in start:
@@ -223,6 +227,7 @@ class Trainer:
     def save(self, name: str) -> Path:
         """Write checkpoint ``name``; only the main process writes files."""
         path = self.run_dir / name
+        self.progress["wall_seconds"] = self.wall_seconds()
         if self.world.is_main:
             save_checkpoint(path, self.payload())
         return path
@@ -325,10 +330,10 @@ class Trainer:
                 "train": config.to_dict(), "model": self.model.config.to_dict(),
                 "architecture": self.task.architecture, "task": self.task.describe(),
                 "world_size": self.world.world_size,
-                "init_from": str(self.init_from) if self.init_from else None})
+                "init_from": self.progress.get("init_from")})
             log = MetricsLog(self.run_dir, self.progress["epoch"])
         train_seconds, train_images, epochs_run = 0.0, 0, 0
-        began = time.perf_counter()
+        began = self.began = time.perf_counter()
         self.cut_short = None
         try:
             with stop_on_sigint() as stop:
@@ -353,7 +358,11 @@ class Trainer:
         finally:
             if log is not None:
                 log.close()
-        return self.finish(time.perf_counter() - began, train_images, train_seconds)
+        return self.finish(self.wall_seconds(), train_images, train_seconds)
+
+    def wall_seconds(self) -> float:
+        """Seconds this run has taken in all its calls (earlier ones as their last save said)."""
+        return self.wall_before + time.perf_counter() - self.began
 
     def out_of_time(self, elapsed: float, epochs_run: int) -> bool:
         """Whether one more epoch, as long as the average so far, would end past the time

@@ -28,12 +28,14 @@ BOUNDS = {"min": operator.ge, "max": operator.le, "gt": operator.gt, "lt": opera
 def setting(default: Any, help: str, *, min: float | None = None, max: float | None = None,
             gt: float | None = None, lt: float | None = None,
             choices: tuple[str, ...] | None = None, max_len: int | None = None,
-            resume: bool = False, flag: bool = True) -> Any:
+            resume: bool = False, flag: bool = True, before: Any = None) -> Any:
     """A dataclass field with its help text and rules. ``min``/``max`` are inclusive bounds,
     ``gt``/``lt`` exclusive ones; ``resume=True`` lets ``--resume`` change it; ``flag=False``
-    keeps it off the command line (set another way)."""
+    keeps it off the command line (set another way); ``before`` is what settings stored
+    before the field existed meant (when not ``default``)."""
     rules = {"help": help, "min": min, "max": max, "gt": gt, "lt": lt, "choices": choices,
-             "max_len": max_len, "resume": resume, "flag": flag}
+             "max_len": max_len, "resume": resume, "flag": flag,
+             "before": default if before is None else before}
     return field(default=default, metadata=rules)
 
 
@@ -109,7 +111,8 @@ def check_settings(instance: Any) -> None:
 
 def settings_from_dict(cls: type, data: Any, what: str) -> Any:
     """Build settings class ``cls`` from stored ``data`` (untrusted): it must be a dict of
-    known names; missing names take their defaults; values are checked as flags are."""
+    known names; a missing name takes what the code meant before the field existed (its
+    ``before``, else its default); values are checked as flags are."""
     if not isinstance(data, dict):
         raise CapsNetError(f"{what} must be a dict of settings, got {short(data)}")
     data = {k: tuple(v) if isinstance(v, list) else v for k, v in data.items()}  # from JSON
@@ -117,7 +120,8 @@ def settings_from_dict(cls: type, data: Any, what: str) -> Any:
     unknown = sorted(str(k) for k in data if k not in known)
     if unknown:
         raise CapsNetError(f"{what}: unknown settings {short(', '.join(unknown))}")
-    return cls(**data)
+    older = {f.name: f.metadata["before"] for f in fields(cls) if f.name not in data}
+    return cls(**older, **data)
 
 
 def defaults(cls: type) -> dict[str, Any]:
