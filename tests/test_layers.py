@@ -7,6 +7,8 @@ import pytest
 import torch
 from torch import Tensor
 
+import capsnet.nn.layers
+
 from capsnet.nn.layers import EPSILON, PrimaryCapsules, RoutingCapsules, safe_norm, squash
 
 
@@ -90,6 +92,29 @@ def test_outputs_do_not_depend_on_the_rest_of_the_batch() -> None:
         v_alone, c_alone = layer(batch[k:k + 1])
         torch.testing.assert_close(v_alone[0], v_batch[k])
         torch.testing.assert_close(c_alone[0], c_batch[k])
+
+
+@pytest.mark.parametrize("batch", [16, 37, 300])
+def test_routing_in_groups_on_a_cpu_equals_the_whole_batch(batch: int,
+                                                           monkeypatch: pytest.MonkeyPatch) -> None:
+    # 16: two groups of 8; 37: four of 8 and one of 5; 300: fifteen of 19 and one of 15.
+    layer = small_layer(3)
+    u = random_capsules(batch).requires_grad_()
+    routed: list[int] = []
+    route = layer.route
+    layer.route = lambda u_hat: routed.append(len(u_hat)) or route(u_hat)
+    results = []
+    for grouped in (True, False):
+        if not grouped:
+            monkeypatch.setattr(capsnet.nn.layers, "CPU_ROUTING_MIN", batch)
+        routed.clear()
+        v, coupling = layer(u)
+        assert routed == ({16: [8, 8], 37: [8, 8, 8, 8, 5], 300: [19] * 15 + [15]}[batch]
+                          if grouped else [batch])
+        weight_grad, u_grad = torch.autograd.grad(v.square().sum(), (layer.weight, u))
+        results.append((v, coupling, weight_grad, u_grad))
+    for got, expected in zip(*results):
+        torch.testing.assert_close(got, expected, rtol=1e-12, atol=1e-14)
 
 
 def reference_routing(weight: Tensor, u: Tensor, iterations: int,
