@@ -170,7 +170,8 @@ def add_bench(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--warmup", type=positive_int, default=3)
     p.add_argument("--repeats", type=positive_int, default=10)
     p.add_argument("--epoch", action="store_true",
-                   help="also time a whole paper-preset epoch on MNIST (data needed)")
+                   help="also time a whole paper-preset epoch on MNIST with its validation, "
+                   "after one untimed epoch (data needed)")
     p.add_argument("--data-dir", help=DATA_DIR_HELP)
     p.add_argument("--json", action="store_true", help="print only JSON")
     p.set_defaults(run=run_bench)

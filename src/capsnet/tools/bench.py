@@ -22,7 +22,7 @@ import torch
 
 from ..nn.losses import capsule_loss
 from ..nn.model import CapsNet, CapsNetConfig
-from ..training.config import make_config
+from ..training.config import TrainConfig, make_config
 from ..training.task import Classification
 from ..training.trainer import Trainer
 from ..utils.device import autocast, device_name
@@ -127,12 +127,9 @@ def bench_model(device: torch.device, precision: str, compile_model: bool, routi
             "peak_memory_mb": memory, "first_calls_seconds": first}
 
 
-def bench_epoch(device: torch.device, precision: str, compile_model: bool, batch: int,
-                data_dir: str | None) -> dict[str, Any]:
-    """Wall time of one paper-preset epoch (55,000 shifted images + 5,000 validation), after
-    one untimed epoch that compiles, when compiled."""
-    config = make_config("paper", epochs=1, batch_size=batch, device=device.type,
-                         precision=precision, compile="on" if compile_model else "off")
+def bench_epoch(config: TrainConfig, data_dir: str | None) -> dict[str, Any]:
+    """Wall time of one epoch of ``config`` with its validation (the paper preset's: 55,000
+    shifted images and 5,000), after one untimed epoch that compiles, when compiled."""
     with tempfile.TemporaryDirectory() as run_dir:
         trainer = Trainer(Classification.from_config(config, data_dir), run_dir,
                           show_progress=False)
@@ -141,9 +138,10 @@ def bench_epoch(device: torch.device, precision: str, compile_model: bool, batch
             began = time.perf_counter()
             stats = trainer.train_epoch(epoch, threading.Event())
             trainer.task.validate(trainer.model, trainer.device, trainer.world)
-            synchronize(device)
+            synchronize(trainer.device)
             seconds = time.perf_counter() - began
-    return {"epoch_seconds": seconds, "epoch_train_images_per_s": stats["images"] / stats["seconds"]}
+    return {"epoch_seconds": seconds, "epoch_images": stats["images"],
+            "epoch_train_images_per_s": stats["images"] / stats["seconds"]}
 
 
 def benchmark(device: torch.device, precision: str, compile_model: bool, routing_iterations: int,
@@ -161,7 +159,9 @@ def benchmark(device: torch.device, precision: str, compile_model: bool, routing
     result.update(bench_model(device, precision, compile_model, routing_iterations, train_batch,
                               infer_batch, warmup, repeats, cuda_graphs))
     if epoch:
-        result.update(bench_epoch(device, precision, compile_model, 128, data_dir))
+        config = make_config("paper", batch_size=128, device=device.type, precision=precision,
+                             compile="on" if compile_model or cuda_graphs else "off")
+        result.update(bench_epoch(config, data_dir))
     return result
 
 
