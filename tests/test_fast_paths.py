@@ -1,4 +1,4 @@
-"""The fast paths (bf16 autocast, torch.compile) agree with the fp32 eager reference."""
+"""The fast paths (bf16 autocast, torch.compile, fused Adam) agree with the fp32 eager reference."""
 
 from __future__ import annotations
 
@@ -10,6 +10,8 @@ import torch
 from capsnet.training.evaluate import autocast
 from capsnet.nn.losses import capsule_loss
 from capsnet.nn.model import CapsNet, CapsNetConfig
+from capsnet.training.trainer import make_optimizer
+from capsnet.utils.device import compile_options
 
 SMALL = CapsNetConfig(image_size=16, conv1_channels=16, conv1_kernel=5, primary_maps=4,
                       primary_dim=8, primary_kernel=5, digit_dim=16, decoder_hidden=(32, 64),
@@ -74,7 +76,7 @@ def test_compiled_model_agrees_with_eager(setup) -> None:
     model, images, labels = setup
     loss_eager, lengths_eager, grads_eager = loss_and_grads(model, images, labels, "fp32")
     compiled = copy.deepcopy(model)
-    compiled.compile()
+    compiled.compile(options=compile_options(torch.device("cpu")))
     loss_c, lengths_c, grads_c = loss_and_grads(compiled, images, labels, "fp32")
     # Same fp32 math, fused and reordered: differences at rounding level.
     torch.testing.assert_close(lengths_c, lengths_eager, rtol=1e-5, atol=1e-6)
@@ -82,3 +84,38 @@ def test_compiled_model_agrees_with_eager(setup) -> None:
     for name in grads_eager:
         torch.testing.assert_close(grads_c[name], grads_eager[name], rtol=1e-4, atol=1e-6,
                                    msg=name)
+
+
+def adam_steps(model: CapsNet, optimizer: torch.optim.Optimizer, images: torch.Tensor,
+               labels: torch.Tensor, steps: int) -> None:
+    for _ in range(steps):
+        out = model(images, labels)
+        loss, _, _ = capsule_loss(out.lengths, out.reconstructions, images, labels)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+
+
+def test_fused_adam_on_cpu_agrees_with_plain_adam(setup) -> None:
+    model, images, labels = setup
+    plain = copy.deepcopy(model)
+    fused = make_optimizer(model.parameters(), 1e-3, torch.device("cpu"))
+    assert fused.param_groups[0]["fused"]
+    adam_steps(model, fused, images, labels, 3)
+    adam_steps(plain, torch.optim.Adam(plain.parameters(), lr=1e-3, foreach=False), images,
+               labels, 3)
+    for (name, p), q in zip(model.named_parameters(), plain.parameters()):
+        torch.testing.assert_close(p, q, rtol=1e-4, atol=1e-6, msg=name)
+
+
+def test_saved_plain_adam_state_continues_fused(setup) -> None:
+    model, images, labels = setup
+    plain = torch.optim.Adam(model.parameters(), lr=1e-3)  # as checkpoints before fused
+    adam_steps(model, plain, images, labels, 2)
+    state = copy.deepcopy(plain.state_dict())
+    resumed = make_optimizer(model.parameters(), 1e-3, torch.device("cpu"), state)
+    assert resumed.param_groups[0]["fused"] and resumed.param_groups[0]["foreach"] is None
+    first = next(model.parameters())
+    torch.testing.assert_close(resumed.state[first]["exp_avg"], plain.state[first]["exp_avg"])
+    adam_steps(model, resumed, images, labels, 1)
+    assert resumed.state[first]["step"].item() == 3

@@ -24,8 +24,8 @@ from ..nn.losses import capsule_loss
 from ..nn.model import CapsNet, CapsNetConfig
 from ..training.config import TrainConfig, make_config
 from ..training.task import Classification
-from ..training.trainer import Trainer
-from ..utils.device import autocast, device_name
+from ..training.trainer import Trainer, make_optimizer
+from ..utils.device import autocast, compile_options, device_name
 
 
 def synchronize(device: torch.device) -> None:
@@ -70,9 +70,9 @@ def steps(device: torch.device, precision: str, compile_model: bool, routing_ite
     # The model's own convolutions (sharing the weights costs no memory).
     convs = torch.nn.Sequential(model.conv1, torch.nn.ReLU(), model.primary.conv, torch.nn.ReLU())
     if compile_model or cuda_graphs:
-        model.compile(mode="reduce-overhead" if cuda_graphs else None)
-    model_adam = torch.optim.Adam(model.parameters(), lr=1e-3)
-    convs_adam = torch.optim.Adam(convs.parameters(), lr=1e-3)
+        model.compile(options=compile_options(device, cuda_graphs))
+    model_adam = make_optimizer(model.parameters(), 1e-3, device)
+    convs_adam = make_optimizer(convs.parameters(), 1e-3, device)
     images = torch.rand(train_batch, 1, 28, 28, device=device)
     labels = torch.randint(0, 10, (train_batch,), device=device)
     test_images = torch.rand(infer_batch, 1, 28, 28, device=device)

@@ -26,7 +26,7 @@ import torch
 from tqdm import tqdm
 
 from ..errors import CapsNetError
-from ..utils.device import autocast, device_name, resolve_device
+from ..utils.device import autocast, compile_options, device_name, resolve_device
 from ..utils.distributed import all_reduce_sum, any_rank, init_world, per_rank_batch, shutdown
 from ..utils.files import atomic_write_bytes, write_json
 from .checkpoint import load_checkpoint, model_from_checkpoint, progress_of, save_checkpoint
@@ -128,6 +128,23 @@ def resume_point(run_dir: str | Path, from_best: bool = False) -> dict[str, Any]
                            f"continue from it (last.pt is kept, renamed)") from None
 
 
+def make_optimizer(parameters: Iterator[torch.nn.Parameter], lr: float, device: torch.device,
+                   state: dict[str, Any] | None = None) -> torch.optim.Adam:
+    """Adam, continuing from a saved optimizer ``state`` when given.
+
+    On a CPU it is fused: one pass over each weight per step instead of seven operations
+    (training at batch 64 about 0.025 closer to the convolutions' rate, docs/PERFORMANCE.md).
+    Which kernel runs is this machine's choice, not the saved state's.
+    """
+    fused = device.type == "cpu"
+    optimizer = torch.optim.Adam(parameters, lr=lr, fused=fused)
+    if state is not None:
+        optimizer.load_state_dict(state)
+        for group in optimizer.param_groups:
+            group.update(fused=fused, foreach=None)
+    return optimizer
+
+
 def saved_config(run_dir: str | Path, from_best: bool = False) -> TrainConfig:
     """The training settings of the run in ``run_dir``."""
     return TrainConfig.from_dict(resume_point(run_dir, from_best)["train_config"])
@@ -181,14 +198,13 @@ class Trainer:
         self.wall_before = self.progress.get("wall_seconds", 0.0)  # earlier calls of this run
         self.began = time.perf_counter()
         self.model.to(self.device)
-        self.optimizer = torch.optim.Adam(self.model.parameters(), lr=config.lr)
-        if start is not None and "optimizer" in start:
-            self.optimizer.load_state_dict(start["optimizer"])
+        self.optimizer = make_optimizer(self.model.parameters(), config.lr, self.device,
+                                        start.get("optimizer") if start is not None else None)
         self.first_step_seconds: float | None = None
         self.first_step_images = 0
         self.compiled = self.should_compile()
         if self.compiled:  # in place: the weights and the state-dict keys stay as they are
-            self.model.compile()
+            self.model.compile(options=compile_options(self.device))
         self.step_model = self.model
         if self.world.distributed:
             self.step_model = torch.nn.parallel.DistributedDataParallel(

@@ -28,6 +28,20 @@ def autocast(device: torch.device, precision: str) -> contextlib.AbstractContext
     return contextlib.nullcontext()
 
 
+def compile_options(device: torch.device, cuda_graphs: bool = False) -> dict[str, bool]:
+    """``torch.compile`` options for a model on ``device``.
+
+    On a CPU, without inductor's layout optimization: it makes the primary-capsule
+    convolution channels-last, which there copies its 21 MB weight twice a step and runs the
+    convolution itself slower (training 0.83x -> 0.88x of the convolutions' rate,
+    docs/PERFORMANCE.md). ``cuda_graphs`` is torch's reduce-overhead mode.
+    """
+    options = {"triton.cudagraphs": True} if cuda_graphs else {}
+    if device.type == "cpu":
+        options["layout_optimization"] = False
+    return options
+
+
 def cpu_model() -> str:
     """The CPU's model name as lscpu shows it (from /proc/cpuinfo), else the platform's."""
     try:

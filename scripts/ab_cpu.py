@@ -1,0 +1,115 @@
+"""Forms of the model's training and inference steps on a CPU, compared in one process.
+
+Each form is the model as capsnet runs it on a CPU (compiled, fused Adam, routing in groups)
+but for the changes its name lists. The forms are stepped in turns with the model's two
+convolutions alone (with backward and Adam), so that a busy machine slows all alike; each
+form's ratio to the convolutions is printed, training at batch 64 and inference at 256.
+
+    python scripts/ab_cpu.py TURNS FORM [FORM ...]
+
+FORM is ``default`` or changes joined by ``+``:
+    eager        not compiled
+    layout       inductor's layout optimization on (torch's default)
+    plain-adam   Adam one operation per weight at a time (torch's default on a CPU)
+    groups=M/G   route in at most G groups of at least M examples (capsnet's: 8/16;
+                 1000000/1 routes the whole batch at once)
+
+    python scripts/ab_cpu.py 25 default layout plain-adam layout+plain-adam
+"""
+
+from __future__ import annotations
+
+import statistics
+import sys
+import time
+from typing import Callable
+
+import torch
+
+import capsnet.nn.layers as layers
+from capsnet.nn.losses import capsule_loss
+from capsnet.nn.model import CapsNet, CapsNetConfig
+from capsnet.training.trainer import make_optimizer
+from capsnet.utils.device import compile_options
+
+CPU = torch.device("cpu")
+
+
+class Form:
+    """The model, its optimizer and its routing groups, as FORM's changes make them."""
+
+    def __init__(self, name: str) -> None:
+        changes = set() if name == "default" else set(name.split("+"))
+        groups = next((c for c in changes if c.startswith("groups=")), "groups=8/16")
+        smallest, most = groups.removeprefix("groups=").split("/")
+        self.groups = int(smallest), int(most)
+        unknown = changes - {"eager", "layout", "plain-adam", groups}
+        if unknown:
+            raise SystemExit(f"unknown change(s) {', '.join(sorted(unknown))} in form {name!r}")
+        torch.manual_seed(0)
+        self.model = CapsNet(CapsNetConfig(routing_iterations=3))
+        if "eager" not in changes:
+            options = compile_options(CPU)
+            options["layout_optimization"] = "layout" in changes
+            self.model.compile(options=options)
+        self.adam = (torch.optim.Adam(self.model.parameters(), lr=1e-3, foreach=False)
+                     if "plain-adam" in changes else make_optimizer(self.model.parameters(), 1e-3, CPU))
+
+    def run(self, step: Callable[[CapsNet, torch.optim.Optimizer], None]) -> float:
+        layers.CPU_ROUTING_MIN, layers.CPU_ROUTING_GROUPS = self.groups
+        return timed(step, self.model, self.adam)
+
+
+def timed(step: Callable[..., None], *args: object) -> float:
+    began = time.perf_counter()
+    step(*args)
+    return time.perf_counter() - began
+
+
+def main(turns: int, names: list[str]) -> None:
+    torch.set_num_threads(2)
+    images, labels = torch.rand(64, 1, 28, 28), torch.randint(0, 10, (64,))
+    test_images = torch.rand(256, 1, 28, 28)
+    forms = {name: Form(name) for name in names}
+    torch.manual_seed(0)
+    base = CapsNet(CapsNetConfig(routing_iterations=3))
+    convs = torch.nn.Sequential(base.conv1, torch.nn.ReLU(), base.primary.conv, torch.nn.ReLU())
+    convs_adam = make_optimizer(convs.parameters(), 1e-3, CPU)
+
+    def train(model: CapsNet, adam: torch.optim.Optimizer) -> None:
+        out = model(images, labels)
+        loss, _, _ = capsule_loss(out.lengths, out.reconstructions, images, labels)
+        adam.zero_grad(set_to_none=True)
+        loss.backward()
+        adam.step()
+
+    def train_convs() -> None:
+        loss = convs(images).square().mean()
+        convs_adam.zero_grad(set_to_none=True)
+        loss.backward()
+        convs_adam.step()
+
+    def infer(model: torch.nn.Module, *_: object) -> None:
+        with torch.inference_mode():
+            model(test_images)
+
+    for kind, step, floor in (("training", train, train_convs), ("inference", infer,
+                                                                  lambda: infer(convs))):
+        times: dict[str, list[float]] = {name: [] for name in forms}
+        floor_times = []
+        for turn in range(turns + 2):  # the first two turns warm up (and compile)
+            for name, form in forms.items():
+                seconds = form.run(step)
+                if turn >= 2:
+                    times[name].append(seconds)
+            if turn >= 2:
+                floor_times.append(timed(floor))
+        floor_median = statistics.median(floor_times)
+        print(f"{kind}: " + ", ".join(f"{name} {floor_median / statistics.median(t):.3f}"
+                                      for name, t in times.items()), flush=True)
+
+
+if __name__ == "__main__":
+    if len(sys.argv) < 3:
+        raise SystemExit(__doc__)
+    main(int(sys.argv[1]), sys.argv[2:])
