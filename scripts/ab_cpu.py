@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import statistics
 import sys
-import time
 from typing import Callable
 
 import torch
@@ -29,6 +28,7 @@ import torch
 import capsnet.nn.layers as layers
 from capsnet.nn.losses import capsule_loss
 from capsnet.nn.model import CapsNet, CapsNetConfig
+from capsnet.tools.bench import convolutions, timed
 from capsnet.training.trainer import make_optimizer
 from capsnet.utils.device import compile_options
 
@@ -57,13 +57,7 @@ class Form:
 
     def run(self, step: Callable[[CapsNet, torch.optim.Optimizer], None]) -> float:
         layers.CPU_ROUTING_MIN, layers.CPU_ROUTING_GROUPS = self.groups
-        return timed(step, self.model, self.adam)
-
-
-def timed(step: Callable[..., None], *args: object) -> float:
-    began = time.perf_counter()
-    step(*args)
-    return time.perf_counter() - began
+        return timed(lambda: step(self.model, self.adam), CPU)
 
 
 def main(turns: int, names: list[str]) -> None:
@@ -72,8 +66,7 @@ def main(turns: int, names: list[str]) -> None:
     test_images = torch.rand(256, 1, 28, 28)
     forms = {name: Form(name) for name in names}
     torch.manual_seed(0)
-    base = CapsNet(CapsNetConfig(routing_iterations=3))
-    convs = torch.nn.Sequential(base.conv1, torch.nn.ReLU(), base.primary.conv, torch.nn.ReLU())
+    convs = convolutions(CapsNet(CapsNetConfig(routing_iterations=3)))
     convs_adam = make_optimizer(convs.parameters(), 1e-3, CPU)
 
     def train(model: CapsNet, adam: torch.optim.Optimizer) -> None:
@@ -103,7 +96,7 @@ def main(turns: int, names: list[str]) -> None:
                 if turn >= 2:
                     times[name].append(seconds)
             if turn >= 2:
-                floor_times.append(timed(floor))
+                floor_times.append(timed(floor, CPU))
         floor_median = statistics.median(floor_times)
         print(f"{kind}: " + ", ".join(f"{name} {floor_median / statistics.median(t):.3f}"
                                       for name, t in times.items()), flush=True)

@@ -60,6 +60,11 @@ def rates_in_turns(model_step: Callable[[], Any], floor_step: Callable[[], Any],
     return batch / statistics.median(model_times), batch / statistics.median(floor_times)
 
 
+def convolutions(model: CapsNet) -> torch.nn.Sequential:
+    """The floor: the model's own two convolutions (sharing the weights costs no memory)."""
+    return torch.nn.Sequential(model.conv1, torch.nn.ReLU(), model.primary.conv, torch.nn.ReLU())
+
+
 def steps(device: torch.device, precision: str, compile_model: bool, routing_iterations: int,
           train_batch: int, infer_batch: int, cuda_graphs: bool = False
           ) -> dict[str, Callable[[], Any]]:
@@ -67,8 +72,7 @@ def steps(device: torch.device, precision: str, compile_model: bool, routing_ite
     ``cuda_graphs`` compiles in torch's reduce-overhead mode (CUDA graphs on a GPU)."""
     torch.manual_seed(0)
     model = CapsNet(CapsNetConfig(routing_iterations=routing_iterations)).to(device)
-    # The model's own convolutions (sharing the weights costs no memory).
-    convs = torch.nn.Sequential(model.conv1, torch.nn.ReLU(), model.primary.conv, torch.nn.ReLU())
+    convs = convolutions(model)
     if compile_model or cuda_graphs:
         model.compile(options=compile_options(device, cuda_graphs))
     model_adam = make_optimizer(model.parameters(), 1e-3, device)
