@@ -11,8 +11,9 @@ FORM is ``default`` or changes joined by ``+``:
     eager        not compiled
     layout       inductor's layout optimization on (torch's default)
     plain-adam   Adam one operation per weight at a time (torch's default on a CPU)
-    groups=M/G   route in at most G groups of at least M examples (capsnet's: 8/16;
-                 1000000/1 routes the whole batch at once)
+    torch-routing  routing in torch, not in the C kernel (CAPSNET_ROUTING_KERNEL=off)
+    groups=M/G   route in torch in at most G groups of at least M examples (capsnet's:
+                 8/16; 1000000/1 routes the whole batch at once)
 
     python scripts/ab_cpu.py 25 default layout plain-adam layout+plain-adam
 """
@@ -43,11 +44,12 @@ class Form:
         groups = next((c for c in changes if c.startswith("groups=")), "groups=8/16")
         smallest, most = groups.removeprefix("groups=").split("/")
         self.groups = int(smallest), int(most)
-        unknown = changes - {"eager", "layout", "plain-adam", groups}
+        unknown = changes - {"eager", "layout", "plain-adam", "torch-routing", groups}
         if unknown:
             raise SystemExit(f"unknown change(s) {', '.join(sorted(unknown))} in form {name!r}")
         torch.manual_seed(0)
         self.model = CapsNet(CapsNetConfig(routing_iterations=3))
+        self.model.digits.cpu_kernel = "torch-routing" not in changes
         if "eager" not in changes:
             options = compile_options(CPU)
             options["layout_optimization"] = "layout" in changes

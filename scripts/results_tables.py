@@ -245,7 +245,7 @@ def experiments_table(runs: list[Run]) -> str:
 
 
 def bench_table(runs: list[Run]) -> str:
-    header = ["hardware", "precision", "compiled", "training batch", "training images/s",
+    header = ["hardware", "precision", "compiled", "routing", "training batch", "training images/s",
               "convolutions alone, training images/s", "ratio", "inference batch",
               "inference images/s", "convolutions alone, inference images/s", "ratio",
               "peak memory (MB)", "date", "run"]
@@ -254,7 +254,9 @@ def bench_table(runs: list[Run]) -> str:
         s = r.summary
         rows.append([hardware(r), s.get("precision", MISSING),
                      "yes, CUDA graphs" if s.get("cuda_graphs") else
-                     "yes" if s.get("compile") else "no", count(s.get("train_batch")),
+                     "yes" if s.get("compile") else "no",
+                     # records from before the CPU kernel have no "routing": torch routed
+                     s.get("routing", "torch"), count(s.get("train_batch")),
                      count(s.get("train_images_per_s")), count(s.get("convs_train_images_per_s")),
                      ratio(s.get("train_images_per_s"), s.get("convs_train_images_per_s")),
                      count(s.get("infer_batch")), count(s.get("infer_images_per_s")),

@@ -26,7 +26,7 @@ from typing import Callable
 import numpy as np
 
 from ..errors import CapsNetError
-from ..utils.files import atomic_write_bytes
+from ..utils.files import atomic_write_bytes, cache_root
 from .formats import (CIFAR10_ARCHIVE, SVHN_FILES, read_cifar10_binary, read_idx_files,
                       read_svhn_mat)
 from .idx import FILE_NAMES, GZIP_MAGIC
@@ -97,12 +97,6 @@ DATASETS = {
         mirrors=("http://ufldl.stanford.edu/housenumbers/",),
     ),
 }
-
-
-def cache_root() -> Path:
-    """``$XDG_CACHE_HOME/capsnet`` or ``~/.cache/capsnet``."""
-    base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
-    return Path(base) / "capsnet"
 
 
 def md5(data: bytes) -> str:

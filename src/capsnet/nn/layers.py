@@ -14,12 +14,15 @@ import torch
 from torch import Tensor, nn
 import torch.nn.functional as F
 
-EPSILON = 1e-7
-# On a CPU the routing runs a few examples at a time, at most this many groups of at least
-# CPU_ROUTING_MIN examples: a group's predictions (6 MB for 8 MNIST examples) stay in the
-# cache through the routing iterations, where the whole batch's would stream from memory in
-# every one (1.15x to 1.3x faster steps, docs/PERFORMANCE.md). On a GPU the whole batch is
-# one launch per operation.
+from . import routing_kernel
+
+EPSILON = 1e-7  # routing_kernel.EPSILON too
+# On a CPU, where the C kernel does not take a routing (see RoutingCapsules.forward), torch
+# routes a few examples at a time, at most this many groups of at least CPU_ROUTING_MIN
+# examples: a group's predictions (6 MB for 8 MNIST examples) stay in the cache through the
+# routing iterations, where the whole batch's would stream from memory in every one (1.15x to
+# 1.3x faster steps, docs/PERFORMANCE.md). On a GPU the whole batch is one launch per
+# operation.
 CPU_ROUTING_GROUPS = 16
 CPU_ROUTING_MIN = 8
 PRIMARY_STYLES = ("notebook", "official")
@@ -99,6 +102,11 @@ class RoutingCapsules(nn.Module):
     softmax also holds a "none-of-the-above" output whose logit stays zero (the paper's
     CIFAR-10 network; the official code's leaky routing): an input capsule that fits no
     output capsule can send its vote there, so its couplings sum to less than one.
+
+    On a CPU in float32, without bias or leaky routing, the routing runs in a C kernel
+    (:mod:`capsnet.nn.routing_kernel`; ``cpu_kernel = False`` or
+    ``CAPSNET_ROUTING_KERNEL=off`` keeps it in torch): the same values and gradients, but
+    the coupling coefficients it returns carry no gradient of their own.
     """
 
     def __init__(self, in_caps: int, in_dim: int, out_caps: int, out_dim: int,
@@ -111,6 +119,7 @@ class RoutingCapsules(nn.Module):
         self.weight = nn.Parameter(torch.randn(in_caps, out_caps, out_dim, in_dim) * init_std)
         self.bias = nn.Parameter(torch.zeros(out_caps, out_dim)) if bias else None
         self.leaky = leaky
+        self.cpu_kernel = routing_kernel.enabled()  # see capsnet.nn.routing_kernel
 
     def predictions(self, u: Tensor) -> Tensor:
         """``u_hat`` for input capsules ``u`` of shape ``(batch, in_caps, in_dim)``."""
@@ -143,6 +152,10 @@ class RoutingCapsules(nn.Module):
             return F.pad(routing_logits, (1, 0)).softmax(dim=2)[..., 1:]
         return routing_logits.softmax(dim=2)
 
+    def in_kernel(self, u: Tensor) -> bool:
+        """Whether routing input capsules like ``u`` runs in the CPU kernel."""
+        return self.cpu_kernel and routing_kernel.supports(u, self.weight, self.leaky, self.bias)
+
     def forward(self, u: Tensor) -> tuple[Tensor, Tensor]:
         """Input capsules ``(batch, in_caps, in_dim)`` -> ``(v, coupling)``, see :meth:`route`.
 
@@ -151,6 +164,9 @@ class RoutingCapsules(nn.Module):
         of the network's arithmetic (the convolutions are most of it)."""
         with torch.autocast(u.device.type, enabled=False):
             u = u.to(self.weight.dtype)
+            if self.in_kernel(u):
+                v, coupling, _, _ = routing_kernel.route(u, self.weight, self.iterations)
+                return v, coupling[:, -1].transpose(1, 2)  # (batch, in_caps, out_caps)
             batch = u.shape[0]
             if u.device.type != "cpu" or batch < 2 * CPU_ROUTING_MIN:
                 return self.route(self.predictions(u))

@@ -67,8 +67,9 @@ def convolutions(model: CapsNet) -> torch.nn.Sequential:
 
 def steps(device: torch.device, precision: str, compile_model: bool, routing_iterations: int,
           train_batch: int, infer_batch: int, cuda_graphs: bool = False
-          ) -> dict[str, Callable[[], Any]]:
-    """The training and inference steps of the model and of its two convolutions alone;
+          ) -> tuple[dict[str, Callable[[], Any]], str]:
+    """The training and inference steps of the model and of its two convolutions alone, and
+    where the model routes (``"kernel"``: capsnet's CPU kernel, or ``"torch"``);
     ``cuda_graphs`` compiles in torch's reduce-overhead mode (CUDA graphs on a GPU)."""
     torch.manual_seed(0)
     model = CapsNet(CapsNetConfig(routing_iterations=routing_iterations)).to(device)
@@ -105,15 +106,18 @@ def steps(device: torch.device, precision: str, compile_model: bool, routing_ite
         with torch.inference_mode(), autocast(device, precision):
             convs(test_images)
 
-    return {"train": train, "train_convs": train_convs, "infer": infer, "infer_convs": infer_convs}
+    u = torch.empty(1, model.config.primary_caps, model.config.primary_dim, device=device)
+    routing = "kernel" if model.digits.in_kernel(u) else "torch"
+    return ({"train": train, "train_convs": train_convs, "infer": infer,
+             "infer_convs": infer_convs}, routing)
 
 
 def bench_model(device: torch.device, precision: str, compile_model: bool, routing_iterations: int,
                 train_batch: int, infer_batch: int, warmup: int, repeats: int,
                 cuda_graphs: bool = False) -> dict[str, Any]:
     """Training-step and inference rates of the default 28x28 model and of its floor."""
-    step = steps(device, precision, compile_model, routing_iterations, train_batch, infer_batch,
-                 cuda_graphs)
+    step, routing = steps(device, precision, compile_model, routing_iterations, train_batch,
+                          infer_batch, cuda_graphs)
     first = timed(step["train"], device)  # compiles, if compiled
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
@@ -125,7 +129,8 @@ def bench_model(device: torch.device, precision: str, compile_model: bool, routi
                                         warmup, repeats)
     infer, infer_floor = rates_in_turns(step["infer"], step["infer_convs"], infer_batch, device,
                                         warmup, repeats)
-    return {"train_images_per_s": train, "convs_train_images_per_s": train_floor,
+    return {"routing": routing,
+            "train_images_per_s": train, "convs_train_images_per_s": train_floor,
             "train_ratio": train / train_floor, "infer_images_per_s": infer,
             "convs_infer_images_per_s": infer_floor, "infer_ratio": infer / infer_floor,
             "peak_memory_mb": memory, "first_calls_seconds": first}

@@ -13,6 +13,12 @@ from typing import Any
 from ..errors import CapsNetError
 
 
+def cache_root() -> Path:
+    """``$XDG_CACHE_HOME/capsnet`` or ``~/.cache/capsnet``."""
+    base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
+    return Path(base) / "capsnet"
+
+
 def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
     """Write ``data`` to ``path`` so that ``path`` is either the old file or the whole new one.
 

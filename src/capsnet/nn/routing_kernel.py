@@ -1,0 +1,195 @@
+"""Dynamic routing on a CPU as one C kernel, forward and backward (``routing_kernel.c``).
+
+Routing is memory-bound: torch makes the predictions û for a batch (47 MB at batch 64) and
+reads them again in every iteration and in backward. The kernel makes û for one example at a
+time (737 KB for MNIST), routes it while it is in the core's cache, and makes it again in
+backward instead of keeping it; its backward is written out (tests/test_routing_kernel.py
+checks it against torch). It is built with the system's C compiler (``$CC``, else gcc or cc;
+torch.compile needs one on a CPU too), once per CPU kind and capsule shape, into
+``$XDG_CACHE_HOME/capsnet/kernels`` (about a second); when it cannot be built, or with
+``CAPSNET_ROUTING_KERNEL=off``, routing runs in torch (``layers.RoutingCapsules``).
+
+Both directions are torch custom operators, so a compiled model calls them as they are.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import functools
+import hashlib
+import os
+import shutil
+import subprocess
+import tempfile
+import warnings
+from pathlib import Path
+
+import torch
+from torch import Tensor
+
+from ..utils.files import cache_root
+
+SOURCE = Path(__file__).with_name("routing_kernel.c")
+EPSILON = 1e-7  # layers.EPSILON, inside the square root of squash
+LANES = 16  # input capsules the kernel's gradient loops take at a time
+ISA_FLAGS = {"AVX512": ["-mavx512f", "-mavx512dq", "-mavx512bw", "-mavx512vl", "-mavx2", "-mfma"],
+             "AVX2": ["-mavx2", "-mfma"]}
+
+
+def enabled() -> bool:
+    """``CAPSNET_ROUTING_KERNEL=off`` (or 0, false) keeps routing in torch."""
+    return os.environ.get("CAPSNET_ROUTING_KERNEL", "on").lower() not in ("off", "0", "false")
+
+
+def supports(u: Tensor, weight: Tensor, leaky: bool, bias: Tensor | None) -> bool:
+    """Whether this routing can run in the kernel: float32 on a CPU, the plain softmax without
+    a bias, input capsules in whole blocks, and a kernel built for these shapes."""
+    in_caps, out_caps, out_dim, in_dim = weight.shape
+    return (u.device.type == "cpu" and u.dtype == weight.dtype == torch.float32 and not leaky
+            and bias is None and in_caps % LANES == 0 and u.shape[0] > 0
+            and available(out_caps, out_dim, in_dim))
+
+
+@torch.compiler.assume_constant_result  # asked once when compiling, not in the graph
+def available(out_caps: int, out_dim: int, in_dim: int) -> bool:
+    """Whether the kernel builds for these shapes."""
+    return library(out_caps, out_dim, in_dim) is not None
+
+
+def _compile(flags: list[str], libraries: list[str], target: Path) -> str | None:
+    """Build the kernel into ``target``; what went wrong when it fails."""
+    compiler = os.environ.get("CC") or shutil.which("gcc") or shutil.which("cc")
+    if compiler is None:
+        return "no C compiler found (set CC)"
+    try:
+        target.parent.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryDirectory(dir=target.parent) as scratch:
+            built = Path(scratch) / target.name
+            run = subprocess.run([compiler, *flags, str(SOURCE), "-o", str(built), *libraries],
+                                 capture_output=True, text=True)
+            if run.returncode != 0:
+                return (run.stderr.strip().splitlines() or ["failed"])[-1]
+            os.replace(built, target)  # whole or not at all, for processes building at once
+    except OSError as exc:
+        return f"{exc.filename or compiler}: {exc.strerror or exc}"
+    return None
+
+
+@functools.cache
+def library(out_caps: int, out_dim: int, in_dim: int) -> ctypes.CDLL | None:
+    """The kernel for these capsule shapes and this CPU, built on first use; None (with a
+    warning) when it cannot be built or loaded."""
+    isa = torch.backends.cpu.get_cpu_capability()
+    flags = ["-O3", "-shared", "-fPIC", "-fopenmp", "-fno-math-errno", "-fno-trapping-math",
+             "-fassociative-math", "-fno-signed-zeros", *ISA_FLAGS.get(isa, []),
+             f"-DOUT_CAPS={out_caps}", f"-DOUT_DIM={out_dim}", f"-DIN_DIM={in_dim}"]
+    source = SOURCE.read_bytes()
+    error = ""
+    # glibc's vector expf (libmvec) where the system has it, else the scalar one
+    for extra, libraries in ((["-DVECTOR_EXP"], ["-lmvec", "-lm"]), ([], ["-lm"])):
+        key = hashlib.sha256(source + " ".join(flags + extra + libraries).encode()).hexdigest()
+        target = cache_root() / "kernels" / f"routing-{isa.lower()}-{key[:16]}.so"
+        if not target.exists():
+            error = _compile(flags + extra, libraries, target) or ""
+            if error:
+                continue
+        try:
+            return _declare(ctypes.CDLL(str(target)))
+        except OSError as exc:
+            error = str(exc)
+    warnings.warn(f"capsnet: routing runs in torch, its CPU kernel did not build ({error})",
+                  stacklevel=2)
+    return None
+
+
+def _declare(lib: ctypes.CDLL) -> ctypes.CDLL:
+    pointer, i64, i32, f32 = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int, ctypes.c_float
+    lib.routing_forward_scratch.argtypes = [i64]
+    lib.routing_backward_scratch.argtypes = [i64, i64, i32]
+    lib.routing_forward_scratch.restype = lib.routing_backward_scratch.restype = i64
+    lib.routing_forward.argtypes = [pointer, pointer, i64, i64, i32, f32, i32] + [pointer] * 5
+    lib.routing_backward.argtypes = [pointer] * 5 + [i64, i64, i32, f32, i32] + [pointer] * 8
+    lib.routing_forward.restype = lib.routing_backward.restype = None
+    return lib
+
+
+def _pointer(tensor: Tensor) -> ctypes.c_void_p:
+    return ctypes.c_void_p(tensor.data_ptr())
+
+
+@torch.library.custom_op("capsnet::route", mutates_args=())
+def route(u: Tensor, weight: Tensor, iterations: int) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """Route input capsules ``u`` (batch, in_caps, in_dim) with ``weight`` (in_caps, out_caps,
+    out_dim, in_dim). Returns v (batch, out_caps, out_dim), the couplings of every iteration
+    (batch, iterations, out_caps, in_caps), s of every iteration (batch, iterations, out_caps,
+    out_dim) and W rearranged (out_caps, out_dim, in_dim, in_caps) for the backward."""
+    u, weight = u.contiguous(), weight.contiguous()
+    batch, in_caps, in_dim = u.shape
+    _, out_caps, out_dim, _ = weight.shape
+    lib, threads = library(out_caps, out_dim, in_dim), torch.get_num_threads()
+    scratch = u.new_empty(threads, lib.routing_forward_scratch(in_caps))
+    weight_t = u.new_empty(out_caps, out_dim, in_dim, in_caps)
+    v = u.new_empty(batch, out_caps, out_dim)
+    coupling = u.new_empty(batch, iterations, out_caps, in_caps)
+    s = u.new_empty(batch, iterations, out_caps, out_dim)
+    lib.routing_forward(_pointer(u), _pointer(weight), batch, in_caps, iterations, EPSILON,
+                        threads, _pointer(scratch), _pointer(weight_t), _pointer(v),
+                        _pointer(coupling), _pointer(s))
+    return v, coupling, s, weight_t
+
+
+@route.register_fake
+def _(u: Tensor, weight: Tensor, iterations: int) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    batch, in_caps, in_dim = u.shape
+    _, out_caps, out_dim, _ = weight.shape
+    return (u.new_empty(batch, out_caps, out_dim),
+            u.new_empty(batch, iterations, out_caps, in_caps),
+            u.new_empty(batch, iterations, out_caps, out_dim),
+            u.new_empty(out_caps, out_dim, in_dim, in_caps))
+
+
+@torch.library.custom_op("capsnet::route_backward", mutates_args=())
+def route_backward(grad_v: Tensor, u: Tensor, weight_t: Tensor, coupling: Tensor, s: Tensor
+                   ) -> tuple[Tensor, Tensor]:
+    """The gradients of ``route``'s u and weight, from the gradient of its v."""
+    grad_v, u = grad_v.contiguous(), u.contiguous()
+    batch, in_caps, in_dim = u.shape
+    out_caps, out_dim = weight_t.shape[:2]
+    iterations = coupling.shape[1]
+    lib, threads = library(out_caps, out_dim, in_dim), torch.get_num_threads()
+    scratch = u.new_empty(threads, lib.routing_backward_scratch(batch, in_caps, iterations))
+    grad_s, v_all = torch.empty_like(s), torch.empty_like(s)
+    grad_logits = torch.empty_like(coupling)
+    u_t, grad_u_t = u.new_empty(batch, in_dim, in_caps), u.new_empty(batch, in_dim, in_caps)
+    grad_u = torch.empty_like(u)
+    grad_weight = u.new_empty(in_caps, out_caps, out_dim, in_dim)
+    lib.routing_backward(_pointer(u), _pointer(weight_t), _pointer(grad_v), _pointer(coupling),
+                         _pointer(s), batch, in_caps, iterations, EPSILON, threads,
+                         _pointer(scratch), _pointer(grad_s), _pointer(grad_logits),
+                         _pointer(v_all), _pointer(u_t), _pointer(grad_u_t), _pointer(grad_u),
+                         _pointer(grad_weight))
+    return grad_u, grad_weight
+
+
+@route_backward.register_fake
+def _(grad_v: Tensor, u: Tensor, weight_t: Tensor, coupling: Tensor, s: Tensor
+      ) -> tuple[Tensor, Tensor]:
+    out_caps, out_dim, in_dim, in_caps = weight_t.shape
+    return torch.empty_like(u), u.new_empty(in_caps, out_caps, out_dim, in_dim)
+
+
+def _save(ctx, inputs, output) -> None:  # noqa: ANN001 (torch's signature)
+    u, _, _ = inputs
+    _, coupling, s, weight_t = output
+    ctx.save_for_backward(u, weight_t, coupling, s)
+    ctx.mark_non_differentiable(coupling, s, weight_t)
+    ctx.set_materialize_grads(False)
+
+
+def _backward(ctx, grad_v, *_):  # noqa: ANN001 (torch's signature)
+    u, weight_t, coupling, s = ctx.saved_tensors
+    grad_u, grad_weight = route_backward(grad_v, u, weight_t, coupling, s)
+    return grad_u, grad_weight, None
+
+
+route.register_autograd(_backward, setup_context=_save)

@@ -1,0 +1,116 @@
+"""The CPU routing kernel (capsnet.nn.routing_kernel) agrees with torch's routing."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import Tensor
+
+from capsnet.nn import routing_kernel
+from capsnet.nn.layers import RoutingCapsules, squash
+
+# (in_caps, in_dim, out_caps, out_dim, iterations, batch): MNIST's layer, and small ones with
+# other shapes (each is its own build of the kernel), one iteration to five, odd batches.
+SHAPES = [(1152, 8, 10, 16, 3, 5), (32, 8, 10, 16, 1, 3), (48, 4, 3, 5, 2, 7),
+          (16, 3, 7, 9, 5, 1)]
+
+
+def routed(layer: RoutingCapsules, u: Tensor, kernel: bool) -> tuple[Tensor, ...]:
+    """v, coupling and the gradients of W and u for a fixed weighting of v."""
+    layer.cpu_kernel = kernel
+    u = u.clone().requires_grad_()
+    v, coupling = layer(u)
+    weighting = torch.linspace(-1, 1, v[0].numel(), dtype=v.dtype).view_as(v[0])
+    weight_grad, u_grad = torch.autograd.grad((v * weighting).sum(), (layer.weight, u))
+    return v, coupling, weight_grad, u_grad
+
+
+def layer_and_input(shape: tuple[int, ...], seed: int = 0) -> tuple[RoutingCapsules, Tensor]:
+    in_caps, in_dim, out_caps, out_dim, iterations, batch = shape
+    torch.manual_seed(seed)
+    layer = RoutingCapsules(in_caps, in_dim, out_caps, out_dim, iterations, init_std=0.5)
+    return layer, squash(torch.randn(batch, in_caps, in_dim) * 2)
+
+
+@pytest.mark.parametrize("shape", SHAPES)
+def test_kernel_agrees_with_torch_in_double_precision(shape: tuple[int, ...],
+                                                      monkeypatch: pytest.MonkeyPatch) -> None:
+    layer, u = layer_and_input(shape)
+    calls = []
+    route = routing_kernel.route
+    monkeypatch.setattr(routing_kernel, "route", lambda *a: calls.append(1) or route(*a))
+    got = routed(layer, u, kernel=True)
+    assert calls, "the kernel did not run"
+    reference = routed(layer.double(), u.double(), kernel=True)  # float64 runs in torch
+    assert len(calls) == 1
+    # float32 against float64: the kernel sums in another order than torch, in single
+    # precision, so agreement is to float32's rounding of sums over up to 1152 terms.
+    for name, a, b in zip(("v", "coupling", "grad W", "grad u"), got, reference):
+        scale = b.abs().max().item()
+        torch.testing.assert_close(a.double(), b, rtol=1e-4, atol=1e-5 * scale, msg=name)
+
+
+@pytest.mark.parametrize("shape", SHAPES[:2])
+def test_kernel_agrees_with_torch_in_single_precision(shape: tuple[int, ...]) -> None:
+    layer, u = layer_and_input(shape, seed=1)
+    for a, b in zip(routed(layer, u, kernel=True), routed(layer, u, kernel=False)):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5 * b.abs().max().item())
+
+
+def test_kernel_gives_the_same_bits_on_any_number_of_threads() -> None:
+    layer, u = layer_and_input(SHAPES[0])
+    threads = torch.get_num_threads()
+    try:
+        results = []
+        for n in (1, 2, 3):
+            torch.set_num_threads(n)
+            results.append(routed(layer, u, kernel=True))
+    finally:
+        torch.set_num_threads(threads)
+    for other in results[1:]:
+        for a, b in zip(results[0], other):
+            assert torch.equal(a, b)
+
+
+def test_kernel_couplings_are_a_softmax_and_carry_no_gradient() -> None:
+    layer, u = layer_and_input(SHAPES[0])
+    v, coupling = layer(u.requires_grad_())
+    assert v.requires_grad and not coupling.requires_grad
+    assert coupling.shape == (5, 1152, 10)
+    torch.testing.assert_close(coupling.sum(dim=2), torch.ones(5, 1152))
+
+
+@pytest.mark.parametrize("change", ["leaky", "bias", "in_caps", "float64", "switched off"])
+def test_what_the_kernel_does_not_take_routes_in_torch(change: str,
+                                                       monkeypatch: pytest.MonkeyPatch) -> None:
+    if change == "switched off":
+        monkeypatch.setenv("CAPSNET_ROUTING_KERNEL", "off")
+    in_caps = 40 if change == "in_caps" else 32  # the kernel takes blocks of 16
+    layer = RoutingCapsules(in_caps, 8, 10, 16, leaky=change == "leaky", bias=change == "bias")
+    u = squash(torch.randn(3, in_caps, 8))
+    if change == "float64":
+        layer, u = layer.double(), u.double()
+    monkeypatch.setattr(routing_kernel, "route", lambda *a: pytest.fail("the kernel ran"))
+    v, _ = layer(u)
+    assert v.shape == (3, 10, 16)
+
+
+@pytest.mark.parametrize("trouble", ["no compiler", "cache is a file"])
+def test_a_kernel_that_does_not_build_leaves_routing_to_torch(
+        trouble: str, tmp_path, monkeypatch: pytest.MonkeyPatch) -> None:
+    if trouble == "no compiler":
+        monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
+        monkeypatch.setenv("CC", str(tmp_path / "no-such-compiler"))
+    else:
+        (tmp_path / "cache").write_text("not a folder")
+        monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    routing_kernel.library.cache_clear()
+    try:
+        with pytest.warns(UserWarning, match="routing runs in torch, its CPU kernel did not build"):
+            assert routing_kernel.library(10, 16, 8) is None
+        layer = RoutingCapsules(32, 8, 10, 16)
+        monkeypatch.setattr(routing_kernel, "route", lambda *a: pytest.fail("the kernel ran"))
+        assert layer(squash(torch.randn(2, 32, 8)))[0].shape == (2, 10, 16)
+    finally:
+        routing_kernel.library.cache_clear()
+    assert not list(tmp_path.rglob("*.so"))
