@@ -27,9 +27,8 @@ from typing import Callable
 import torch
 
 import capsnet.nn.layers as layers
-from capsnet.nn.losses import capsule_loss
 from capsnet.nn.model import CapsNet, CapsNetConfig
-from capsnet.tools.bench import convolutions, timed
+from capsnet.tools.bench import convolutions, timed, train_step
 from capsnet.training.trainer import make_optimizer
 from capsnet.utils.device import compile_options
 
@@ -72,17 +71,10 @@ def main(turns: int, names: list[str]) -> None:
     convs_adam = make_optimizer(convs.parameters(), 1e-3, CPU)
 
     def train(model: CapsNet, adam: torch.optim.Optimizer) -> None:
-        out = model(images, labels)
-        loss, _, _ = capsule_loss(out.lengths, out.reconstructions, images, labels)
-        adam.zero_grad(set_to_none=True)
-        loss.backward()
-        adam.step()
+        train_step(model, adam, images, labels)
 
     def train_convs() -> None:
-        loss = convs(images).square().mean()
-        convs_adam.zero_grad(set_to_none=True)
-        loss.backward()
-        convs_adam.step()
+        train_step(convs, convs_adam, images, None)
 
     def infer(model: torch.nn.Module, *_: object) -> None:
         with torch.inference_mode():

@@ -17,9 +17,8 @@ import torch
 import torch._inductor.config as inductor_config
 from torch.profiler import ProfilerActivity, profile
 
-from capsnet.nn.losses import capsule_loss
 from capsnet.nn.model import CapsNet, CapsNetConfig
-from capsnet.tools.bench import convolutions
+from capsnet.tools.bench import convolutions, train_step
 from capsnet.training.trainer import make_optimizer
 from capsnet.utils.device import compile_options
 
@@ -39,17 +38,10 @@ def main(steps: int, kernel: bool) -> None:
     images, labels = torch.rand(64, 1, 28, 28), torch.randint(0, 10, (64,))
 
     def train() -> None:
-        out = model(images, labels)
-        loss, _, _ = capsule_loss(out.lengths, out.reconstructions, images, labels)
-        adam.zero_grad(set_to_none=True)
-        loss.backward()
-        adam.step()
+        train_step(model, adam, images, labels)
 
     def train_convs() -> None:
-        loss = convs(images).square().mean()
-        convs_adam.zero_grad(set_to_none=True)
-        loss.backward()
-        convs_adam.step()
+        train_step(convs, convs_adam, images, None)
 
     for _ in range(3):  # compile and warm up
         train()

@@ -60,6 +60,22 @@ def rates_in_turns(model_step: Callable[[], Any], floor_step: Callable[[], Any],
     return batch / statistics.median(model_times), batch / statistics.median(floor_times)
 
 
+def train_step(model: torch.nn.Module, optimizer: torch.optim.Optimizer, images: torch.Tensor,
+               labels: torch.Tensor | None, precision: str = "fp32") -> None:
+    """One training step of the model on ``images`` and ``labels``, or with ``labels=None``
+    of its convolutions alone (on the mean square of their output)."""
+    with autocast(images.device, precision):
+        if labels is None:
+            loss = model(images).float().square().mean()
+        else:
+            out = model(images, labels)
+            loss, _, _ = capsule_loss(out.lengths.float(), out.reconstructions.float(), images,
+                                      labels)
+    optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    optimizer.step()
+
+
 def convolutions(model: CapsNet) -> torch.nn.Sequential:
     """The floor: the model's own two convolutions (sharing the weights costs no memory)."""
     return torch.nn.Sequential(model.conv1, torch.nn.ReLU(), model.primary.conv, torch.nn.ReLU())
@@ -83,20 +99,10 @@ def steps(device: torch.device, precision: str, compile_model: bool, routing_ite
     test_images = torch.rand(infer_batch, 1, 28, 28, device=device)
 
     def train() -> None:
-        with autocast(device, precision):
-            out = model(images, labels)
-            loss, _, _ = capsule_loss(out.lengths.float(), out.reconstructions.float(), images,
-                                      labels)
-        model_adam.zero_grad(set_to_none=True)
-        loss.backward()
-        model_adam.step()
+        train_step(model, model_adam, images, labels, precision)
 
     def train_convs() -> None:
-        with autocast(device, precision):
-            loss = convs(images).float().square().mean()
-        convs_adam.zero_grad(set_to_none=True)
-        loss.backward()
-        convs_adam.step()
+        train_step(convs, convs_adam, images, None, precision)
 
     def infer() -> None:
         with torch.inference_mode(), autocast(device, precision):
