@@ -103,7 +103,7 @@ class RoutingCapsules(nn.Module):
     CIFAR-10 network; the official code's leaky routing): an input capsule that fits no
     output capsule can send its vote there, so its couplings sum to less than one.
 
-    On a CPU in float32, without bias or leaky routing, the routing runs in a C kernel
+    On a CPU in float32 (and input capsules in blocks of 16), the routing runs in a C kernel
     (:mod:`capsnet.nn.routing_kernel`; ``cpu_kernel = False`` or
     ``CAPSNET_ROUTING_KERNEL=off`` keeps it in torch): the same values and gradients, but
     the coupling coefficients it returns carry no gradient of their own.
@@ -154,7 +154,7 @@ class RoutingCapsules(nn.Module):
 
     def in_kernel(self, u: Tensor) -> bool:
         """Whether routing input capsules like ``u`` runs in the CPU kernel."""
-        return self.cpu_kernel and routing_kernel.supports(u, self.weight, self.leaky, self.bias)
+        return self.cpu_kernel and routing_kernel.supports(u, self.weight)
 
     def forward(self, u: Tensor) -> tuple[Tensor, Tensor]:
         """Input capsules ``(batch, in_caps, in_dim)`` -> ``(v, coupling)``, see :meth:`route`.
@@ -165,7 +165,10 @@ class RoutingCapsules(nn.Module):
         with torch.autocast(u.device.type, enabled=False):
             u = u.to(self.weight.dtype)
             if self.in_kernel(u):
-                v, coupling, _, _ = routing_kernel.route(u, self.weight, self.iterations)
+                # every iteration's couplings are kept only for a backward pass
+                keep = torch.is_grad_enabled() and (u.requires_grad or self.weight.requires_grad)
+                v, coupling, _, _ = routing_kernel.route(u, self.weight, self.bias,
+                                                         self.iterations, self.leaky, keep)
                 return v, coupling[:, -1].transpose(1, 2)  # (batch, in_caps, out_caps)
             batch = u.shape[0]
             if u.device.type != "cpu" or batch < 2 * CPU_ROUTING_MIN:

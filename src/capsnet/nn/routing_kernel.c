@@ -114,15 +114,18 @@ static void squash_backward(const float *restrict s, const float *restrict grad_
     }
 }
 
-/* c[:, i] = softmax over output capsules of logits[:, i], for every input capsule i; top and
- * total are scratch rows of in_caps. */
-static void softmax(const float *restrict logits, int64_t in_caps, float *restrict top,
-                    float *restrict total, float *restrict c) {
-    memcpy(top, logits, sizeof(float) * in_caps);
+/* c[:, i] = softmax over output capsules of logits[:, i], for every input capsule i; with
+ * leaky, over one more output whose logit is 0 and whose coupling is dropped. top and total
+ * are scratch rows of in_caps. */
+static void softmax(const float *restrict logits, int64_t in_caps, int leaky,
+                    float *restrict top, float *restrict total, float *restrict c) {
+    for (int64_t i = 0; i < in_caps; i++)
+        top[i] = leaky ? fmaxf(0, logits[i]) : logits[i];
     for (int j = 1; j < OUT_CAPS; j++)
         for (int64_t i = 0; i < in_caps; i++)
             top[i] = fmaxf(top[i], logits[j * in_caps + i]);
-    memset(total, 0, sizeof(float) * in_caps);
+    for (int64_t i = 0; i < in_caps; i++)
+        total[i] = leaky ? expf(-top[i]) : 0;
     for (int j = 0; j < OUT_CAPS; j++)
         for (int64_t i = 0; i < in_caps; i++) {
             c[j * in_caps + i] = expf(logits[j * in_caps + i] - top[i]);
@@ -133,16 +136,23 @@ static void softmax(const float *restrict logits, int64_t in_caps, float *restri
             c[j * in_caps + i] /= total[i];
 }
 
-/* Route one example: fills s and coupling of every iteration, v of the last. */
-static void route_example(const float *restrict u_hat, int64_t in_caps, int iterations,
-                          float eps, float *restrict logits, float *restrict coupling,
-                          float *restrict s, float *restrict v) {
+/* Route one example: fills s and coupling of every iteration (of the last alone, in their
+ * first slot, when keep is 0), and v of the last. bias (OUT values) is added to every s, when
+ * given. */
+static void route_example(const float *restrict u_hat, const float *restrict bias,
+                          int64_t in_caps, int iterations, int leaky, int keep, float eps,
+                          float *restrict logits, float *restrict coupling, float *restrict s,
+                          float *restrict v) {
     memset(logits, 0, sizeof(float) * OUT_CAPS * in_caps);
     for (int t = 0; t < iterations; t++) {
-        float *c = coupling + t * OUT_CAPS * in_caps, *st = s + t * OUT;
-        softmax(logits, in_caps, logits + OUT_CAPS * in_caps,
+        const int slot = keep ? t : 0;
+        float *c = coupling + slot * OUT_CAPS * in_caps, *st = s + slot * OUT;
+        softmax(logits, in_caps, leaky, logits + OUT_CAPS * in_caps,
                 logits + (OUT_CAPS + 1) * in_caps, c);
         sum_over_inputs(c, u_hat, in_caps, st);
+        if (bias)
+            for (int o = 0; o < OUT; o++)
+                st[o] += bias[o];
         squash(st, eps, v);
         if (t == iterations - 1)
             break;
@@ -156,9 +166,13 @@ int64_t routing_forward_scratch(int64_t in_caps) {
     return (IN_DIM + OUT + OUT_CAPS + 2) * in_caps;
 }
 
-void routing_forward(const float *u, const float *weight, int64_t batch, int64_t in_caps,
-                     int iterations, float eps, int threads, float *scratch, float *weight_t,
-                     float *v, float *coupling, float *s) {
+/* coupling and s hold every iteration when keep is 1 (for the backward), the last when 0;
+ * bias may be NULL. */
+void routing_forward(const float *u, const float *weight, const float *bias, int64_t batch,
+                     int64_t in_caps, int iterations, int leaky, int keep, float eps,
+                     int threads, float *scratch, float *weight_t, float *v, float *coupling,
+                     float *s) {
+    const int slots = keep ? iterations : 1;
     transpose_weight(weight, in_caps, threads, weight_t);
     #pragma omp parallel num_threads(threads)
     {
@@ -168,17 +182,18 @@ void routing_forward(const float *u, const float *weight, int64_t batch, int64_t
         for (int64_t b = 0; b < batch; b++) {
             transpose_input(u + b * in_caps * IN_DIM, in_caps, u_t);
             predict(u_t, weight_t, in_caps, u_hat);
-            route_example(u_hat, in_caps, iterations, eps, logits,
-                          coupling + b * iterations * OUT_CAPS * in_caps,
-                          s + b * iterations * OUT, v + b * OUT);
+            route_example(u_hat, bias, in_caps, iterations, leaky, keep, eps, logits,
+                          coupling + b * slots * OUT_CAPS * in_caps, s + b * slots * OUT,
+                          v + b * OUT);
         }
     }
 }
 
 /* Backward through the iterations of one example, last to first: fills grad_s (the gradient
- * of every s) and grad_logits (slot t >= 1: the gradient of the logits of iteration t). The
- * logits of iteration t are those of t - 1 plus u_hat . v_{t-1}, so the gradient of v_{t-1}
- * is the sum over input capsules of grad_logits_t u_hat. */
+ * of every s, and so of the bias) and grad_logits (slot t >= 1: the gradient of the logits of
+ * iteration t). The logits of iteration t are those of t - 1 plus u_hat . v_{t-1}, so the
+ * gradient of v_{t-1} is the sum over input capsules of grad_logits_t u_hat. The softmax's
+ * gradient is the same with leaky routing: the dropped output's coupling has none. */
 static void backward_example(const float *restrict u_hat, const float *restrict grad_v,
                              const float *restrict coupling, const float *restrict s,
                              int64_t in_caps, int iterations, float eps, float *restrict grad_c,

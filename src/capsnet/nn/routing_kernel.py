@@ -41,13 +41,12 @@ def enabled() -> bool:
     return os.environ.get("CAPSNET_ROUTING_KERNEL", "on").lower() not in ("off", "0", "false")
 
 
-def supports(u: Tensor, weight: Tensor, leaky: bool, bias: Tensor | None) -> bool:
-    """Whether this routing can run in the kernel: float32 on a CPU, the plain softmax without
-    a bias, input capsules in whole blocks, and a kernel built for these shapes."""
+def supports(u: Tensor, weight: Tensor) -> bool:
+    """Whether routing ``u`` with ``weight`` can run in the kernel: float32 on a CPU, input
+    capsules in whole blocks, and a kernel built for these shapes."""
     in_caps, out_caps, out_dim, in_dim = weight.shape
-    return (u.device.type == "cpu" and u.dtype == weight.dtype == torch.float32 and not leaky
-            and bias is None and in_caps % LANES == 0 and u.shape[0] > 0
-            and available(out_caps, out_dim, in_dim))
+    return (u.device.type == "cpu" and u.dtype == weight.dtype == torch.float32
+            and in_caps % LANES == 0 and u.shape[0] > 0 and available(out_caps, out_dim, in_dim))
 
 
 @torch.compiler.assume_constant_result  # asked once when compiling, not in the graph
@@ -107,7 +106,8 @@ def _declare(lib: ctypes.CDLL) -> ctypes.CDLL:
     lib.routing_forward_scratch.argtypes = [i64]
     lib.routing_backward_scratch.argtypes = [i64, i64, i32]
     lib.routing_forward_scratch.restype = lib.routing_backward_scratch.restype = i64
-    lib.routing_forward.argtypes = [pointer, pointer, i64, i64, i32, f32, i32] + [pointer] * 5
+    lib.routing_forward.argtypes = [pointer] * 3 + [i64, i64, i32, i32, i32, f32, i32] + \
+        [pointer] * 5
     lib.routing_backward.argtypes = [pointer] * 5 + [i64, i64, i32, f32, i32] + [pointer] * 8
     lib.routing_forward.restype = lib.routing_backward.restype = None
     return lib
@@ -118,40 +118,45 @@ def _pointer(tensor: Tensor) -> ctypes.c_void_p:
 
 
 @torch.library.custom_op("capsnet::route", mutates_args=())
-def route(u: Tensor, weight: Tensor, iterations: int) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+def route(u: Tensor, weight: Tensor, bias: Tensor | None, iterations: int, leaky: bool,
+          keep: bool) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """Route input capsules ``u`` (batch, in_caps, in_dim) with ``weight`` (in_caps, out_caps,
-    out_dim, in_dim). Returns v (batch, out_caps, out_dim), the couplings of every iteration
-    (batch, iterations, out_caps, in_caps), s of every iteration (batch, iterations, out_caps,
-    out_dim) and W rearranged (out_caps, out_dim, in_dim, in_caps) for the backward."""
+    out_dim, in_dim), ``bias`` (out_caps, out_dim) or None, and leaky routing or not, as
+    :class:`capsnet.nn.layers.RoutingCapsules`. Returns v (batch, out_caps, out_dim), the
+    couplings (batch, slots, out_caps, in_caps), s (batch, slots, out_caps, out_dim) and W
+    rearranged (out_caps, out_dim, in_dim, in_caps); the slots are every iteration's with
+    ``keep`` (which the backward needs), else the last one's alone."""
     u, weight = u.contiguous(), weight.contiguous()
+    bias = None if bias is None else bias.contiguous()
     batch, in_caps, in_dim = u.shape
     _, out_caps, out_dim, _ = weight.shape
     lib, threads = library(out_caps, out_dim, in_dim), torch.get_num_threads()
     scratch = u.new_empty(threads, lib.routing_forward_scratch(in_caps))
-    weight_t = u.new_empty(out_caps, out_dim, in_dim, in_caps)
-    v = u.new_empty(batch, out_caps, out_dim)
-    coupling = u.new_empty(batch, iterations, out_caps, in_caps)
-    s = u.new_empty(batch, iterations, out_caps, out_dim)
-    lib.routing_forward(_pointer(u), _pointer(weight), batch, in_caps, iterations, EPSILON,
-                        threads, _pointer(scratch), _pointer(weight_t), _pointer(v),
-                        _pointer(coupling), _pointer(s))
+    v, coupling, s, weight_t = _outputs(u, weight, bias, iterations, leaky, keep)
+    bias_pointer = None if bias is None else _pointer(bias)
+    lib.routing_forward(_pointer(u), _pointer(weight), bias_pointer, batch, in_caps,
+                        iterations, int(leaky), int(keep), EPSILON, threads, _pointer(scratch),
+                        _pointer(weight_t), _pointer(v), _pointer(coupling), _pointer(s))
     return v, coupling, s, weight_t
 
 
 @route.register_fake
-def _(u: Tensor, weight: Tensor, iterations: int) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+def _outputs(u: Tensor, weight: Tensor, bias: Tensor | None, iterations: int, leaky: bool,
+             keep: bool) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     batch, in_caps, in_dim = u.shape
     _, out_caps, out_dim, _ = weight.shape
+    slots = iterations if keep else 1
     return (u.new_empty(batch, out_caps, out_dim),
-            u.new_empty(batch, iterations, out_caps, in_caps),
-            u.new_empty(batch, iterations, out_caps, out_dim),
+            u.new_empty(batch, slots, out_caps, in_caps),
+            u.new_empty(batch, slots, out_caps, out_dim),
             u.new_empty(out_caps, out_dim, in_dim, in_caps))
 
 
 @torch.library.custom_op("capsnet::route_backward", mutates_args=())
 def route_backward(grad_v: Tensor, u: Tensor, weight_t: Tensor, coupling: Tensor, s: Tensor
-                   ) -> tuple[Tensor, Tensor]:
-    """The gradients of ``route``'s u and weight, from the gradient of its v."""
+                   ) -> tuple[Tensor, Tensor, Tensor]:
+    """The gradients of ``route``'s u and weight, and that of every s (whose sum is the
+    bias's), from the gradient of its v."""
     grad_v, u = grad_v.contiguous(), u.contiguous()
     batch, in_caps, in_dim = u.shape
     out_caps, out_dim = weight_t.shape[:2]
@@ -168,28 +173,34 @@ def route_backward(grad_v: Tensor, u: Tensor, weight_t: Tensor, coupling: Tensor
                          _pointer(scratch), _pointer(grad_s), _pointer(grad_logits),
                          _pointer(v_all), _pointer(u_t), _pointer(grad_u_t), _pointer(grad_u),
                          _pointer(grad_weight))
-    return grad_u, grad_weight
+    return grad_u, grad_weight, grad_s
 
 
 @route_backward.register_fake
 def _(grad_v: Tensor, u: Tensor, weight_t: Tensor, coupling: Tensor, s: Tensor
-      ) -> tuple[Tensor, Tensor]:
+      ) -> tuple[Tensor, Tensor, Tensor]:
     out_caps, out_dim, in_dim, in_caps = weight_t.shape
-    return torch.empty_like(u), u.new_empty(in_caps, out_caps, out_dim, in_dim)
+    return (torch.empty_like(u), u.new_empty(in_caps, out_caps, out_dim, in_dim),
+            torch.empty_like(s))
 
 
 def _save(ctx, inputs, output) -> None:  # noqa: ANN001 (torch's signature)
-    u, _, _ = inputs
+    u, _, bias, iterations, _, _ = inputs
     _, coupling, s, weight_t = output
     ctx.save_for_backward(u, weight_t, coupling, s)
+    ctx.iterations, ctx.bias = iterations, bias is not None
     ctx.mark_non_differentiable(coupling, s, weight_t)
     ctx.set_materialize_grads(False)
 
 
 def _backward(ctx, grad_v, *_):  # noqa: ANN001 (torch's signature)
     u, weight_t, coupling, s = ctx.saved_tensors
-    grad_u, grad_weight = route_backward(grad_v, u, weight_t, coupling, s)
-    return grad_u, grad_weight, None
+    if coupling.shape[1] != ctx.iterations:
+        raise RuntimeError("capsnet::route kept the last iteration alone (keep=False): "
+                           "it has no backward")
+    grad_u, grad_weight, grad_s = route_backward(grad_v, u, weight_t, coupling, s)
+    grad_bias = grad_s.sum(dim=(0, 1)) if ctx.bias else None
+    return grad_u, grad_weight, grad_bias, None, None, None
 
 
 route.register_autograd(_backward, setup_context=_save)
