@@ -15,8 +15,7 @@ from torch import Tensor, nn
 import torch.nn.functional as F
 
 from . import routing_kernel
-
-EPSILON = 1e-7  # routing_kernel.EPSILON too
+from .routing_kernel import EPSILON  # inside squash's square root, here and in the kernel
 # On a CPU, where the C kernel does not take a routing (see RoutingCapsules.forward), torch
 # routes a few examples at a time, at most this many groups of at least CPU_ROUTING_MIN
 # examples: a group's predictions (6 MB for 8 MNIST examples) stay in the cache through the

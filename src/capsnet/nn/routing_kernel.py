@@ -30,7 +30,7 @@ from torch import Tensor
 from ..utils.files import cache_root
 
 SOURCE = Path(__file__).with_name("routing_kernel.c")
-EPSILON = 1e-7  # layers.EPSILON, inside the square root of squash
+EPSILON = 1e-7  # inside squash's square root (layers.squash uses it too)
 LANES = 16  # input capsules the kernel's gradient loops take at a time
 ISA_FLAGS = {"AVX512": ["-mavx512f", "-mavx512dq", "-mavx512bw", "-mavx512vl", "-mavx2", "-mfma"],
              "AVX2": ["-mavx2", "-mfma"]}
