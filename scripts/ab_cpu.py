@@ -53,8 +53,9 @@ class Form:
             options = compile_options(CPU)
             options["layout_optimization"] = "layout" in changes
             self.model.compile(options=options)
-        self.adam = (torch.optim.Adam(self.model.parameters(), lr=1e-3, foreach=False)
-                     if "plain-adam" in changes else make_optimizer(self.model.parameters(), 1e-3, CPU))
+        parameters = self.model.parameters()
+        self.adam = (torch.optim.Adam(parameters, lr=1e-3, foreach=False)
+                     if "plain-adam" in changes else make_optimizer(parameters, 1e-3, CPU))
 
     def run(self, step: Callable[[CapsNet, torch.optim.Optimizer], None]) -> float:
         layers.CPU_ROUTING_MIN, layers.CPU_ROUTING_GROUPS = self.groups

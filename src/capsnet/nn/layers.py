@@ -164,10 +164,10 @@ class RoutingCapsules(nn.Module):
         with torch.autocast(u.device.type, enabled=False):
             u = u.to(self.weight.dtype)
             if self.in_kernel(u):
-                # every iteration's couplings are kept only for a backward pass
-                keep = torch.is_grad_enabled() and (u.requires_grad or self.weight.requires_grad)
+                # every iteration's couplings are kept only where a backward pass may follow
                 v, coupling, _, _ = routing_kernel.route(u, self.weight, self.bias,
-                                                         self.iterations, self.leaky, keep)
+                                                         self.iterations, self.leaky,
+                                                         torch.is_grad_enabled())
                 return v, coupling[:, -1].transpose(1, 2)  # (batch, in_caps, out_caps)
             batch = u.shape[0]
             if u.device.type != "cpu" or batch < 2 * CPU_ROUTING_MIN:
