@@ -48,7 +48,7 @@ class Form:
             raise SystemExit(f"unknown change(s) {', '.join(sorted(unknown))} in form {name!r}")
         torch.manual_seed(0)
         self.model = CapsNet(CapsNetConfig(routing_iterations=3))
-        self.model.digits.cpu_kernel = "torch-routing" not in changes
+        self.model.digits.fused = "torch-routing" not in changes
         if "eager" not in changes:
             options = compile_options(CPU)
             options["layout_optimization"] = "layout" in changes

@@ -31,7 +31,7 @@ def main(steps: int, kernel: bool) -> None:
     inductor_config.cpp.enable_kernel_profile = True
     torch.manual_seed(0)
     model = CapsNet(CapsNetConfig(routing_iterations=3))
-    model.digits.cpu_kernel = kernel
+    model.digits.fused = kernel
     convs = convolutions(model)
     model.compile(options=compile_options(CPU))
     adam, convs_adam = (make_optimizer(m.parameters(), 1e-3, CPU) for m in (model, convs))

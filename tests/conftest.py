@@ -10,13 +10,18 @@ import threading
 from pathlib import Path
 from typing import Callable, Iterator
 
-import numpy as np
-import pytest
-import torch
-from hypothesis import settings
-from hypothesis.database import DirectoryBasedExampleDatabase, ReadOnlyDatabase
+# Without a GPU, Triton kernels run in its interpreter on CPU tensors. Triton reads this when
+# it is imported, and importing torch imports it: so here, before torch.
+if not list(Path("/dev").glob("nvidia[0-9]*")):
+    os.environ.setdefault("TRITON_INTERPRET", "1")
 
-from capsnet.data import FILE_NAMES, write_idx
+import numpy as np  # noqa: E402
+import pytest  # noqa: E402
+import torch  # noqa: E402
+from hypothesis import settings  # noqa: E402
+from hypothesis.database import DirectoryBasedExampleDatabase, ReadOnlyDatabase  # noqa: E402
+
+from capsnet.data import FILE_NAMES, write_idx  # noqa: E402
 
 # Property-based tests are the same in every CI run: a fixed seed (--hypothesis-seed in
 # pyproject.toml) and the stored examples that once failed, replayed first and never

@@ -19,7 +19,7 @@ SHAPES = [(1152, 8, 10, 16, 3, 5, False, False), (1152, 8, 10, 16, 3, 4, True, F
 
 def routed(layer: RoutingCapsules, u: Tensor, kernel: bool) -> tuple[Tensor, ...]:
     """v, coupling and the gradients of W (and of the bias) and u for a fixed weighting of v."""
-    layer.cpu_kernel = kernel
+    layer.fused = kernel
     u = u.clone().requires_grad_()
     v, coupling = layer(u)
     weighting = torch.linspace(-1, 1, v[0].numel(), dtype=v.dtype).view_as(v[0])

@@ -102,10 +102,11 @@ class RoutingCapsules(nn.Module):
     CIFAR-10 network; the official code's leaky routing): an input capsule that fits no
     output capsule can send its vote there, so its couplings sum to less than one.
 
-    On a CPU in float32 (and input capsules in blocks of 16), the routing runs in a C kernel
-    (:mod:`capsnet.nn.routing_kernel`; ``cpu_kernel = False`` or
-    ``CAPSNET_ROUTING_KERNEL=off`` keeps it in torch): the same values and gradients, but
-    the coupling coefficients it returns carry no gradient of their own.
+    Where it can (:func:`capsnet.nn.routing_kernel.supports`), the routing runs as one fused
+    operator: a C kernel on a CPU (float32, input capsules in blocks of 16), Triton kernels on
+    a CUDA GPU. ``fused = False`` or ``CAPSNET_ROUTING_KERNEL=off`` keeps it in torch. The
+    values and gradients are the same, but the coupling coefficients it returns carry no
+    gradient of their own.
     """
 
     def __init__(self, in_caps: int, in_dim: int, out_caps: int, out_dim: int,
@@ -118,7 +119,7 @@ class RoutingCapsules(nn.Module):
         self.weight = nn.Parameter(torch.randn(in_caps, out_caps, out_dim, in_dim) * init_std)
         self.bias = nn.Parameter(torch.zeros(out_caps, out_dim)) if bias else None
         self.leaky = leaky
-        self.cpu_kernel = routing_kernel.enabled()  # see capsnet.nn.routing_kernel
+        self.fused = routing_kernel.enabled()  # see capsnet.nn.routing_kernel
 
     def predictions(self, u: Tensor) -> Tensor:
         """``u_hat`` for input capsules ``u`` of shape ``(batch, in_caps, in_dim)``."""
@@ -152,8 +153,8 @@ class RoutingCapsules(nn.Module):
         return routing_logits.softmax(dim=2)
 
     def in_kernel(self, u: Tensor) -> bool:
-        """Whether routing input capsules like ``u`` runs in the CPU kernel."""
-        return self.cpu_kernel and routing_kernel.supports(u, self.weight)
+        """Whether routing input capsules like ``u`` runs in the fused operator."""
+        return self.fused and routing_kernel.supports(u, self.weight)
 
     def forward(self, u: Tensor) -> tuple[Tensor, Tensor]:
         """Input capsules ``(batch, in_caps, in_dim)`` -> ``(v, coupling)``, see :meth:`route`.

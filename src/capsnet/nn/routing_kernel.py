@@ -1,4 +1,5 @@
-"""Dynamic routing on a CPU as one C kernel, forward and backward (``routing_kernel.c``).
+"""Dynamic routing as one fused operator, forward and backward: in C on a CPU
+(``routing_kernel.c``, here) and in Triton on a CUDA GPU (:mod:`capsnet.nn.routing_triton`).
 
 Routing is memory-bound: torch makes the predictions û for a batch (47 MB at batch 64) and
 reads them again in every iteration and in backward. The kernel makes û for one example at a
@@ -9,7 +10,8 @@ torch.compile needs one on a CPU too), once per CPU kind and capsule shape, into
 ``$XDG_CACHE_HOME/capsnet/kernels`` (about a second); when it cannot be built, or with
 ``CAPSNET_ROUTING_KERNEL=off``, routing runs in torch (``layers.RoutingCapsules``).
 
-Both directions are torch custom operators, so a compiled model calls them as they are.
+Both directions are torch custom operators, so a compiled model calls them as they are; on a
+GPU they need Triton, which comes with every CUDA build of torch.
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ from __future__ import annotations
 import ctypes
 import functools
 import hashlib
+import importlib.util
 import os
 import shutil
 import subprocess
@@ -42,11 +45,30 @@ def enabled() -> bool:
 
 
 def supports(u: Tensor, weight: Tensor) -> bool:
-    """Whether routing ``u`` with ``weight`` can run in the kernel: float32 on a CPU, input
-    capsules in whole blocks, and a kernel built for these shapes."""
+    """Whether routing ``u`` with ``weight`` can run in the fused operator: on a CPU, float32
+    with input capsules in whole blocks and a kernel built for these shapes; on a GPU, float32
+    or bfloat16 with Triton there and output capsules a program can hold."""
     in_caps, out_caps, out_dim, in_dim = weight.shape
-    return (u.device.type == "cpu" and u.dtype == weight.dtype == torch.float32
-            and in_caps % LANES == 0 and u.shape[0] > 0 and available(out_caps, out_dim, in_dim))
+    if u.dtype != weight.dtype or u.shape[0] == 0:
+        return False
+    if u.device.type == "cuda":
+        return u.dtype in (torch.float32, torch.bfloat16) and triton_takes(out_caps, out_dim)
+    return (u.device.type == "cpu" and u.dtype == torch.float32 and in_caps % LANES == 0
+            and available(out_caps, out_dim, in_dim))
+
+
+@torch.compiler.assume_constant_result  # asked once when compiling, not in the graph
+def triton_takes(out_caps: int, out_dim: int) -> bool:
+    """Whether Triton is installed (every CUDA build of torch brings it) and its kernels hold
+    this many output capsules."""
+    return (importlib.util.find_spec("triton") is not None
+            and _triton().block_inputs(out_caps, out_dim) > 0)
+
+
+def _triton():  # noqa: ANN202 (a module)
+    """The GPU kernels, imported on first use: a CPU install need not have Triton."""
+    from . import routing_triton
+    return routing_triton
 
 
 @torch.compiler.assume_constant_result  # asked once when compiling, not in the graph
@@ -146,10 +168,16 @@ def _outputs(u: Tensor, weight: Tensor, bias: Tensor | None, iterations: int, le
     batch, in_caps, in_dim = u.shape
     _, out_caps, out_dim, _ = weight.shape
     slots = iterations if keep else 1
-    return (u.new_empty(batch, out_caps, out_dim),
-            u.new_empty(batch, slots, out_caps, in_caps),
-            u.new_empty(batch, slots, out_caps, out_dim),
-            u.new_empty(out_caps, out_dim, in_dim, in_caps))
+    return (u.new_empty(batch, out_caps, out_dim),  # couplings and s: float32 on any input
+            u.new_empty(batch, slots, out_caps, in_caps, dtype=torch.float32),
+            u.new_empty(batch, slots, out_caps, out_dim, dtype=torch.float32),
+            weight.new_empty(out_caps, out_dim, in_dim, in_caps))
+
+
+@route.register_kernel("cuda")
+def _(u: Tensor, weight: Tensor, bias: Tensor | None, iterations: int, leaky: bool,
+      keep: bool) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    return _triton().route(u, weight, bias, iterations, leaky, keep, EPSILON)
 
 
 @torch.library.custom_op("capsnet::route_backward", mutates_args=())
@@ -180,8 +208,14 @@ def route_backward(grad_v: Tensor, u: Tensor, weight_t: Tensor, coupling: Tensor
 def _(grad_v: Tensor, u: Tensor, weight_t: Tensor, coupling: Tensor, s: Tensor
       ) -> tuple[Tensor, Tensor, Tensor]:
     out_caps, out_dim, in_dim, in_caps = weight_t.shape
-    return (torch.empty_like(u), u.new_empty(in_caps, out_caps, out_dim, in_dim),
+    return (torch.empty_like(u), weight_t.new_empty(in_caps, out_caps, out_dim, in_dim),
             torch.empty_like(s))
+
+
+@route_backward.register_kernel("cuda")
+def _(grad_v: Tensor, u: Tensor, weight_t: Tensor, coupling: Tensor, s: Tensor
+      ) -> tuple[Tensor, Tensor, Tensor]:
+    return _triton().route_backward(grad_v, u, weight_t, coupling, s, EPSILON)
 
 
 def _save(ctx, inputs, output) -> None:  # noqa: ANN001 (torch's signature)

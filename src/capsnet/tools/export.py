@@ -62,7 +62,7 @@ class InferenceWrapper(nn.Module):
     def __init__(self, model: CapsNet) -> None:
         super().__init__()
         self.model = model
-        model.digits.cpu_kernel = False  # the exported graph holds torch's operations only
+        model.digits.fused = False  # the exported graph holds torch's operations only
 
     def forward(self, images: Tensor) -> tuple[Tensor, Tensor, Tensor]:
         out = self.model(images)
