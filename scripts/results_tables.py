@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 from capsnet.training.config import TrainConfig, make_config
+from capsnet.training.status import duration as spoken_duration
 
 DOCS = Path(__file__).resolve().parent.parent / "docs"
 MISSING = "not recorded"
@@ -80,13 +81,7 @@ def ratio(part: Any, whole: Any) -> str:
 
 
 def duration(seconds: Any) -> str:
-    if seconds is None:
-        return MISSING
-    seconds = round(seconds)
-    hours, rest = divmod(seconds, 3600)
-    minutes, seconds = divmod(rest, 60)
-    parts = [f"{hours} h"] * bool(hours) + [f"{minutes} min"] * bool(minutes or hours)
-    return " ".join(parts + [f"{seconds} s"])
+    return MISSING if seconds is None else spoken_duration(seconds)
 
 
 def per_model(run: Run, cell: Callable[[str, dict[str, Any]], str]) -> str:

@@ -1,11 +1,15 @@
-"""Shared fixtures: a tiny synthetic MNIST-style data set written as IDX files."""
+"""Shared fixtures: a tiny synthetic MNIST-style data set written as IDX files, and one trained
+model in each form a command takes."""
 
 from __future__ import annotations
 
 import functools
 import http.server
 import os
+import shutil
 import socket
+import subprocess
+import sys
 import threading
 from pathlib import Path
 from typing import Callable, Iterator
@@ -21,7 +25,11 @@ import torch  # noqa: E402
 from hypothesis import settings  # noqa: E402
 from hypothesis.database import DirectoryBasedExampleDatabase, ReadOnlyDatabase  # noqa: E402
 
+from capsnet import CapsNet, make_config  # noqa: E402
 from capsnet.data import FILE_NAMES, write_idx  # noqa: E402
+from capsnet.training.checkpoint import save_checkpoint  # noqa: E402
+
+REPO = Path(__file__).resolve().parent.parent
 
 # Property-based tests are the same in every CI run: a fixed seed (--hypothesis-seed in
 # pyproject.toml) and the stored examples that once failed, replayed first and never
@@ -71,6 +79,32 @@ def tiny_dataset(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """Folder with 240 training and 60 test images of 10 easy classes, as raw IDX files.
     Pass it as ``--dataset FOLDER`` (with ``--val-size 40`` or so)."""
     return write_dataset(tmp_path_factory.mktemp("tiny"))
+
+
+def write_run(folder: Path, model: CapsNet, train_config: dict | None = None) -> Path:
+    """``folder`` holding ``best.pt``: ``model`` as a training run checkpoints it (with its
+    settings ``train_config``; no optimizer state)."""
+    payload = {"model_config": model.config.to_dict(), "model": model.state_dict(),
+               "class_names": list(model.class_names), "prepare": model.prepare}
+    save_checkpoint(folder / "best.pt", payload if train_config is None
+                    else {**payload, "train_config": train_config})
+    return folder
+
+
+@pytest.fixture(scope="session")
+def model_kinds(tmp_path_factory: pytest.TempPathFactory, tiny_dataset: Path) -> dict[str, str]:
+    """The shipped MNIST model in each form a model argument takes, by kind; the run and the
+    checkpoint record the seed preset on the tiny data set (which has MNIST's shape)."""
+    root = tmp_path_factory.mktemp("kinds")
+    model = CapsNet.from_pretrained("mnist")
+    settings = make_config("seed", dataset=str(tiny_dataset), val_size=40).to_dict()
+    write_run(root / "run", model, settings)
+    shutil.copy(root / "run" / "best.pt", root / "weights.pt")
+    model.save_pretrained(root / "pretrained")
+    shutil.copy(root / "pretrained" / "model.safetensors", root / "exported.safetensors")
+    return {"run folder": str(root / "run"), "checkpoint": str(root / "weights.pt"),
+            "save_pretrained folder": str(root / "pretrained"),
+            "safetensors file": str(root / "exported.safetensors"), "shipped name": "mnist"}
 
 
 @pytest.fixture()
@@ -125,3 +159,19 @@ def dead_url() -> str:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     return f"http://127.0.0.1:{port}/"
+
+
+def copy_docs(tmp_path: Path) -> Path:
+    """docs/RESULTS.md, docs/PERFORMANCE.md and docs/runs/ copied to ``tmp_path/docs``."""
+    docs = tmp_path / "docs"
+    docs.mkdir()
+    for document in ("RESULTS.md", "PERFORMANCE.md"):
+        shutil.copyfile(REPO / "docs" / document, docs / document)
+    shutil.copytree(REPO / "docs" / "runs", docs / "runs")
+    return docs
+
+
+def tables(docs: Path, *flags: str) -> subprocess.CompletedProcess:
+    """scripts/results_tables.py on the documents and records in ``docs``."""
+    return subprocess.run([sys.executable, str(REPO / "scripts" / "results_tables.py"), "--docs",
+                           str(docs), *flags], capture_output=True, text=True)

@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import subprocess
 import sys
 import tarfile
@@ -16,10 +15,10 @@ from pathlib import Path
 import pytest
 import torch
 
-REPO = Path(__file__).resolve().parent.parent
+from conftest import REPO, copy_docs, tables
+
 CAMPAIGN = REPO / "scripts" / "gpu_campaign.sh"
 TOOLS = REPO / "scripts" / "campaign_tools.py"
-TABLES = REPO / "scripts" / "results_tables.py"
 
 BENCH = ["bench-eager-b8", "bench-fast-b8", "bench-eager-b16", "bench-fast-b16",
          "bench-compiled-b8", "bench-fp32-b8", "bench-graphs-b8"]
@@ -193,17 +192,3 @@ def test_a_field_a_record_lacks_shows_as_not_recorded(tmp_path: Path) -> None:
     row = next(line for line in (docs / "RESULTS.md").read_text().splitlines()
                if "runs/bare" in line)
     assert row.count("not recorded") == 8 and "90.00%" in row
-
-
-def copy_docs(tmp_path: Path) -> Path:
-    docs = tmp_path / "docs"
-    docs.mkdir()
-    for document in ("RESULTS.md", "PERFORMANCE.md"):
-        shutil.copyfile(REPO / "docs" / document, docs / document)
-    shutil.copytree(REPO / "docs" / "runs", docs / "runs")
-    return docs
-
-
-def tables(docs: Path, *flags: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, str(TABLES), "--docs", str(docs), *flags],
-                          capture_output=True, text=True)

@@ -26,12 +26,16 @@ import pytest
 import torch
 from PIL import Image
 
+from capsnet import CapsNet
 from capsnet.training.checkpoint import load_checkpoint, load_model
 from capsnet.cli import main
 from capsnet.data import load_splits
 from capsnet.data.images import load_image
+from capsnet.nn.pretrained import read_weights
+from capsnet.tools.explore import ExploreServer
+from capsnet.training.config import make_config
 from capsnet.training.trainer import Trainer
-from conftest import write_dataset
+from conftest import write_dataset, write_run
 
 CAPSNET = (str(Path(sys.executable).with_name("capsnet"))
            if Path(sys.executable).with_name("capsnet").exists() else shutil.which("capsnet"))
@@ -399,7 +403,7 @@ def test_figures_without_metrics_skip_the_curves(run28: Path, tmp_path: Path, ca
 
 BAD_COMMANDS = {
     "no-command": ([], "required: command"),
-    "missing-checkpoint": (["evaluate", "{tmp}/missing.pt"], "{tmp}/missing.pt: no such checkpoint"),
+    "missing-checkpoint": (["evaluate", "{tmp}/missing.pt"], "{tmp}/missing.pt: no such file or folder"),
     "text-as-checkpoint": (["evaluate", "{tmp}/notes.txt"], "{tmp}/notes.txt: "),
     "foreign-checkpoint": (["evaluate", "{tmp}/foreign.pt"], "not a capsnet checkpoint"),
     "truncated-checkpoint": (["predict", "{tmp}/truncated.pt", "{tmp}/digit.png"], "truncated"),
@@ -415,7 +419,11 @@ BAD_COMMANDS = {
     "other-image-size": (["evaluate", "{run}", "--dataset", "{small}"],
                          "takes 1x28x28 images, 10 classes; {small} has 1x20x20 images"),
     "figures-missing-checkpoint": (["figures", "{tmp}/missing.pt", "--out", "{tmp}/f"],
-                                   "no such checkpoint"),
+                                   "no such file or folder"),
+    "no-model": (["evaluate"], "evaluate: give one model, as MODEL or --model MODEL; a model is"),
+    "two-models": (["figures", "{run}", "--model", "{run}", "--out", "{tmp}/f"],
+                   "figures: give one model"),
+    "predict-without-images": (["predict", "{run}"], "predict: give a model and at least one image"),
     "figures-samples-0": (["figures", "{run}", "--out", "{tmp}/f", "--samples", "0"],
                           "argument --samples"),
 }
@@ -443,7 +451,8 @@ def test_bad_input_in_a_real_process(tmp_path: Path) -> None:
     result = subprocess.run([CAPSNET, "evaluate", str(tmp_path / "missing.pt")],
                             capture_output=True, text=True, timeout=TIMEOUT)
     assert result.returncode == 2 and result.stdout == ""
-    assert result.stderr == f"capsnet: {tmp_path / 'missing.pt'}: no such checkpoint\n"
+    assert result.stderr.startswith(f"capsnet: {tmp_path / 'missing.pt'}: no such file or folder")
+    assert result.stderr.count("\n") == 1
 
 
 
@@ -455,3 +464,150 @@ def test_resume_refuses_to_change_the_runs_settings(run28: Path, tmp_path: Path)
     assert code == 2
     assert err.count("\n") == 1 and "--resume keeps the run's settings: lr is 0.001" in err
     assert (run_dir / "last.pt").read_bytes() == before
+
+
+# -- every command takes every kind of model, the same way -----------------------------------
+
+
+def model_args(index: int, source: str) -> list[str]:
+    """MODEL, or its synonym --model MODEL, in turns."""
+    return [source] if index % 2 == 0 else ["--model", source]
+
+
+def data_args(kind: str, dataset: Path) -> list[str]:
+    """A run records its data set; the other kinds are told (the shipped one's is MNIST)."""
+    return [] if kind in ("run folder", "checkpoint") else ["--dataset", str(dataset),
+                                                            "--val-size", "40"]
+
+
+def test_evaluate_takes_every_kind_of_model(model_kinds: dict[str, str],
+                                            tiny_dataset: Path) -> None:
+    results = []
+    for index, (kind, source) in enumerate(model_kinds.items()):
+        code, out, err = cli("evaluate", *model_args(index, source),
+                             *data_args(kind, tiny_dataset), "--json", "--device", "cpu")
+        assert code == 0, f"{kind}: {err}"
+        result = strict_json(out)
+        assert (result["dataset"], result["total"]) == (str(tiny_dataset), 60), kind
+        results.append((result["accuracy"], result["confusion"]))
+    assert all(result == results[0] for result in results)
+
+
+def test_figures_take_every_kind_of_model(model_kinds: dict[str, str], tiny_dataset: Path,
+                                          tmp_path: Path) -> None:
+    for index, (kind, source) in enumerate(model_kinds.items()):
+        out_dir = tmp_path / str(index)
+        code, out, err = cli("figures", *model_args(index, source), *data_args(kind, tiny_dataset),
+                             "--out", out_dir, "--samples", "1")
+        assert code == 0, f"{kind}: {err}"
+        assert len(out.splitlines()) == 18 and (out_dir / "tweak_dim_15.png").is_file(), kind
+
+
+def test_predict_export_and_explore_take_every_kind_of_model(
+        model_kinds: dict[str, str], test_images: np.ndarray, tiny_dataset: Path,
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    Image.fromarray(test_images[0]).save(tmp_path / "digit.png")
+
+    def stop(self: ExploreServer) -> None:
+        raise KeyboardInterrupt  # as Ctrl-C does
+
+    monkeypatch.setattr(ExploreServer, "serve_forever", stop)
+    predictions, exported = set(), []
+    for index, (kind, source) in enumerate(model_kinds.items()):
+        code, out, err = cli("predict", *model_args(index, source), tmp_path / "digit.png")
+        assert code == 0, f"{kind}: {err}"
+        predictions.add(out)
+        out_file = tmp_path / f"{index}.safetensors"
+        code, _, err = cli("export", *model_args(index, source), "--format", "safetensors",
+                           "--out", out_file)
+        assert code == 0, f"{kind}: {err}"
+        exported.append(read_weights(out_file))
+        dataset = data_args(kind, tiny_dataset)[:2]
+        code, out, err = cli("explore", *model_args(index, source), *dataset, "--port", "0")
+        assert code == 0 and out.startswith(f"capsnet explore: serving {source} at http://"), err
+    assert len(predictions) == 1
+    (config, state, labels), *others = exported
+    for other_config, other_state, other_labels in others:
+        assert (other_config, other_labels) == (config, labels)
+        assert all(torch.equal(other_state[name], tensor) for name, tensor in state.items())
+
+
+MODEL_COMMANDS = {"evaluate": [], "figures": ["--out", "{tmp}/f"], "predict": ["{tmp}/digit.png"],
+                  "export": ["--format", "safetensors", "--out", "{tmp}/m.safetensors"],
+                  "explore": ["--port", "0"]}
+BAD_MODELS = {"missing": ("{tmp}/missing", "{tmp}/missing: no such file or folder, nor a shipped "
+                                           "model; a model is a run folder"),
+              "random-file": ("{tmp}/notes.txt", "{tmp}/notes.txt: neither a checkpoint nor a "
+                                                 "safetensors file; a model is a run folder"),
+              "folder-without-model": ("{tmp}/empty", "{tmp}/empty: a folder without a model (no "
+                                                      "best.pt, last.pt or model.safetensors); "
+                                                      "a model is a run folder")}
+
+
+@pytest.mark.parametrize("command", list(MODEL_COMMANDS))
+@pytest.mark.parametrize("bad", list(BAD_MODELS))
+def test_a_bad_model_is_one_line_and_exit_code_2(command: str, bad: str, tmp_path: Path) -> None:
+    (tmp_path / "notes.txt").write_text("not a model\n")
+    (tmp_path / "empty").mkdir()
+    Image.new("L", (28, 28), 0).save(tmp_path / "digit.png")
+    before = sorted(tmp_path.iterdir())
+    source, expected = (text.format(tmp=tmp_path) for text in BAD_MODELS[bad])
+    code, out, err = cli(command, source, *(a.format(tmp=tmp_path) for a in MODEL_COMMANDS[command]))
+    assert (code, out) == (2, "") and err.count("\n") == 1 and "Traceback" not in err
+    assert err.startswith(f"capsnet: {expected}"), err
+    assert sorted(tmp_path.iterdir()) == before  # nothing written
+
+
+@pytest.mark.parametrize("command", ["evaluate", "figures"])
+def test_a_model_without_its_data_set_needs_dataset(command: str, model_kinds: dict[str, str],
+                                                    tmp_path: Path) -> None:
+    code, out, err = cli(command, model_kinds["save_pretrained folder"], "--out", tmp_path / "f") \
+        if command == "figures" else cli(command, model_kinds["save_pretrained folder"])
+    assert (code, out) == (2, "") and err.count("\n") == 1
+    assert "does not record the data set it was trained on; give one with --dataset" in err
+    assert not (tmp_path / "f").exists()
+
+
+# -- runs that move ---------------------------------------------------------------------------
+
+
+def test_a_run_on_a_relative_folder_is_evaluated_from_anywhere(
+        tiny_dataset: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    project, elsewhere = tmp_path / "project", tmp_path / "elsewhere"
+    shutil.copytree(tiny_dataset, project / "data" / "tiny")
+    elsewhere.mkdir()
+    monkeypatch.chdir(project)
+    code, _, err = cli(*train_args(Path("data/tiny")), "--run-dir", "runs/r")
+    assert code == 0, err
+    recorded = json.loads((project / "runs" / "r" / "config.json").read_text())["train"]
+    assert recorded["dataset"] == str(project / "data" / "tiny")  # absolute
+    shutil.move(project / "runs" / "r", elsewhere / "r")
+    monkeypatch.chdir(elsewhere)
+    code, out, err = cli("evaluate", elsewhere / "r", "--json", "--device", "cpu")
+    assert code == 0, err
+    assert strict_json(out)["dataset"] == str(project / "data" / "tiny")
+
+
+def test_an_older_run_finds_its_relative_data_set_beside_it(
+        model_kinds: dict[str, str], tiny_dataset: Path, tmp_path: Path,
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """Runs made before data set folders were recorded absolute hold the path as given,
+    relative to where they were trained: next to --run-dir NAME, or to runs/NAME."""
+    project, other = tmp_path / "project", tmp_path / "other"
+    shutil.copytree(tiny_dataset, project / "data" / "tiny")
+    other.mkdir()
+    settings = {**make_config("seed", val_size=40).to_dict(), "dataset": "data/tiny"}
+    model = CapsNet.from_pretrained(model_kinds["run folder"])
+    runs = [write_run(project / "old", model, settings),
+            write_run(project / "runs" / "old", model, settings)]
+    monkeypatch.chdir(other)
+    for run in runs:
+        code, out, err = cli("evaluate", run, "--json", "--device", "cpu")
+        assert code == 0, err
+        assert strict_json(out)["dataset"] == str(project / "data" / "tiny")
+    shutil.rmtree(project / "data")
+    code, out, err = cli("evaluate", runs[1], "--device", "cpu")
+    assert (code, out) == (2, "") and err.count("\n") == 1
+    assert (f"{runs[1]}: the run's data set folder data/tiny was not found (tried "
+            f"{other}/data/tiny, {project}/runs/data/tiny, {project}/data/tiny); give --dataset"
+            in err), err

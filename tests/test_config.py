@@ -12,8 +12,8 @@ from capsnet.errors import CapsNetError
 
 # Where a run is and how it is executed: not part of any source's recipe.
 HOW = {"dataset": "mnist", "seed": 0, "device": "auto", "precision": "fp32", "compile": "auto",
-       "deterministic": False, "eval_batch_size": 500, "time_limit": 0.0, "image_size": 0,
-       "channels": 0}
+       "cuda_graphs": False, "deterministic": False, "eval_batch_size": 500, "time_limit": 0.0,
+       "stop_at": 0.0, "image_size": 0, "channels": 0}
 
 # The tutorial notebook and the TensorFlow helper it calls (read_data_sets).
 NOTEBOOK = {
@@ -102,7 +102,8 @@ def test_resume_may_change_only_how_long_and_where() -> None:
     assert (resumed.epochs, resumed.device, resumed.compile) == (5, "cpu", "on")
     assert replace(resumed, epochs=2, device="auto", compile="auto") == saved
     with pytest.raises(CapsNetError, match=r"batch_size is 50 there, not 64 \(only --epochs, "
-                                           r"--time-limit, --device, --compile may change\)"):
+                                           r"--time-limit, --stop-at, --device, --compile, "
+                                           r"--cuda-graphs may change\)"):
         resume_config(saved, {"batch_size": 64})
 
 
@@ -136,4 +137,3 @@ def test_settings_stored_before_a_field_existed_mean_what_the_code_then_did() ->
     assert (config.init, config.primary_style, config.routing_bias, config.val_split) == \
         ("torch", "notebook", False, "last")
     assert TrainConfig.from_dict(make_config("paper").to_dict()) == make_config("paper")
-    assert TrainConfig.of_checkpoint({}) == TrainConfig()  # exported weights: no settings

@@ -276,7 +276,7 @@ def test_cli_registers_explore(checkpoint: Path, capsys: pytest.CaptureFixture[s
     assert args.run is run_explore and args.host == "127.0.0.1" and args.port == 0
     assert main(["explore", str(checkpoint), "--port", "70000"]) == 2
     assert main(["explore", str(checkpoint.parent / "nothing.pt")]) == 2
-    assert "no such checkpoint" in capsys.readouterr().err
+    assert "nothing.pt: no such file or folder" in capsys.readouterr().err
 
 
 # -- the page in Chromium -----------------------------------------------------------------

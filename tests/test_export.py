@@ -211,7 +211,7 @@ def test_export_model_rejects_bad_input(small, tmp_path) -> None:
     (lambda d, ckpt: [ckpt, "--format", "pdf", "--out", d / "m.pdf"], "invalid choice: 'pdf'"),
     (lambda d, ckpt: [ckpt, "--out", d / "m.onnx"], "--format"),
     (lambda d, ckpt: [d / "missing.pt", "--format", "onnx", "--out", d / "m.onnx"],
-     "no such checkpoint"),
+     "missing.pt: no such file or folder"),
     (lambda d, ckpt: [d / "corrupt.pt", "--format", "torchscript", "--out", d / "m.ts"],
      "corrupt or truncated checkpoint"),
     (lambda d, ckpt: [ckpt, "--format", "torchscript", "--out", d], "is a folder"),

@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import json
 import os
+import re
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -16,9 +18,12 @@ from PIL import Image
 
 from capsnet import CapsNet, CapsNetConfig, count_parameters
 from capsnet.cli import main
+from capsnet.data import load_splits
 from capsnet.errors import CapsNetError
+from capsnet.nn.baseline import ARCHITECTURE, BaselineCNN, BaselineConfig
 from capsnet.nn.pretrained import read_weights
 from capsnet.tools.export import export_model
+from capsnet.training.checkpoint import load_trained, save_checkpoint
 
 REPO = Path(__file__).resolve().parent.parent
 CAPSNET = str(Path(sys.executable).with_name("capsnet"))
@@ -105,12 +110,74 @@ def test_torch_hub_loads_the_shipped_model() -> None:
     assert fresh.config.routing_iterations == 3
 
 
+def test_every_kind_of_model_loads_the_same_weights_and_predictions(
+        model_kinds: dict[str, str], tiny_dataset: Path) -> None:
+    images = load_splits(str(tiny_dataset), val_size=40).test.images[:8].float() / 255
+    shipped = CapsNet.from_pretrained("mnist")
+    with torch.no_grad():
+        expected = shipped(images)
+    for kind, source in model_kinds.items():
+        model = CapsNet.from_pretrained(source)
+        assert not model.training and model.class_names == tuple("0123456789"), kind
+        assert model.prepare == "mnist" and model.config == shipped.config, kind
+        for name, tensor in shipped.state_dict().items():
+            assert torch.equal(model.state_dict()[name], tensor), f"{kind}: {name}"
+        with torch.no_grad():
+            out = model(images)
+        assert torch.equal(out.predictions, expected.predictions), kind
+        assert torch.equal(out.lengths, expected.lengths), kind
+
+
+def test_what_a_model_records_about_its_data(model_kinds: dict[str, str],
+                                             tiny_dataset: Path) -> None:
+    """A run's settings and data set come with it; a shipped model's data set is its name;
+    a save_pretrained folder records none, so a data set must be given."""
+    run = load_trained(model_kinds["run folder"])
+    assert run.config.dataset == str(tiny_dataset) and run.config.preset == "seed"
+    assert load_trained("mnist").config.dataset == "mnist"
+    with pytest.raises(CapsNetError, match="does not record the data set .* --dataset"):
+        load_trained(model_kinds["save_pretrained folder"])
+    given = load_trained(model_kinds["save_pretrained folder"], str(tiny_dataset), val_size=40)
+    assert (given.config.dataset, given.config.val_size) == (str(tiny_dataset), 40)
+    assert load_trained(model_kinds["safetensors file"], need_dataset=False).config is None
+
+
+def test_a_safetensors_file_is_known_by_its_bytes(model_kinds: dict[str, str],
+                                                  tmp_path: Path) -> None:
+    shutil.copy(model_kinds["safetensors file"], tmp_path / "weights.bin")
+    shutil.copy(model_kinds["checkpoint"], tmp_path / "weights.ckpt")
+    for name in ("weights.bin", "weights.ckpt"):
+        model = CapsNet.from_pretrained(tmp_path / name)
+        assert model.config.num_classes == 10 and model.class_names[9] == "9"
+
+
+def test_a_run_of_another_architecture_is_refused(tmp_path: Path) -> None:
+    cnn = BaselineCNN(BaselineConfig(conv_channels=(4,), hidden=(8,)))
+    save_checkpoint(tmp_path / "best.pt", {"architecture": ARCHITECTURE, "model": cnn.state_dict(),
+                                           "model_config": cnn.config.to_dict()})
+    with pytest.raises(CapsNetError, match="best.pt: holds a baseline-cnn model, not a capsnet"):
+        CapsNet.from_pretrained(tmp_path)
+
+
+ACCEPTED = re.escape("a model is a run folder (its best.pt), a checkpoint (.pt), a save_pretrained "
+                     "folder, a .safetensors file or a shipped model's name (mnist)")
+
+
 def test_bad_pretrained_sources_are_one_line(tmp_path: Path) -> None:
-    with pytest.raises(CapsNetError, match="neither a shipped model"):
+    with pytest.raises(CapsNetError, match=f"nothing: no such file or folder, nor a shipped "
+                                           f"model; {ACCEPTED}"):
         CapsNet.from_pretrained(tmp_path / "nothing")
+    with pytest.raises(CapsNetError, match=f"a folder without a model .*; {ACCEPTED}"):
+        CapsNet.from_pretrained(tmp_path)
+    (tmp_path / "notes.txt").write_text("not a model at all")
+    with pytest.raises(CapsNetError, match=f"neither a checkpoint nor a safetensors file; "
+                                           f"{ACCEPTED}"):
+        CapsNet.from_pretrained(tmp_path / "notes.txt")
     (tmp_path / "x.safetensors").write_bytes(b"garbage")
     with pytest.raises(CapsNetError, match="x.safetensors: not a valid safetensors file"):
         CapsNet.from_pretrained(tmp_path / "x.safetensors")
+    with pytest.raises(CapsNetError, match="mnist: no such file or folder"):
+        CapsNet.from_pretrained(Path("mnist"))  # a path, never a name
 
 
 def test_version(capsys) -> None:

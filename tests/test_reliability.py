@@ -617,7 +617,8 @@ def test_full_disk_from_the_start_is_one_line(tiny_dataset: Path, tmp_path: Path
     monkeypatch.setattr(os, "fsync", disk_full)
     run_dir = tmp_path / "run"
     code, out, err = cli(["train", *train_args(tiny_dataset), "--run-dir", run_dir], capsys)
-    assert_one_line(code, err, f"could not write {run_dir / 'config.json'}: No space left on device")
+    # the first file a run writes is train.pid, the record of the process training there
+    assert_one_line(code, err, f"could not write {run_dir / 'train.pid'}: No space left on device")
     assert not (run_dir / "last.pt").exists() and not list(run_dir.glob(".*.tmp"))
 
 
@@ -806,7 +807,7 @@ BAD_CHECKPOINTS = {
                     "checksum mismatch (stored sha256"),
     "half-a-file": (lambda ckpt, d: ["predict", damaged_copy(ckpt, d / "half.pt", "half"), digit_png(d / "x.png")],
                     "corrupt or truncated checkpoint"),
-    "directory-without-checkpoint": (lambda ckpt, d: ["evaluate", d], "last.pt: no such checkpoint"),
+    "directory-without-checkpoint": (lambda ckpt, d: ["evaluate", d], "a folder without a model"),
     "config-does-not-fit-weights": (
         lambda ckpt, d: ["evaluate", tiny_variant(d / "c.pt", model_config=lambda c: {**c, "digit_dim": 5})],
         "weights do not fit the model config"),

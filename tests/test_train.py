@@ -11,7 +11,7 @@ import torch
 from torch.utils.data import DataLoader, TensorDataset
 
 from capsnet.data.batching import batches
-from capsnet.data.splits import load_splits
+from capsnet.data.splits import Split, load_splits
 from capsnet.errors import CapsNetError
 from capsnet.training.checkpoint import load_checkpoint, model_from_checkpoint
 from capsnet.nn.losses import capsule_loss
@@ -29,15 +29,17 @@ def tiny_config(tiny_dataset: Path, **overrides):
 
 
 class ScriptedValidation(Classification):
-    """Validation losses from a script; records the weights the test sees."""
+    """Validation losses and accuracies from a script (measured ones once it runs out);
+    records the weights the test sees."""
 
-    def __init__(self, *args, losses, **kwargs) -> None:
+    def __init__(self, *args, losses=(), accuracies=(), **kwargs) -> None:
         super().__init__(*args, **kwargs)
-        self.losses = iter(losses)
+        self.script = {"loss": iter(losses), "accuracy": iter(accuracies)}
         self.tested: list[dict[str, torch.Tensor]] = []
 
     def validate(self, model, device, world):
-        return {**super().validate(model, device, world), "loss": next(self.losses)}
+        measured = super().validate(model, device, world)
+        return {name: next(self.script[name], value) for name, value in measured.items()}
 
     def test(self, model, device, world):
         self.tested.append({k: v.detach().clone() for k, v in model.state_dict().items()})
@@ -170,6 +172,31 @@ def test_a_time_limit_stops_between_epochs_and_says_so(tiny_dataset: Path, tmp_p
     assert summary["cut_short"] == "time limit of 1e-06 s: stopped after epoch 1 of 50"
     assert train(tiny_config(tiny_dataset), tmp_path / "whole",
                  show_progress=False)["cut_short"] is None
+
+
+def test_stop_at_stops_after_the_first_epoch_reaching_it_and_resume_keeps_the_rule(
+        tiny_dataset: Path, tmp_path: Path, one_thread) -> None:
+    config = tiny_config(tiny_dataset, epochs=6, batch_size=10, stop_at=0.9)
+    splits = load_splits(config.dataset, val_size=config.val_size)
+    train = Split(splits.train.images[:20], splits.train.labels[:20])  # 2 steps an epoch
+
+    def fit(config, accuracies, resume=True):
+        task = ScriptedValidation(config, train, splits.val, splits.test, num_classes=10,
+                                  accuracies=accuracies)
+        return Trainer(task, tmp_path / "run", resume=resume, show_progress=False).fit()
+
+    summary = fit(config, [0.5, 0.95, 0.8], resume=False)
+    assert (summary["epochs"], summary["steps"]) == (2, 4)
+    assert summary["cut_short"] == ("validation accuracy 95.00% reached the stop at 90.00%: "
+                                    "stopped after epoch 2 of 6")
+    # Resumed under the same rule it trains no further; a higher target trains on to it.
+    assert fit(config, [])["steps"] == 4
+    summary = fit(replace(config, stop_at=0.97), [0.96, 0.98])
+    assert summary["epochs"] == 4 and summary["cut_short"].endswith("after epoch 4 of 6")
+    assert fit(replace(config, stop_at=0.0), [0.99, 0.99])["cut_short"] is None
+    records = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").open()]
+    assert [r["val_accuracy"] for r in records][:4] == [0.5, 0.95, 0.96, 0.98]
+    assert len(records) == 6
 
 
 @pytest.mark.parametrize("epochs, compile_setting, compiled", [

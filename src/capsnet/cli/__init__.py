@@ -1,5 +1,5 @@
-"""The ``capsnet`` command: train, experiment, evaluate, predict, figures, data, bench, export,
-explore.
+"""The ``capsnet`` command: train, experiment, status, evaluate, predict, figures, data, bench,
+export, explore.
 
 Every problem the user can fix ends in one line on stderr and exit code 2; Ctrl-C during
 training saves a resumable checkpoint and exits with 130.
@@ -18,13 +18,14 @@ from ..utils.version import package_version
 from .args import ArgumentParser
 from .tools import (add_bench, add_data, add_evaluate, add_explore, add_export, add_figures,
                     add_predict)
+from .status import add_status
 from .train import add_experiment, add_train
 
 EXIT_BUG = 1
 EXIT_USAGE = 2
 EXIT_INTERRUPTED = 130
-COMMANDS = [add_train, add_experiment, add_evaluate, add_predict, add_figures, add_data,
-            add_bench, add_export, add_explore]
+COMMANDS = [add_train, add_experiment, add_status, add_evaluate, add_predict, add_figures,
+            add_data, add_bench, add_export, add_explore]
 
 
 def build_parser() -> ArgumentParser:
@@ -45,6 +46,7 @@ def one_line(message: str) -> str:
 def main(argv: Sequence[str] | None = None) -> int:
     try:
         args = build_parser().parse_args(argv)
+        args.argv = list(sys.argv[1:] if argv is None else argv)  # what --detach starts again
         return args.run(args)
     except CapsNetError as exc:
         print(f"capsnet: {one_line(str(exc))}", file=sys.stderr)

@@ -6,7 +6,6 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -17,27 +16,49 @@ from ..data.splits import load_splits
 from ..tools.bench import benchmark, format_table
 from ..tools.explore import make_server
 from ..tools.export import DEFAULT_OPSET, FORMATS, VERIFY_BATCH, export_model
-from ..training.checkpoint import load_model
-from ..training.config import DEVICES, PRECISIONS, TrainConfig, splits_for
+from ..training.checkpoint import load_trained
+from ..training.config import DEVICES, PRECISIONS, splits_for
 from ..training.evaluate import evaluate
 from ..training.task import check_fits
 from ..errors import CapsNetError
 from ..nn.model import CapsNet
+from ..nn.pretrained import ACCEPTED, MODEL_KINDS
 from ..utils.device import resolve_device
 from ..utils.files import check_writable_folder
 from .args import port_number, positive_int
 
 DATA_DIR_HELP = ("folder holding the data set's IDX files (default: $CAPSNET_DATA_DIR, then "
                  "the cache, then download)")
+VAL_SIZE_HELP = ("validation images cut from the training set (default: the run's; 5000 for a "
+                 "model that records no training settings)")
+
+
+def add_model(p: argparse.ArgumentParser, positional: bool = True) -> None:
+    """The model every command that uses one takes the same way: MODEL (unless the command's
+    own positional arguments hold it), or --model MODEL."""
+    if positional:
+        p.add_argument("model", nargs="?", metavar="MODEL", help=MODEL_KINDS)
+    p.add_argument("--model", dest="model_option", metavar="MODEL", help="the same as MODEL")
+
+
+def model_of(args: argparse.Namespace) -> str:
+    """The one model given, as MODEL or as --model."""
+    given = [m for m in (args.model, args.model_option) if m is not None]
+    if len(given) != 1:
+        raise CapsNetError(f"{args.command}: give one model, as MODEL or --model MODEL; "
+                           f"{ACCEPTED}")
+    return given[0]
 
 
 # -- evaluate ---------------------------------------------------------------------------
 
 def add_evaluate(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("evaluate", help="test accuracy, loss, per-class accuracy, confusion matrix")
-    p.add_argument("checkpoint", type=Path, help="a .pt file or a run directory")
-    p.add_argument("--dataset", help="override the data set the checkpoint was trained on")
+    add_model(p)
+    p.add_argument("--dataset", help="the data set to use (default: the one the model was "
+                   "trained on, when it records it)")
     p.add_argument("--split", choices=("test", "val"), default="test")
+    p.add_argument("--val-size", type=positive_int, help=VAL_SIZE_HELP)
     p.add_argument("--batch-size", type=positive_int, default=500)
     p.add_argument("--json", action="store_true", help="print JSON")
     p.add_argument("--data-dir", help=DATA_DIR_HELP)
@@ -46,10 +67,11 @@ def add_evaluate(sub: argparse._SubParsersAction) -> None:
 
 
 def run_evaluate(args: argparse.Namespace) -> int:
-    model, payload = load_model(args.checkpoint)
-    train_config = TrainConfig.of_checkpoint(payload)
-    dataset = args.dataset or train_config.dataset
-    splits = splits_for(replace(train_config, dataset=dataset), args.data_dir)
+    source = model_of(args)
+    trained = load_trained(source, args.dataset, val_size=args.val_size)
+    model, train_config = trained.model, trained.config
+    dataset = train_config.dataset
+    splits = splits_for(train_config, args.data_dir)
     check_fits(model.config, dataset, train_config.crop or splits.image_size, splits.in_channels,
                splits.num_classes)
     device = resolve_device(args.device)
@@ -58,7 +80,7 @@ def run_evaluate(args: argparse.Namespace) -> int:
                       reduction=train_config.reconstruction_reduction,
                       margin_form=train_config.margin_loss, crop=train_config.crop)
     if args.json:
-        print(json.dumps({"checkpoint": str(args.checkpoint), "dataset": dataset,
+        print(json.dumps({"checkpoint": source, "dataset": dataset,
                           "split": args.split, **result.to_dict()}))
         return 0
     print(f"{dataset} {args.split}: accuracy {result.accuracy:.2%} "
@@ -75,12 +97,11 @@ def run_evaluate(args: argparse.Namespace) -> int:
 
 def add_predict(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("predict", help="classify your own images (PNG, JPEG or .npy)",
-                       description="Classify images with a checkpoint (the first path) or, with "
-                                   "--model, a trained model shipped with capsnet or saved with "
-                                   "save_pretrained.")
-    p.add_argument("paths", type=Path, nargs="+", metavar="CHECKPOINT_OR_IMAGE",
-                   help="a checkpoint or run folder, then the images (only images with --model)")
-    p.add_argument("--model", help="shipped model name (mnist) or save_pretrained folder")
+                       description="Classify images with a trained model: MODEL (the first "
+                                   "path, or --model MODEL) is " + MODEL_KINDS + ".")
+    p.add_argument("paths", nargs="+", metavar="MODEL_OR_IMAGE",
+                   help="the model (unless --model gives it), then the images")
+    add_model(p, positional=False)
     p.add_argument("--json", action="store_true", help="print one JSON object per image")
     p.add_argument("--no-preprocess", action="store_true",
                    help="use the image as it is (resized only), without MNIST-style centring")
@@ -88,12 +109,12 @@ def add_predict(sub: argparse._SubParsersAction) -> None:
 
 
 def model_and_images(args: argparse.Namespace) -> tuple[Any, list[Path]]:
-    if args.model is not None:
-        return CapsNet.from_pretrained(args.model), args.paths
+    if args.model_option is not None:
+        return CapsNet.from_pretrained(args.model_option), [Path(p) for p in args.paths]
     if len(args.paths) < 2:
-        raise CapsNetError("predict: give a checkpoint and at least one image (or --model NAME)")
-    model, _ = load_model(args.paths[0])
-    return model, args.paths[1:]
+        raise CapsNetError("predict: give a model and at least one image (or --model MODEL "
+                           "and the images)")
+    return CapsNet.from_pretrained(args.paths[0]), [Path(p) for p in args.paths[1:]]
 
 
 def run_predict(args: argparse.Namespace) -> int:
@@ -119,8 +140,11 @@ def run_predict(args: argparse.Namespace) -> int:
 
 def add_figures(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("figures", help="the notebook's figures as PNG files")
-    p.add_argument("checkpoint", type=Path, help="a .pt file or a run directory")
+    add_model(p)
     p.add_argument("--out", type=Path, required=True, help="folder for the PNG files")
+    p.add_argument("--dataset", help="the data set of the test images (default: the one the "
+                   "model was trained on, when it records it)")
+    p.add_argument("--val-size", type=positive_int, help=VAL_SIZE_HELP)
     p.add_argument("--samples", type=positive_int, default=5, help="test digits per figure")
     p.add_argument("--data-dir", help=DATA_DIR_HELP)
     p.set_defaults(run=run_figures)
@@ -129,10 +153,10 @@ def add_figures(sub: argparse._SubParsersAction) -> None:
 def run_figures(args: argparse.Namespace) -> int:
     from ..tools.figures import draw_figures  # matplotlib: 0.3 s that other commands skip
 
+    source = model_of(args)
     check_writable_folder(args.out, "--out")
-    run_dir = args.checkpoint if args.checkpoint.is_dir() else args.checkpoint.parent
-    paths = draw_figures(args.checkpoint, args.out, data_dir=args.data_dir, run_dir=run_dir,
-                         n_samples=args.samples)
+    paths = draw_figures(source, args.out, data_dir=args.data_dir, dataset=args.dataset,
+                         val_size=args.val_size, n_samples=args.samples)
     for path in paths:
         print(path)
     return 0
@@ -192,11 +216,11 @@ def run_bench(args: argparse.Namespace) -> int:
 
 def add_export(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("export", help="write the model as ONNX, safetensors or TorchScript",
-                       description="Export a checkpoint's model for inference. ONNX and "
+                       description="Export a trained model for inference. ONNX and "
                        "TorchScript take images (batch, channels, size, size) in [0, 1] and give "
                        "lengths, predictions and reconstructions; safetensors holds the weights "
                        "and the model config.")
-    p.add_argument("checkpoint", type=Path, help="a .pt file or a run directory")
+    add_model(p)
     p.add_argument("--format", choices=FORMATS, required=True)
     p.add_argument("--out", type=Path, required=True, help="file to write")
     p.add_argument("--opset", type=positive_int, help=f"ONNX opset (default {DEFAULT_OPSET})")
@@ -206,10 +230,11 @@ def add_export(sub: argparse._SubParsersAction) -> None:
 
 
 def run_export(args: argparse.Namespace) -> int:
+    source = model_of(args)
     if args.out.is_dir():
         raise CapsNetError(f"--out {args.out} is a folder; name the file to write")
     check_writable_folder(args.out.parent, "--out's folder")
-    result = export_model(args.checkpoint, args.out, args.format, opset=args.opset,
+    result = export_model(source, args.out, args.format, opset=args.opset,
                           verify=not args.no_verify)
     kind = f"ONNX opset {result.opset}" if result.format == "onnx" else result.format
     print(f"wrote {result.path} ({kind}, {result.size_bytes / 1e6:.1f} MB)")
@@ -232,25 +257,21 @@ def add_explore(sub: argparse._SubParsersAction) -> None:
                        description="Serve a local page: draw a digit or load a test image, see "
                                    "the capsule lengths, reconstructions, pose sliders and "
                                    "coupling coefficients.")
-    p.add_argument("checkpoint", type=Path, nargs="?", help="a .pt file or a run directory")
-    p.add_argument("--model", help="instead of a checkpoint: shipped model name (mnist) or "
-                                   "save_pretrained folder")
+    add_model(p)
     p.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1)")
     p.add_argument("--port", type=port_number, default=8000, help="port (default 8000; 0: any free)")
     p.add_argument("--dataset", help="data set for the random test images "
-                   "(default: the checkpoint's)")
+                   "(default: the one the model was trained on, when it records it)")
     p.add_argument("--data-dir", help=DATA_DIR_HELP)
     p.add_argument("--verbose", action="store_true", help="log every request")
     p.set_defaults(run=run_explore)
 
 
 def run_explore(args: argparse.Namespace) -> int:
-    if (args.checkpoint is None) == (args.model is None):
-        raise CapsNetError("explore: give a checkpoint or --model NAME (one of them)")
-    server = make_server(args.checkpoint, args.host, args.port, pretrained=args.model,
-                         dataset=args.dataset, data_dir=args.data_dir, verbose=args.verbose)
-    print(f"capsnet explore: serving {args.model or args.checkpoint} at {server.url} "
-          f"(Ctrl-C to stop)", flush=True)
+    source = model_of(args)
+    server = make_server(source, args.host, args.port, dataset=args.dataset,
+                         data_dir=args.data_dir, verbose=args.verbose)
+    print(f"capsnet explore: serving {source} at {server.url} (Ctrl-C to stop)", flush=True)
     try:
         server.serve_forever()
     except KeyboardInterrupt:

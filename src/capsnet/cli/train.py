@@ -4,6 +4,12 @@ dataclasses, presets applied first, ``--resume`` by one rule."""
 from __future__ import annotations
 
 import argparse
+import contextlib
+import os
+import shlex
+import subprocess
+import sys
+import time
 from dataclasses import fields
 from pathlib import Path
 from typing import Any
@@ -11,12 +17,14 @@ from typing import Any
 from ..errors import CapsNetError
 from ..experiments import EXPERIMENTS
 from ..training.config import PRESETS, TrainConfig, make_config, resume_config
+from ..training.status import LOG_FILE, PID_FILE, check_free, last_line, record_pid, training_here
 from ..training.trainer import resume_point, saved_config, train
 from ..utils.files import check_writable_folder
 from ..utils.settings import settings_from_dict
 from .args import ArgumentParser, add_settings, given_settings
 
 RUN_FILES = ("last.pt", "summary.json", "capsnet/last.pt", "cnn/last.pt")  # a run is there
+DETACH_FLAGS = ("--deta", "--detac", "--detach")  # argparse takes any unambiguous prefix
 
 
 def add_run_args(p: argparse.ArgumentParser, default_run_dir: str) -> None:
@@ -68,6 +76,11 @@ def add_train(sub: argparse._SubParsersAction) -> None:
                    help="start a new run from a checkpoint's weights and optimizer state "
                         "(the notebook's restore_checkpoint=True)")
     p.add_argument("--figures", action="store_true", help="draw the figures at the end")
+    p.add_argument("--detach", action="store_true",
+                   help="train in the background, in a session of its own (closing the "
+                        "terminal does not stop it): output in RUN_DIR/train.log, process id "
+                        "in RUN_DIR/train.pid; returns once the training has started; "
+                        "capsnet status RUN_DIR shows how it is doing")
     p.set_defaults(run=run_train)
 
 
@@ -76,9 +89,12 @@ def run_train(args: argparse.Namespace) -> int:
         raise CapsNetError("--init-from starts a new run; it cannot be combined with --resume")
     config = requested_config(args, {})
     run_dir = run_folder(args, Path("runs") / f"{Path(config.dataset).name}-{config.preset}")
-    summary = train(config, run_dir, data_dir=args.data_dir, resume=args.resume is not None,
-                    from_best=args.from_best, init_from=args.init_from,
-                    show_progress=not args.no_progress)
+    if args.detach:
+        return detach(args.argv, run_dir)
+    with training_here(run_dir):
+        summary = train(config, run_dir, data_dir=args.data_dir, resume=args.resume is not None,
+                        from_best=args.from_best, init_from=args.init_from,
+                        show_progress=not args.no_progress)
     speed = summary["train_images_per_s"]  # None when a resumed run had nothing left to train
     print(f"test accuracy {summary['test_accuracy']:.2%}, test loss {summary['test_loss']:.5f}, "
           f"{summary['wall_seconds']:.0f} s, "
@@ -91,6 +107,56 @@ def run_train(args: argparse.Namespace) -> int:
                              data_dir=args.data_dir, run_dir=run_dir)
         print(f"figures: {run_dir / 'figures'} ({len(paths)} files)")
     return 0
+
+
+def file_stamp(path: Path) -> tuple[int, int] | None:
+    """What changes when ``path`` is written again (atomically: a new inode)."""
+    try:
+        stat = path.stat()
+    except OSError:
+        return None
+    return stat.st_ino, stat.st_mtime_ns
+
+
+def detach(argv: list[str], run_dir: Path) -> int:
+    """Start this training again without --detach, in a session of its own, its output in
+    RUN_DIR/train.log. Returns once it is past the checks a training makes before it starts
+    (data, checkpoints: it has written config.json), or with its last line and exit code
+    when it failed them."""
+    check_free(run_dir)
+    config_file, log_file = run_dir / "config.json", run_dir / LOG_FILE
+    before, made = file_stamp(config_file), not run_dir.exists()
+    run_dir.mkdir(parents=True, exist_ok=True)
+    command = [sys.executable, "-m", "capsnet.cli", *(a for a in argv if a not in DETACH_FLAGS)]
+    with open(log_file, "ab") as log:  # appended: a resumed run's log keeps its earlier calls
+        child = subprocess.Popen(command, stdin=subprocess.DEVNULL, stdout=log,
+                                 stderr=subprocess.STDOUT, start_new_session=True,
+                                 env={**os.environ, "PYTHONUNBUFFERED": "1"})
+    record_pid(run_dir, child.pid)
+    while child.poll() is None and file_stamp(config_file) == before:
+        time.sleep(0.1)
+    if child.returncode:
+        return failed_to_start(child.returncode, run_dir, made)
+    folder = shlex.quote(str(run_dir))
+    print(f"training in the background as process {child.pid}: {run_dir}\n"
+          f"  watch it:  capsnet status {folder}   (its output: {log_file})\n"
+          f"  stop it:   kill -INT {child.pid}   (saves a checkpoint to resume from)\n"
+          f"  resume it: capsnet train --resume {folder} --detach")
+    return 0
+
+
+def failed_to_start(code: int, run_dir: Path, made: bool) -> int:
+    """Say why a detached training stopped before it started, as it said it; leave no
+    trace of it in a folder this call made."""
+    log_file = run_dir / LOG_FILE
+    print(last_line(log_file) or f"capsnet: the training stopped (exit code {code}); see "
+          f"{log_file}", file=sys.stderr)
+    (run_dir / PID_FILE).unlink(missing_ok=True)
+    if made:
+        with contextlib.suppress(OSError):
+            log_file.unlink()
+            run_dir.rmdir()
+    return code if code > 0 else 1
 
 
 # -- experiment -------------------------------------------------------------------------
@@ -137,9 +203,10 @@ def run_experiment(args: argparse.Namespace) -> int:
         settings = experiment.settings(**given_settings(args, experiment.settings))
         config = requested_config(args, experiment.train_defaults)
     run_dir = run_folder(args, Path("runs") / f"{args.experiment}-{Path(config.dataset).name}")
-    summary = experiment.run(config, settings, run_dir, data_dir=args.data_dir,
-                             resume=args.resume is not None, from_best=args.from_best,
-                             show_progress=not args.no_progress)
+    with training_here(run_dir):
+        summary = experiment.run(config, settings, run_dir, data_dir=args.data_dir,
+                                 resume=args.resume is not None, from_best=args.from_best,
+                                 show_progress=not args.no_progress)
     print(experiment.report(summary))
     print(f"summary: {run_dir / 'summary.json'}")
     return 0

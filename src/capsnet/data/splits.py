@@ -108,6 +108,36 @@ def load_splits(dataset: str, data_dir: str | os.PathLike | None = None,
     return split_arrays(arrays, dataset, num_classes, class_names, val_size, val_split)
 
 
+def is_folder_data_set(dataset: str) -> bool:
+    """Whether :func:`load_splits` reads ``dataset`` as a folder rather than a name."""
+    return is_class_folder_data_set(dataset) or dataset not in DATASETS
+
+
+def recorded_dataset(dataset: str) -> str:
+    """``dataset`` as a new run records it: a folder as an absolute path, so that the run
+    works from any working folder and wherever it is moved; a name as it is."""
+    if is_folder_data_set(dataset) and Path(dataset).is_dir():
+        return os.path.abspath(dataset)
+    return dataset
+
+
+def locate_dataset(dataset: str, run_dir: str | os.PathLike) -> str:
+    """The data set recorded by the run in ``run_dir``, found. Older runs recorded a folder
+    relative to where they were trained; one that is not there from here is looked for from
+    the run folder's parent and grandparent (``--run-dir NAME``, ``--run-dir runs/NAME``)."""
+    path = Path(dataset)
+    if not is_folder_data_set(dataset) or path.is_absolute() or path.exists():
+        return dataset
+    run_dir = Path(os.path.abspath(run_dir))
+    tried = list(dict.fromkeys([Path.cwd() / path, run_dir.parent / path,
+                                run_dir.parent.parent / path]))
+    for candidate in tried[1:]:
+        if candidate.is_dir():
+            return str(candidate)
+    raise CapsNetError(f"{run_dir}: the run's data set folder {dataset} was not found (tried "
+                       f"{', '.join(map(str, tried))}); give --dataset")
+
+
 def split_arrays(arrays: dict[str, np.ndarray], dataset: str, num_classes: int,
                  class_names: tuple[str, ...], val_size: int, val_split: str) -> Splits:
     """Check the four arrays of a data set and cut validation off its training part."""

@@ -193,15 +193,13 @@ class CapsNet(nn.Module):
         return pretrained.save_pretrained(self, folder, dtype)
 
     @classmethod
-    def from_pretrained(cls, name_or_path: str | Path) -> "CapsNet":
-        """A trained CapsNet in eval mode, float32, on the CPU: a model shipped with the
-        package by name (``"mnist"``), a folder written by :meth:`save_pretrained`, or a file
-        written by ``capsnet export --format safetensors``."""
-        path = pretrained.pretrained_file(name_or_path)
-        config, state, labels = pretrained.read_weights(path)
-        model = pretrained.build(cls, CapsNetConfig, config, state, str(path))
-        labels = pretrained.check_labels(labels, model.config.num_classes, str(path))
-        model.class_names, model.prepare = labels["class_names"], labels["prepare"]
+    def from_pretrained(cls, source: str | Path) -> "CapsNet":
+        """A trained CapsNet in eval mode, float32, on the CPU, with its class names and image
+        preparation, from any of: a model shipped with the package by name (``"mnist"``), a
+        run folder (its best.pt), a checkpoint file (.pt), a folder written by
+        :meth:`save_pretrained`, or a safetensors file (``capsnet export --format
+        safetensors``); see :func:`capsnet.nn.pretrained.read_model`."""
+        model = pretrained.built(pretrained.read_model(source), {"capsnet": (cls, CapsNetConfig)})
         return model.eval()
 
     def forward(self, images: Tensor, labels: Tensor | None = None) -> CapsNetOutput:

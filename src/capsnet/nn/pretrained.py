@@ -8,11 +8,16 @@ Hugging Face hub (no hub needed)::
 ``capsnet export --format safetensors`` writes the same ``model.safetensors``. Models shipped
 inside the package are loaded by name (:data:`SHIPPED`): ``CapsNet.from_pretrained("mnist")``.
 Nothing in these files is executed: safetensors holds tensors and strings only.
+
+:func:`read_model` is the one place that decides what a user's model argument stands for: a
+shipped name, a run folder, a checkpoint, a save_pretrained folder or a safetensors file.
 """
 
 from __future__ import annotations
 
 import json
+import os
+from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
 from typing import Any
@@ -21,14 +26,31 @@ import torch
 from torch import nn
 
 from ..errors import CapsNetError, reading
+from ..utils.checkpoint_file import RUN_CHECKPOINTS, ZIP_MAGIC, one_line, read_checkpoint
 from ..utils.files import write_or_fail
 from ..utils.version import package_version
 
 FORMAT = "capsnet-safetensors"
 VERSION = "1"
 WEIGHTS, CONFIG = "model.safetensors", "config.json"
-SHIPPED = ("mnist",)  # folders of src/capsnet/pretrained/
+SHIPPED = {"mnist": "mnist"}  # folders of src/capsnet/pretrained/ -> the data set each learnt
 PREPARATIONS = ("mnist", "resize")
+MODEL_KINDS = (f"a run folder (its best.pt), a checkpoint (.pt), a save_pretrained folder, a "
+               f".safetensors file or a shipped model's name ({', '.join(SHIPPED)})")
+ACCEPTED = f"a model is {MODEL_KINDS}"
+
+
+@dataclass(frozen=True)
+class Stored:
+    """A model as a file holds it, read and checked but not built (see :func:`read_model`)."""
+
+    path: Path
+    config: dict[str, Any]  # the model config
+    state: dict[str, torch.Tensor]
+    labels: dict[str, Any]  # class names and image preparation, unchecked
+    architecture: str = "capsnet"
+    train_config: dict[str, Any] | None = None  # a checkpoint's training settings
+    dataset: str | None = None  # the data set of a shipped model (a checkpoint's is in train_config)
 
 
 def labels_of(model: nn.Module) -> dict[str, Any]:
@@ -115,15 +137,70 @@ def save_pretrained(model: nn.Module, folder: str | Path, dtype: torch.dtype | N
     return folder
 
 
-def pretrained_file(name_or_path: str | Path) -> Path:
-    """The weights file of a shipped model's name, a saved folder, or a safetensors file."""
-    if str(name_or_path) in SHIPPED:
-        return Path(str(resources.files("capsnet").joinpath("pretrained", str(name_or_path),
-                                                            WEIGHTS)))
-    path = Path(name_or_path)
-    if path.is_dir():
-        return path / WEIGHTS
-    if path.suffix == ".safetensors" or path.is_file():
+def read_model(source: str | os.PathLike) -> Stored:
+    """The model ``source`` stands for, read and checked: a shipped model's name (a str in
+    :data:`SHIPPED`; write ``./mnist`` for a folder of that name), a run folder (its best.pt,
+    else last.pt), a checkpoint file, a folder written by :func:`save_pretrained`, or a
+    safetensors file."""
+    if isinstance(source, str) and source in SHIPPED:
+        shipped = resources.files("capsnet").joinpath("pretrained", source, WEIGHTS)
+        return weights_of(Path(str(shipped)), dataset=SHIPPED[source])
+    path = model_file(Path(source))
+    if is_safetensors(path):
+        return weights_of(path)
+    return checkpoint_of(read_checkpoint(path), path)
+
+
+def model_file(path: Path) -> Path:
+    """``path`` itself, or the model file in the folder ``path``."""
+    if not path.exists():
+        raise CapsNetError(f"{path}: no such file or folder, nor a shipped model; {ACCEPTED}")
+    if not path.is_dir():
         return path
-    raise CapsNetError(f"{name_or_path}: neither a shipped model ({', '.join(SHIPPED)}) nor a "
-                       f"folder written by save_pretrained nor a .safetensors file")
+    for name in (*RUN_CHECKPOINTS, WEIGHTS):
+        if (path / name).is_file():
+            return path / name
+    raise CapsNetError(f"{path}: a folder without a model (no {', '.join(RUN_CHECKPOINTS)} or "
+                       f"{WEIGHTS}); {ACCEPTED}")
+
+
+def is_safetensors(path: Path) -> bool:
+    """Whether the file is safetensors rather than a checkpoint: by its name, else by its
+    first bytes (torch.save writes a zip archive or a pickle; safetensors, an 8-byte header
+    length and then the JSON header)."""
+    if path.suffix in (".safetensors", ".pt", ".pth"):
+        return path.suffix == ".safetensors"
+    with reading(path, "model file"):
+        with open(path, "rb") as f:
+            head = f.read(9)
+    if head.startswith(ZIP_MAGIC[:2]) or head.startswith(b"\x80"):
+        return False
+    if head[8:9] == b"{":
+        return True
+    raise CapsNetError(f"{path}: neither a checkpoint nor a safetensors file; {ACCEPTED}")
+
+
+def weights_of(path: Path, dataset: str | None = None) -> Stored:
+    """What a capsnet safetensors file holds."""
+    config, state, labels = read_weights(path)
+    return Stored(path, config, state, labels, dataset=dataset)
+
+
+def checkpoint_of(payload: dict[str, Any], path: Path) -> Stored:
+    """What a checkpoint's ``payload`` (read and checked) holds."""
+    return Stored(path, payload["model_config"], payload["model"],
+                  {k: payload[k] for k in ("class_names", "prepare") if k in payload},
+                  payload.get("architecture", "capsnet"), payload.get("train_config"))
+
+
+def built(stored: Stored, architectures: dict[str, tuple[type, type]]) -> Any:
+    """The model ``stored`` describes, with its class names and preparation; it must be one of
+    ``architectures`` (name -> (model class, its config class))."""
+    if stored.architecture not in architectures:
+        raise CapsNetError(f"{stored.path}: holds a {one_line(stored.architecture)} model, not a "
+                           f"{' or '.join(architectures)}")
+    model = build(*architectures[stored.architecture], stored.config, stored.state,
+                  str(stored.path))
+    labels = check_labels(stored.labels, model.config.num_classes, str(stored.path))
+    model.class_names, model.prepare = labels["class_names"], labels["prepare"]
+    return model

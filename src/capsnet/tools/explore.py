@@ -1,6 +1,6 @@
 """``capsnet explore``: a local web page to draw a digit and watch its capsules.
 
-``capsnet explore CHECKPOINT`` loads the model on the CPU and serves a page (plain HTML,
+``capsnet explore MODEL`` loads the model on the CPU and serves a page (plain HTML,
 CSS and JavaScript from ``explore_static/``; nothing is fetched from elsewhere) with a
 canvas to draw on, the ten capsule lengths, the reconstruction of the winning or chosen
 capsule with one slider per pose dimension, and the coupling coefficients of that capsule
@@ -50,7 +50,7 @@ import random
 import socket
 import sys
 import threading
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from http import HTTPStatus
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from importlib import resources
@@ -62,11 +62,10 @@ import numpy as np
 import torch
 
 from ..data.images import mnist_normalise
-from ..data.sources import DATASETS
 from ..errors import CapsNetError
 from ..nn.layers import safe_norm
 from ..nn.model import CapsNet
-from ..training.checkpoint import load_model
+from ..training.checkpoint import load_trained
 from ..training.config import TrainConfig, splits_for
 from ..training.task import check_fits
 
@@ -516,24 +515,19 @@ class ExploreServer(ThreadingHTTPServer):
         return f"http://{host}:{port}/"
 
 
-def make_server(checkpoint: str | Path | None, host: str = "127.0.0.1", port: int = 8000, *,
-                pretrained: str | None = None, dataset: str | None = None,
-                data_dir: str | None = None, verbose: bool = False) -> ExploreServer:
-    """Load ``checkpoint`` (or the ``pretrained`` model, see CapsNet.from_pretrained) and bind
-    a server (not yet serving) on ``host:port`` (0: any port).
+def make_server(model: str | Path, host: str = "127.0.0.1", port: int = 8000, *,
+                dataset: str | None = None, data_dir: str | None = None,
+                verbose: bool = False) -> ExploreServer:
+    """Load ``model`` (anything CapsNet.from_pretrained takes) and bind a server (not yet
+    serving) on ``host:port`` (0: any port).
 
-    Test images come from ``dataset`` (default: the one the checkpoint was trained on; for a
-    shipped model, the data set of its name).
+    Test images come from ``dataset`` (default: the one the model was trained on, when it
+    records it).
     """
-    if pretrained is not None:
-        model, stored = CapsNet.from_pretrained(pretrained), None
-        dataset = dataset or (pretrained if pretrained in DATASETS else None)
-    else:
-        model, payload = load_model(checkpoint)
-        stored = TrainConfig.from_dict(payload["train_config"]) if "train_config" in payload else None
-    config = replace(stored or TrainConfig(), dataset=dataset) if dataset else stored
-    samples = SampleSource(config, data_dir, model)
-    explorer = Explorer(model, model.class_names, samples, str(pretrained or checkpoint),
+    trained = load_trained(model, dataset, need_dataset=False)
+    config = trained.config
+    samples = SampleSource(config, data_dir, trained.model)
+    explorer = Explorer(trained.model, trained.model.class_names, samples, str(model),
                         config.dataset if config is not None else None)
     try:
         server = ExploreServer((host, port), explorer, verbose)

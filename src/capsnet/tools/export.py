@@ -1,6 +1,7 @@
 """Export a trained CapsNet for inference outside this package: ONNX, safetensors, TorchScript.
 
     capsnet export runs/mnist-paper --format onnx --out capsnet.onnx
+    capsnet export mnist --format onnx --out capsnet.onnx      # any model from_pretrained takes
 
 ONNX and TorchScript hold :class:`InferenceWrapper`: images ``(batch, channels, size,
 size)`` float32 in [0, 1] -> ``lengths`` ``(batch, classes)`` float32, ``predictions``
@@ -96,8 +97,8 @@ def config_json(model: CapsNet) -> str:
 
 def export_model(checkpoint: str | os.PathLike | CapsNet, out: str | os.PathLike, fmt: str,
                  *, opset: int | None = None, verify: bool = True) -> ExportResult:
-    """Write the model of ``checkpoint`` (a checkpoint file, a run directory or a
-    :class:`CapsNet`) to ``out`` in format ``fmt`` (see :data:`FORMATS`).
+    """Write the model ``checkpoint`` (a :class:`CapsNet`, or anything
+    :meth:`CapsNet.from_pretrained` takes) to ``out`` in format ``fmt`` (see :data:`FORMATS`).
 
     Raises :class:`CapsNetError` for an unknown format, a bad checkpoint, a missing
     optional package, an unwritable ``out`` or an export that disagrees with PyTorch."""
@@ -117,9 +118,7 @@ def export_model(checkpoint: str | os.PathLike | CapsNet, out: str | os.PathLike
     if isinstance(checkpoint, CapsNet):
         model = copy.deepcopy(checkpoint).eval()  # leave the caller's model where it is
     else:
-        from ..training.checkpoint import load_model
-
-        model, _ = load_model(checkpoint)
+        model = CapsNet.from_pretrained(checkpoint)
     model = model.cpu().float()
     exporter = {"onnx": export_onnx, "safetensors": export_safetensors,
                 "torchscript": export_torchscript}[fmt]

@@ -18,7 +18,6 @@ file is written atomically.
 
 from __future__ import annotations
 
-import json
 import os
 from pathlib import Path
 from typing import Any
@@ -32,8 +31,9 @@ from torch import Tensor
 from ..data.batching import batches
 from ..errors import CapsNetError
 from ..nn.model import CapsNet
-from ..training.checkpoint import load_model
-from ..training.config import TrainConfig, splits_for
+from ..training.checkpoint import load_trained
+from ..training.config import splits_for
+from ..training.status import read_metrics
 from ..training.task import check_fits
 from ..utils.files import save_png
 
@@ -44,15 +44,19 @@ TWEAK_STEPS = np.linspace(-0.5, 0.5, 11)
 GAP = 2  # pixels between tiles of the tweak figures
 
 
-def draw_figures(checkpoint: str | os.PathLike, out_dir: str | os.PathLike, *,
-                 data_dir: str | os.PathLike | None = None,
-                 run_dir: str | os.PathLike | None = None, n_samples: int = 5) -> list[Path]:
-    """Draw every figure for ``checkpoint`` on the first ``n_samples`` test images into
-    ``out_dir``; returns the paths written. ``run_dir`` holds metrics.jsonl for the curves."""
+def draw_figures(source: str | os.PathLike, out_dir: str | os.PathLike, *,
+                 data_dir: str | os.PathLike | None = None, dataset: str | None = None,
+                 val_size: int | None = None, run_dir: str | os.PathLike | None = None,
+                 n_samples: int = 5) -> list[Path]:
+    """Draw every figure for the model ``source`` (anything CapsNet.from_pretrained takes) on
+    the first ``n_samples`` test images of ``dataset`` (default: the one it was trained on;
+    ``val_size`` as in :func:`~capsnet.training.checkpoint.load_trained`) into ``out_dir``;
+    returns the paths written. ``run_dir`` (default: the folder of the model's file) holds
+    metrics.jsonl for the curves."""
     if n_samples < 1:
         raise CapsNetError(f"the number of samples must be at least 1, got {n_samples}")
-    model, payload = load_model(checkpoint)
-    train_config = TrainConfig.of_checkpoint(payload)
+    trained = load_trained(source, dataset, val_size=val_size)
+    model, train_config = trained.model, trained.config
     splits = splits_for(train_config, data_dir)
     check_fits(model.config, train_config.dataset, train_config.crop or splits.image_size,
                splits.in_channels, splits.num_classes)
@@ -68,9 +72,9 @@ def draw_figures(checkpoint: str | os.PathLike, out_dir: str | os.PathLike, *,
                   out_dir / "reconstructions.png")]
     for dim, grid in enumerate(tweaks):
         paths.append(save_png(tweak_figure(grid, dim), out_dir / f"tweak_dim_{dim:02d}.png"))
-    metrics = Path(run_dir) / "metrics.jsonl" if run_dir is not None else None
-    if metrics is not None and metrics.is_file():
-        records = read_metrics(metrics)
+    metrics = Path(run_dir or trained.path.parent) / "metrics.jsonl"
+    if metrics.is_file():
+        records, _ = read_metrics(metrics)  # a line torn by a crash is skipped
         if records:
             paths.append(save_png(curves_figure(records), out_dir / "curves.png"))
     return paths
@@ -88,19 +92,6 @@ def tweak_reconstructions(model: CapsNet, digit_caps: Tensor, classes: Tensor) -
     tweaked = (digit_caps + shift).reshape(-1, num_classes, dims)
     decoded = model.reconstruct(tweaked, classes.repeat(dims * len(steps)))
     return decoded.reshape(dims, len(steps), n, *decoded.shape[1:])
-
-
-def read_metrics(path: Path) -> list[dict[str, Any]]:
-    """The records of a run's metrics.jsonl, skipping a line torn by a crash."""
-    records = []
-    for line in path.read_text(errors="replace").splitlines():
-        try:
-            record = json.loads(line)
-        except json.JSONDecodeError:
-            continue
-        if isinstance(record, dict) and "epoch" in record:
-            records.append(record)
-    return records
 
 
 # -- figures ----------------------------------------------------------------------------

@@ -1,222 +1,48 @@
-"""Checkpoints: written atomically, loaded without running code, checked before use.
-
-A checkpoint is a ``torch.save`` file holding only tensors, numbers, strings, lists and
-dicts, so ``torch.load(weights_only=True)`` reads it and nothing in it can execute:
-
-    format            "capsnet-checkpoint"
-    version           1
-    architecture      a key of :data:`ARCHITECTURES` (absent: "capsnet")
-    model_config      the model's config as a dict
-    train_config      TrainConfig.to_dict() (absent for exported weights)
-    model             model state dict
-    optimizer         optimizer state dict (training checkpoints)
-    progress          {"epoch", "batch", "step", "best"}: "best" is the best validation value
-                      of the metric that picks best.pt (older files: "best_val_loss");
-                      optional "wall_seconds" (all calls so far) and "init_from" (the
-                      checkpoint the run started from)
-    task              what the run trained (experiments: their name and settings)
-    sha256            :func:`state_digest` of everything above
-
-``torch.load`` does not check the CRC-32 of the zip records it reads, so a flipped bit in
-tensor data loads silently as a different number. The ``sha256`` entry closes that gap: it
-is a SHA-256 over a canonical encoding of every value in the file (tensors by dtype, shape
-and raw bytes), recomputed and compared on every load. Corruption anywhere else (the pickle
-or the zip structure) makes ``torch.load`` fail, which is reported the same way: one
-:class:`CapsNetError` line, never a PyTorch traceback.
+"""Checkpoints of training runs. The file (written atomically, read without running code,
+checksummed) is :mod:`capsnet.utils.checkpoint_file`; here the training settings it stores
+are checked and its model is built.
 """
 
 from __future__ import annotations
 
-import hashlib
-import io
-import math
 import os
-import pickle
-import re
-import warnings
-import zipfile
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
-import torch
-
 from torch import nn
 
-from ..errors import CapsNetError, first_line
+from ..data.splits import locate_dataset
+from ..errors import CapsNetError
 from ..nn.baseline import ARCHITECTURE as CNN, BaselineCNN, BaselineConfig
 from ..nn.model import CapsNet, CapsNetConfig
-from ..nn.pretrained import build, check_labels
-from ..utils.files import atomic_write_bytes
+from ..nn.pretrained import Stored, built, checkpoint_of, read_model
+from ..utils.checkpoint_file import LEGACY_BEST, one_line, read_checkpoint
+# The trainer and the tests import these from here:
+from ..utils.checkpoint_file import FORMAT, VERSION, save_checkpoint, state_digest  # noqa: F401
 from .config import TrainConfig
 
-FORMAT = "capsnet-checkpoint"
-VERSION = 1
-DIGEST_KEY = "sha256"
-PROGRESS_KEYS = ("epoch", "batch", "step", "best")
-LEGACY_BEST = "best_val_loss"
 ARCHITECTURES: dict[str, tuple[type[nn.Module], type]] = {  # name -> (model, its config)
     "capsnet": (CapsNet, CapsNetConfig),
     CNN: (BaselineCNN, BaselineConfig),
 }
-ZIP_MAGIC = b"PK\x03\x04"  # torch.save files are zip archives
 
-
-# -- the checksum -------------------------------------------------------------------------
-
-def state_digest(payload: dict[str, Any]) -> str:
-    """SHA-256 (hex) of ``payload`` without its ``sha256`` entry, over a canonical encoding:
-    each value is a type tag, a length and its bytes; tensors are hashed as dtype, shape and
-    their raw little-endian bytes (on the CPU), dicts in their (preserved) key order.
-    Raises ``TypeError`` for a value a checkpoint cannot hold."""
-    digest = hashlib.sha256()
-    _feed(digest, {key: value for key, value in payload.items() if key != DIGEST_KEY})
-    return digest.hexdigest()
-
-
-def _record(digest: Any, tag: bytes, data: bytes | memoryview) -> None:
-    digest.update(tag + str(len(data)).encode() + b":")
-    digest.update(data)
-
-
-def _feed(digest: Any, value: Any) -> None:
-    if isinstance(value, torch.Tensor):
-        if value.layout != torch.strided:
-            raise TypeError(f"cannot checksum a {value.layout} tensor")
-        tensor = value.detach().resolve_conj().resolve_neg().cpu().contiguous()
-        _record(digest, b"T", f"{tensor.dtype}{tuple(tensor.shape)}".encode())
-        _record(digest, b"t", memoryview(tensor.reshape(-1).view(torch.uint8).numpy()))
-    elif isinstance(value, dict):
-        _record(digest, b"D", str(len(value)).encode())
-        for key, item in value.items():
-            _feed(digest, key)
-            _feed(digest, item)
-    elif isinstance(value, (list, tuple)):
-        _record(digest, b"L", str(len(value)).encode())
-        for item in value:
-            _feed(digest, item)
-    elif value is None:
-        _record(digest, b"N", b"")
-    elif isinstance(value, bool):
-        _record(digest, b"B", b"1" if value else b"0")
-    elif isinstance(value, int):
-        _record(digest, b"I", str(value).encode())
-    elif isinstance(value, float):
-        _record(digest, b"F", value.hex().encode())
-    elif isinstance(value, str):
-        _record(digest, b"S", value.encode("utf-8", "surrogatepass"))
-    elif isinstance(value, (bytes, bytearray)):
-        _record(digest, b"Y", bytes(value))
-    elif isinstance(value, (torch.dtype, torch.device)):
-        _record(digest, b"O", str(value).encode())
-    else:
-        raise TypeError(f"a checkpoint cannot hold a {type(value).__name__}")
-
-
-# -- writing ----------------------------------------------------------------------------
-
-def save_checkpoint(path: str | os.PathLike, payload: dict[str, Any]) -> None:
-    """Write ``payload`` (see the module docstring) to ``path`` atomically, with its checksum.
-
-    The bytes are built in memory, written to a temporary file in the same folder, synced
-    and renamed over ``path``: a crash at any moment leaves the previous file whole. Model
-    weights that are NaN or infinite are refused, so a diverged run never replaces a good
-    checkpoint. Temporary files left by a writer that was killed are removed.
-    """
-    path = Path(path)
-    full = {"format": FORMAT, "version": VERSION, **payload}
-    full.pop(DIGEST_KEY, None)
-    for name, tensor in (full.get("model") or {}).items():
-        if (isinstance(tensor, torch.Tensor) and (tensor.is_floating_point() or tensor.is_complex())
-                and not bool(torch.isfinite(tensor).all())):
-            raise CapsNetError(f"refused to write checkpoint {path}: weight {name} holds NaN or "
-                               f"infinite values; the previous checkpoint is unchanged")
-    try:
-        full[DIGEST_KEY] = state_digest(full)
-    except TypeError as exc:
-        raise CapsNetError(f"cannot write checkpoint {path}: {exc}") from None
-    buffer = io.BytesIO()
-    torch.save(full, buffer)
-    remove_stale_temporaries(path)
-    try:
-        atomic_write_bytes(path, buffer.getvalue())
-    except OSError as exc:
-        raise CapsNetError(f"could not write checkpoint {path}: {exc.strerror or exc}; "
-                           f"the previous checkpoint is unchanged") from None
-
-
-def remove_stale_temporaries(path: Path) -> None:
-    """Delete ``.NAME.*.tmp`` files next to ``path``: what :func:`atomic_write_bytes` leaves
-    when its process is killed mid-write (a whole checkpoint's worth of disk each)."""
-    try:
-        for stale in path.parent.glob(f".{glob_escape(path.name)}.*.tmp"):
-            stale.unlink(missing_ok=True)
-    except OSError:
-        pass  # only housekeeping: the write that follows reports real problems
-
-
-def glob_escape(name: str) -> str:
-    return re.sub(r"([*?\[])", r"[\1]", name)
-
-
-# -- reading ----------------------------------------------------------------------------
 
 def load_checkpoint(path: str | os.PathLike, *, resumable: bool = False) -> dict[str, Any]:
-    """Read and check a capsnet checkpoint on the CPU; raise :class:`CapsNetError` if it is
-    missing, truncated, corrupt (checksum or structure), would need code to unpickle, or is
-    not a capsnet file. With ``resumable`` it must also hold the training state
-    (``train_config``, ``optimizer``, ``progress``)."""
-    path = Path(path)
-    if path.is_dir():
-        path = path / "best.pt" if (path / "best.pt").is_file() else path / "last.pt"
-    if not path.is_file():
-        raise CapsNetError(f"{path}: no such checkpoint")
-    try:
-        with open(path, "rb") as f:
-            head = f.read(len(ZIP_MAGIC))
-        if ZIP_MAGIC.startswith(head) and not zipfile.is_zipfile(path):
-            # A zip cut short: torch.load would take it for an old-style pickle and complain
-            # about pickle opcodes, which sounds like an attack rather than a short file.
-            reason = "empty file" if not head else "the zip archive is incomplete"
-            raise CapsNetError(f"{path}: corrupt or truncated checkpoint ({reason})")
-        if not ZIP_MAGIC.startswith(head[:2]) and head[:1] != b"\x80":
-            raise CapsNetError(f"{path}: not a PyTorch checkpoint (neither a zip archive nor a "
-                               f"pickle)")
-    except OSError as exc:
-        raise CapsNetError(f"{path}: cannot read ({exc.strerror or exc})") from None
-    try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")  # e.g. "Detected pickle protocol 4"
-            payload = torch.load(path, map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError as exc:
-        raise CapsNetError(f"{path}: refused to load: not a plain-data checkpoint "
-                           f"({unpickling_reason(exc)})") from None
-    except MemoryError:
-        raise CapsNetError(f"{path}: corrupt checkpoint (it asks for more memory than there is)") from None
-    except Exception as exc:  # corrupt bytes surface as any of a dozen exception types
-        raise CapsNetError(f"{path}: corrupt or truncated checkpoint ({first_line(exc)})") from None
-    if not isinstance(payload, dict) or payload.get("format") != FORMAT:
-        raise CapsNetError(f"{path}: not a capsnet checkpoint")
-    if payload.get("version") != VERSION:
-        raise CapsNetError(f"{path}: checkpoint version {one_line(payload.get('version'))} is not supported "
-                           f"(this capsnet reads version {VERSION})")
-    stored = payload.get(DIGEST_KEY)
-    if not isinstance(stored, str):
-        raise CapsNetError(f"{path}: checkpoint has no checksum; it was not written by "
-                           f"capsnet's save_checkpoint")
-    try:
-        actual = state_digest(payload)
-    except TypeError as exc:
-        raise CapsNetError(f"{path}: corrupt checkpoint ({exc})") from None
-    if actual != stored:
-        raise CapsNetError(f"{path}: checksum mismatch (stored sha256 {one_line(stored)}, content "
-                           f"{actual}): the file is corrupt")
-    check_structure(payload, path, resumable)
-    if "train_config" in payload:  # stored settings obey the flags' rules
-        try:
-            TrainConfig.from_dict(payload["train_config"])
-        except CapsNetError as exc:
-            raise CapsNetError(f"{path}: {exc}") from None
+    """:func:`~capsnet.utils.checkpoint_file.read_checkpoint`, whose stored training settings
+    must also obey the flags' rules."""
+    payload = read_checkpoint(path, resumable=resumable)
+    if "train_config" in payload:
+        settings_of(payload["train_config"], path)
     return payload
+
+
+def settings_of(train_config: Any, path: str | os.PathLike) -> TrainConfig:
+    """Training settings stored in the file ``path``, checked as flags are."""
+    try:
+        return TrainConfig.from_dict(train_config)
+    except CapsNetError as exc:
+        raise CapsNetError(f"{path}: {exc}") from None
 
 
 def progress_of(payload: dict[str, Any]) -> dict[str, Any]:
@@ -228,101 +54,16 @@ def progress_of(payload: dict[str, Any]) -> dict[str, Any]:
     return progress
 
 
-def check_structure(payload: dict[str, Any], path: Path, resumable: bool = False) -> None:
-    """Raise :class:`CapsNetError` unless each entry of ``payload`` has the expected shape."""
-    for key in ("model_config", "model"):
-        if not isinstance(payload.get(key), dict):
-            raise CapsNetError(f"{path}: checkpoint has no {key}")
-    model = payload["model"]
-    if not model:
-        raise CapsNetError(f"{path}: checkpoint has no weights")
-    for name, tensor in model.items():
-        if not isinstance(name, str) or not isinstance(tensor, torch.Tensor):
-            raise CapsNetError(f"{path}: model entry {str(name)[:80]!r} is not a named tensor")
-        if (tensor.is_floating_point() or tensor.is_complex()) and not bool(torch.isfinite(tensor).all()):
-            raise CapsNetError(f"{path}: weight {name} holds NaN or infinite values")
-    required = ("train_config", "optimizer", "progress") if resumable else ()
-    for key in ("train_config", "optimizer", "progress"):
-        if key not in payload:
-            if key in required:
-                raise CapsNetError(f"{path}: checkpoint has no {key}, so training cannot resume "
-                                   f"from it (it holds weights only)")
-            continue
-        if not isinstance(payload[key], dict):
-            raise CapsNetError(f"{path}: checkpoint's {key} is not a dict")
-    optimizer = payload.get("optimizer")
-    if optimizer is not None and not (isinstance(optimizer.get("state"), dict)
-                                      and isinstance(optimizer.get("param_groups"), list)):
-        raise CapsNetError(f"{path}: checkpoint's optimizer state is malformed")
-    progress = payload.get("progress")
-    if progress is not None:
-        for key in PROGRESS_KEYS:
-            value = progress.get(key, progress.get(LEGACY_BEST) if key == "best" else None)
-            if key == "best":
-                ok = isinstance(value, (int, float)) and not isinstance(value, bool) and not math.isnan(value)
-            else:
-                ok = isinstance(value, int) and not isinstance(value, bool) and value >= 0
-            if not ok:
-                raise CapsNetError(f"{path}: checkpoint's progress has a bad {key} ({value!r})")
-        check_partial_epoch(progress, path)
-        check_history(progress, path)
-
-
-def check_history(progress: dict[str, Any], path: Path) -> None:
-    """Where the run started and how long it has run, when recorded, must be sane."""
-    seconds = progress.get("wall_seconds", 0.0)
-    if isinstance(seconds, bool) or not isinstance(seconds, (int, float)) \
-            or not math.isfinite(seconds) or seconds < 0:
-        raise CapsNetError(f"{path}: checkpoint's progress has a bad wall_seconds "
-                           f"({one_line(seconds)})")
-    origin = progress.get("init_from")
-    if origin is not None and not (isinstance(origin, str) and len(origin) <= 4096):
-        raise CapsNetError(f"{path}: checkpoint's progress has a bad init_from "
-                           f"({one_line(origin)})")
-
-
-def check_partial_epoch(progress: dict[str, Any], path: Path) -> None:
-    """The sums of an epoch stopped part way (Ctrl-C), when present, must be sane."""
-    losses = progress.get("epoch_losses", [])
-    if not (isinstance(losses, list) and len(losses) <= progress.get("batch", 0)
-            and all(isinstance(v, float) and math.isfinite(v) for v in losses)):
-        raise CapsNetError(f"{path}: checkpoint's progress has bad epoch_losses")
-    for key in ("epoch_correct", "epoch_seen"):
-        value = progress.get(key, 0)
-        if isinstance(value, bool) or not isinstance(value, int) or value < 0:
-            raise CapsNetError(f"{path}: checkpoint's progress has a bad {key} ({one_line(value)})")
-
-
-def unpickling_reason(exc: BaseException) -> str:
-    """The useful part of torch's long weights-only refusal, e.g. ``Unsupported global: GLOBAL
-    exec was not an allowed global by default``."""
-    text = str(exc)
-    match = re.search(r"WeightsUnpickler error:\s*(.+?)(?:\.\s|\n|$)", text, re.S)
-    if match and match.group(1).strip():
-        return match.group(1).strip()[:200]
-    return first_line(exc) if text.strip() else "unsafe content"
-
-
-def one_line(value: Any, limit: int = 64) -> str:
-    """``value`` as text for a one-line message: no line breaks, at most ``limit`` characters."""
-    return " ".join(str(value).split())[:limit]
-
-
 def model_from_checkpoint(payload: dict[str, Any], source: str = "checkpoint",
                           architecture: str | None = "capsnet") -> Any:
     """Build the model a checkpoint describes and load its weights; it must be an
     ``architecture`` (a key of :data:`ARCHITECTURES`; None: any of them). Stored class names
     and image preparation, when there are, come with it."""
-    kind = payload.get("architecture", "capsnet")
-    if kind not in ARCHITECTURES:
-        raise CapsNetError(f"{source}: unknown architecture {one_line(kind)}")
-    if architecture is not None and kind != architecture:
-        raise CapsNetError(f"{source}: holds a {kind} model, not a {architecture}")
-    model = build(*ARCHITECTURES[kind], payload["model_config"], payload["model"], source)
-    labels = check_labels({k: payload[k] for k in ("class_names", "prepare") if k in payload},
-                          model.config.num_classes, source)
-    model.class_names, model.prepare = labels["class_names"], labels["prepare"]
-    return model
+    stored = checkpoint_of(payload, Path(source))
+    if stored.architecture not in ARCHITECTURES:
+        raise CapsNetError(f"{source}: unknown architecture {one_line(stored.architecture)}")
+    wanted = ARCHITECTURES if architecture is None else {architecture: ARCHITECTURES[architecture]}
+    return built(stored, wanted)
 
 
 def load_model(path: str | os.PathLike) -> tuple[CapsNet, dict[str, Any]]:
@@ -330,3 +71,57 @@ def load_model(path: str | os.PathLike) -> tuple[CapsNet, dict[str, Any]]:
     payload = load_checkpoint(path)
     model = model_from_checkpoint(payload, str(path))
     return model.eval(), payload
+
+
+@dataclass
+class Trained:
+    """A trained model with what evaluating it needs: its training settings (defaults where
+    none are stored) on the data set to use (``config``: None when no data set is known), and
+    the file it was read from (a run's checkpoint: metrics.jsonl is beside it)."""
+
+    model: CapsNet  # in eval mode, on the CPU
+    config: TrainConfig | None
+    path: Path
+
+
+def load_trained(source: str | os.PathLike, dataset: str | None = None, *,
+                 val_size: int | None = None, need_dataset: bool = True) -> Trained:
+    """The CapsNet ``source`` stands for (:func:`~capsnet.nn.pretrained.read_model`: a run
+    folder, a checkpoint, a save_pretrained folder, a safetensors file or a shipped name) with
+    its training settings, on ``dataset`` or else the data set it was trained on, when it
+    records one (``val_size``: validation images, when not the recorded ones). Without a data
+    set, ``need_dataset`` refuses it; without ``need_dataset`` a recorded data set that cannot
+    be found is kept, for the caller to report when used."""
+    stored = read_model(source)
+    model = built(stored, {"capsnet": ARCHITECTURES["capsnet"]}).eval()
+    settings = stored_settings(stored, model.config)
+    if dataset is None and stored.train_config is not None:
+        dataset = run_dataset(settings.dataset, stored.path.parent, need_dataset)
+    dataset = dataset or stored.dataset
+    if dataset is None and need_dataset:
+        raise CapsNetError(f"{source}: the model does not record the data set it was trained "
+                           f"on; give one with --dataset")
+    if dataset is None:
+        return Trained(model, None, stored.path)
+    settings = replace(settings, dataset=dataset, val_size=val_size or settings.val_size)
+    return Trained(model, settings, stored.path)
+
+
+def stored_settings(stored: Stored, model_config: CapsNetConfig) -> TrainConfig:
+    """The training settings ``stored`` records; else the defaults, with the model's image size
+    and channels (what a class-folder data set is converted to)."""
+    if stored.train_config is not None:
+        return settings_of(stored.train_config, stored.path)
+    channels = model_config.in_channels if model_config.in_channels in (1, 3) else 0
+    return TrainConfig(image_size=model_config.image_size, channels=channels)
+
+
+def run_dataset(dataset: str, run_dir: Path, strict: bool) -> str:
+    """:func:`~capsnet.data.splits.locate_dataset`; unless ``strict``, a data set that cannot
+    be found is kept as recorded (the page of ``capsnet explore`` works without it)."""
+    try:
+        return locate_dataset(dataset, run_dir)
+    except CapsNetError:
+        if strict:
+            raise
+        return dataset

@@ -12,7 +12,7 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, fields, replace
 from typing import Any, Mapping
 
-from ..data.splits import Splits, load_splits
+from ..data.splits import Splits, load_splits, recorded_dataset
 from ..errors import CapsNetError
 from ..nn.layers import PRIMARY_STYLES
 from ..nn.losses import MARGIN_FORMS, REDUCTIONS
@@ -83,16 +83,24 @@ class TrainConfig:
     time_limit: float = setting(0.0, "seconds this call may train: no epoch starts that would end "
                                 "past it (0: no limit); the summary says where it stopped",
                                 min=0, resume=True)
+    stop_at: float = setting(0.0, "stop after the first epoch whose validation accuracy reaches "
+                             "this, e.g. 0.992 (0: off); the summary says where it stopped",
+                             min=0, max=1, resume=True)
     device: str = setting("auto", "auto: CUDA when available", choices=DEVICES, resume=True)
     precision: str = setting("fp32", "bf16: autocast matmuls and convolutions to bfloat16",
                              choices=PRECISIONS)
     compile: str = setting("auto", "torch.compile the model: on, off, or auto (on for runs of "
                            f"at least {COMPILE_AFTER_STEPS} steps, where the compile time "
                            "pays)", choices=COMPILE_CHOICES, resume=True)
+    cuda_graphs: bool = setting(False, "replay each training step from a CUDA graph captured "
+                                "once per batch shape (fewer kernel launches; CUDA only, not "
+                                "under torchrun)", resume=True)
     deterministic: bool = setting(False, "use only deterministic algorithms")
 
     def __post_init__(self) -> None:
         check_settings(self)
+        if self.cuda_graphs and self.device == "cpu":
+            raise CapsNetError("--cuda-graphs needs a CUDA device, not --device cpu")
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -104,13 +112,6 @@ class TrainConfig:
         if isinstance(data, dict) and isinstance(data.get("compile"), bool):
             data = {**data, "compile": "on" if data["compile"] else "off"}
         return settings_from_dict(cls, data, "training settings")
-
-    @classmethod
-    def of_checkpoint(cls, payload: dict[str, Any]) -> "TrainConfig":
-        """The settings a checkpoint was trained with; today's defaults for weights exported
-        without them."""
-        stored = payload.get("train_config")
-        return cls() if stored is None else cls.from_dict(stored)
 
 
 PRESETS: dict[str, dict[str, Any]] = {
@@ -130,13 +131,16 @@ assert tuple(PRESETS) == PRESET_NAMES
 
 
 def make_config(preset: str = "paper", **overrides: Any) -> TrainConfig:
-    """The ``preset``'s settings with ``overrides`` (``None`` values are ignored) on top."""
+    """The ``preset``'s settings with ``overrides`` (``None`` values are ignored) on top; a
+    data set folder becomes an absolute path, so the run can be used from anywhere."""
     if preset not in PRESETS:
         raise CapsNetError(f"unknown preset {short(preset)}; choose one of {', '.join(PRESETS)}")
     settings = {**PRESETS[preset], **{k: v for k, v in overrides.items() if v is not None}}
     unknown = sorted(set(settings) - {f.name for f in fields(TrainConfig)})
     if unknown:
         raise CapsNetError(f"unknown training settings: {', '.join(unknown)}")
+    if isinstance(settings.get("dataset"), str):
+        settings["dataset"] = recorded_dataset(settings["dataset"])
     return replace(TrainConfig(preset=preset), **settings)
 
 

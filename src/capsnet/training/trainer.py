@@ -31,6 +31,7 @@ from ..utils.distributed import all_reduce_sum, any_rank, init_world, per_rank_b
 from ..utils.files import atomic_write_bytes, write_json
 from .checkpoint import load_checkpoint, model_from_checkpoint, progress_of, save_checkpoint
 from .config import COMPILE_AFTER_STEPS, TrainConfig, epoch_seed, learning_rate, resume_config
+from .graphs import GraphedStep, check_graphs_possible, set_learning_rate
 from .task import Classification, Step, Task
 
 LOG_EVERY = 20  # steps between progress updates (each costs one host synchronisation)
@@ -129,19 +130,27 @@ def resume_point(run_dir: str | Path, from_best: bool = False) -> dict[str, Any]
 
 
 def make_optimizer(parameters: Iterator[torch.nn.Parameter], lr: float, device: torch.device,
-                   state: dict[str, Any] | None = None) -> torch.optim.Adam:
+                   state: dict[str, Any] | None = None, capturable: bool = False
+                   ) -> torch.optim.Adam:
     """Adam, continuing from a saved optimizer ``state`` when given.
 
     On a CPU it is fused: one pass over each weight per step instead of seven operations
     (training at batch 64 about 0.025 closer to the convolutions' rate, docs/PERFORMANCE.md).
+    ``capturable`` (CUDA graphs, capsnet.training.graphs) keeps the step counts and the
+    learning rate in tensors on the device, which a captured step reads at each replay.
     Which kernel runs is this machine's choice, not the saved state's.
     """
     fused = device.type == "cpu"
-    optimizer = torch.optim.Adam(parameters, lr=lr, fused=fused)
+
+    def rate(value: float | torch.Tensor) -> float | torch.Tensor:
+        return torch.tensor(float(value), device=device) if capturable else float(value)
+
+    optimizer = torch.optim.Adam(parameters, lr=rate(lr), fused=fused, capturable=capturable)
     if state is not None:
-        optimizer.load_state_dict(state)
-        for group in optimizer.param_groups:
-            group.update(fused=fused, foreach=None)
+        # load_state_dict puts the step counts where the groups it is given ask for them
+        groups = [{**group, "fused": fused, "foreach": None, "capturable": capturable,
+                   "lr": rate(group["lr"])} for group in state["param_groups"]]
+        optimizer.load_state_dict({**state, "param_groups": groups})
     return optimizer
 
 
@@ -177,6 +186,8 @@ class Trainer:
             torch.use_deterministic_algorithms(True)
         self.device = resolve_device(config.device)
         self.world = init_world(self.device.type)
+        if config.cuda_graphs:
+            check_graphs_possible(self.device, self.world.distributed)
         if self.device.type == "cuda" and self.world.distributed:
             self.device = torch.device("cuda", self.world.local_rank)
         per_rank_batch(config.batch_size, self.world)
@@ -199,7 +210,8 @@ class Trainer:
         self.began = time.perf_counter()
         self.model.to(self.device)
         self.optimizer = make_optimizer(self.model.parameters(), config.lr, self.device,
-                                        start.get("optimizer") if start is not None else None)
+                                        start.get("optimizer") if start is not None else None,
+                                        capturable=config.cuda_graphs)
         self.first_step_seconds: float | None = None
         self.first_step_images = 0
         self.compiled = self.should_compile()
@@ -209,6 +221,8 @@ class Trainer:
         if self.world.distributed:
             self.step_model = torch.nn.parallel.DistributedDataParallel(
                 self.step_model, device_ids=[self.device.index] if self.device.type == "cuda" else None)
+        self.graphed = (GraphedStep(self.optimize, self.model, self.optimizer)
+                        if config.cuda_graphs else None)
 
     def should_compile(self) -> bool:
         """``compile`` on, or auto and this call trains at least COMPILE_AFTER_STEPS steps."""
@@ -252,14 +266,18 @@ class Trainer:
 
     def train_step(self, batch: Any) -> Step:
         """One optimiser step; returns the (detached) loss and the number correct, on device."""
-        for group in self.optimizer.param_groups:
-            group["lr"] = learning_rate(self.config, self.progress["step"])
+        set_learning_rate(self.optimizer, learning_rate(self.config, self.progress["step"]))
+        step = (self.graphed or self.optimize)(batch)
+        self.progress["step"] += 1
+        return step
+
+    def optimize(self, batch: Any) -> Step:
+        """Forward under autocast, backward and Adam: what a CUDA graph holds of a step."""
         with autocast(self.device, self.config.precision):
             step = self.task.step(self.step_model, batch)
         self.optimizer.zero_grad(set_to_none=True)
         step.loss.backward()
         self.optimizer.step()
-        self.progress["step"] += 1
         return step._replace(loss=step.loss.detach())
 
     def train_epoch(self, epoch: int, stop: threading.Event) -> dict[str, float]:
@@ -354,9 +372,9 @@ class Trainer:
         try:
             with stop_on_sigint() as stop:
                 for epoch in range(self.progress["epoch"], config.epochs):
-                    if epochs_run and self.out_of_time(time.perf_counter() - began, epochs_run):
-                        self.cut_short = (f"time limit of {config.time_limit:g} s: stopped after "
-                                          f"epoch {epoch} of {config.epochs}")
+                    self.cut_short = self.stop_reason(epoch, epochs_run,
+                                                      time.perf_counter() - began)
+                    if self.cut_short:
                         break
                     stats = self.train_epoch(epoch, stop)
                     epochs_run += 1
@@ -380,6 +398,19 @@ class Trainer:
         """Seconds this run has taken in all its calls (earlier ones as their last save said)."""
         return self.wall_before + time.perf_counter() - self.began
 
+    def stop_reason(self, epoch: int, epochs_run: int, elapsed: float) -> str | None:
+        """Why no epoch starts after ``epoch``: the last validation accuracy reached
+        ``stop_at`` (in this call or the one resumed), or one more epoch would end past the
+        time limit. None: go on."""
+        config, accuracy = self.config, self.progress.get("val_accuracy")
+        done = f"stopped after epoch {epoch} of {config.epochs}"
+        if config.stop_at and isinstance(accuracy, float) and accuracy >= config.stop_at:
+            return (f"validation accuracy {accuracy:.2%} reached the stop at "
+                    f"{config.stop_at:.2%}: {done}")
+        if epochs_run and self.out_of_time(elapsed, epochs_run):
+            return f"time limit of {config.time_limit:g} s: {done}"
+        return None
+
     def out_of_time(self, elapsed: float, epochs_run: int) -> bool:
         """Whether one more epoch, as long as the average so far, would end past the time
         limit (all ranks decide together)."""
@@ -394,7 +425,8 @@ class Trainer:
     def end_epoch(self, epoch: int, stats: dict[str, float], log: MetricsLog | None) -> None:
         val = self.task.validate(self.model, self.device, self.world)
         improved = self.improves(val[self.task.best_metric])
-        self.progress.update(epoch=epoch + 1, batch=0)
+        # val_accuracy: what stop_at compares, also after a resume
+        self.progress.update(epoch=epoch + 1, batch=0, val_accuracy=val.get("accuracy"))
         if improved:
             self.progress["best"] = val[self.task.best_metric]
         record = {"epoch": epoch + 1, "step": self.progress["step"],
@@ -402,7 +434,8 @@ class Trainer:
                   "train_loss": stats["loss"], "train_accuracy": stats["accuracy"],
                   **{f"val_{name}": value for name, value in val.items()},
                   "images_per_s": stats["images"] / max(stats["seconds"], 1e-9),
-                  "epoch_seconds": stats["seconds"], "improved": improved}
+                  "epoch_seconds": stats["seconds"], "wall_seconds": self.wall_seconds(),
+                  "improved": improved}
         if log is not None:
             log.write(record)
         if improved:

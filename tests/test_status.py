@@ -1,0 +1,228 @@
+"""``capsnet status`` of finished, running and stopped runs, read from their folders alone;
+``capsnet train --detach``; and run files that are not what they should be."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Iterator
+
+import pytest
+
+from capsnet.training.status import PID_FILE
+from test_cli import TIMEOUT, cli, train_args
+
+KEYS = {"run_dir", "state", "pid", "epoch", "epochs", "step", "steps", "last_val_accuracy",
+        "best_val_accuracy", "best_epoch", "train_images_per_s", "wall_seconds", "time_limit",
+        "stop_at", "seconds_left", "test_accuracy", "cut_short", "resume_command", "log",
+        "last_log_line", "skipped_metrics_lines"}
+
+
+@pytest.fixture(scope="module")
+def finished(tiny_dataset: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A 1-epoch tiny run (2 steps)."""
+    run_dir = tmp_path_factory.mktemp("status") / "finished"
+    code, _, err = cli(*train_args(tiny_dataset), "--run-dir", run_dir)
+    assert code == 0, err
+    return run_dir
+
+
+def status(run_dir: Path, *flags: str) -> tuple[int, str, str]:
+    return cli("status", run_dir, *flags)
+
+
+def status_json(run_dir: Path) -> dict:
+    code, out, err = status(run_dir, "--json")
+    assert code == 0 and err == "", err
+    return json.loads(out)
+
+
+def unfinished_copy(finished: Path, target: Path, epochs: int = 3) -> Path:
+    """The finished run's folder without its summary, as if it had stopped after epoch 1 of
+    ``epochs``."""
+    target.mkdir()
+    shutil.copyfile(finished / "metrics.jsonl", target / "metrics.jsonl")
+    config = json.loads((finished / "config.json").read_text())
+    config["train"]["epochs"] = epochs
+    (target / "config.json").write_text(json.dumps(config))
+    return target
+
+
+@pytest.fixture()
+def capsnet_like() -> Iterator[int]:
+    """A live process whose command line names capsnet, as a training's does."""
+    process = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(120)", "capsnet"])
+    yield process.pid
+    process.kill()
+    process.wait()
+
+
+def test_status_of_a_finished_run(finished: Path) -> None:
+    code, out, err = status(finished)
+    assert code == 0 and err == ""
+    lines = out.splitlines()
+    assert lines[0].startswith(f"{finished}: finished, epoch 1 of 1, step 2 of 2; test accuracy ")
+    assert lines[1].startswith("validation accuracy: last ") and "(epoch 1)" in lines[1]
+    assert "training images/s; wall time " in lines[2] and "continue with" not in out
+    summary = json.loads((finished / "summary.json").read_text())
+    shown = status_json(finished)
+    assert set(shown) == KEYS
+    assert [shown[k] for k in ("state", "epoch", "epochs", "steps")] == ["finished", 1, 1, 2]
+    assert shown["test_accuracy"] == summary["test_accuracy"]
+    assert shown["wall_seconds"] == summary["wall_seconds"] and shown["seconds_left"] == 0
+    assert shown["pid"] is None and shown["resume_command"] is None
+
+
+def test_status_of_a_stopped_run_gives_the_command_that_continues_it(
+        finished: Path, tmp_path: Path) -> None:
+    run_dir = unfinished_copy(finished, tmp_path / "stopped")
+    (run_dir / PID_FILE).write_text("999999999\n")  # a process that is gone: stale
+    code, out, _ = status(run_dir)
+    assert code == 0 and out.startswith(f"{run_dir}: stopped, epoch 1 of 3, step 2 of 6\n")
+    assert f"continue with: capsnet train --resume {run_dir}\n" in out
+    assert "to go when resumed" in out
+    shown = status_json(run_dir)
+    assert shown["state"] == "stopped" and shown["seconds_left"] > 0
+    assert shown["resume_command"] == f"capsnet train --resume {run_dir}"
+
+
+def test_status_of_a_run_in_progress(finished: Path, tmp_path: Path, capsnet_like: int) -> None:
+    run_dir = unfinished_copy(finished, tmp_path / "running")
+    config = json.loads((run_dir / "config.json").read_text())
+    config["train"]["time_limit"] = 3600.0
+    (run_dir / "config.json").write_text(json.dumps(config))
+    (run_dir / PID_FILE).write_text(f"{capsnet_like}\n")
+    code, out, _ = status(run_dir)
+    assert code == 0
+    assert out.startswith(f"{run_dir}: running (process {capsnet_like}), epoch 1 of 3")
+    assert "(time limit 1 h 0 min 0 s a call)" in out and " left" in out
+    assert "continue with" not in out
+    shown = status_json(run_dir)
+    assert (shown["state"], shown["pid"], shown["time_limit"]) == ("running", capsnet_like, 3600)
+    assert 0 <= shown["seconds_left"] <= 3600 and shown["wall_seconds"] > 0
+    # No second process may train in a folder a live one trains in.
+    for extra in ([], ["--detach"]):
+        code, _, err = cli(*train_args(tmp_path), "--run-dir", run_dir, *extra)
+        assert code == 2 and err == (f"capsnet: {run_dir} is being trained by process "
+                                     f"{capsnet_like} (capsnet status {run_dir}); wait for it, "
+                                     f"or stop it with kill -INT {capsnet_like}\n")
+
+
+def test_one_model_of_an_experiment_is_run_and_resumed_from_the_experiment(
+        finished: Path, tmp_path: Path, capsnet_like: int) -> None:
+    experiment = tmp_path / "affnist"
+    experiment.mkdir()
+    (experiment / "config.json").write_text(json.dumps({"experiment": "affnist"}))
+    run_dir = unfinished_copy(finished, experiment / "capsnet")
+    config = json.loads((run_dir / "config.json").read_text())
+    (run_dir / "config.json").write_text(json.dumps({**config, "task": {"name": "affnist"}}))
+    assert status_json(run_dir)["resume_command"] == (f"capsnet experiment affnist --resume "
+                                                      f"{experiment}")
+    code, _, err = status(experiment)
+    assert code == 2 and f"ask for one of them: {run_dir}\n" in err
+    (experiment / PID_FILE).write_text(f"{capsnet_like}\n")  # the experiment's process
+    assert status_json(run_dir)["state"] == "running"
+
+
+def test_a_run_cut_short_by_its_time_limit_can_continue(tiny_dataset: Path,
+                                                        tmp_path: Path) -> None:
+    run_dir = tmp_path / "cut"
+    code, _, err = cli(*train_args(tiny_dataset), "--epochs", "3", "--time-limit", "1e-9",
+                       "--run-dir", run_dir)
+    assert code == 0, err
+    code, out, _ = status(run_dir)
+    assert out.startswith(f"{run_dir}: finished, epoch 1 of 3")
+    assert "cut short: time limit of 1e-09 s: stopped after epoch 1 of 3" in out
+    assert f"continue with: capsnet train --resume {run_dir}" in out
+    assert not (run_dir / PID_FILE).exists()  # the training removed its record at the end
+
+
+def test_status_reads_the_folder_and_changes_nothing(finished: Path) -> None:
+    before = {p: (p.read_bytes(), p.stat().st_mtime_ns) for p in finished.rglob("*")}
+    status(finished)
+    status(finished, "--json")
+    assert {p: (p.read_bytes(), p.stat().st_mtime_ns) for p in finished.rglob("*")} == before
+
+
+@pytest.mark.parametrize("name, text, message", [
+    ("config.json", "{not json", "config.json: not a valid run config (config.json) "
+                                 "(JSONDecodeError: Expecting property name"),
+    ("config.json", "[1, 2]", "config.json: not a valid run config (config.json) (not a JSON "
+                              "object)"),
+    ("config.json", '{"train": {"lr": "fast"}, "task": {}}',
+     "config.json: lr must be a number in (0, 1), got 'fast'"),
+    ("summary.json", "7", "summary.json: not a valid run summary (summary.json) (not a JSON "
+                          "object)"),
+])
+def test_malformed_run_files_are_refused_in_one_line(finished: Path, tmp_path: Path, name: str,
+                                                     text: str, message: str) -> None:
+    run_dir = tmp_path / "bad"
+    shutil.copytree(finished, run_dir)
+    (run_dir / name).write_text(text)
+    code, out, err = status(run_dir)
+    assert code == 2 and out == "" and err.count("\n") == 1
+    assert err.startswith(f"capsnet: {run_dir / name if name == 'summary.json' else run_dir}")
+    assert message in err
+
+
+def test_unreadable_metrics_lines_are_skipped_with_a_note(finished: Path, tmp_path: Path) -> None:
+    run_dir = unfinished_copy(finished, tmp_path / "torn")
+    with open(run_dir / "metrics.jsonl", "a") as metrics:
+        metrics.write('{"epoch": 2, "step": "four"}\n["no"]\n{"epoch": 3, "tr')  # torn by a crash
+    code, out, _ = status(run_dir)
+    assert code == 0 and "epoch 1 of 3" in out
+    assert "note: skipped 3 unreadable line(s) of metrics.jsonl" in out
+
+
+@pytest.mark.parametrize("make, message", [
+    (lambda d: None, "no such run folder"),
+    (lambda d: d.mkdir(), "no run there (no config.json, and no training process)"),
+    (lambda d: (d / "capsnet").mkdir(parents=True) or
+     (d / "config.json").write_text('{"experiment": "affnist"}'),
+     "holds an experiment of several runs; ask for one of them: none has started yet"),
+])
+def test_a_folder_that_holds_no_run_is_refused(tmp_path: Path, make, message: str) -> None:
+    make(tmp_path / "folder")
+    code, _, err = status(tmp_path / "folder")
+    assert code == 2 and err == f"capsnet: {tmp_path / 'folder'}: {message}\n"
+
+
+def test_detach_refuses_bad_input_before_anything_starts(tmp_path: Path) -> None:
+    code, out, err = cli("train", "--dataset", tmp_path / "missing", "--device", "cpu",
+                         "--run-dir", tmp_path / "run", "--detach")
+    assert code == 2 and out == "" and err.count("\n") == 1
+    assert err.startswith(f"capsnet: {tmp_path / 'missing'}")
+    assert not (tmp_path / "run").exists()
+
+
+def detached(run_dir: Path, *args: str | Path) -> dict:
+    """``capsnet ARGS --detach`` in a process of its own, as a person starts it; the status
+    of the run in ``run_dir`` once it has finished by itself."""
+    began = time.monotonic()
+    started = subprocess.run([sys.executable, "-m", "capsnet.cli", *map(str, args), "--detach"],
+                             capture_output=True, text=True, timeout=TIMEOUT,
+                             env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert started.returncode == 0, started.stderr
+    assert started.stdout.startswith("training in the background as process ")
+    assert f"capsnet status {run_dir}" in started.stdout
+    assert f"capsnet train --resume {run_dir} --detach" in started.stdout
+    while status_json(run_dir)["state"] != "finished":
+        assert time.monotonic() - began < TIMEOUT, (run_dir / "train.log").read_text()
+        time.sleep(0.5)
+    assert not (run_dir / PID_FILE).exists()  # the training removed its record at the end
+    return status_json(run_dir)
+
+
+@pytest.mark.slow
+def test_a_detached_run_finishes_by_itself_and_resumes_detached(tiny_dataset: Path,
+                                                                tmp_path: Path) -> None:
+    run_dir = tmp_path / "detached"
+    shown = detached(run_dir, *train_args(tiny_dataset), "--run-dir", run_dir)
+    assert shown["epoch"] == 1 and shown["log"] == str(run_dir / "train.log")
+    assert detached(run_dir, "train", "--resume", run_dir, "--epochs", "2")["epoch"] == 2
+    assert (run_dir / "train.log").read_text().count("test accuracy") == 2  # both calls' output
