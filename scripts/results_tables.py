@@ -56,7 +56,8 @@ class Run:
         path = self.folder / (f"{model}-metrics.jsonl" if model else "metrics.jsonl")
         if not path.is_file():
             return None
-        return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+        records = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+        return [r for r in records if isinstance(r["epoch"], int)]  # not the curve's points
 
 
 def read_json(path: Path) -> dict[str, Any]:
@@ -194,7 +195,8 @@ def training_table(runs: list[Run]) -> str:
 
 RUN_ONLY = {"seed", "time_limit", "device"}  # settings that do not make another recipe
 # ... nor do where and how fast it ran: only what it learned from counts
-HOW = RUN_ONLY | {"dataset", "precision", "compile", "eval_batch_size", "deterministic"}
+HOW = RUN_ONLY | {"dataset", "precision", "compile", "eval_batch_size", "deterministic",
+                  "cuda_graphs", "log_every", "stop_at"}
 
 
 def recipe(run: Run) -> str:

@@ -197,6 +197,7 @@ def test_affnist_without_scipy_is_a_clear_error(tmp_path: Path, monkeypatch) -> 
         load_affnist(tmp_path / "missing")
 
 
+@pytest.mark.slow
 def test_end_to_end_cli_run(tiny_dataset: Path, tmp_path: Path) -> None:
     run_dir = tmp_path / "aff"
     code = main(["experiment", "affnist", "--dataset", str(tiny_dataset), "--epochs", "1",

@@ -4,10 +4,13 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import pytest
+
 from capsnet.tools.bench import bench_epoch
 from capsnet.training.config import make_config
 
 
+@pytest.mark.slow
 def test_the_timed_epoch_trains_every_image_after_the_untimed_one(tiny_dataset: Path,
                                                                  one_thread) -> None:
     config = make_config("seed", dataset=str(tiny_dataset), batch_size=50, val_size=40,

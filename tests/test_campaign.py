@@ -42,6 +42,7 @@ def tiny_campaign(tiny_dataset: Path, tmp_path_factory: pytest.TempPathFactory
     return out, archive, result
 
 
+@pytest.mark.slow
 def test_tiny_plan_writes_a_finished_record_for_every_run(tiny_campaign) -> None:
     out, _, result = tiny_campaign
     assert result.returncode == 0, result.stdout + result.stderr
@@ -60,6 +61,7 @@ def test_tiny_plan_writes_a_finished_record_for_every_run(tiny_campaign) -> None
         assert sorted(record["alongside"]) == sorted(set(group) - {name})
 
 
+@pytest.mark.slow
 def test_tiny_bench_records_are_capsnet_bench_json(tiny_campaign) -> None:
     out, _, _ = tiny_campaign
     for name in BENCH:
@@ -74,6 +76,7 @@ def test_tiny_bench_records_are_capsnet_bench_json(tiny_campaign) -> None:
         assert summary["device"].startswith("cpu")
 
 
+@pytest.mark.slow
 def test_tiny_training_runs_are_cut_short_by_their_time_limit(tiny_campaign) -> None:
     out, _, _ = tiny_campaign
     for name in TRAIN:
@@ -95,6 +98,7 @@ def test_tiny_training_runs_are_cut_short_by_their_time_limit(tiny_campaign) -> 
     assert [seeds[n]["lr_decay"] for n in TRAIN] == [0.96, 0.96, 0.96, 1.0, 0.96, 0.9, 0.9, 0.9, 0.9, 1.0]
 
 
+@pytest.mark.slow
 def test_tiny_experiments_are_cut_short_too(tiny_campaign) -> None:
     out, _, _ = tiny_campaign
     for name in ("multimnist-s0", "multimnist-long-s0"):
@@ -107,6 +111,7 @@ def test_tiny_experiments_are_cut_short_too(tiny_campaign) -> None:
         assert 0 <= model["affine_test_accuracy"] <= 1 and model["cut_short"]
 
 
+@pytest.mark.slow
 def test_archive_holds_every_record_and_no_checkpoint(tiny_campaign) -> None:
     _, archive, _ = tiny_campaign
     with tarfile.open(archive) as tar:
@@ -117,6 +122,7 @@ def test_archive_holds_every_record_and_no_checkpoint(tiny_campaign) -> None:
     assert "affnist-s0/capsnet/metrics.jsonl" in names and "machine.txt" in names
 
 
+@pytest.mark.slow
 def test_records_come_home_and_fill_the_tables(tiny_campaign, tmp_path: Path) -> None:
     _, archive, _ = tiny_campaign
     docs = copy_docs(tmp_path)

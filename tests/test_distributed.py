@@ -68,6 +68,7 @@ FIRST_STEP = textwrap.dedent("""
 """)
 
 
+@pytest.mark.slow
 def test_two_processes_compute_the_gradient_of_one(tiny_dataset: Path, tmp_path: Path) -> None:
     """The first step's gradient: each of 2 processes takes half of the global batch of 16
     and DDP averages, which is the gradient of the mean loss over all 16. Only the order of
@@ -89,6 +90,7 @@ def test_two_processes_compute_the_gradient_of_one(tiny_dataset: Path, tmp_path:
         assert relative < 1e-4, f"{name}: gradients differ by {relative:.2e} of their norm"
 
 
+@pytest.mark.slow
 def test_metrics_reduced_over_ranks(runs: dict[int, Path]) -> None:
     logs = {n: [json.loads(line) for line in (runs[n] / "metrics.jsonl").read_text().splitlines()]
             for n in runs}
@@ -102,6 +104,7 @@ def test_metrics_reduced_over_ranks(runs: dict[int, Path]) -> None:
     assert not list(runs[2].glob("*.tmp"))  # only rank 0 wrote, and atomically
 
 
+@pytest.mark.slow
 def test_failing_rank_stops_the_run(tmp_path: Path) -> None:
     script = tmp_path / "fail.py"
     script.write_text(textwrap.dedent("""

@@ -40,6 +40,7 @@ def interrupt_at(monkeypatch: pytest.MonkeyPatch, call: int) -> None:
     monkeypatch.setattr(Trainer, "train_step", step_then_ctrl_c)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", list(EXPERIMENTS))
 def test_interrupted_and_resumed_experiment_equals_an_uninterrupted_one(
         name: str, tiny_dataset: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
@@ -69,6 +70,7 @@ def test_interrupted_and_resumed_experiment_equals_an_uninterrupted_one(
         assert strip[0] == strip[1] and len(strip[0]) == 2
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", list(EXPERIMENTS))
 def test_resume_keeps_the_experiments_settings(name: str, tiny_dataset: Path, tmp_path: Path,
                                                capsys, one_thread) -> None:

@@ -27,6 +27,9 @@ from capsnet.tools.explore import MAX_BODY_BYTES, ExploreServer, make_server
 from capsnet.nn.layers import safe_norm
 from capsnet.training.trainer import train
 
+# Every test here uses a model trained for the module (about 25 s) or drives Chromium.
+pytestmark = pytest.mark.slow
+
 os.environ.setdefault("PLAYWRIGHT_SKIP_BROWSER_DOWNLOAD", "1")
 CHROMIUM = Path(os.environ.get("CAPSNET_CHROMIUM", "/usr/bin/chromium"))
 try:

@@ -11,6 +11,7 @@ from capsnet.training.evaluate import autocast
 from capsnet.nn.losses import capsule_loss
 from capsnet.nn.model import CapsNet, CapsNetConfig
 from capsnet.training.trainer import make_optimizer
+import capsnet.utils.device as device_module
 from capsnet.utils.device import compile_options
 
 SMALL = CapsNetConfig(image_size=16, conv1_channels=16, conv1_kernel=5, primary_maps=4,
@@ -71,6 +72,7 @@ def test_bf16_autocast_uses_bfloat16(setup) -> None:
     assert features.dtype == torch.bfloat16
 
 
+@pytest.mark.slow
 def test_compiled_model_agrees_with_eager(setup) -> None:
     pytest.importorskip("torch._inductor")
     model, images, labels = setup
@@ -119,3 +121,13 @@ def test_saved_plain_adam_state_continues_fused(setup) -> None:
     torch.testing.assert_close(resumed.state[first]["exp_avg"], plain.state[first]["exp_avg"])
     adam_steps(model, resumed, images, labels, 1)
     assert resumed.state[first]["step"].item() == 3
+
+
+@pytest.mark.parametrize("flags, expected", [({"fpu", "avx512f", "amx_bf16"}, "bf16"),
+                                             ({"fpu", "avx512f", "avx512_bf16"}, "fp32")])
+def test_auto_precision_is_bf16_only_on_a_cpu_with_amx(flags: set[str], expected: str,
+                                                       monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(device_module, "cpu_flags", lambda: flags)
+    assert device_module.resolved_precision(torch.device("cpu"), "auto") == expected
+    assert device_module.resolved_precision(torch.device("cpu"), "fp32") == "fp32"
+    assert device_module.resolved_precision(torch.device("cuda"), "auto") == "fp32"

@@ -66,6 +66,7 @@ def test_class_folders_are_read_resized_and_named(shapes: Path) -> None:
     assert gray.train.images.shape[1:] == (1, 20, 20)
 
 
+@pytest.mark.slow
 def test_train_evaluate_predict_figures_with_class_names(shapes: Path, tmp_path: Path,
                                                          capsys, one_thread) -> None:
     run = tmp_path / "run"
@@ -128,6 +129,7 @@ def test_bad_class_folders_are_one_line(tmp_path: Path, build, message: str) -> 
         read_class_folders(root, val_size=5)
 
 
+@pytest.mark.slow
 def test_the_cifar10_preset_learns_coloured_shapes(shapes: Path, tmp_path: Path, capsys,
                                                    one_thread) -> None:
     """The paper's CIFAR-10 network (24x24 crops, 64 primary maps, none-of-the-above) on a

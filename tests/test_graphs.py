@@ -129,7 +129,7 @@ def test_a_graphed_trainer_trains_as_the_eager_one(tiny_dataset: Path, tmp_path:
     stats = [trainer.train_epoch(0, threading.Event()) for trainer in (eager, graphed)]
     assert stats[0]["loss"] == stats[1]["loss"]  # the mean: not the last loss three times
     assert stats[0]["accuracy"] == stats[1]["accuracy"]
-    assert len(graphed.graphed.captured) == 2 and graphed.progress["step"] == 3
+    assert len(graphed.graphed.captured) == 2 and graphed.progress.step == 3
     weights = graphed.model.state_dict()
     assert all(torch.equal(v, weights[k]) for k, v in eager.model.state_dict().items())
 

@@ -24,6 +24,7 @@ from capsnet.training.checkpoint import FORMAT, VERSION, load_checkpoint, state_
 from conftest import write_dataset
 
 CAPSNET = str(Path(sys.executable).with_name("capsnet"))
+pytestmark = pytest.mark.slow  # each case starts the real command: minutes in all
 TRAIN = ["--epochs", "1", "--batch-size", "60", "--val-size", "40", "--device", "cpu",
          "--no-progress"]
 

@@ -176,6 +176,7 @@ def test_top2_metric_on_hand_made_lengths() -> None:
     assert top2(lengths)[0].tolist() == [0, 1] and top2(lengths)[5].tolist() == [2, 3]
 
 
+@pytest.mark.slow
 def test_end_to_end_cli_run(tiny_dataset: Path, tmp_path: Path) -> None:
     run_dir = tmp_path / "mm"
     code = main(["experiment", "multimnist", "--dataset", str(tiny_dataset), "--epochs", "1",

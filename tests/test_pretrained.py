@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import runpy
 import shutil
 import subprocess
 import sys
@@ -16,7 +17,7 @@ import pytest
 import torch
 from PIL import Image
 
-from capsnet import CapsNet, CapsNetConfig, count_parameters
+from capsnet import CapsNet, CapsNetConfig, capsnet_mnist, count_parameters
 from capsnet.cli import main
 from capsnet.data import load_splits
 from capsnet.errors import CapsNetError
@@ -89,6 +90,7 @@ def test_the_shipped_mnist_model() -> None:
         assert model(image).predictions.item() == 1
 
 
+@pytest.mark.slow
 def test_predict_with_the_shipped_model_needs_no_training(tmp_path: Path) -> None:
     pixels = np.zeros((28, 28), np.uint8)
     pixels[5:23, 13:16] = 255
@@ -108,6 +110,7 @@ def test_torch_hub_loads_the_shipped_model() -> None:
     fresh = torch.hub.load(str(REPO), "capsnet_mnist", source="local", pretrained=False,
                            routing_iterations=3)
     assert fresh.config.routing_iterations == 3
+    assert runpy.run_path(str(REPO / "hubconf.py"))["capsnet_mnist"] is capsnet_mnist
 
 
 def test_every_kind_of_model_loads_the_same_weights_and_predictions(
@@ -155,7 +158,7 @@ def test_a_run_of_another_architecture_is_refused(tmp_path: Path) -> None:
     cnn = BaselineCNN(BaselineConfig(conv_channels=(4,), hidden=(8,)))
     save_checkpoint(tmp_path / "best.pt", {"architecture": ARCHITECTURE, "model": cnn.state_dict(),
                                            "model_config": cnn.config.to_dict()})
-    with pytest.raises(CapsNetError, match="best.pt: holds a baseline-cnn model, not a capsnet"):
+    with pytest.raises(CapsNetError, match="best.pt: holds a 'baseline-cnn' model, not a capsnet"):
         CapsNet.from_pretrained(tmp_path)
 
 

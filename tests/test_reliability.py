@@ -42,11 +42,11 @@ from hypothesis import strategies as st
 from PIL import Image
 
 import capsnet.training.task
-import capsnet.training.trainer
 from capsnet.training.checkpoint import (FORMAT, VERSION, load_checkpoint, model_from_checkpoint,
                                 save_checkpoint, state_digest)
 from capsnet.cli import main
 from capsnet.training.config import make_config
+from capsnet.training.run import Run
 from capsnet.data import FILE_NAMES, read_idx, write_idx
 from capsnet.errors import CapsNetError
 from capsnet.nn.model import CapsNet, CapsNetConfig
@@ -57,14 +57,6 @@ CAPSNET = shutil.which("capsnet", path=str(Path(sys.executable).parent)) or "cap
 EPOCHS = 3
 KILL_SEED = 2024
 KILLS = 4  # SIGKILLs planned; at least 3 must happen before the run has trained all epochs
-
-
-@pytest.fixture(autouse=True)
-def keep_torch_settings() -> Iterator[None]:
-    """Training in this process turns on deterministic algorithms; switch them back."""
-    deterministic = torch.are_deterministic_algorithms_enabled()
-    yield
-    torch.use_deterministic_algorithms(deterministic)
 
 
 def train_args(dataset: Path) -> list[str]:
@@ -245,7 +237,7 @@ def broken_payloads() -> dict[str, tuple[dict[str, Any], bool, str]]:
         "no-weights": ({**tiny_payload(), "model": {}}, False, "checkpoint has no weights"),
         "progress-negative": ({**tiny_payload(), "progress": {"epoch": -1, "batch": 0, "step": 0,
                                                                "best_val_loss": 1.0}},
-                              False, "progress has a bad epoch (-1)"),
+                              False, "checkpoint's progress: epoch must be an integer >= 0, got -1"),
         "optimizer-malformed": ({**tiny_payload(), "optimizer": {"state": []}}, False,
                                 "optimizer state is malformed"),
         "weights-only-resumed": (weights_only, True, "has no train_config, so training cannot resume"),
@@ -261,6 +253,26 @@ def test_structure_is_checked_even_with_a_valid_checksum(name: str, tmp_path: Pa
     with pytest.raises(CapsNetError) as info:
         load_checkpoint(path, resumable=resumable)
     assert expected in str(info.value) and "\n" not in str(info.value)
+
+
+@pytest.mark.parametrize("progress, expected", [
+    ({"epoch": -1, "batch": 0, "step": 0, "best": 1.0}, "epoch must be an integer >= 0, got -1"),
+    ({"epoch": 1, "batch": 0, "step": "x", "best": 1.0}, "step must be an integer >= 0, got 'x'"),
+    ({"epoch": 1, "best": 1.0}, "checkpoint's progress: missing batch, step"),
+    ({"epoch": 1, "batch": 0, "step": 1, "best": float("nan")}, "best must be a number or an"),
+    ({"epoch": 1, "batch": 1, "step": 1, "best": 1.0, "epoch_losses": [0.5, 0.5]},
+     "epoch_losses holds 2 steps, more than the 1 of batch"),
+    ({"epoch": 1, "batch": 0, "step": 1, "best": 1.0, "init_from": 3}, "init_from must be text"),
+    ({"epoch": 1, "batch": 0, "step": 1, "best": 1.0, "surprise": 1}, "unknown settings 'surprise'"),
+])
+def test_a_hostile_progress_is_refused_in_one_line(tmp_path: Path, progress: dict[str, Any],
+                                                   expected: str) -> None:
+    path = raw_save(tmp_path / "hostile.pt", {**tiny_payload(), "progress": progress})
+    with pytest.raises(CapsNetError) as info:
+        load_checkpoint(path, resumable=True)
+    message = str(info.value)
+    assert message.startswith(f"{path}: checkpoint's progress") and expected in message
+    assert "\n" not in message
 
 
 @pytest.mark.parametrize("name, make, expected", [
@@ -321,6 +333,7 @@ def test_code_in_a_checkpoint_is_never_run(tmp_path: Path, how: str) -> None:
     assert not marker.exists()
 
 
+@pytest.mark.slow
 def test_evaluate_refuses_an_exploit_in_a_real_process(tmp_path: Path) -> None:
     marker = tmp_path / "marker"
     evil = tmp_path / "evil.pt"
@@ -525,6 +538,7 @@ def kill_and_resume(rng: random.Random, reference_run: dict[str, Any], tiny_data
     return kills, verified, final
 
 
+@pytest.mark.slow
 def test_sigkill_at_random_moments_then_resume_gives_identical_weights(
         reference_run: dict[str, Any], tiny_dataset: Path, tmp_path: Path) -> None:
     rng = random.Random(KILL_SEED)
@@ -578,6 +592,7 @@ def poison_batch(monkeypatch: pytest.MonkeyPatch, index: int) -> None:
     monkeypatch.setattr(capsnet.training.task, "batches", batches)
 
 
+@pytest.mark.slow
 def test_nan_loss_stops_training_naming_the_step(reference_run: dict[str, Any], tmp_path: Path,
                                                  monkeypatch: pytest.MonkeyPatch, capsys) -> None:
     run_dir = copy_run(reference_run["dir"], tmp_path / "run")  # 3 epochs, 6 steps done
@@ -592,6 +607,7 @@ def test_nan_loss_stops_training_naming_the_step(reference_run: dict[str, Any], 
     assert not list(run_dir.glob(".*.tmp"))
 
 
+@pytest.mark.slow
 def test_full_disk_stops_training_and_keeps_the_checkpoints(
         reference_run: dict[str, Any], tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
         capsys) -> None:
@@ -625,10 +641,9 @@ def test_full_disk_from_the_start_is_one_line(tiny_dataset: Path, tmp_path: Path
 def test_a_torn_metrics_line_does_not_stop_a_resume(tmp_path: Path) -> None:
     """A crash can leave half a line at the end of metrics.jsonl; resume drops it."""
     run_dir = tmp_path
-    good = json.dumps({"epoch": 1, "train_loss": 0.5})
-    (run_dir / "metrics.jsonl").write_text(good + "\n" + '{"epoch": 2, "train_lo')
-    log = capsnet.training.trainer.MetricsLog(run_dir, keep_epochs=1)
-    log.close()
+    good = json.dumps({"epoch": 1, "step": 3, "train_loss": 0.5})
+    (run_dir / "metrics.jsonl").write_text(good + "\n" + '{"epoch": 2, "step": 6, "train_lo')
+    Run(run_dir).metrics_log(keep_steps=3).close()
     assert (run_dir / "metrics.jsonl").read_text() == good + "\n"
 
 

@@ -14,7 +14,7 @@ from typing import Iterator
 
 import pytest
 
-from capsnet.training.status import PID_FILE
+from capsnet.training.run import Run
 from test_cli import TIMEOUT, cli, train_args
 
 KEYS = {"run_dir", "state", "pid", "epoch", "epochs", "step", "steps", "last_val_accuracy",
@@ -81,7 +81,7 @@ def test_status_of_a_finished_run(finished: Path) -> None:
 def test_status_of_a_stopped_run_gives_the_command_that_continues_it(
         finished: Path, tmp_path: Path) -> None:
     run_dir = unfinished_copy(finished, tmp_path / "stopped")
-    (run_dir / PID_FILE).write_text("999999999\n")  # a process that is gone: stale
+    Run(run_dir).pid_file.write_text("999999999\n")  # a process that is gone: stale
     code, out, _ = status(run_dir)
     assert code == 0 and out.startswith(f"{run_dir}: stopped, epoch 1 of 3, step 2 of 6\n")
     assert f"continue with: capsnet train --resume {run_dir}\n" in out
@@ -96,7 +96,7 @@ def test_status_of_a_run_in_progress(finished: Path, tmp_path: Path, capsnet_lik
     config = json.loads((run_dir / "config.json").read_text())
     config["train"]["time_limit"] = 3600.0
     (run_dir / "config.json").write_text(json.dumps(config))
-    (run_dir / PID_FILE).write_text(f"{capsnet_like}\n")
+    Run(run_dir).pid_file.write_text(f"{capsnet_like}\n")
     code, out, _ = status(run_dir)
     assert code == 0
     assert out.startswith(f"{run_dir}: running (process {capsnet_like}), epoch 1 of 3")
@@ -125,7 +125,7 @@ def test_one_model_of_an_experiment_is_run_and_resumed_from_the_experiment(
                                                       f"{experiment}")
     code, _, err = status(experiment)
     assert code == 2 and f"ask for one of them: {run_dir}\n" in err
-    (experiment / PID_FILE).write_text(f"{capsnet_like}\n")  # the experiment's process
+    Run(experiment).pid_file.write_text(f"{capsnet_like}\n")  # the experiment's process
     assert status_json(run_dir)["state"] == "running"
 
 
@@ -139,7 +139,7 @@ def test_a_run_cut_short_by_its_time_limit_can_continue(tiny_dataset: Path,
     assert out.startswith(f"{run_dir}: finished, epoch 1 of 3")
     assert "cut short: time limit of 1e-09 s: stopped after epoch 1 of 3" in out
     assert f"continue with: capsnet train --resume {run_dir}" in out
-    assert not (run_dir / PID_FILE).exists()  # the training removed its record at the end
+    assert not Run(run_dir).pid_file.exists()  # the training removed its record at the end
 
 
 def test_status_reads_the_folder_and_changes_nothing(finished: Path) -> None:
@@ -214,7 +214,7 @@ def detached(run_dir: Path, *args: str | Path) -> dict:
     while status_json(run_dir)["state"] != "finished":
         assert time.monotonic() - began < TIMEOUT, (run_dir / "train.log").read_text()
         time.sleep(0.5)
-    assert not (run_dir / PID_FILE).exists()  # the training removed its record at the end
+    assert not Run(run_dir).pid_file.exists()  # the training removed its record at the end
     return status_json(run_dir)
 
 

@@ -19,6 +19,7 @@ from capsnet.nn.model import CapsNet
 from capsnet.training.config import make_config, model_config_for
 from capsnet.training.evaluate import evaluate
 from capsnet.training.task import Classification
+from capsnet.training.run import Run
 from capsnet.training.trainer import Trainer, train
 
 
@@ -46,6 +47,7 @@ class ScriptedValidation(Classification):
         return super().test(model, device, world)
 
 
+@pytest.mark.slow
 def test_a_run_that_gets_worse_reports_the_test_score_of_best_pt(
         tiny_dataset: Path, tmp_path: Path, one_thread) -> None:
     config = tiny_config(tiny_dataset, epochs=3, batch_size=20)
@@ -70,6 +72,7 @@ def test_a_run_that_gets_worse_reports_the_test_score_of_best_pt(
     assert summary["test_accuracy"] == again.accuracy
 
 
+@pytest.mark.slow
 def test_init_from_starts_a_new_run_from_the_weights_and_optimizer_state(
         tiny_dataset: Path, tmp_path: Path, one_thread) -> None:
     config = tiny_config(tiny_dataset)
@@ -81,13 +84,14 @@ def test_init_from_starts_a_new_run_from_the_weights_and_optimizer_state(
     adam = trainer.optimizer.state_dict()["state"]
     assert adam and all(torch.equal(adam[i]["exp_avg"], best["optimizer"]["state"][i]["exp_avg"])
                         for i in adam)
-    assert trainer.progress["epoch"] == 0 and trainer.progress["step"] == 0
+    assert trainer.progress.epoch == 0 and trainer.progress.step == 0
     summary = trainer.fit()
     assert summary["epochs"] == 1
     config_json = json.loads((tmp_path / "second" / "config.json").read_text())
     assert config_json["init_from"] == str(tmp_path / "first" / "best.pt")
 
 
+@pytest.mark.slow
 def test_a_resumed_run_keeps_where_it_started_and_its_earlier_time(
         tiny_dataset: Path, tmp_path: Path, one_thread) -> None:
     config = tiny_config(tiny_dataset)
@@ -97,7 +101,7 @@ def test_a_resumed_run_keeps_where_it_started_and_its_earlier_time(
                     show_progress=False, init_from=origin).fit()
     resumed = Trainer(Classification.from_config(replace(config, epochs=2)), tmp_path / "second",
                       show_progress=False, resume=True)
-    assert resumed.progress["init_from"] == str(origin)
+    assert resumed.progress.init_from == str(origin)
     summary = resumed.fit()
     assert summary["epochs"] == 2 and summary["wall_seconds"] > first["wall_seconds"]
     config_json = json.loads((tmp_path / "second" / "config.json").read_text())
@@ -114,6 +118,7 @@ def test_init_from_refuses_a_different_model(tiny_dataset: Path, tmp_path: Path,
                 init_from=tmp_path / "first" / "best.pt")
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("wrap", ["dataset", "loader"])
 def test_a_plain_dataset_trains_exactly_as_the_in_memory_split(
         tiny_dataset: Path, tmp_path: Path, one_thread, wrap: str) -> None:
@@ -135,6 +140,7 @@ def test_a_plain_dataset_trains_exactly_as_the_in_memory_split(
         assert torch.equal(tensor, general.model.state_dict()[name]), name
 
 
+@pytest.mark.slow
 def test_the_mnist_run_is_the_plain_training_loop(tiny_dataset: Path, tmp_path: Path,
                                                   one_thread) -> None:
     """The Trainer adds checkpoints, logs, validation and resume around the loop below and
@@ -164,6 +170,7 @@ def test_the_mnist_run_is_the_plain_training_loop(tiny_dataset: Path, tmp_path: 
         assert torch.equal(tensor, trainer.model.state_dict()[name]), name
 
 
+@pytest.mark.slow
 def test_a_time_limit_stops_between_epochs_and_says_so(tiny_dataset: Path, tmp_path: Path,
                                                        one_thread) -> None:
     config = tiny_config(tiny_dataset, epochs=50, time_limit=1e-6)
@@ -174,6 +181,7 @@ def test_a_time_limit_stops_between_epochs_and_says_so(tiny_dataset: Path, tmp_p
                  show_progress=False)["cut_short"] is None
 
 
+@pytest.mark.slow
 def test_stop_at_stops_after_the_first_epoch_reaching_it_and_resume_keeps_the_rule(
         tiny_dataset: Path, tmp_path: Path, one_thread) -> None:
     config = tiny_config(tiny_dataset, epochs=6, batch_size=10, stop_at=0.9)
@@ -199,6 +207,30 @@ def test_stop_at_stops_after_the_first_epoch_reaching_it_and_resume_keeps_the_ru
     assert len(records) == 6
 
 
+def test_training_leaves_the_process_settings_as_it_found_them(
+        tiny_dataset: Path, tmp_path: Path, one_thread) -> None:
+    """--deterministic and the seed hold inside fit() only, also when it fails."""
+    config = tiny_config(tiny_dataset, deterministic=True)
+    torch.manual_seed(123)
+    expected = torch.rand(3)
+    torch.manual_seed(123)
+    assert not torch.are_deterministic_algorithms_enabled()
+    train(config, tmp_path / "run", show_progress=False)
+    assert not torch.are_deterministic_algorithms_enabled()
+    assert torch.equal(torch.rand(3), expected)  # the caller's random stream is untouched
+
+    switched_on = []
+
+    class Failing(Classification):
+        def validate(self, model, device, world):
+            switched_on.append(torch.are_deterministic_algorithms_enabled())
+            raise RuntimeError("validation failed")
+
+    with pytest.raises(RuntimeError, match="validation failed"):
+        Trainer(Failing.from_config(config), tmp_path / "failed", show_progress=False).fit()
+    assert switched_on == [True] and not torch.are_deterministic_algorithms_enabled()
+
+
 @pytest.mark.parametrize("epochs, compile_setting, compiled", [
     (3, "auto", True), (2, "auto", False), (2, "on", True), (3, "off", False)])
 def test_auto_compiles_runs_long_enough_to_pay_for_it(tiny_dataset: Path, tmp_path: Path,
@@ -208,3 +240,31 @@ def test_auto_compiles_runs_long_enough_to_pay_for_it(tiny_dataset: Path, tmp_pa
     config = tiny_config(tiny_dataset, epochs=epochs, batch_size=1, compile=compile_setting)
     trainer = Trainer(Classification.from_config(config), tmp_path / "run", show_progress=False)
     assert trainer.compiled is compiled
+
+
+def test_the_training_curve_has_a_point_every_log_every_steps(tiny_dataset: Path, tmp_path: Path,
+                                                             one_thread) -> None:
+    config = tiny_config(tiny_dataset, epochs=2, batch_size=20, log_every=2)
+    summary = train(config, tmp_path / "run", show_progress=False)
+    run = Run(tmp_path / "run")
+    epochs, skipped = run.read_metrics()
+    points, _ = run.read_metrics(curve=True)
+    assert skipped == 0 and [r["epoch"] for r in epochs] == [1, 2]
+    steps_per_epoch = epochs[0]["step"]
+    assert [p["step"] for p in points] == list(range(2, summary["steps"] + 1, 2))
+    for point in points:
+        assert point["epoch"] == pytest.approx(point["step"] / steps_per_epoch)
+        assert 0 < point["train_accuracy"] <= 1 and point["train_loss"] > 0
+    # the points of an epoch average to its record (every window here is 2 steps of 20)
+    if steps_per_epoch % 2 == 0:
+        first = [p["train_loss"] for p in points if p["step"] <= steps_per_epoch]
+        assert sum(first) / len(first) == pytest.approx(epochs[0]["train_loss"], rel=1e-5)
+
+
+def test_a_resume_drops_the_metrics_lines_past_its_checkpoint_step(tmp_path: Path) -> None:
+    lines = [{"step": 2, "epoch": 0.5, "train_loss": 1.0}, {"step": 4, "epoch": 1, "val_loss": 1},
+             {"step": 6, "epoch": 1.5, "train_loss": 0.5}]
+    (tmp_path / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in lines))
+    Run(tmp_path).metrics_log(4).close()
+    kept = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert kept == lines[:2]

@@ -11,14 +11,17 @@ class CapsNetError(Exception):
     """A problem the user can fix: bad input, missing data, a foreign checkpoint."""
 
 
-def first_line(exc: BaseException, limit: int = 200) -> str:
-    """``exc``'s first line, after its type unless it is a plain RuntimeError or OSError."""
+def error_line(exc: BaseException, limit: int = 200) -> str:
+    """``exc`` as one line of a message, at most ``limit`` characters: its first line (the
+    next one when the first is a heading ending in ":", as torch's load_state_dict writes),
+    after its type unless the text says enough alone (ours, RuntimeError, any OSError)."""
     lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
     if not lines:
         return type(exc).__name__
-    if type(exc) in (RuntimeError, OSError):
-        return lines[0][:limit]
-    return f"{type(exc).__name__}: {lines[0]}"[:limit]
+    line = lines[1] if lines[0].endswith(":") and len(lines) > 1 else lines[0]
+    if isinstance(exc, (CapsNetError, OSError)) or type(exc) is RuntimeError:
+        return line[:limit]
+    return f"{type(exc).__name__}: {line}"[:limit]
 
 
 @contextmanager
@@ -34,4 +37,4 @@ def reading(source: object, what: str) -> Iterator[None]:
         raise CapsNetError(f"{source}: not a valid {what} (it asks for more memory than there "
                            f"is)") from None
     except Exception as exc:  # noqa: BLE001 - this is the boundary
-        raise CapsNetError(f"{source}: not a valid {what} ({first_line(exc, 150)})") from None
+        raise CapsNetError(f"{source}: not a valid {what} ({error_line(exc, 150)})") from None

@@ -11,7 +11,7 @@ import os
 import sys
 from typing import Sequence
 
-from ..errors import CapsNetError, first_line
+from ..errors import CapsNetError, error_line
 from ..training.trainer import TrainingInterrupted
 from ..utils.distributed import shutdown
 from ..utils.version import package_version
@@ -38,7 +38,7 @@ def build_parser() -> ArgumentParser:
     return parser
 
 
-def one_line(message: str) -> str:
+def printable(message: str) -> str:
     """``message`` with control characters escaped (a file name may hold a newline)."""
     return "".join(c if c.isprintable() else repr(c)[1:-1] for c in message)
 
@@ -49,7 +49,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         args.argv = list(sys.argv[1:] if argv is None else argv)  # what --detach starts again
         return args.run(args)
     except CapsNetError as exc:
-        print(f"capsnet: {one_line(str(exc))}", file=sys.stderr)
+        print(f"capsnet: {printable(str(exc))}", file=sys.stderr)
         return EXIT_INTERRUPTED if isinstance(exc, TrainingInterrupted) else EXIT_USAGE
     except KeyboardInterrupt:
         print("capsnet: interrupted", file=sys.stderr)
@@ -57,7 +57,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     except Exception as exc:  # noqa: BLE001 - a bug: one line, and the traceback on request
         if os.environ.get("CAPSNET_DEBUG"):
             raise
-        print(f"capsnet: internal error, please report it: {one_line(first_line(exc))} "
+        print(f"capsnet: internal error, please report it: {printable(error_line(exc))} "
               f"(CAPSNET_DEBUG=1 shows the traceback)", file=sys.stderr)
         return EXIT_BUG
     finally:

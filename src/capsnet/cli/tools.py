@@ -57,12 +57,15 @@ def add_evaluate(sub: argparse._SubParsersAction) -> None:
     add_model(p)
     p.add_argument("--dataset", help="the data set to use (default: the one the model was "
                    "trained on, when it records it)")
-    p.add_argument("--split", choices=("test", "val"), default="test")
+    p.add_argument("--split", choices=("test", "val"), default="test",
+                   help="the split to evaluate (default: test)")
     p.add_argument("--val-size", type=positive_int, help=VAL_SIZE_HELP)
-    p.add_argument("--batch-size", type=positive_int, default=500)
+    p.add_argument("--batch-size", type=positive_int, default=500,
+                   help="images per evaluation batch (default 500)")
     p.add_argument("--json", action="store_true", help="print JSON")
     p.add_argument("--data-dir", help=DATA_DIR_HELP)
-    p.add_argument("--device", choices=DEVICES, default="auto")
+    p.add_argument("--device", choices=DEVICES, default="auto",
+                   help="where to run (default: auto, CUDA when available)")
     p.set_defaults(run=run_evaluate)
 
 
@@ -166,7 +169,8 @@ def run_figures(args: argparse.Namespace) -> int:
 
 def add_data(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("data", help="fetch and verify a data set into the cache")
-    p.add_argument("dataset", nargs="?", default="mnist")
+    p.add_argument("dataset", nargs="?", default="mnist",
+                   help="mnist (default), fashion-mnist, cifar10 or svhn")
     p.add_argument("--data-dir", help=DATA_DIR_HELP)
     p.set_defaults(run=run_data)
 
@@ -183,16 +187,22 @@ def run_data(args: argparse.Namespace) -> int:
 
 def add_bench(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("bench", help="measure training and inference speed and memory")
-    p.add_argument("--device", choices=DEVICES, default="auto")
-    p.add_argument("--precision", choices=PRECISIONS, default="fp32")
+    p.add_argument("--device", choices=DEVICES, default="auto",
+                   help="where to run (default: auto, CUDA when available)")
+    p.add_argument("--precision", choices=PRECISIONS, default="fp32",
+                   help="fp32 (default) or bf16 (autocast)")
     p.add_argument("--compile", action="store_true", help="torch.compile the model")
     p.add_argument("--cuda-graphs", action="store_true",
                    help="torch.compile in reduce-overhead mode: CUDA graphs on a GPU")
-    p.add_argument("--routing-iterations", type=positive_int, default=3)
+    p.add_argument("--routing-iterations", type=positive_int, default=3,
+                   help="routing iterations of the model (default 3)")
     p.add_argument("--train-batch", type=positive_int, help="default: 64 on CPU, 128 on CUDA")
-    p.add_argument("--infer-batch", type=positive_int, default=256)
-    p.add_argument("--warmup", type=positive_int, default=3)
-    p.add_argument("--repeats", type=positive_int, default=10)
+    p.add_argument("--infer-batch", type=positive_int, default=256,
+                   help="inference batch size (default 256)")
+    p.add_argument("--warmup", type=positive_int, default=3,
+                   help="untimed steps before measuring (default 3)")
+    p.add_argument("--repeats", type=positive_int, default=10,
+                   help="timed steps; the median is reported (default 10)")
     p.add_argument("--epoch", action="store_true",
                    help="also time a whole paper-preset epoch on MNIST with its validation, "
                    "after one untimed epoch (data needed)")
@@ -221,7 +231,7 @@ def add_export(sub: argparse._SubParsersAction) -> None:
                        "lengths, predictions and reconstructions; safetensors holds the weights "
                        "and the model config.")
     add_model(p)
-    p.add_argument("--format", choices=FORMATS, required=True)
+    p.add_argument("--format", choices=FORMATS, required=True, help="the file format to write")
     p.add_argument("--out", type=Path, required=True, help="file to write")
     p.add_argument("--opset", type=positive_int, help=f"ONNX opset (default {DEFAULT_OPSET})")
     p.add_argument("--no-verify", action="store_true",

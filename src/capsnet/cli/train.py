@@ -17,20 +17,21 @@ from typing import Any
 from ..errors import CapsNetError
 from ..experiments import EXPERIMENTS
 from ..training.config import PRESETS, TrainConfig, make_config, resume_config
-from ..training.status import LOG_FILE, PID_FILE, check_free, last_line, record_pid, training_here
-from ..training.trainer import resume_point, saved_config, train
+from ..training.run import Run
+from ..training.status import last_line
+from ..training.trainer import train
 from ..utils.files import check_writable_folder
 from ..utils.settings import settings_from_dict
 from .args import ArgumentParser, add_settings, given_settings
 
-RUN_FILES = ("last.pt", "summary.json", "capsnet/last.pt", "cnn/last.pt")  # a run is there
 DETACH_FLAGS = ("--deta", "--detac", "--detach")  # argparse takes any unambiguous prefix
 
 
 def add_run_args(p: argparse.ArgumentParser, default_run_dir: str) -> None:
     p.add_argument("--preset", choices=tuple(PRESETS), default="paper",
                    help="paper: the paper and its official code (default); seed: the notebook "
-                        "exactly; quick: the paper's model briefly, for a CPU")
+                        "exactly; quick: the paper's model briefly, for a CPU; cifar10: "
+                        "the paper's CIFAR-10 settings")
     p.add_argument("--run-dir", type=Path, help=f"where checkpoints and logs go "
                    f"(default: {default_run_dir})")
     p.add_argument("--resume", type=Path, metavar="RUN_DIR",
@@ -49,7 +50,7 @@ def requested_config(args: argparse.Namespace, defaults: dict[str, Any]) -> Trai
     settings with the flags --resume may change."""
     given = given_settings(args, TrainConfig)
     if args.resume is not None:
-        return resume_config(saved_config(args.resume, args.from_best), given)
+        return resume_config(Run(args.resume).saved_config(args.from_best), given)
     return make_config(args.preset, **{**defaults, **given})
 
 
@@ -60,7 +61,7 @@ def run_folder(args: argparse.Namespace, default: Path) -> Path:
         raise CapsNetError("--from-best goes with --resume RUN_DIR")
     run_dir = args.resume or args.run_dir or default
     check_writable_folder(run_dir, "run folder")
-    if args.resume is None and any((run_dir / name).exists() for name in RUN_FILES):
+    if args.resume is None and Run(run_dir).holds_run():
         raise CapsNetError(f"{run_dir} already holds a run; use --resume {run_dir} to continue "
                            f"it or --run-dir to start a new one")
     return run_dir
@@ -91,21 +92,22 @@ def run_train(args: argparse.Namespace) -> int:
     run_dir = run_folder(args, Path("runs") / f"{Path(config.dataset).name}-{config.preset}")
     if args.detach:
         return detach(args.argv, run_dir)
-    with training_here(run_dir):
+    with Run(run_dir).training_here():
         summary = train(config, run_dir, data_dir=args.data_dir, resume=args.resume is not None,
                         from_best=args.from_best, init_from=args.init_from,
                         show_progress=not args.no_progress)
     speed = summary["train_images_per_s"]  # None when a resumed run had nothing left to train
     print(f"test accuracy {summary['test_accuracy']:.2%}, test loss {summary['test_loss']:.5f}, "
           f"{summary['wall_seconds']:.0f} s, "
-          f"{'no training' if speed is None else f'{speed:.0f} images/s'} on {summary['device']}")
-    print(f"best checkpoint: {summary['checkpoint']}; summary: {run_dir / 'summary.json'}")
+          f"{'nothing left to train' if speed is None else f'{speed:.0f} images/s'} on {summary['device']}")
+    print(f"best checkpoint: {summary['checkpoint']}; summary: {Run(run_dir).summary_file}")
     if args.figures:
         from ..tools.figures import draw_figures  # matplotlib: 0.3 s that other commands skip
 
-        paths = draw_figures(summary["checkpoint"], run_dir / "figures",
-                             data_dir=args.data_dir, run_dir=run_dir)
-        print(f"figures: {run_dir / 'figures'} ({len(paths)} files)")
+        figures = Run(run_dir).figures
+        paths = draw_figures(summary["checkpoint"], figures, data_dir=args.data_dir,
+                             run_dir=run_dir)
+        print(f"figures: {figures} ({len(paths)} files)")
     return 0
 
 
@@ -123,8 +125,9 @@ def detach(argv: list[str], run_dir: Path) -> int:
     RUN_DIR/train.log. Returns once it is past the checks a training makes before it starts
     (data, checkpoints: it has written config.json), or with its last line and exit code
     when it failed them."""
-    check_free(run_dir)
-    config_file, log_file = run_dir / "config.json", run_dir / LOG_FILE
+    run = Run(run_dir)
+    run.check_free()
+    config_file, log_file = run.config_file, run.log_file
     before, made = file_stamp(config_file), not run_dir.exists()
     run_dir.mkdir(parents=True, exist_ok=True)
     command = [sys.executable, "-m", "capsnet.cli", *(a for a in argv if a not in DETACH_FLAGS)]
@@ -132,7 +135,7 @@ def detach(argv: list[str], run_dir: Path) -> int:
         child = subprocess.Popen(command, stdin=subprocess.DEVNULL, stdout=log,
                                  stderr=subprocess.STDOUT, start_new_session=True,
                                  env={**os.environ, "PYTHONUNBUFFERED": "1"})
-    record_pid(run_dir, child.pid)
+    run.record_pid(child.pid)
     while child.poll() is None and file_stamp(config_file) == before:
         time.sleep(0.1)
     if child.returncode:
@@ -148,10 +151,11 @@ def detach(argv: list[str], run_dir: Path) -> int:
 def failed_to_start(code: int, run_dir: Path, made: bool) -> int:
     """Say why a detached training stopped before it started, as it said it; leave no
     trace of it in a folder this call made."""
-    log_file = run_dir / LOG_FILE
+    run = Run(run_dir)
+    log_file = run.log_file
     print(last_line(log_file) or f"capsnet: the training stopped (exit code {code}); see "
           f"{log_file}", file=sys.stderr)
-    (run_dir / PID_FILE).unlink(missing_ok=True)
+    run.forget_pid()
     if made:
         with contextlib.suppress(OSError):
             log_file.unlink()
@@ -176,16 +180,17 @@ def add_experiment(sub: argparse._SubParsersAction) -> None:
 def resumed_experiment(args: argparse.Namespace, settings_class: type) -> tuple[TrainConfig, Any]:
     """The training settings and experiment settings of the run in ``args.resume`` (from its
     first checkpoint), with the flags --resume may change; other flags must agree."""
-    name = "best.pt" if args.from_best else "last.pt"
-    paths = [p for p in (args.resume / name, *sorted(args.resume.glob(f"*/{name}")))
-             if p.is_file()]
-    if not paths:
-        raise CapsNetError(f"--resume {args.resume}: no {name} there to resume from")
-    payload = resume_point(paths[0].parent, args.from_best)
+    home = Run(args.resume)
+    runs = [run for run in (home, *home.parts()) if run.checkpoint(args.from_best).is_file()]
+    if not runs:
+        raise CapsNetError(f"--resume {args.resume}: no {home.checkpoint(args.from_best).name} "
+                           f"there to resume from")
+    first = runs[0].checkpoint(args.from_best)
+    payload = runs[0].resume_point(args.from_best)
     task = payload.get("task")
     names = {f.name for f in fields(settings_class)}
     stored = {k: v for k, v in task.items() if k in names} if isinstance(task, dict) else task
-    settings = settings_from_dict(settings_class, stored, f"{paths[0]}: experiment settings")
+    settings = settings_from_dict(settings_class, stored, f"{first}: experiment settings")
     for name, value in given_settings(args, settings_class).items():
         if value != getattr(settings, name):
             raise CapsNetError(f"--resume keeps the run's settings: {name} is "
@@ -203,10 +208,10 @@ def run_experiment(args: argparse.Namespace) -> int:
         settings = experiment.settings(**given_settings(args, experiment.settings))
         config = requested_config(args, experiment.train_defaults)
     run_dir = run_folder(args, Path("runs") / f"{args.experiment}-{Path(config.dataset).name}")
-    with training_here(run_dir):
+    with Run(run_dir).training_here():
         summary = experiment.run(config, settings, run_dir, data_dir=args.data_dir,
                                  resume=args.resume is not None, from_best=args.from_best,
                                  show_progress=not args.no_progress)
     print(experiment.report(summary))
-    print(f"summary: {run_dir / 'summary.json'}")
+    print(f"summary: {Run(run_dir).summary_file}")
     return 0

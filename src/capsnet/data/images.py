@@ -27,7 +27,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
-from ..errors import CapsNetError, first_line, reading
+from ..errors import CapsNetError, error_line, reading
 
 MNIST_BOX = 20 / 28  # MNIST digits fit a 20x20 box inside the 28x28 image
 MIN_CONTRAST = 0.05  # ink must differ from the background by this much (about 13/255)
@@ -141,7 +141,7 @@ def image_pixels(path: Path) -> np.ndarray:
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
         raise CapsNetError(f"{path}: image too large ({exc})") from None
     except Exception as exc:  # noqa: BLE001 - Pillow raises any type on hostile bytes
-        raise CapsNetError(f"{path}: corrupt or truncated image ({first_line(exc, 150)})") from None
+        raise CapsNetError(f"{path}: corrupt or truncated image ({error_line(exc, 150)})") from None
 
 
 def decoded_pixels(image: Image.Image) -> np.ndarray:

@@ -25,7 +25,7 @@ from typing import Callable
 
 import numpy as np
 
-from ..errors import CapsNetError
+from ..errors import CapsNetError, error_line
 from ..utils.files import atomic_write_bytes, cache_root
 from .formats import (CIFAR10_ARCHIVE, SVHN_FILES, read_cifar10_binary, read_idx_files,
                       read_svhn_mat)
@@ -150,7 +150,7 @@ def _verify(files: dict[str, bytes], spec: DatasetSpec) -> None:
     for name, expected in spec.md5.items():
         actual = md5(files[name])
         if actual != expected:
-            raise ValueError(f"MD5 mismatch for {name}: expected {expected}, got {actual}")
+            raise CapsNetError(f"MD5 mismatch for {name}: expected {expected}, got {actual}")
 
 
 def _sources(spec: DatasetSpec, data_dir: str | os.PathLike | None,
@@ -195,7 +195,7 @@ def acquire(name: str, data_dir: str | os.PathLike | None = None,
             files = load()
             _verify(files, spec)
         except Exception as exc:  # each source may fail in its own way; report and go on
-            failures.append(f"{description} ({_reason(exc)})")
+            failures.append(f"{description} ({error_line(exc)})")
             continue
         if not quiet:
             print(f"{name}: using {description}")
@@ -209,8 +209,3 @@ def acquire(name: str, data_dir: str | os.PathLike | None = None,
         f"could not get data set {name!r}; tried: " + "; ".join(failures) +
         f". Put its files ({wanted}) in a folder and pass --data-dir FOLDER or set "
         f"CAPSNET_DATA_DIR, or copy them to {cache_root() / name}")
-
-
-def _reason(exc: Exception) -> str:
-    text = str(exc) or type(exc).__name__
-    return text.splitlines()[0] if text else type(exc).__name__

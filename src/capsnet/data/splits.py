@@ -62,6 +62,10 @@ class Split:
     def to(self, device: torch.device | str) -> "Split":
         return Split(self.images.to(device), self.labels.to(device))
 
+    def first(self, n: int) -> "Split":
+        """The first ``n`` examples; all of them when ``n`` is 0 (``train_limit``'s "no limit")."""
+        return Split(self.images[:n], self.labels[:n]) if n else self
+
 
 @dataclass
 class Splits:

@@ -30,14 +30,14 @@ from ..errors import CapsNetError
 from ..nn.baseline import ARCHITECTURE as CNN, VARIANTS, BaselineConfig
 from ..nn.layers import safe_norm
 from ..nn.model import CapsNet, count_parameters
-from ..training.checkpoint import load_checkpoint
 from ..training.config import TrainConfig, splits_for
 from ..training.evaluate import accumulate
+from ..training.run import Run
 from ..training.task import Classification, Step
 from ..training.trainer import Trainer
 from ..utils.device import autocast, device_name
 from ..utils.distributed import World
-from ..utils.files import save_png, write_json
+from ..utils.files import save_png
 from ..utils.settings import check_settings, setting
 from .base import TEST_SEED, VAL_SEED, Experiment
 
@@ -71,10 +71,6 @@ class AffnistSettings:
     @property
     def models(self) -> tuple[str, ...]:
         return MODELS if self.model == "both" else (self.model,)
-
-
-def limited(split: Split, limit: int) -> Split:
-    return split if not limit else Split(split.images[:limit], split.labels[:limit])
 
 
 @torch.no_grad()
@@ -195,7 +191,6 @@ def run(config: TrainConfig, settings: AffnistSettings, run_dir: str | Path, *,
         data_dir: str | None = None, resume: bool = False, from_best: bool = False,
         show_progress: bool = True) -> dict[str, Any]:
     """Train (or resume) each model of ``settings`` and test it; returns the summary."""
-    run_dir = Path(run_dir)
     # Read the affNIST files first: a bad path should fail before hours of training.
     affnist = load_affnist(settings.affnist_dir, settings.test_limit) if settings.affnist_dir else None
     splits = splits_for(config, data_dir)
@@ -205,23 +200,24 @@ def run(config: TrainConfig, settings: AffnistSettings, run_dir: str | Path, *,
     # Digits go anywhere on the canvas: shifts up to the padding, (40 - 28) / 2 = 6 for MNIST.
     config = replace(config, max_shift=translation_range(splits.image_size, CANVAS))
     limit = settings.test_limit
-    train = limited(pad_split(splits.train, CANVAS), config.train_limit)
-    val, test = (limited(pad_split(s, CANVAS), limit) for s in (splits.val, splits.test))
+    train = pad_split(splits.train, CANVAS).first(config.train_limit)
+    val, test = (pad_split(s, CANVAS).first(limit) for s in (splits.val, splits.test))
     affine = AffineTestSet(splits.test, TEST_SEED, settings.ranges(), CANVAS, limit)
-    write_json(run_dir / "config.json", {"experiment": "affnist", "train": config.to_dict(),
-                                         "settings": asdict(settings), "canvas": CANVAS})
+    run = Run(run_dir)
+    run.write_config({"experiment": "affnist", "train": config.to_dict(),
+                      "settings": asdict(settings), "canvas": CANVAS})
     results: dict[str, Any] = {}
     trained: dict[str, nn.Module] = {}
     device = torch.device("cpu")
     for name in settings.models:
         task_class = AffineCapsNet if name == "capsnet" else AffineCNN
         task = task_class(config, settings, train, val, test, affine, affnist, splits.num_classes)
-        sub = run_dir / name
-        trainer = Trainer(task, sub, resume=resume and (sub / "last.pt").is_file(),
+        part = run.part(name)
+        trainer = Trainer(task, part.folder, resume=resume and part.last.is_file(),
                           from_best=from_best, show_progress=show_progress)
         results[name] = trainer.fit()
         device = trainer.device
-        trained[name] = trainer.model_from(load_checkpoint(sub / "best.pt"), str(sub / "best.pt"))
+        trained[name] = trainer.best_model()
     paths = []
     count = min(settings.figures, len(affine))
     if count > 0:
@@ -229,7 +225,7 @@ def run(config: TrainConfig, settings: AffnistSettings, run_dir: str | Path, *,
         with autocast(device, config.precision):
             predictions = {name: classify(model.to(device).eval(), images)
                            for name, model in trained.items()}
-        paths.append(affine_figure(run_dir / "figures" / "affine-test.png", images, labels,
+        paths.append(affine_figure(run.figures / "affine-test.png", images, labels,
                                    predictions))
     summary = {"experiment": "affnist", "dataset": config.dataset, "models": results,
                "test_examples": {"translated": len(test), "affine": len(affine),
@@ -239,7 +235,7 @@ def run(config: TrainConfig, settings: AffnistSettings, run_dir: str | Path, *,
                "warmup_steps": config.warmup_steps, "device": device_name(device),
                "torch": torch.__version__, "figures": [str(p) for p in paths]}
     summary["wall_seconds"] = sum(r["wall_seconds"] for r in results.values())
-    write_json(run_dir / "summary.json", summary)
+    run.write_summary(summary)
     return summary
 
 

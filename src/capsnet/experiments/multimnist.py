@@ -27,13 +27,12 @@ from ..data.splits import Split
 from ..nn.layers import safe_norm
 from ..nn.losses import Reduction, margin_loss, reconstruction_loss
 from ..nn.model import CapsNet, CapsNetConfig, count_parameters
-from ..training.checkpoint import load_checkpoint
 from ..training.config import TrainConfig, model_config_for, splits_for
 from ..training.evaluate import accumulate
 from ..training.task import Step, Task
 from ..training.trainer import Trainer
 from ..utils.distributed import World
-from ..utils.files import save_png, write_json
+from ..utils.files import save_png
 from ..utils.settings import check_settings, setting
 from .base import TEST_SEED, VAL_SEED, Experiment
 
@@ -225,22 +224,19 @@ def run(config: TrainConfig, settings: MultiMNISTSettings, run_dir: str | Path, 
         data_dir: str | None = None, resume: bool = False, from_best: bool = False,
         show_progress: bool = True) -> dict[str, Any]:
     """Train (or resume) a CapsNet on MultiMNIST in ``run_dir``; returns the summary."""
-    run_dir = Path(run_dir)
     splits = splits_for(config, data_dir)
-    train = splits.train
-    if config.train_limit:
-        train = Split(train.images[:config.train_limit], train.labels[:config.train_limit])
-    task = MultiMNISTTask(config, settings, train, splits.val, splits.test, splits.num_classes)
+    task = MultiMNISTTask(config, settings, splits.train.first(config.train_limit), splits.val,
+                          splits.test, splits.num_classes)
     trainer = Trainer(task, run_dir, resume=resume, from_best=from_best,
                       show_progress=show_progress)
     summary = trainer.fit()
-    if trainer.world.is_main:
-        best = trainer.model_from(load_checkpoint(run_dir / "best.pt"), str(run_dir / "best.pt"))
-        paths = multimnist_figures(best.to(trainer.device), task.test_set, run_dir / "figures",
+    run = trainer.run
+    if run.main:
+        paths = multimnist_figures(trainer.best_model(), task.test_set, run.figures,
                                    count=min(settings.figures, task.test_size),
                                    device=trainer.device)
         summary["figures"] = [str(p) for p in paths]
-        write_json(run_dir / "summary.json", summary)
+        run.write_summary(summary)
     return summary
 
 

@@ -28,7 +28,12 @@ INITS = ("glorot", "official", "torch")
 class CapsNetConfig:
     """Architecture of a CapsNet. The defaults are the notebook's MNIST network. Every field
     is bounded (a value past a bound is a typo, not a plan), and a network whose weights
-    would not fit in this machine's memory is refused before anything is allocated."""
+    would not fit in this machine's memory is refused before anything is allocated.
+
+    The fields with ``train=`` are the ones a training run chooses: they are declared here
+    only, and TrainConfig has them too (flags, stored settings) with the ``train`` value as
+    default, the paper's where the notebook differs. ``before`` (what settings stored before
+    a field existed meant) holds for both."""
 
     image_size: int = setting(28, "side of the square input images (28 MNIST, 36 MultiMNIST, "
                               "40 affNIST-style)", min=1, max=4096)
@@ -36,23 +41,29 @@ class CapsNetConfig:
     num_classes: int = setting(10, "classes, one digit capsule each", min=2, max=10_000)
     conv1_channels: int = setting(256, "channels of the first convolution", min=1, max=8192)
     conv1_kernel: int = setting(9, "kernel of the first convolution", min=1, max=64)
-    primary_maps: int = setting(32, "primary capsule maps", min=1, max=4096)
+    primary_maps: int = setting(32, "primary capsule maps (the paper: 32 for MNIST, 64 for "
+                                "CIFAR-10)", min=1, max=4096, train=32)
     primary_dim: int = setting(8, "dimensions of a primary capsule", min=1, max=1024)
     primary_kernel: int = setting(9, "kernel of the primary capsule convolution", min=1, max=64)
     primary_stride: int = setting(2, "stride of the primary capsule convolution", min=1, max=64)
     digit_dim: int = setting(16, "dimensions of a digit capsule", min=1, max=1024)
-    routing_iterations: int = setting(2, "routing iterations (notebook 2, paper 3)", min=1,
-                                      max=100)
+    routing_iterations: int = setting(2, "routing-by-agreement iterations (the notebook: 2, "
+                                      "the paper: 3)", min=1, max=100, train=3)
     weight_init_std: float = setting(0.1, "standard deviation of the routing matrices W",
                                      gt=0, max=10)
     decoder_hidden: tuple[int, ...] = setting((512, 1024), "hidden layers of the decoder",
                                               min=1, max=65_536, max_len=16)
-    primary_style: str = setting("notebook", "notebook: squash(ReLU(conv)); official: "
-                                 "squash(conv / maps + bias) (see layers)", choices=PRIMARY_STYLES)
-    routing_bias: bool = setting(False, "the official code's learned bias on s_j")
+    primary_style: str = setting("notebook", "official: squash(conv / maps + bias), no ReLU; "
+                                 "notebook: squash(ReLU(conv))", choices=PRIMARY_STYLES,
+                                 train="official")
+    routing_bias: bool = setting(False, "a learned bias on s_j in every routing iteration "
+                                 "(official code)", train=True)
     leaky_routing: bool = setting(False, "a none-of-the-above output in the routing softmax "
-                                  "(the paper's CIFAR-10 network)")
-    init: str = setting("glorot", "see CapsNet.reset_parameters", choices=INITS)
+                                  "(the paper's CIFAR-10 network)", train=False)
+    init: str = setting("glorot", "weight initialisation: the official code's truncated "
+                        "normals, the notebook's Glorot-uniform, or PyTorch's defaults (see "
+                        "CapsNet.reset_parameters)", choices=INITS, train="official",
+                        before="torch")  # the code before the choice: PyTorch's defaults
 
     def __post_init__(self) -> None:
         if isinstance(self.decoder_hidden, list):
@@ -211,9 +222,15 @@ class CapsNet(nn.Module):
                              self.reconstruct(digit_caps, mask_classes))
 
 
-def capsnet_mnist(routing_iterations: int = 2, **overrides: Any) -> CapsNet:
-    """The notebook's MNIST CapsNet (8,215,568 parameters), with optional config overrides."""
-    return CapsNet(CapsNetConfig(routing_iterations=routing_iterations, **overrides))
+def capsnet_mnist(pretrained: bool = True, **config: Any) -> CapsNet:
+    """The MNIST CapsNet: the trained model shipped with capsnet, or (``pretrained=False``) a
+    fresh network of the notebook's architecture (8,215,568 parameters) with ``config``
+    overrides. Also torch.hub's entry point (hubconf.py)."""
+    if pretrained:
+        if config:
+            raise ValueError("the pretrained model has its own config; pass none")
+        return CapsNet.from_pretrained("mnist")
+    return CapsNet(CapsNetConfig(**config))
 
 
 def count_parameters(model: nn.Module) -> int:

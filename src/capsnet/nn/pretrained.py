@@ -25,9 +25,10 @@ from typing import Any
 import torch
 from torch import nn
 
-from ..errors import CapsNetError, reading
-from ..utils.checkpoint_file import RUN_CHECKPOINTS, ZIP_MAGIC, one_line, read_checkpoint
+from ..errors import CapsNetError, error_line, reading
+from ..utils.checkpoint_file import RUN_CHECKPOINTS, ZIP_MAGIC, read_checkpoint
 from ..utils.files import write_or_fail
+from ..utils.settings import short
 from ..utils.version import package_version
 
 FORMAT = "capsnet-safetensors"
@@ -116,14 +117,13 @@ def build(model_class: type, config_class: type, config: Any, state: Any, source
     try:
         checked = config_class.from_dict(config)
     except (TypeError, ValueError, CapsNetError) as exc:
-        raise CapsNetError(f"{source}: bad model config ({' '.join(str(exc).split())[:200]})") from None
+        raise CapsNetError(f"{source}: bad model config ({error_line(exc)})") from None
     model = model_class(checked)
     try:
         model.load_state_dict(state)
     except (RuntimeError, TypeError, AttributeError) as exc:
-        lines = str(exc).strip().splitlines() or [type(exc).__name__]
         raise CapsNetError(f"{source}: weights do not fit the model config "
-                           f"({lines[1].strip() if len(lines) > 1 else lines[0]})") from None
+                           f"({error_line(exc)})") from None
     return model
 
 
@@ -197,7 +197,7 @@ def built(stored: Stored, architectures: dict[str, tuple[type, type]]) -> Any:
     """The model ``stored`` describes, with its class names and preparation; it must be one of
     ``architectures`` (name -> (model class, its config class))."""
     if stored.architecture not in architectures:
-        raise CapsNetError(f"{stored.path}: holds a {one_line(stored.architecture)} model, not a "
+        raise CapsNetError(f"{stored.path}: holds a {short(stored.architecture)} model, not a "
                            f"{' or '.join(architectures)}")
     model = build(*architectures[stored.architecture], stored.config, stored.state,
                   str(stored.path))

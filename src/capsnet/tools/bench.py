@@ -149,7 +149,7 @@ def bench_epoch(config: TrainConfig, data_dir: str | None) -> dict[str, Any]:
         trainer = Trainer(Classification.from_config(config, data_dir), run_dir,
                           show_progress=False)
         for epoch in range(2):
-            trainer.progress["batch"] = 0  # the next epoch from its first batch
+            trainer.progress.batch = 0  # the next epoch from its first batch
             began = time.perf_counter()
             stats = trainer.train_epoch(epoch, threading.Event())
             trainer.task.validate(trainer.model, trainer.device, trainer.world)

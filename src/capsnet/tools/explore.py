@@ -62,7 +62,7 @@ import numpy as np
 import torch
 
 from ..data.images import mnist_normalise
-from ..errors import CapsNetError
+from ..errors import CapsNetError, error_line
 from ..nn.layers import safe_norm
 from ..nn.model import CapsNet
 from ..training.checkpoint import load_trained
@@ -234,7 +234,7 @@ class SampleSource:
             except CapsNetError as exc:
                 self.error = str(exc)
             except Exception as exc:  # noqa: BLE001 - any failure just disables samples
-                self.error = f"{type(exc).__name__}: {exc}"
+                self.error = error_line(exc)
             self.loaded = True
 
     def _read(self) -> tuple[torch.Tensor, torch.Tensor]:

@@ -39,7 +39,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from ..errors import CapsNetError
+from ..errors import CapsNetError, error_line
 from ..utils.files import write_or_fail
 from ..utils.version import package_version
 from ..nn.model import CapsNet
@@ -181,8 +181,7 @@ def export_onnx(model: CapsNet, out: Path, *, opset: int | None = None,
                 dynamic_shapes={"images": {0: torch.export.Dim("batch")}})
         proto = program.model_proto
     except Exception as exc:  # the exporter raises many kinds; keep the cause chained
-        first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
-        raise CapsNetError(f"ONNX export failed: {first[:300]}") from exc
+        raise CapsNetError(f"ONNX export failed: {error_line(exc, 300)}") from exc
     finally:
         for logger, level in zip(loggers, levels):
             logger.setLevel(level)
@@ -206,9 +205,8 @@ def export_onnx(model: CapsNet, out: Path, *, opset: int | None = None,
                 session = onnxruntime.InferenceSession(data, providers=["CPUExecutionProvider"])
                 got = session.run(OUTPUT_NAMES, {INPUT_NAMES[0]: images.numpy()})
             except Exception as exc:  # e.g. an onnxruntime too old for the opset
-                first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
                 raise CapsNetError(f"onnxruntime {onnxruntime.__version__} cannot run the "
-                                   f"exported model ({first[:300]}); try a lower --opset "
+                                   f"exported model ({error_line(exc, 300)}); try a lower --opset "
                                    f"or --no-verify") from exc
             with torch.no_grad():
                 want = wrapper(images)

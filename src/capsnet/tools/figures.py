@@ -4,13 +4,16 @@ parameters, and the training curves of a run.
 :func:`draw_figures` writes, into one folder (``n`` = number of samples; pixel sizes at
 :data:`DPI` = 100):
 
-    samples.png            the first ``n`` test images and their labels     (150 n x 200)
+    samples.png            the first test image of each class, titled with its class, the
+                           predicted one and that capsule's length, red when
+                           wrong                                            (150 classes x 200)
     reconstructions.png    those images, and below them the decoder's
                            reconstructions titled with the predictions      (150 n x 400)
     tweak_dim_00.png ...   one per pose dimension d of the predicted capsule: row = sample,
     tweak_dim_15.png       column = d shifted by -0.5, -0.4, ..., +0.5      (825 x 75 n + 50)
-    curves.png             train/validation loss and accuracy per epoch,
-                           when the run's metrics.jsonl exists              (1000 x 400)
+    curves.png             the training curve (loss and accuracy every few steps) and the
+                           validation after each epoch, on an axis of epochs, when
+                           the run's metrics.jsonl exists                   (1000 x 400)
 
 Figures are drawn on the Agg canvas without pyplot (no window, no global state) and each
 file is written atomically.
@@ -33,7 +36,7 @@ from ..errors import CapsNetError
 from ..nn.model import CapsNet
 from ..training.checkpoint import load_trained
 from ..training.config import splits_for
-from ..training.status import read_metrics
+from ..training.run import Run
 from ..training.task import check_fits
 from ..utils.files import save_png
 
@@ -61,23 +64,36 @@ def draw_figures(source: str | os.PathLike, out_dir: str | os.PathLike, *,
     check_fits(model.config, train_config.dataset, train_config.crop or splits.image_size,
                splits.in_channels, splits.num_classes)
     images, labels = next(batches(splits.test, n_samples, crop=train_config.crop))
-    labels = labels.tolist()
     with torch.no_grad():
         out = model(images)
         tweaks = tweak_reconstructions(model, out.digit_caps, out.predictions)
     predictions = out.predictions.tolist()
     out_dir = Path(out_dir)
-    paths = [save_png(samples_figure(images, labels), out_dir / "samples.png"),
+    each_class = one_of_each_class(splits.test, train_config.crop, splits.num_classes)
+    paths = [save_png(samples_figure(model, *each_class), out_dir / "samples.png"),
              save_png(reconstructions_figure(images, out.reconstructions, predictions),
-                  out_dir / "reconstructions.png")]
+                      out_dir / "reconstructions.png")]
     for dim, grid in enumerate(tweaks):
         paths.append(save_png(tweak_figure(grid, dim), out_dir / f"tweak_dim_{dim:02d}.png"))
-    metrics = Path(run_dir or trained.path.parent) / "metrics.jsonl"
-    if metrics.is_file():
-        records, _ = read_metrics(metrics)  # a line torn by a crash is skipped
-        if records:
-            paths.append(save_png(curves_figure(records), out_dir / "curves.png"))
+    run = Run(run_dir or trained.path.parent)
+    records, _ = run.read_metrics()  # torn lines skipped
+    if records:
+        points, _ = run.read_metrics(curve=True)
+        paths.append(save_png(curves_figure(records, points), out_dir / "curves.png"))
     return paths
+
+
+def one_of_each_class(source: Any, crop: int, num_classes: int,
+                      batch_size: int = 500) -> tuple[Tensor, Tensor]:
+    """The first image of each class in ``source`` (of those it holds), in class order."""
+    found: dict[int, Tensor] = {}
+    for images, labels in batches(source, batch_size, crop=crop):
+        for image, label in zip(images, labels.tolist()):
+            found.setdefault(label, image)
+        if len(found) == num_classes:
+            break
+    classes = sorted(found)
+    return torch.stack([found[c] for c in classes]), torch.tensor(classes)
 
 
 def tweak_reconstructions(model: CapsNet, digit_caps: Tensor, classes: Tensor) -> Tensor:
@@ -106,13 +122,19 @@ def show(ax: Any, image: Tensor) -> None:
     ax.axis("off")
 
 
-def samples_figure(images: Tensor, labels: list[int]) -> Figure:
-    """The test images in a row, each titled with its label."""
+def samples_figure(model: CapsNet, images: Tensor, labels: Tensor) -> Figure:
+    """``images`` in a row, each titled with its class, the predicted class and the length of
+    that capsule; in red where the prediction is wrong."""
+    with torch.no_grad():
+        lengths = model(images).lengths
     fig = Figure(figsize=(CELL * len(images), 2.0), dpi=DPI)
-    for index, (image, label) in enumerate(zip(images, labels)):
+    for index, (image, label) in enumerate(zip(images, labels.tolist())):
+        predicted = int(lengths[index].argmax())
         ax = fig.add_subplot(1, len(images), index + 1)
         show(ax, image)
-        ax.set_title(f"Label: {label}")
+        ax.set_title(f"{model.class_names[label]} -> {model.class_names[predicted]}\n"
+                     f"length {lengths[index, predicted]:.2f}", fontsize=9,
+                     color="black" if predicted == label else "red")
     return fig
 
 
@@ -163,18 +185,24 @@ def mosaic(grid: Tensor) -> np.ndarray:
     return canvas
 
 
-def curves_figure(records: list[dict[str, Any]]) -> Figure:
-    """Training and validation loss (left) and accuracy (right) per epoch."""
+def curves_figure(epochs: list[dict[str, Any]], points: list[dict[str, Any]]) -> Figure:
+    """Loss (left, log scale) and accuracy (right) on an axis of epochs: the training curve
+    from ``points`` (every few steps; the per-epoch means where a run logged none) and the
+    validation after each epoch, from ``epochs``."""
     fig = Figure(figsize=(10.0, 4.0), dpi=DPI)
-    epochs = [r["epoch"] for r in records]
-    for index, (metric, title) in enumerate((("loss", "Loss"), ("accuracy", "Accuracy"))):
+    train = points or epochs
+    for index, metric in enumerate(("loss", "accuracy")):
         ax = fig.add_subplot(1, 2, index + 1)
-        for split in ("train", "val"):
-            values = [r.get(f"{split}_{metric}", np.nan) for r in records]
-            ax.plot(epochs, values, marker="o", label="validation" if split == "val" else split)
+        ax.plot([r["epoch"] for r in train], [r.get(f"train_{metric}", np.nan) for r in train],
+                marker="" if points else "o", label="training")
+        ax.plot([r["epoch"] for r in epochs], [r.get(f"val_{metric}", np.nan) for r in epochs],
+                marker="o", linestyle="--" if len(epochs) > 1 else "", label="validation")
         ax.set_xlabel("epoch")
+        ax.set_xlim(0 if points else 0.5, max(r["epoch"] for r in epochs) + (0 if points else 0.5))
         ax.xaxis.set_major_locator(MaxNLocator(integer=True))
-        ax.set_title(title)
+        if metric == "loss":
+            ax.set_yscale("log")
+        ax.set_title(metric.capitalize())
         ax.grid(alpha=0.3)
         ax.legend()
     fig.tight_layout()

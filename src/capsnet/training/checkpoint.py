@@ -1,12 +1,13 @@
 """Checkpoints of training runs. The file (written atomically, read without running code,
-checksummed) is :mod:`capsnet.utils.checkpoint_file`; here the training settings it stores
-are checked and its model is built.
+checksummed) is :mod:`capsnet.utils.checkpoint_file`; here the training settings and the
+progress it stores are checked and its model is built.
 """
 
 from __future__ import annotations
 
+import math
 import os
-from dataclasses import dataclass, replace
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -17,10 +18,13 @@ from ..errors import CapsNetError
 from ..nn.baseline import ARCHITECTURE as CNN, BaselineCNN, BaselineConfig
 from ..nn.model import CapsNet, CapsNetConfig
 from ..nn.pretrained import Stored, built, checkpoint_of, read_model
-from ..utils.checkpoint_file import LEGACY_BEST, one_line, read_checkpoint
+from ..utils.checkpoint_file import read_checkpoint
 # The trainer and the tests import these from here:
 from ..utils.checkpoint_file import FORMAT, VERSION, save_checkpoint, state_digest  # noqa: F401
+from ..utils.settings import check_settings, setting, settings_from_dict, short
 from .config import TrainConfig
+
+LEGACY_BEST = "best_val_loss"  # what "best" was called before tasks had metrics
 
 ARCHITECTURES: dict[str, tuple[type[nn.Module], type]] = {  # name -> (model, its config)
     "capsnet": (CapsNet, CapsNetConfig),
@@ -28,12 +32,49 @@ ARCHITECTURES: dict[str, tuple[type[nn.Module], type]] = {  # name -> (model, it
 }
 
 
+@dataclass
+class Progress:
+    """How far a run got: stored in each checkpoint, and checked as settings are when read
+    (a checkpoint is untrusted). The Trainer updates it in place."""
+
+    epoch: int = setting(0, "epochs trained", min=0, required=True)
+    batch: int = setting(0, "steps trained in the current epoch", min=0, required=True)
+    step: int = setting(0, "optimiser steps trained", min=0, required=True)
+    best: float = setting(-math.inf, "best validation value of the metric that picks best.pt "
+                          "(an infinity before the first)", infinite=True, required=True)
+    wall_seconds: float = setting(0.0, "seconds of all the run's calls so far", min=0)
+    init_from: str | None = setting(None, "the checkpoint the run started from", max_len=4096)
+    val_accuracy: float | None = setting(None, "the last validation accuracy (what stop_at "
+                                         "compares)")
+    # The sums of an epoch stopped part way (Ctrl-C), which its resumption continues:
+    epoch_losses: tuple[float, ...] = setting((), "the loss of each of its steps")
+    epoch_correct: int = setting(0, "its correct predictions", min=0)
+    epoch_seen: int = setting(0, "its examples", min=0)
+
+    def __post_init__(self) -> None:
+        check_settings(self)
+        if len(self.epoch_losses) > self.batch:
+            raise CapsNetError(f"epoch_losses holds {len(self.epoch_losses)} steps, more than "
+                               f"the {self.batch} of batch")
+
+    @classmethod
+    def from_dict(cls, data: Any, what: str) -> "Progress":
+        if isinstance(data, dict) and "best" not in data and LEGACY_BEST in data:
+            data = {("best" if k == LEGACY_BEST else k): v for k, v in data.items()}
+        return settings_from_dict(cls, data, what)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {**asdict(self), "epoch_losses": list(self.epoch_losses)}
+
+
 def load_checkpoint(path: str | os.PathLike, *, resumable: bool = False) -> dict[str, Any]:
     """:func:`~capsnet.utils.checkpoint_file.read_checkpoint`, whose stored training settings
-    must also obey the flags' rules."""
+    must also obey the flags' rules, and whose progress must be sane."""
     payload = read_checkpoint(path, resumable=resumable)
     if "train_config" in payload:
         settings_of(payload["train_config"], path)
+    if "progress" in payload:
+        progress_of(payload, path)
     return payload
 
 
@@ -45,13 +86,13 @@ def settings_of(train_config: Any, path: str | os.PathLike) -> TrainConfig:
         raise CapsNetError(f"{path}: {exc}") from None
 
 
-def progress_of(payload: dict[str, Any]) -> dict[str, Any]:
-    """A copy of the checkpoint's progress (files written before tasks had metrics call
-    "best" "best_val_loss")."""
-    progress = dict(payload["progress"])
-    if "best" not in progress:
-        progress["best"] = progress.pop(LEGACY_BEST)
-    return progress
+def progress_of(payload: dict[str, Any], path: str | os.PathLike) -> Progress:
+    """The progress stored in the checkpoint ``path``, checked; one line names what is wrong."""
+    what = f"{path}: checkpoint's progress"
+    try:
+        return Progress.from_dict(payload["progress"], what)
+    except CapsNetError as exc:  # a value's own check does not know where it was read
+        raise CapsNetError(str(exc) if str(exc).startswith(what) else f"{what}: {exc}") from None
 
 
 def model_from_checkpoint(payload: dict[str, Any], source: str = "checkpoint",
@@ -61,7 +102,7 @@ def model_from_checkpoint(payload: dict[str, Any], source: str = "checkpoint",
     and image preparation, when there are, come with it."""
     stored = checkpoint_of(payload, Path(source))
     if stored.architecture not in ARCHITECTURES:
-        raise CapsNetError(f"{source}: unknown architecture {one_line(stored.architecture)}")
+        raise CapsNetError(f"{source}: unknown architecture {short(stored.architecture)}")
     wanted = ARCHITECTURES if architecture is None else {architecture: ARCHITECTURES[architecture]}
     return built(stored, wanted)
 

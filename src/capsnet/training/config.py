@@ -14,13 +14,13 @@ from typing import Any, Mapping
 
 from ..data.splits import Splits, load_splits, recorded_dataset
 from ..errors import CapsNetError
-from ..nn.layers import PRIMARY_STYLES
 from ..nn.losses import MARGIN_FORMS, REDUCTIONS
-from ..nn.model import INITS, CapsNetConfig
-from ..utils.settings import check_settings, setting, settings_from_dict, short
+from ..nn.model import CapsNetConfig
+from ..utils.settings import (check_settings, setting, settings_from_dict, short,
+                              training_fields, training_fields_of)
 
 DEVICES = ("auto", "cpu", "cuda")
-PRECISIONS = ("fp32", "bf16")
+PRECISIONS = ("fp32", "bf16", "auto")
 VAL_SPLITS = ("first", "last")
 PRESET_NAMES = ("paper", "seed", "quick", "cifar10")
 COMPILE_CHOICES = ("auto", "on", "off")
@@ -29,30 +29,21 @@ MAX_SEED = 2**32 - 1
 
 
 @dataclass(frozen=True)
+@training_fields_of(CapsNetConfig)
 class TrainConfig:
-    """Everything a training run depends on, apart from where its files go."""
+    """Everything a training run depends on, apart from where its files go. The model's
+    architecture fields a run chooses (``routing_iterations``, ``init``, ...) are declared in
+    :class:`~capsnet.nn.model.CapsNetConfig` (``train=``) and come after these."""
 
     preset: str = setting("paper", "the preset these settings started from",
                           choices=PRESET_NAMES, flag=False)
-    dataset: str = setting("mnist", "mnist, fashion-mnist, or a folder of IDX files")
+    dataset: str = setting("mnist", "mnist, fashion-mnist, cifar10, svhn, or a folder of "
+                           "IDX files or of class folders")
     epochs: int = setting(30, "passes over the training set", min=1, max=100_000, resume=True)
     batch_size: int = setting(128, "images per optimizer step (the global batch under torchrun)",
                               min=1, max=65_536)
     eval_batch_size: int = setting(500, "images per batch when validating and testing",
                                    min=1, max=65_536)
-    routing_iterations: int = setting(3, "routing-by-agreement iterations", min=1, max=100)
-    init: str = setting("official", "weight initialisation: the official code's truncated "
-                        "normals, the notebook's Glorot-uniform, or PyTorch's defaults",
-                        choices=INITS, before="torch")
-    primary_style: str = setting("official", "official: squash(conv / maps + bias), no ReLU; "
-                                 "notebook: squash(ReLU(conv))", choices=PRIMARY_STYLES,
-                                 before="notebook")
-    routing_bias: bool = setting(True, "a learned bias on s_j in every routing iteration "
-                                 "(official code)", before=False)
-    leaky_routing: bool = setting(False, "a none-of-the-above output in the routing softmax "
-                                  "(the paper's CIFAR-10 network)")
-    primary_maps: int = setting(32, "primary capsule maps (the paper: 32 for MNIST, 64 for "
-                                "CIFAR-10)", min=1, max=4096)
     lr: float = setting(1e-3, "Adam learning rate", gt=0, lt=1)
     lr_decay: float = setting(0.96, "multiply the learning rate by this every "
                               "--lr-decay-steps steps (continuously)", gt=0, max=1)
@@ -87,7 +78,8 @@ class TrainConfig:
                              "this, e.g. 0.992 (0: off); the summary says where it stopped",
                              min=0, max=1, resume=True)
     device: str = setting("auto", "auto: CUDA when available", choices=DEVICES, resume=True)
-    precision: str = setting("fp32", "bf16: autocast matmuls and convolutions to bfloat16",
+    precision: str = setting("fp32", "bf16: autocast matmuls and convolutions to bfloat16; "
+                             "auto: bf16 on a CPU with AMX, else fp32",
                              choices=PRECISIONS)
     compile: str = setting("auto", "torch.compile the model: on, off, or auto (on for runs of "
                            f"at least {COMPILE_AFTER_STEPS} steps, where the compile time "
@@ -95,6 +87,10 @@ class TrainConfig:
     cuda_graphs: bool = setting(False, "replay each training step from a CUDA graph captured "
                                 "once per batch shape (fewer kernel launches; CUDA only, not "
                                 "under torchrun)", resume=True)
+    log_every: int = setting(50, "steps between points of the training curve (loss and "
+                             "accuracy of the steps since the last) in metrics.jsonl and "
+                             "TensorBoard; 0: per epoch only", min=0, max=10_000_000,
+                             resume=True, before=0)
     deterministic: bool = setting(False, "use only deterministic algorithms")
 
     def __post_init__(self) -> None:
@@ -119,8 +115,12 @@ PRESETS: dict[str, dict[str, Any]] = {
     "seed": dict(epochs=10, batch_size=50, routing_iterations=2, lr_decay=1.0, max_shift=0,
                  reconstruction_reduction="mean", init="glorot", primary_style="notebook",
                  routing_bias=False),
-    # Sized for a 2-core CPU in minutes: one pass over 30,000 images, small batches, no shifts.
-    "quick": dict(epochs=1, batch_size=32, train_limit=30_000, lr_decay=1.0, max_shift=0),
+    # 99% on a 2-core CPU in under five minutes: the notebook's network and losses (which
+    # learn fastest in a first epoch), one pass over all 55,000 images, bf16 where the CPU
+    # has AMX (docs/PRESETS.md gives each choice's measured effect).
+    "quick": dict(epochs=1, batch_size=50, routing_iterations=2, lr_decay=1.0, max_shift=0,
+                  reconstruction_reduction="mean", init="glorot", primary_style="notebook",
+                  routing_bias=False, precision="auto"),
     # The paper's section 7 on CIFAR-10: 24x24 crops, 64 primary capsule maps, a
     # none-of-the-above capsule in the routing softmax, 3 iterations (its 10.6% error is an
     # ensemble of 7 such models).
@@ -164,13 +164,11 @@ def resume_config(saved: TrainConfig, requested: Mapping[str, Any]) -> TrainConf
 
 def model_config_for(config: TrainConfig, image_size: int, in_channels: int,
                      num_classes: int) -> CapsNetConfig:
-    """The CapsNet for ``config`` on data of this shape: every other field the two settings
-    share (routing iterations, initialisation, primary style, routing bias) comes from
-    ``config``."""
-    shared = ({f.name for f in fields(CapsNetConfig)} & {f.name for f in fields(TrainConfig)}
-              - {"image_size", "in_channels", "num_classes"})
+    """The CapsNet for ``config`` on data of this shape, with the architecture ``config``
+    chose (CapsNetConfig's ``train=`` fields)."""
+    chosen = {f.name: getattr(config, f.name) for f in training_fields(CapsNetConfig)}
     return CapsNetConfig(image_size=image_size, in_channels=in_channels, num_classes=num_classes,
-                         **{name: getattr(config, name) for name in sorted(shared)})
+                         **chosen)
 
 
 def learning_rate(config: TrainConfig, step: int) -> float:

@@ -1,10 +1,7 @@
-"""What a run folder says about its run, read without changing anything: running (the
-process in ``train.pid`` is alive), finished (``summary.json``) or stopped; how far it got,
-how fast, and how long it has left. Also the record of the process training in a folder.
-
-    train.pid    the process training in the folder, while it does (``capsnet train`` and
-                 ``capsnet experiment`` write it; one killed leaves it, stale)
-    train.log    the output of a run started with ``capsnet train --detach``
+"""What a run folder says about its run, read through its
+:class:`~capsnet.training.run.Run` without changing anything: running (the process in its
+train.pid is alive), finished (its summary.json) or stopped; how far it got, how fast, and
+how long it has left.
 
 Every file is untrusted: config.json or summary.json that is not a JSON object of valid
 settings is refused in one line; a metrics.jsonl line that is not a record (torn by a
@@ -14,133 +11,20 @@ figures skip it.
 
 from __future__ import annotations
 
-import json
-import math
 import os
 import shlex
 import time
-from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
-from ..errors import CapsNetError, reading
-from ..utils.files import write_or_fail
+from ..errors import CapsNetError
 from .config import TrainConfig
+from .run import Run, finite
 
-PID_FILE = "train.pid"
-LOG_FILE = "train.log"
-NUMBERS = ("val_accuracy", "images_per_s", "epoch_seconds", "wall_seconds")  # read when there
 TAIL_BYTES = 4096  # of train.log, for its last line
 
 
-# -- the training process ---------------------------------------------------------------
-
-def alive(pid: int) -> bool:
-    """Whether process ``pid`` runs and is a capsnet command: not a zombie, nor a pid the
-    system gave to another program since."""
-    if Path("/proc/self").is_dir():  # Linux says what the process is, not only that it exists
-        proc = Path("/proc") / str(pid)
-        try:
-            state = (proc / "stat").read_text().rpartition(")")[2].split()[0]
-            command = (proc / "cmdline").read_bytes()
-        except (OSError, IndexError):
-            return False
-        return state not in ("Z", "X") and b"capsnet" in command
-    try:
-        os.kill(pid, 0)
-    except (ProcessLookupError, PermissionError):  # gone, or another user's: the pid was reused
-        return False
-    return True
-
-
-def running_pid(run_dir: Path) -> int | None:
-    """The process named in ``run_dir/train.pid`` while it is alive; None without one."""
-    try:
-        text = (run_dir / PID_FILE).read_text().strip()
-    except (OSError, UnicodeDecodeError):
-        return None
-    pid = int(text) if text.isdigit() and len(text) < 10 else 0
-    return pid if pid > 0 and alive(pid) else None
-
-
-def check_free(run_dir: Path) -> None:
-    """Refuse a folder another live process trains in: two would overwrite each other."""
-    pid = running_pid(run_dir)
-    if pid is not None and pid != os.getpid():
-        raise CapsNetError(f"{run_dir} is being trained by process {pid} (capsnet status "
-                           f"{run_dir}); wait for it, or stop it with kill -INT {pid}")
-
-
-def record_pid(run_dir: Path, pid: int) -> None:
-    write_or_fail(run_dir / PID_FILE, f"{pid}\n".encode())
-
-
-@contextmanager
-def training_here(run_dir: Path) -> Iterator[None]:
-    """Record this process in ``run_dir/train.pid`` while it trains there, then remove it
-    (and the folder, if this call made it and left it empty). Under torchrun, rank 0
-    speaks for every rank."""
-    if os.environ.get("RANK", "0") != "0":
-        yield
-        return
-    check_free(run_dir)
-    made = not run_dir.exists()
-    record_pid(run_dir, os.getpid())
-    try:
-        yield
-    finally:
-        path = run_dir / PID_FILE
-        try:
-            if path.read_text().strip() == str(os.getpid()):
-                path.unlink()
-            if made:
-                run_dir.rmdir()  # only when empty: training failed before writing anything
-        except OSError:
-            pass
-
-
 # -- reading a run folder ---------------------------------------------------------------
-
-def finite(value: Any) -> bool:
-    return (isinstance(value, (int, float)) and not isinstance(value, bool)
-            and math.isfinite(value))
-
-
-def usable(record: Any) -> bool:
-    """A metrics record with a whole epoch and step, and finite numbers where status and
-    the figures read them."""
-    return (isinstance(record, dict) and isinstance(record.get("epoch"), int)
-            and isinstance(record.get("step"), int) and record["epoch"] >= 1
-            and all(finite(record[key]) for key in NUMBERS if key in record))
-
-
-def read_metrics(path: Path) -> tuple[list[dict[str, Any]], int]:
-    """The records of a run's metrics.jsonl, and how many lines were skipped."""
-    records, skipped = [], 0
-    for line in path.read_text(errors="replace").splitlines():
-        if not line.strip():
-            continue
-        try:
-            record = json.loads(line)
-        except ValueError:
-            record = None
-        if usable(record):
-            records.append(record)
-        else:
-            skipped += 1
-    return records, skipped
-
-
-def read_object(path: Path, what: str) -> dict[str, Any] | None:
-    """The JSON object in ``path``, None when there is no such file."""
-    if not path.is_file():
-        return None
-    with reading(path, what):
-        data = json.loads(path.read_text())
-    if not isinstance(data, dict):
-        raise CapsNetError(f"{path}: not a valid {what} (not a JSON object)")
-    return data
-
 
 def number(data: dict[str, Any] | None, key: str) -> float | None:
     """``data[key]`` when it is a finite number (files are untrusted)."""
@@ -179,11 +63,12 @@ def task_name(config: dict[str, Any] | None) -> str:
     return name if isinstance(name, str) else "classification"
 
 
-def home_folder(run_dir: Path, config: dict[str, Any] | None) -> Path:
-    """The folder the run is trained and resumed from: its own, or for one model of an
-    experiment of several (affnist), the experiment's folder above it."""
-    nested = task_name(config) != "classification" and (run_dir.parent / "config.json").is_file()
-    return run_dir.parent if nested else run_dir
+def home_run(run: Run, config: dict[str, Any] | None) -> Run:
+    """The run trained and resumed as a whole: this one, or for one model of an experiment
+    of several (affnist), the experiment's run above it."""
+    above = Run(run.folder.parent)
+    nested = task_name(config) != "classification" and above.config_file.is_file()
+    return above if nested else run
 
 
 def resume_command(home: Path, config: dict[str, Any] | None) -> str:
@@ -194,19 +79,19 @@ def resume_command(home: Path, config: dict[str, Any] | None) -> str:
     return f"{command} --resume {shlex.quote(str(home))}"
 
 
-def training_settings(run_dir: Path, config: dict[str, Any] | None) -> TrainConfig | None:
+def training_settings(run: Run, config: dict[str, Any] | None) -> TrainConfig | None:
     """The settings in config.json; a folder of an experiment's runs is refused with them
     named."""
     if config is None:
         return None
     if "task" not in config and "experiment" in config:
-        runs = sorted(str(p.parent) for p in run_dir.glob("*/config.json"))
-        raise CapsNetError(f"{run_dir}: holds an experiment of several runs; ask for one of "
+        runs = [str(part.folder) for part in run.parts()]
+        raise CapsNetError(f"{run.folder}: holds an experiment of several runs; ask for one of "
                            f"them: {', '.join(runs) or 'none has started yet'}")
     try:
         return TrainConfig.from_dict(config.get("train"))
     except CapsNetError as exc:
-        raise CapsNetError(f"{run_dir / 'config.json'}: {exc}") from None
+        raise CapsNetError(f"{run.config_file}: {exc}") from None
 
 
 def run_status(run_dir: Path, now: float | None = None) -> dict[str, Any]:
@@ -214,13 +99,13 @@ def run_status(run_dir: Path, now: float | None = None) -> dict[str, Any]:
     if not run_dir.is_dir():
         raise CapsNetError(f"{run_dir}: no such run folder")
     now = time.time() if now is None else now
-    config = read_object(run_dir / "config.json", "run config (config.json)")
-    settings = training_settings(run_dir, config)
-    summary = read_object(run_dir / "summary.json", "run summary (summary.json)")
-    metrics = run_dir / "metrics.jsonl"
-    records, skipped = read_metrics(metrics) if metrics.is_file() else ([], 0)
-    home = home_folder(run_dir, config)
-    pid = running_pid(home)
+    run = Run(run_dir)
+    config = run.read_config()
+    settings = training_settings(run, config)
+    summary = run.read_summary()
+    records, skipped = run.read_metrics()
+    home = home_run(run, config)
+    pid = home.running_pid()
     if settings is None and pid is None:
         raise CapsNetError(f"{run_dir}: no run there (no config.json, and no training process)")
     last = records[-1] if records else {}
@@ -239,12 +124,12 @@ def run_status(run_dir: Path, now: float | None = None) -> dict[str, Any]:
               "skipped_metrics_lines": skipped}
     status["steps"] = (round(status["step"] / epoch * status["epochs"])
                        if epoch and status["epochs"] else None)
-    started = mtime(home / PID_FILE) if pid is not None else None  # this call's start
+    started = mtime(home.pid_file) if pid is not None else None  # this call's start
     status.update(timing(records, summary if finished else None, settings, now, started,
-                         mtime(metrics)))
-    status["resume_command"] = (resume_command(home, config)
+                         mtime(run.metrics_file)))
+    status["resume_command"] = (resume_command(home.folder, config)
                                 if state != "running" and unfinished(status) else None)
-    log = home / LOG_FILE
+    log = home.log_file
     status["log"] = str(log) if log.is_file() else None
     status["last_log_line"] = last_line(log) if state == "stopped" and log.is_file() else None
     return status

@@ -126,11 +126,9 @@ class Classification(Task):
 
     @classmethod
     def from_splits(cls, config: TrainConfig, splits: Splits) -> "Classification":
-        train = splits.train
-        if config.train_limit:
-            train = Split(train.images[:config.train_limit], train.labels[:config.train_limit])
-        return cls(config, train, splits.val, splits.test, num_classes=splits.num_classes,
-                   class_names=splits.class_names, prepare=splits.prepare)
+        return cls(config, splits.train.first(config.train_limit), splits.val, splits.test,
+                   num_classes=splits.num_classes, class_names=splits.class_names,
+                   prepare=splits.prepare)
 
     def model_config(self) -> CapsNetConfig:
         return model_config_for(self.config, self.image_size, self.in_channels,

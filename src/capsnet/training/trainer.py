@@ -1,14 +1,7 @@
 """The one training loop: epochs with validation, best and last checkpoints, exact resume,
 Ctrl-C, ``torchrun``, NaN checks, logs, and a test of the best checkpoint at the end. What
-is trained comes from a :class:`~capsnet.training.task.Task`.
-
-A run directory holds::
-
-    config.json      the resolved TrainConfig, the model config and the task
-    metrics.jsonl    one JSON line per epoch (TensorBoard event files too, when installed)
-    last.pt          the latest state, enough to resume exactly
-    best.pt          the weights with the best value of the task's validation metric
-    summary.json     test results of best.pt, wall time, speed, machine and date
+is trained comes from a :class:`~capsnet.training.task.Task`; every file of the run folder
+is read and written through its :class:`~capsnet.training.run.Run`.
 """
 
 from __future__ import annotations
@@ -26,12 +19,13 @@ import torch
 from tqdm import tqdm
 
 from ..errors import CapsNetError
-from ..utils.device import autocast, compile_options, device_name, resolve_device
+from ..utils.device import (autocast, compile_options, device_name, resolve_device,
+                            resolved_precision)
 from ..utils.distributed import all_reduce_sum, any_rank, init_world, per_rank_batch, shutdown
-from ..utils.files import atomic_write_bytes, write_json
-from .checkpoint import load_checkpoint, model_from_checkpoint, progress_of, save_checkpoint
+from .checkpoint import Progress, load_checkpoint, model_from_checkpoint, progress_of
 from .config import COMPILE_AFTER_STEPS, TrainConfig, epoch_seed, learning_rate, resume_config
 from .graphs import GraphedStep, check_graphs_possible, set_learning_rate
+from .run import MetricsLog, Run
 from .task import Classification, Step, Task
 
 LOG_EVERY = 20  # steps between progress updates (each costs one host synchronisation)
@@ -39,55 +33,6 @@ LOG_EVERY = 20  # steps between progress updates (each costs one host synchronis
 
 class TrainingInterrupted(CapsNetError):
     """Ctrl-C during training; a resumable checkpoint was saved."""
-
-
-@contextmanager
-def reporting_write_errors(path: Path) -> Iterator[None]:
-    """Turn an OSError (disk full, read-only folder) while writing ``path`` into one line."""
-    try:
-        yield
-    except OSError as exc:
-        raise CapsNetError(f"could not write {path}: {exc.strerror or exc}; the checkpoints in "
-                           f"{path.parent} were left as they were") from None
-
-
-def epoch_of(line: str) -> float:
-    """Epoch of a metrics.jsonl line; infinity for a line torn by a crash (so it is dropped)."""
-    try:
-        return float(json.loads(line)["epoch"])
-    except (ValueError, KeyError, TypeError):
-        return math.inf
-
-
-class MetricsLog:
-    """Appends one JSON line per epoch; mirrors scalars to TensorBoard when it is installed."""
-
-    def __init__(self, run_dir: Path, keep_epochs: int) -> None:
-        self.path = run_dir / "metrics.jsonl"
-        # After a resume, drop lines of epochs the checkpoint does not contain.
-        if self.path.exists():
-            lines = [line for line in self.path.read_text(errors="replace").splitlines()
-                     if line.strip() and epoch_of(line) <= keep_epochs]
-            with reporting_write_errors(self.path):
-                atomic_write_bytes(self.path, "".join(line + "\n" for line in lines).encode())
-        try:
-            from torch.utils.tensorboard import SummaryWriter
-            self.writer = SummaryWriter(str(run_dir / "tensorboard"))
-        except ImportError:
-            self.writer = None
-
-    def write(self, record: dict[str, Any]) -> None:
-        with reporting_write_errors(self.path), open(self.path, "a") as f:
-            f.write(json.dumps(record) + "\n")
-        if self.writer is not None:
-            for key, value in record.items():
-                if key != "epoch" and isinstance(value, (int, float)):
-                    self.writer.add_scalar(key, value, record["epoch"])
-            self.writer.flush()
-
-    def close(self) -> None:
-        if self.writer is not None:
-            self.writer.close()
 
 
 @contextmanager
@@ -109,24 +54,64 @@ def stop_on_sigint() -> Iterator[threading.Event]:
         signal.signal(signal.SIGINT, previous)
 
 
-def resume_point(run_dir: str | Path, from_best: bool = False) -> dict[str, Any]:
-    """The checkpoint a resumed run continues from: ``last.pt``, or ``best.pt`` with
-    ``from_best``. A damaged last.pt is refused with a pointer to an intact best.pt."""
-    run_dir = Path(run_dir)
-    name = "best.pt" if from_best else "last.pt"
-    if not (run_dir / name).is_file():
-        raise CapsNetError(f"--resume {run_dir}: no {name} there to resume from")
+@contextmanager
+def deterministic_algorithms(on: bool) -> Iterator[None]:
+    """Deterministic algorithms, when ``on``, for the time of the block; then the process's
+    own setting again (the switch is process-wide)."""
+    if not on:
+        yield
+        return
+    before = torch.are_deterministic_algorithms_enabled()
+    warn_only = torch.is_deterministic_algorithms_warn_only_enabled()
+    torch.use_deterministic_algorithms(True)
     try:
-        return load_checkpoint(run_dir / name, resumable=True)
-    except CapsNetError as exc:
-        if from_best or not (run_dir / "best.pt").is_file():
-            raise
+        yield
+    finally:
+        torch.use_deterministic_algorithms(before, warn_only=warn_only)
+
+
+class RandomStream:
+    """The run's own random numbers, seeded as ``torch.manual_seed(seed)`` would seed them.
+
+    Weight initialisation and dropout draw from PyTorch's global generators (``nn.Dropout``
+    takes no ``torch.Generator``), so the run keeps their states and swaps them in only while
+    it works (``with stream.active():``): the draws are those of a seeded process, and the
+    caller's generators are as they were afterwards. Checkpoints keep the CPU state; a
+    resumed run on a GPU restarts the device's stream from the seed.
+    """
+
+    def __init__(self, seed: int, device: torch.device) -> None:
+        self.devices = [device] if device.type == "cuda" else []
+        self.states = [torch.Generator(d).manual_seed(seed).get_state()
+                       for d in (torch.device("cpu"), *self.devices)]
+        self.inside = False
+
+    def restore(self, state: Any, source: str) -> None:
+        """Continue the CPU stream a checkpoint saved (None: keep the seeded one)."""
+        if state is None:
+            return
         try:
-            epoch = load_checkpoint(run_dir / "best.pt", resumable=True)["progress"]["epoch"]
-        except CapsNetError:
-            raise exc from None
-        raise CapsNetError(f"{exc}; best.pt (after epoch {epoch}) is intact: add --from-best to "
-                           f"continue from it (last.pt is kept, renamed)") from None
+            torch.Generator().set_state(state)
+        except (TypeError, RuntimeError):
+            raise CapsNetError(f"{source}: the saved random state is malformed") from None
+        self.states[0] = state
+
+    def cpu_state(self) -> torch.Tensor:
+        return torch.get_rng_state() if self.inside else self.states[0]
+
+    @contextmanager
+    def active(self) -> Iterator[None]:
+        with torch.random.fork_rng(devices=self.devices):
+            torch.set_rng_state(self.states[0])
+            for device, state in zip(self.devices, self.states[1:]):
+                torch.cuda.set_rng_state(state, device)
+            self.inside = True
+            try:
+                yield
+            finally:
+                self.inside = False
+                self.states = [torch.get_rng_state(),
+                               *(torch.cuda.get_rng_state(d) for d in self.devices)]
 
 
 def make_optimizer(parameters: Iterator[torch.nn.Parameter], lr: float, device: torch.device,
@@ -154,11 +139,6 @@ def make_optimizer(parameters: Iterator[torch.nn.Parameter], lr: float, device: 
     return optimizer
 
 
-def saved_config(run_dir: str | Path, from_best: bool = False) -> TrainConfig:
-    """The training settings of the run in ``run_dir``."""
-    return TrainConfig.from_dict(resume_point(run_dir, from_best)["train_config"])
-
-
 class Trainer:
     """Owns the model, optimiser and progress of one run of ``task``; :meth:`fit` runs it.
 
@@ -166,26 +146,25 @@ class Trainer:
     from its ``best.pt``, the old last.pt renamed aside); the task's config may differ from
     the run's only where :func:`~capsnet.training.config.resume_config` allows.
     ``init_from`` starts a new run from a checkpoint's weights and optimizer state.
+    Process-wide state is left as it was found: see :meth:`fit`.
     """
 
     def __init__(self, task: Task, run_dir: str | Path, *, resume: bool = False,
                  from_best: bool = False, init_from: str | Path | None = None,
                  show_progress: bool = True) -> None:
-        self.task, self.config, self.run_dir = task, task.config, Path(run_dir)
+        self.task, self.config = task, task.config
         self.init_from = None if resume or init_from is None else Path(init_from)
-        if not resume and (self.run_dir / "last.pt").exists():
-            raise CapsNetError(f"{self.run_dir} already holds a run; resume it or start a new "
-                               f"one elsewhere")
-        payload = resume_point(self.run_dir, from_best) if resume else None
-        if payload is not None:
-            self.check_resumable(payload)
-            if from_best:
-                set_aside(self.run_dir / "last.pt")
         config = self.config
-        if config.deterministic:
-            torch.use_deterministic_algorithms(True)
         self.device = resolve_device(config.device)
         self.world = init_world(self.device.type)
+        self.run = Run(run_dir, main=self.world.is_main)
+        payload = self.run.resume_point(from_best) if resume else None
+        if payload is None:
+            self.run.check_new()
+        else:
+            self.check_resumable(payload)
+            if from_best:
+                self.run.set_last_aside()
         if config.cuda_graphs:
             check_graphs_possible(self.device, self.world.distributed)
         if self.device.type == "cuda" and self.world.distributed:
@@ -193,25 +172,25 @@ class Trainer:
         per_rank_batch(config.batch_size, self.world)
         self.show_bar = show_progress and self.world.is_main
         task.to(self.device)
-        torch.manual_seed(config.seed)
-        self.model = task.build_model()
-        self.progress = {"epoch": 0, "batch": 0, "step": 0,
-                         "best": -math.inf if task.higher_is_better else math.inf,
-                         "wall_seconds": 0.0,
-                         "init_from": str(self.init_from) if self.init_from else None}
+        self.rng = RandomStream(config.seed, self.device)
+        self.progress = Progress(best=-math.inf if task.higher_is_better else math.inf,
+                                 init_from=str(self.init_from) if self.init_from else None)
         start = payload or (load_checkpoint(self.init_from) if self.init_from else None)
-        if start is not None:
-            self.model = self.model_from(start, f"--resume {self.run_dir}" if payload
-                                         else f"--init-from {self.init_from}")
+        with self.rng.active():  # the weights are the first draws of the run's stream
+            self.model = task.build_model()
+            if start is not None:
+                self.model = self.model_from(start, f"--resume {self.run.folder}" if payload
+                                             else f"--init-from {self.init_from}")
         if payload is not None:
-            self.progress = progress_of(payload)
-            restore_rng(payload.get("rng_state"), str(self.run_dir))
-        self.wall_before = self.progress.get("wall_seconds", 0.0)  # earlier calls of this run
+            self.progress = progress_of(payload, self.run.checkpoint(from_best))
+            self.rng.restore(payload.get("rng_state"), str(self.run.folder))
+        self.wall_before = self.progress.wall_seconds  # earlier calls of this run
         self.began = time.perf_counter()
         self.model.to(self.device)
         self.optimizer = make_optimizer(self.model.parameters(), config.lr, self.device,
                                         start.get("optimizer") if start is not None else None,
                                         capturable=config.cuda_graphs)
+        self.log: MetricsLog | None = None  # set while fit() runs
         self.first_step_seconds: float | None = None
         self.first_step_images = 0
         self.compiled = self.should_compile()
@@ -228,8 +207,8 @@ class Trainer:
         """``compile`` on, or auto and this call trains at least COMPILE_AFTER_STEPS steps."""
         if self.config.compile != "auto":
             return self.config.compile == "on"
-        steps = self.task.num_batches(self.world) * (self.config.epochs - self.progress["epoch"])
-        return steps - self.progress["batch"] >= COMPILE_AFTER_STEPS
+        steps = self.task.num_batches(self.world) * (self.config.epochs - self.progress.epoch)
+        return steps - self.progress.batch >= COMPILE_AFTER_STEPS
 
     def check_resumable(self, payload: dict[str, Any]) -> None:
         """Refuse to resume a run with other settings, or one of another task."""
@@ -237,7 +216,7 @@ class Trainer:
         resume_config(saved, self.config.to_dict())
         trained = payload.get("task", {"name": "classification"})
         if trained != self.task.describe():
-            raise CapsNetError(f"--resume {self.run_dir}: that run trained "
+            raise CapsNetError(f"--resume {self.run.folder}: that run trained "
                                f"{json.dumps(trained)}, not {json.dumps(self.task.describe())}")
 
     def model_from(self, payload: dict[str, Any], source: str) -> torch.nn.Module:
@@ -245,30 +224,31 @@ class Trainer:
         self.task.check_model(model, source)
         return model
 
+    def best_model(self) -> torch.nn.Module:
+        """The model of the run's best.pt, on the training device."""
+        return self.model_from(self.run.load_best(), str(self.run.best)).to(self.device)
+
     # -- checkpoints ---------------------------------------------------------------------
 
     def payload(self) -> dict[str, Any]:
         return {"architecture": self.task.architecture,
                 "model_config": self.model.config.to_dict(), "train_config": self.config.to_dict(),
                 "task": self.task.describe(), **self.task.labels(), "model": self.model.state_dict(),
-                "optimizer": self.optimizer.state_dict(), "progress": dict(self.progress),
-                "rng_state": torch.get_rng_state()}
+                "optimizer": self.optimizer.state_dict(), "progress": self.progress.to_dict(),
+                "rng_state": self.rng.cpu_state()}
 
-    def save(self, name: str) -> Path:
-        """Write checkpoint ``name``; only the main process writes files."""
-        path = self.run_dir / name
-        self.progress["wall_seconds"] = self.wall_seconds()
-        if self.world.is_main:
-            save_checkpoint(path, self.payload())
-        return path
+    def save(self, best: bool = False) -> Path:
+        """Write last.pt (``best``: best.pt) through the run."""
+        self.progress.wall_seconds = self.wall_seconds()
+        return self.run.save(self.payload(), best=best)
 
     # -- training ------------------------------------------------------------------------
 
     def train_step(self, batch: Any) -> Step:
         """One optimiser step; returns the (detached) loss and the number correct, on device."""
-        set_learning_rate(self.optimizer, learning_rate(self.config, self.progress["step"]))
+        set_learning_rate(self.optimizer, learning_rate(self.config, self.progress.step))
         step = (self.graphed or self.optimize)(batch)
-        self.progress["step"] += 1
+        self.progress.step += 1
         return step
 
     def optimize(self, batch: Any) -> Step:
@@ -281,18 +261,21 @@ class Trainer:
         return step._replace(loss=step.loss.detach())
 
     def train_epoch(self, epoch: int, stop: threading.Event) -> dict[str, float]:
-        """Train one epoch from ``progress["batch"]``; returns the epoch's loss and accuracy
+        """Train one epoch from ``progress.batch``; returns the epoch's loss and accuracy
         (a resumed epoch's included) and the images and seconds of this call."""
         n_batches = self.task.num_batches(self.world)
-        start = self.progress["batch"]
+        progress = self.progress
+        start = progress.batch
         bar = tqdm(total=n_batches, initial=start, desc=f"epoch {epoch + 1}/{self.config.epochs}",
                    disable=not self.show_bar, leave=False, dynamic_ncols=True)
         # A run stopped inside this epoch saved what its steps had summed so far.
-        losses = [torch.tensor(v, device=self.device) for v in self.progress.pop("epoch_losses", [])]
+        losses = [torch.tensor(v, device=self.device) for v in progress.epoch_losses]
         checked = len(losses)  # losses[:checked] are known to be finite
-        correct = torch.tensor(self.progress.pop("epoch_correct", 0), device=self.device)
-        seen = self.progress.pop("epoch_seen", 0)
+        correct = torch.tensor(progress.epoch_correct, device=self.device)
+        seen = progress.epoch_seen
+        progress.epoch_losses, progress.epoch_correct, progress.epoch_seen = (), 0, 0
         new_images, began = 0, time.perf_counter()
+        curve = CurvePoints(self, epoch, n_batches, len(losses), int(correct), seen)
         batch_iter = self.task.batches(epoch_seed(self.config, epoch), start, self.device,
                                        self.world)
         for index, batch in enumerate(batch_iter, start=start):
@@ -304,7 +287,8 @@ class Trainer:
             correct += step.correct
             seen += step.count
             new_images += step.count
-            self.progress["batch"] = index + 1
+            progress.batch = index + 1
+            curve.after_step(losses, correct, seen)
             at_log_point = len(losses) % LOG_EVERY == 0 or index + 1 == n_batches
             if at_log_point:
                 self.check_finite(losses, checked)
@@ -321,9 +305,9 @@ class Trainer:
                 break
         bar.close()
         self.check_finite(losses, checked)
-        if stop.is_set() and self.progress["batch"] < n_batches:  # resumable inside the epoch
-            self.progress.update(epoch_losses=[loss.item() for loss in losses],
-                                 epoch_correct=int(correct), epoch_seen=seen)
+        if stop.is_set() and progress.batch < n_batches:  # resumable inside the epoch
+            progress.epoch_losses = tuple(loss.item() for loss in losses)
+            progress.epoch_correct, progress.epoch_seen = int(correct), seen
         seconds = time.perf_counter() - began
         totals = torch.stack([torch.stack(losses).sum() if losses else torch.zeros((), device=self.device),
                               correct.float(), torch.tensor(float(seen), device=self.device),
@@ -351,27 +335,31 @@ class Trainer:
         finite = torch.isfinite(torch.stack(losses[start:]))
         if not bool(finite.all()):
             bad = start + int((~finite).nonzero()[0, 0])
-            step = self.progress["step"] - len(losses) + bad + 1
+            step = self.progress.step - len(losses) + bad + 1
             raise CapsNetError(f"loss became {losses[bad].item()} at step {step}; training stopped "
-                               f"and the checkpoints in {self.run_dir} were left as they were")
+                               f"and the checkpoints in {self.run.folder} were left as they were")
 
     def fit(self) -> dict[str, Any]:
-        """Train to ``config.epochs``, then test the best checkpoint; returns the summary."""
-        config = self.config
-        log = None
-        if self.world.is_main:
-            write_json(self.run_dir / "config.json", {
-                "train": config.to_dict(), "model": self.model.config.to_dict(),
-                "architecture": self.task.architecture, "task": self.task.describe(),
-                "world_size": self.world.world_size,
-                "init_from": self.progress.get("init_from")})
-            log = MetricsLog(self.run_dir, self.progress["epoch"])
+        """Train to ``config.epochs``, then test the best checkpoint; returns the summary.
+        The deterministic-algorithms switch (``config.deterministic``) and the random
+        generators hold the run's settings only while it runs, and the process's own after
+        it, also when it fails."""
+        with deterministic_algorithms(self.config.deterministic), self.rng.active():
+            return self.train_and_test()
+
+    def train_and_test(self) -> dict[str, Any]:
+        config, progress = self.config, self.progress
+        self.run.write_config({
+            "train": config.to_dict(), "model": self.model.config.to_dict(),
+            "architecture": self.task.architecture, "task": self.task.describe(),
+            "world_size": self.world.world_size, "init_from": progress.init_from})
+        log = self.log = self.run.metrics_log(progress.step)
         train_seconds, train_images, epochs_run = 0.0, 0, 0
         began = self.began = time.perf_counter()
         self.cut_short = None
         try:
             with stop_on_sigint() as stop:
-                for epoch in range(self.progress["epoch"], config.epochs):
+                for epoch in range(progress.epoch, config.epochs):
                     self.cut_short = self.stop_reason(epoch, epochs_run,
                                                       time.perf_counter() - began)
                     if self.cut_short:
@@ -382,16 +370,17 @@ class Trainer:
                     train_images += stats["images"]
                     # Ctrl-C in an epoch's last step stops after its validation and save,
                     # in the next step: a checkpoint never holds a trained-out epoch.
-                    if stop.is_set() and self.progress["batch"] < self.task.num_batches(self.world):
-                        self.save("last.pt")
+                    if stop.is_set() and progress.batch < self.task.num_batches(self.world):
+                        saved = self.save()
                         raise TrainingInterrupted(
-                            f"interrupted in epoch {epoch + 1} after step {self.progress['step']}; "
-                            f"saved {self.run_dir / 'last.pt'}; continue with: "
-                            f"{self.task.command} --resume {self.run_dir}")
-                    self.end_epoch(epoch, stats, log)
+                            f"interrupted in epoch {epoch + 1} after step {progress.step}; "
+                            f"saved {saved}; continue with: "
+                            f"{self.task.command} --resume {self.run.folder}")
+                    self.end_epoch(epoch, stats)
         finally:
             if log is not None:
                 log.close()
+            self.log = None
         return self.finish(self.wall_seconds(), train_images, train_seconds)
 
     def wall_seconds(self) -> float:
@@ -402,7 +391,7 @@ class Trainer:
         """Why no epoch starts after ``epoch``: the last validation accuracy reached
         ``stop_at`` (in this call or the one resumed), or one more epoch would end past the
         time limit. None: go on."""
-        config, accuracy = self.config, self.progress.get("val_accuracy")
+        config, accuracy = self.config, self.progress.val_accuracy
         done = f"stopped after epoch {epoch} of {config.epochs}"
         if config.stop_at and isinstance(accuracy, float) and accuracy >= config.stop_at:
             return (f"validation accuracy {accuracy:.2%} reached the stop at "
@@ -419,78 +408,90 @@ class Trainer:
         return any_rank(late, self.world, self.device)
 
     def improves(self, value: float) -> bool:
-        best = self.progress["best"]
+        best = self.progress.best
         return value > best if self.task.higher_is_better else value < best
 
-    def end_epoch(self, epoch: int, stats: dict[str, float], log: MetricsLog | None) -> None:
+    def end_epoch(self, epoch: int, stats: dict[str, float]) -> None:
         val = self.task.validate(self.model, self.device, self.world)
         improved = self.improves(val[self.task.best_metric])
+        progress = self.progress
         # val_accuracy: what stop_at compares, also after a resume
-        self.progress.update(epoch=epoch + 1, batch=0, val_accuracy=val.get("accuracy"))
+        progress.epoch, progress.batch, progress.val_accuracy = epoch + 1, 0, val.get("accuracy")
         if improved:
-            self.progress["best"] = val[self.task.best_metric]
-        record = {"epoch": epoch + 1, "step": self.progress["step"],
-                  "lr": learning_rate(self.config, self.progress["step"]),
+            progress.best = val[self.task.best_metric]
+        record = {"epoch": epoch + 1, "step": progress.step,
+                  "lr": learning_rate(self.config, progress.step),
                   "train_loss": stats["loss"], "train_accuracy": stats["accuracy"],
                   **{f"val_{name}": value for name, value in val.items()},
                   "images_per_s": stats["images"] / max(stats["seconds"], 1e-9),
                   "epoch_seconds": stats["seconds"], "wall_seconds": self.wall_seconds(),
                   "improved": improved}
-        if log is not None:
-            log.write(record)
+        if self.log is not None:
+            self.log.write(record)
         if improved:
-            self.save("best.pt")
-        self.save("last.pt")
-        if self.show_bar:
+            self.save(best=True)
+        self.save()
+        if self.world.is_main:  # --no-progress hides the bars, not this line
             shown = " ".join(f"{name} {value:.5g}" for name, value in val.items())
             tqdm.write(f"epoch {epoch + 1}: train loss {stats['loss']:.5f} acc "
                        f"{stats['accuracy']:.4f} | val {shown}{' (best)' if improved else ''} | "
                        f"{record['images_per_s']:.0f} img/s")
 
     def finish(self, wall_seconds: float, train_images: int, train_seconds: float) -> dict[str, Any]:
-        best = self.run_dir / "best.pt"
         if self.world.distributed:
             torch.distributed.barrier()  # best.pt is written by rank 0
-        model = self.model_from(load_checkpoint(best), str(best)).to(self.device)
-        summary = {**self.task.test(model, self.device, self.world),
-                   f"best_val_{self.task.best_metric}": self.progress["best"],
-                   "epochs": self.progress["epoch"], "steps": self.progress["step"],
+        summary = {**self.task.test(self.best_model(), self.device, self.world),
+                   f"best_val_{self.task.best_metric}": self.progress.best,
+                   "epochs": self.progress.epoch, "steps": self.progress.step,
                    "wall_seconds": wall_seconds,
-                   "train_images_per_s": steady_rate(train_images - self.first_step_images,
-                                                     train_seconds - (self.first_step_seconds or 0)),
+                   "train_images_per_s": (steady_rate(train_images - self.first_step_images,
+                                                      train_seconds - (self.first_step_seconds or 0))
+                                          or steady_rate(train_images, train_seconds)),
                    "compiled": self.compiled, "first_step_seconds": self.first_step_seconds,
                    "cut_short": self.cut_short, "device": device_name(self.device),
+                   "precision": resolved_precision(self.device, self.config.precision),
                    "torch": torch.__version__, "cuda": torch.version.cuda,
                    "peak_gpu_memory_mb": (torch.cuda.max_memory_allocated(self.device) / 2**20
                                           if self.device.type == "cuda" else None),
-                   "date": time.strftime("%Y-%m-%d"), "checkpoint": str(best)}
-        if self.world.is_main:
-            write_json(self.run_dir / "summary.json", summary)
+                   "date": time.strftime("%Y-%m-%d"), "checkpoint": str(self.run.best)}
+        self.run.write_summary(summary)
         return summary
 
 
+class CurvePoints:
+    """The training curve: every ``log_every`` steps, the mean loss and the accuracy of the
+    steps since the last point, at the global step and the epoch as a fraction, in
+    metrics.jsonl (beside the per-epoch records) and TensorBoard. Reading them costs one
+    host synchronisation per point."""
+
+    def __init__(self, trainer: "Trainer", epoch: int, n_batches: int, steps: int,
+                 correct: int, seen: int) -> None:
+        self.trainer, self.epoch, self.n_batches = trainer, epoch, n_batches
+        self.since = (steps, correct, seen)  # the epoch's sums at the last point
+
+    def after_step(self, losses: list[torch.Tensor], correct: torch.Tensor, seen: int) -> None:
+        trainer = self.trainer
+        every, step = trainer.config.log_every, trainer.progress.step
+        if not every or step % every:
+            return
+        first, correct_before, seen_before = self.since
+        window = torch.stack([torch.stack(losses[first:]).sum(), correct.float() - correct_before,
+                              torch.tensor(float(seen - seen_before), device=correct.device),
+                              torch.tensor(float(len(losses) - first), device=correct.device)])
+        loss_sum, n_correct, n_seen, n_steps = all_reduce_sum(window, trainer.world).tolist()
+        self.since = (len(losses), int(correct), seen)
+        if trainer.log is not None:
+            trainer.log.write({"step": step,
+                               "epoch": self.epoch + trainer.progress.batch / self.n_batches,
+                               "lr": learning_rate(trainer.config, step - 1),
+                               "train_loss": loss_sum / n_steps,
+                               "train_accuracy": n_correct / max(n_seen, 1)})
+
+
 def steady_rate(images: int, seconds: float) -> float | None:
-    """Images per second after the first step (which compiles, when compiled)."""
+    """Images per second (after the first step, which compiles when compiled; an epoch of
+    one step is timed with it)."""
     return images / seconds if images > 0 and seconds > 0 else None
-
-
-def set_aside(path: Path) -> None:
-    """Rename ``path`` (a last.pt being replaced) to ``last.<date-time>.pt``, so nothing is lost."""
-    if path.exists():
-        try:
-            path.rename(path.with_name(f"{path.stem}.{time.strftime('%Y%m%d-%H%M%S')}{path.suffix}"))
-        except OSError as exc:
-            raise CapsNetError(f"could not rename {path} aside: {exc.strerror or exc}") from None
-
-
-def restore_rng(state: Any, source: str) -> None:
-    """Continue the random stream a checkpoint saved (dropout draws from it)."""
-    if state is None:
-        return
-    try:
-        torch.set_rng_state(state)
-    except (TypeError, RuntimeError):
-        raise CapsNetError(f"{source}: the saved random state is malformed") from None
 
 
 def train(config: TrainConfig, run_dir: str | Path, *, data_dir: str | None = None,

@@ -12,10 +12,9 @@ dicts, so ``torch.load(weights_only=True)`` reads it and nothing in it can execu
     train_config      TrainConfig.to_dict() (absent for exported weights)
     model             model state dict
     optimizer         optimizer state dict (training checkpoints)
-    progress          {"epoch", "batch", "step", "best"}: "best" is the best validation value
-                      of the metric that picks best.pt (older files: "best_val_loss");
-                      optional "wall_seconds" (all calls so far) and "init_from" (the
-                      checkpoint the run started from)
+    progress          how far the run got (capsnet.training.checkpoint.Progress, which
+                      checks it)
+    rng_state         the random state training continues from
     task              what the run trained (experiments: their name and settings)
     sha256            :func:`state_digest` of everything above
 
@@ -31,7 +30,6 @@ from __future__ import annotations
 
 import hashlib
 import io
-import math
 import os
 import pickle
 import re
@@ -42,14 +40,13 @@ from typing import Any
 
 import torch
 
-from ..errors import CapsNetError, first_line
+from ..errors import CapsNetError, error_line
 from .files import atomic_write_bytes
+from .settings import short
 
 FORMAT = "capsnet-checkpoint"
 VERSION = 1
 DIGEST_KEY = "sha256"
-PROGRESS_KEYS = ("epoch", "batch", "step", "best")
-LEGACY_BEST = "best_val_loss"
 ZIP_MAGIC = b"PK\x03\x04"  # torch.save files are zip archives
 RUN_CHECKPOINTS = ("best.pt", "last.pt")  # what a run folder stands for, in this order
 
@@ -187,11 +184,11 @@ def read_checkpoint(path: str | os.PathLike, *, resumable: bool = False) -> dict
     except MemoryError:
         raise CapsNetError(f"{path}: corrupt checkpoint (it asks for more memory than there is)") from None
     except Exception as exc:  # corrupt bytes surface as any of a dozen exception types
-        raise CapsNetError(f"{path}: corrupt or truncated checkpoint ({first_line(exc)})") from None
+        raise CapsNetError(f"{path}: corrupt or truncated checkpoint ({error_line(exc)})") from None
     if not isinstance(payload, dict) or payload.get("format") != FORMAT:
         raise CapsNetError(f"{path}: not a capsnet checkpoint")
     if payload.get("version") != VERSION:
-        raise CapsNetError(f"{path}: checkpoint version {one_line(payload.get('version'))} is not supported "
+        raise CapsNetError(f"{path}: checkpoint version {short(payload.get('version'))} is not supported "
                            f"(this capsnet reads version {VERSION})")
     stored = payload.get(DIGEST_KEY)
     if not isinstance(stored, str):
@@ -202,7 +199,7 @@ def read_checkpoint(path: str | os.PathLike, *, resumable: bool = False) -> dict
     except TypeError as exc:
         raise CapsNetError(f"{path}: corrupt checkpoint ({exc})") from None
     if actual != stored:
-        raise CapsNetError(f"{path}: checksum mismatch (stored sha256 {one_line(stored)}, content "
+        raise CapsNetError(f"{path}: checksum mismatch (stored sha256 {short(stored, 70)}, content "
                            f"{actual}): the file is corrupt")
     check_structure(payload, path, resumable)
     return payload
@@ -234,43 +231,6 @@ def check_structure(payload: dict[str, Any], path: Path, resumable: bool = False
     if optimizer is not None and not (isinstance(optimizer.get("state"), dict)
                                       and isinstance(optimizer.get("param_groups"), list)):
         raise CapsNetError(f"{path}: checkpoint's optimizer state is malformed")
-    progress = payload.get("progress")
-    if progress is not None:
-        for key in PROGRESS_KEYS:
-            value = progress.get(key, progress.get(LEGACY_BEST) if key == "best" else None)
-            if key == "best":
-                ok = isinstance(value, (int, float)) and not isinstance(value, bool) and not math.isnan(value)
-            else:
-                ok = isinstance(value, int) and not isinstance(value, bool) and value >= 0
-            if not ok:
-                raise CapsNetError(f"{path}: checkpoint's progress has a bad {key} ({value!r})")
-        check_partial_epoch(progress, path)
-        check_history(progress, path)
-
-
-def check_history(progress: dict[str, Any], path: Path) -> None:
-    """Where the run started and how long it has run, when recorded, must be sane."""
-    seconds = progress.get("wall_seconds", 0.0)
-    if isinstance(seconds, bool) or not isinstance(seconds, (int, float)) \
-            or not math.isfinite(seconds) or seconds < 0:
-        raise CapsNetError(f"{path}: checkpoint's progress has a bad wall_seconds "
-                           f"({one_line(seconds)})")
-    origin = progress.get("init_from")
-    if origin is not None and not (isinstance(origin, str) and len(origin) <= 4096):
-        raise CapsNetError(f"{path}: checkpoint's progress has a bad init_from "
-                           f"({one_line(origin)})")
-
-
-def check_partial_epoch(progress: dict[str, Any], path: Path) -> None:
-    """The sums of an epoch stopped part way (Ctrl-C), when present, must be sane."""
-    losses = progress.get("epoch_losses", [])
-    if not (isinstance(losses, list) and len(losses) <= progress.get("batch", 0)
-            and all(isinstance(v, float) and math.isfinite(v) for v in losses)):
-        raise CapsNetError(f"{path}: checkpoint's progress has bad epoch_losses")
-    for key in ("epoch_correct", "epoch_seen"):
-        value = progress.get(key, 0)
-        if isinstance(value, bool) or not isinstance(value, int) or value < 0:
-            raise CapsNetError(f"{path}: checkpoint's progress has a bad {key} ({one_line(value)})")
 
 
 def unpickling_reason(exc: BaseException) -> str:
@@ -280,9 +240,4 @@ def unpickling_reason(exc: BaseException) -> str:
     match = re.search(r"WeightsUnpickler error:\s*(.+?)(?:\.\s|\n|$)", text, re.S)
     if match and match.group(1).strip():
         return match.group(1).strip()[:200]
-    return first_line(exc) if text.strip() else "unsafe content"
-
-
-def one_line(value: Any, limit: int = 64) -> str:
-    """``value`` as text for a one-line message: no line breaks, at most ``limit`` characters."""
-    return " ".join(str(value).split())[:limit]
+    return error_line(exc) if text.strip() else "unsafe content"

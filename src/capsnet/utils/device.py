@@ -21,9 +21,33 @@ def resolve_device(device: str) -> torch.device:
     return torch.device(device)
 
 
+def cpuinfo(field: str) -> str:
+    """The first value of ``field`` in /proc/cpuinfo; empty where there is none."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith(field):
+                return line.partition(":")[2].strip()
+    except OSError:
+        pass
+    return ""
+
+
+def cpu_flags() -> set[str]:
+    """The CPU's feature flags (Linux's names: avx512f, amx_bf16, ...)."""
+    return set(cpuinfo("flags").split())
+
+
+def resolved_precision(device: torch.device, precision: str) -> str:
+    """``auto``: bf16 on a CPU with AMX, whose tiles multiply bfloat16 (the ``quick``
+    preset, docs/PRESETS.md); fp32 elsewhere, where bf16 convolutions on a CPU do not pay."""
+    if precision != "auto":
+        return precision
+    return "bf16" if device.type == "cpu" and "amx_bf16" in cpu_flags() else "fp32"
+
+
 def autocast(device: torch.device, precision: str) -> contextlib.AbstractContextManager:
-    """bfloat16 autocast for ``precision="bf16"``, else nothing."""
-    if precision == "bf16":
+    """bfloat16 autocast for ``precision`` bf16 (or auto, where that is bf16), else nothing."""
+    if resolved_precision(device, precision) == "bf16":
         return torch.autocast(device.type, dtype=torch.bfloat16)
     return contextlib.nullcontext()
 
@@ -44,13 +68,7 @@ def compile_options(device: torch.device, cuda_graphs: bool = False) -> dict[str
 
 def cpu_model() -> str:
     """The CPU's model name as lscpu shows it (from /proc/cpuinfo), else the platform's."""
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.partition(":")[2].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine() or "unknown CPU"
+    return cpuinfo("model name") or platform.processor() or platform.machine() or "unknown CPU"
 
 
 def device_name(device: torch.device) -> str:
