@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # The GPU campaign of issue 16: the paper's results and the GPU speed from one short GPU
-# window, in two calls of at most 6 minutes each (docs/GPU_CAMPAIGN.md gives the exact calls).
+# run of the GPU, in two parts of at most 6 minutes each (docs/GPU_CAMPAIGN.md gives the exact calls).
 #
 #   bash scripts/gpu_campaign.sh part1|part2|part3|tiny OUT_DIR [ARCHIVE]
 #   bash scripts/gpu_campaign.sh bundle [DIR]      (default DIR: campaign-data/)
@@ -9,7 +9,7 @@
 #        training at batch 128 and 512, inference at 1024).
 # part2: paper preset seeds 1 and 2, the seed preset, Fashion-MNIST with the paper preset,
 #        MultiMNIST and the affine experiment (CapsNet and CNN), all sharing the GPU at once.
-# part3: a second window, one call of at most 10 minutes: the whole model compiled and CUDA
+# part3: a second run of at most 10 minutes: the whole model compiled and CUDA
 #        graphs benched beside eager fp32 and a timed epoch; the paper preset with the learning
 #        rate decayed per epoch (3 seeds, MNIST and Fashion-MNIST), the seed preset for 20
 #        epochs and MultiMNIST for longer, all at once.
