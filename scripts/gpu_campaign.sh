@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
-# The GPU campaign of issue 16: the paper's results and the GPU speed from one short GPU
-# run of the GPU, in two parts of at most 6 minutes each (docs/GPU_CAMPAIGN.md gives the exact calls).
+# The GPU campaign of issue 16: the paper's results and the GPU speed on one GPU, in two
+# parts of at most 6 minutes each (docs/GPU_CAMPAIGN.md gives the exact commands).
 #
 #   bash scripts/gpu_campaign.sh part1|part2|part3|tiny OUT_DIR [ARCHIVE]
 #   bash scripts/gpu_campaign.sh bundle [DIR]      (default DIR: campaign-data/)
