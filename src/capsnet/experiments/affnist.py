@@ -104,6 +104,10 @@ class AffineCapsNet(Classification):
     best_metric = "accuracy"
     higher_is_better = True
 
+
+    def resume_command(self, run_folder: Path) -> str:
+        """Each model trains in a subfolder of the experiment's, which --resume names."""
+        return f"{self.command} --resume {run_folder.parent}"
     def __init__(self, config: TrainConfig, settings: AffnistSettings, train: Split, val: Split,
                  test: Split, affine: AffineTestSet, affnist: Split | None,
                  num_classes: int) -> None:

@@ -9,6 +9,7 @@ in-memory splits (the fast path) or any ``torch.utils.data.Dataset`` / ``DataLoa
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any, Iterable, NamedTuple
 
 import torch
@@ -43,6 +44,10 @@ class Task:
     best_metric = "loss"  # key of validate()'s result whose best value picks best.pt
     higher_is_better = False
 
+
+    def resume_command(self, run_folder: Path) -> str:
+        """The command that continues this task's run in ``run_folder``."""
+        return f"{self.command} --resume {run_folder}"
     def __init__(self, config: TrainConfig) -> None:
         self.config = config
 

@@ -375,7 +375,7 @@ class Trainer:
                         raise TrainingInterrupted(
                             f"interrupted in epoch {epoch + 1} after step {progress.step}; "
                             f"saved {saved}; continue with: "
-                            f"{self.task.command} --resume {self.run.folder}")
+                            f"{self.task.resume_command(self.run.folder)}")
                     self.end_epoch(epoch, stats)
         finally:
             if log is not None:
