@@ -8,6 +8,7 @@ from typing import Any, Callable, Iterable
 
 import torch
 from torch import Tensor, nn
+from tqdm import tqdm
 
 from ..data.batching import Source, batches
 from ..nn.losses import capsule_loss
@@ -63,13 +64,13 @@ class Evaluation:
 def evaluate(model: CapsNet, source: Source, *, batch_size: int = 500,
              device: torch.device | str = "cpu", reconstruction_weight: float = 0.0005,
              reduction: str = "sum", margin_form: str = "paper", precision: str = "fp32",
-             world: World = World(), crop: int = 0) -> Evaluation:
+             world: World = World(), crop: int = 0, progress: bool = False) -> Evaluation:
     """Evaluate ``model`` on ``source`` as the notebook does at test time: the decoder
     reconstructs from the predicted (longest) capsule. Losses are means over images.
 
     With several processes each rank evaluates every ``world_size``-th image and the sums
     are reduced, so every rank returns the figures of the whole set. ``crop`` evaluates the
-    centre ``crop`` x ``crop`` window of each image.
+    centre ``crop`` x ``crop`` window of each image. ``progress`` shows a bar on a terminal.
     """
     device = torch.device(device)
     classes = model.config.num_classes
@@ -84,9 +85,13 @@ def evaluate(model: CapsNet, source: Source, *, batch_size: int = 500,
                 "confusion": torch.bincount(labels * classes + out.predictions,
                                             minlength=classes ** 2)}
 
-    sums = accumulate(model, batches(source, batch_size, crop=crop, device=device,
-                                     rank=world.rank, world_size=world.world_size, whole=True),
-                      measure, device=device, precision=precision, world=world)
+    batch_iter = batches(source, batch_size, crop=crop, device=device, rank=world.rank,
+                         world_size=world.world_size, whole=True)
+    if progress and world.is_main:  # tqdm's None: a bar on a terminal, nothing in a pipe
+        batch_iter = tqdm(batch_iter, total=-(-len(source) // (batch_size * world.world_size)),
+                          desc="evaluating", leave=False, disable=None)
+    sums = accumulate(model, batch_iter, measure, device=device, precision=precision,
+                      world=world)
     confusion = sums["confusion"].view(classes, classes).cpu()
     n = int(confusion.sum())
     loss, margin, recon = (sums["losses"] / max(n, 1)).tolist()
