@@ -58,6 +58,7 @@ def supports(u: Tensor, weight: Tensor) -> bool:
 
 
 @torch.compiler.assume_constant_result  # asked once when compiling, not in the graph
+@functools.cache  # and once per shape in eager mode, not at every forward
 def triton_takes(out_caps: int, out_dim: int) -> bool:
     """Whether Triton is installed (every CUDA build of torch brings it) and its kernels hold
     this many output capsules."""

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import functools
 import os
 import platform
 from pathlib import Path
@@ -32,9 +33,10 @@ def cpuinfo(field: str) -> str:
     return ""
 
 
-def cpu_flags() -> set[str]:
+@functools.cache  # read once: autocast asks at every step
+def cpu_flags() -> frozenset[str]:
     """The CPU's feature flags (Linux's names: avx512f, amx_bf16, ...)."""
-    return set(cpuinfo("flags").split())
+    return frozenset(cpuinfo("flags").split())
 
 
 def resolved_precision(device: torch.device, precision: str) -> str:
