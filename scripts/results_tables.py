@@ -19,6 +19,10 @@ import sys
 from pathlib import Path
 from typing import Any, Callable
 
+import torch
+
+from capsnet.data.splits import DEFAULT_VAL_SIZE
+from capsnet.nn.registry import ARCHITECTURES
 from capsnet.training.config import TrainConfig, make_config
 from capsnet.training.status import duration as spoken_duration
 
@@ -169,9 +173,15 @@ def changed(run: Run) -> dict[str, Any]:
     preset = run.train.get("preset")
     if preset is None:
         return {}
-    recorded = TrainConfig.from_dict(run.train).to_dict()
-    return {k: recorded[k] for k, v in make_config(preset).to_dict().items()
+    recorded = effective(TrainConfig.from_dict(run.train).to_dict())
+    return {k: recorded[k] for k, v in effective(make_config(preset).to_dict()).items()
             if k not in HOW and recorded[k] != v}
+
+
+def effective(settings: dict[str, Any]) -> dict[str, Any]:
+    """``settings`` with ``val_size`` 0 (the data set's default) as the number it stands for
+    on the named data sets every record trained on."""
+    return {**settings, "val_size": settings["val_size"] or DEFAULT_VAL_SIZE}
 
 
 def recipe_name(run: Run) -> str:
@@ -202,7 +212,7 @@ HOW = RUN_ONLY | {"dataset", "precision", "compile", "eval_batch_size", "determi
 def recipe(run: Run) -> str:
     """What the run learned from: its settings but the seed and where, how fast and how long
     it ran, and the checkpoint it started from."""
-    settings = TrainConfig.from_dict(run.train).to_dict() if run.train else {}
+    settings = effective(TrainConfig.from_dict(run.train).to_dict()) if run.train else {}
     return json.dumps({**{k: v for k, v in settings.items() if k not in HOW},
                        "init_from": run.config.get("init_from")}, sort_keys=True)
 
@@ -366,8 +376,60 @@ def seed_curve_table(runs: list[Run]) -> str:
                     "No seed-preset runs recorded yet.")
 
 
+def network(run: Run) -> str:
+    return run.train.get("network", "capsnet")
+
+
+def routing_parameters(run: Run) -> str:
+    """Parameters of the recorded network without its decoder (counted on the meta device)."""
+    architecture = run.config.get("architecture", "capsnet")
+    if architecture not in ARCHITECTURES or "model" not in run.config:
+        return MISSING
+    model_class, config_class = ARCHITECTURES[architecture]
+    with torch.device("meta"):
+        model = model_class(config_class.from_dict(run.config["model"]))
+    return count(sum(p.numel() for name, p in model.named_parameters()
+                     if not name.startswith("decoder.")))
+
+
+def mean_accuracy(group: list[Run]) -> float:
+    return sum(r.summary["test_accuracy"] for r in group) / len(group)
+
+
+def rank(group: list[Run]) -> tuple[bool, float]:
+    """Runs trained in full first, then the higher mean test accuracy."""
+    return not any(r.summary.get("cut_short") for r in group), mean_accuracy(group)
+
+
+def routings_table(runs: list[Run]) -> str:
+    """Each network on each data set and hardware: its recipe with the best mean test
+    accuracy over its runs (seeds), runs trained in full before runs cut short, and its
+    training speed."""
+    groups: dict[tuple[str, str, str, str], list[Run]] = {}
+    for r in runs:
+        if r.summary.get("test_accuracy") is not None:
+            key = (network(r), dataset(r), r.summary.get("device", MISSING), recipe(r))
+            groups.setdefault(key, []).append(r)
+    best: dict[tuple[str, str, str], list[Run]] = {}
+    for key, group in groups.items():
+        if key[:3] not in best or rank(group) > rank(best[key[:3]]):
+            best[key[:3]] = group
+    header = ["network", "data set", "parameters (no decoder)", "recipe", "epochs",
+              "test accuracy (mean)", "runs", "training images/s", "hardware", "records"]
+    rows = []
+    for (name, data, device), group in sorted(best.items()):
+        speeds = [r.summary.get("train_images_per_s") for r in group]
+        speed = (count(round(sum(speeds) / len(speeds)))
+                 if all(v is not None for v in speeds) else MISSING)
+        rows.append([f"`{name}`", data, routing_parameters(group[0]), recipe_name(group[0]),
+                     epochs(group[0]), percent(mean_accuracy(group)), str(len(group)), speed,
+                     device,
+                     ", ".join(link(r) for r in group)])
+    return markdown(header, rows, "No training runs recorded yet.")
+
+
 TABLES = {"training": training_table, "experiments": experiments_table, "bench": bench_table,
-          "targets": targets_table, "seed-curve": seed_curve_table}
+          "targets": targets_table, "seed-curve": seed_curve_table, "routings": routings_table}
 
 
 def load_runs(runs_dir: Path) -> dict[str, list[Run]]:
@@ -375,7 +437,8 @@ def load_runs(runs_dir: Path) -> dict[str, list[Run]]:
     runs = [Run(p.parent) for p in runs_dir.glob("*/summary.json")]
     runs.sort(key=lambda r: (date(r) if date(r) != MISSING else "", r.name))
     tables = {kind: [r for r in runs if r.kind == kind] for kind in ("training", "experiments", "bench")}
-    return {**tables, "targets": runs, "seed-curve": tables["training"]}
+    return {**tables, "targets": runs, "seed-curve": tables["training"],
+            "routings": tables["training"]}
 
 
 DOCUMENTS = {"RESULTS.md": tuple(TABLES), "PERFORMANCE.md": ()}  # tables each must hold

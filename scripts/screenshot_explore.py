@@ -12,7 +12,7 @@ import threading
 
 from playwright.sync_api import sync_playwright
 
-from capsnet.explore import make_server
+from capsnet.tools.explore import make_server
 
 
 def main() -> None:

@@ -175,3 +175,16 @@ def tables(docs: Path, *flags: str) -> subprocess.CompletedProcess:
     """scripts/results_tables.py on the documents and records in ``docs``."""
     return subprocess.run([sys.executable, str(REPO / "scripts" / "results_tables.py"), "--docs",
                            str(docs), *flags], capture_output=True, text=True)
+
+
+def refuses_in_one_line(argv: list[str], cwd: Path, expected: str) -> None:
+    """The real ``capsnet argv`` run in ``cwd`` refuses: exit 2, nothing on stdout, and one
+    line on stderr, ``capsnet: ...`` holding ``expected``, without a traceback."""
+    done = subprocess.run([str(Path(sys.executable).with_name("capsnet")), *argv], cwd=cwd,
+                          capture_output=True, text=True, timeout=300,
+                          env={**os.environ, "OMP_NUM_THREADS": "1"})
+    lines = done.stderr.splitlines()
+    assert done.returncode == 2, done.stderr
+    assert "Traceback" not in done.stderr and len(lines) == 1, done.stderr
+    assert lines[0].startswith("capsnet: ") and expected in lines[0], lines[0]
+    assert done.stdout == ""

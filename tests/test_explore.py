@@ -25,7 +25,9 @@ from capsnet.training.config import make_config
 from capsnet.cli.tools import run_explore
 from capsnet.tools.explore import MAX_BODY_BYTES, ExploreServer, make_server
 from capsnet.nn.layers import safe_norm
+from capsnet.nn.model import CapsNet, CapsNetConfig
 from capsnet.training.trainer import train
+from test_folders import SHAPES, write_shapes
 
 # Every test here uses a model trained for the module (about 25 s) or drives Chromium.
 pytestmark = pytest.mark.slow
@@ -74,6 +76,26 @@ def server(checkpoint: Path, tiny_dataset: Path) -> Iterator[ExploreServer]:
 
 
 @pytest.fixture(scope="module")
+def shapes(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Colour images of three shapes in class folders, with train/, val/ and test/."""
+    return write_shapes(tmp_path_factory.mktemp("shapes"), {"train": 3, "val": 2, "test": 3})
+
+
+@pytest.fixture(scope="module")
+def shapes_server(tmp_path_factory: pytest.TempPathFactory, shapes: Path
+                  ) -> Iterator[ExploreServer]:
+    """An untrained colour model of the shapes, prepared by resizing, with its test images:
+    no capsule reaches 0.5 for any image, and every reconstruction is red."""
+    torch.manual_seed(0)
+    model = CapsNet(CapsNetConfig(image_size=24, in_channels=3, num_classes=3))
+    model.class_names, model.prepare = SHAPES, "resize"
+    with torch.no_grad():  # reconstructions in red, where an untrained decoder gives gray
+        model.decoder[-2].bias.copy_(torch.tensor([2.0, -2.0, -2.0]).repeat_interleave(24 * 24))
+    folder = model.save_pretrained(tmp_path_factory.mktemp("shapes-model") / "shapes-model")
+    yield from serve(make_server(folder, "127.0.0.1", 0, dataset=str(shapes)))
+
+
+@pytest.fixture(scope="module")
 def server_without_data(checkpoint: Path, tmp_path_factory: pytest.TempPathFactory
                         ) -> Iterator[ExploreServer]:
     missing = tmp_path_factory.mktemp("no-data") / "missing"
@@ -117,6 +139,59 @@ def test_info_describes_the_model(server: ExploreServer) -> None:
     assert info["classes"] == 10 and info["digit_dim"] == 16
     assert (info["primary_grid"], info["primary_maps"], info["image_size"]) == (6, 32, 28)
     assert info["class_names"] == [str(i) for i in range(10)]
+
+
+def test_a_colour_model_speaks_its_class_names(shapes_server: ExploreServer) -> None:
+    status, info = request(shapes_server, "GET", "/api/info")
+    assert status == 200 and info["class_names"] == list(SHAPES)
+    assert (info["prepare"], info["present"], info["in_channels"]) == ("resize", 0.5, 3)
+    assert not info["shipped"] and info["checkpoint"].endswith("shapes-model")
+    status, sample = request(shapes_server, "GET", "/api/sample?index=4")
+    assert status == 200 and sample["label_name"] == SHAPES[sample["label"]]
+    image = np.asarray(sample["image"])
+    assert image.shape == (3, 24, 24) and not np.allclose(image[0], image[1])  # in colour
+    status, result = request(shapes_server, "POST", "/api/predict", {"image": sample["image"]})
+    assert status == 200 and result["input"] == sample["image"]
+    assert np.asarray(result["reconstruction"]).shape == (3, 24, 24)
+    assert result["class_name"] == SHAPES[result["prediction"]]
+    assert result["none"] is True and max(result["lengths"]) < 0.5
+    pixels = image.ravel().tolist()  # the same image as a flat list of its three channels
+    _, flat = request(shapes_server, "POST", "/api/predict", {"pixels": pixels})
+    assert flat["lengths"] == result["lengths"]
+
+
+def test_a_drawing_is_resized_for_a_model_that_resizes(shapes_server: ExploreServer) -> None:
+    drawing = np.zeros((48, 48))
+    drawing[:12, :12] = 1.0  # a square in the top left corner stays there: not centred
+    status, result = request(shapes_server, "POST", "/api/predict",
+                             {"image": drawing.tolist(), "preprocess": True})
+    assert status == 200
+    seen = np.asarray(result["input"])
+    assert seen.shape == (3, 24, 24) and np.array_equal(seen[0], seen[2])  # gray in colour
+    assert seen[0, :5, :5].min() > 0.9 and seen[0, 8:, 8:].max() < 0.1
+
+
+@pytest.mark.parametrize("body, message", [
+    ({"image": [blank(24)] * 2}, "image has 2 channels (CxHxW); the model takes 3"),
+    ({"image": [blank(24)] * 3, "preprocess": True}, "preprocess takes a one-channel drawing"),
+    ({"image": [blank(24), blank(24), blank(20)]}, "channels must all have the same size"),
+    ({"image": [blank(24), blank(24), [[0.5, "x"]]]}, "image channel 2 must hold only numbers"),
+    ({"pixels": [0.0] * (2 * 24 * 24)}, "pixels must hold 24x24 = 576 or 3x24x24 = 1728"),
+])
+def test_bad_colour_images_get_400(shapes_server: ExploreServer, body: Any,
+                                   message: str) -> None:
+    status, answer = request(shapes_server, "POST", "/api/predict", body)
+    assert status == 400 and message in answer["error"]
+
+
+def test_info_tells_a_shipped_model(tmp_path: Path) -> None:
+    server = make_server("mnist", "127.0.0.1", 0, dataset=str(tmp_path / "missing"))
+    try:
+        info = server.explorer.info()
+        assert info["shipped"] and info["prepare"] == "mnist"
+        assert info["class_names"] == [str(i) for i in range(10)]
+    finally:
+        server.server_close()
 
 
 def test_predict_matches_the_model(server: ExploreServer) -> None:
@@ -332,6 +407,10 @@ def canvas_pixels(page: "Page", selector: str) -> list[int]:
 @needs_browser
 def test_drawing_shows_a_prediction(browser: "Browser", server: ExploreServer) -> None:
     page, urls, errors = open_page(browser, server)
+    assert page.locator("#draw-title").inner_text() == "Draw a digit"
+    header = page.locator("#model-info").inner_text()
+    assert header.startswith(f"model {server.explorer.checkpoint} · test images from "
+                             f"{Path(server.explorer.dataset).name} · 10 classes")
     assert page.locator("#bars .bar").count() == 10
     assert page.locator("#sliders input[type=range]").count() == 16
     assert page.locator("#tiles canvas").count() == 32
@@ -365,6 +444,90 @@ def test_dragging_a_slider_changes_the_reconstruction(browser: "Browser",
     assert canvas_pixels(page, "#reconstruction") != before
     page.locator("#bars .bar[data-class='3']").click()  # decode another capsule
     page.wait_for_function("() => document.querySelector('#capsule-name').textContent === '3'")
+    assert errors == []
+    page.close()
+
+
+def pixels_rgb(page: "Page", selector: str) -> np.ndarray:
+    return np.asarray(canvas_pixels(page, selector)).reshape(-1, 4)[:, :3]
+
+
+@needs_browser
+def test_the_page_of_a_colour_model_names_its_classes(browser: "Browser", shapes: Path,
+                                                      shapes_server: ExploreServer) -> None:
+    page, _, errors = open_page(browser, shapes_server)
+    assert page.locator("#draw-title").inner_text() == "Draw one of: circle, square, triangle"
+    assert page.locator("#model-info").inner_text() == (
+        f"model {shapes_server.explorer.checkpoint} · test images from {shapes.name} · "
+        f"3 classes · 4×4×32 primary capsules")
+    names = page.eval_on_selector_all("#bars .name", "els => els.map(e => e.textContent)")
+    assert names == list(SHAPES)
+    page.locator("#sample").click()
+    page.wait_for_selector("#pad[data-label]")
+    updates = wait_idle(page, 0)
+    label = SHAPES[int(page.locator("#pad").get_attribute("data-label"))]
+    assert f"label {label}" in page.locator("#message").inner_text()
+    longest = SHAPES[int(page.locator("#prediction").get_attribute("data-class"))]
+    assert page.locator("#prediction").inner_text() == "none of these"
+    assert f"No capsule reaches 0.5; the longest is {longest}, 0." in \
+        page.locator("#verdict").inner_text()
+    for canvas in ("#input", "#reconstruction"):  # in colour
+        rgb = pixels_rgb(page, canvas)
+        assert len(rgb) == 24 * 24 and (rgb[:, 0] != rgb[:, 1]).any(), canvas
+    page.locator("#clear").click()
+    draw_stroke(page)
+    wait_idle(page, updates)
+    rgb = pixels_rgb(page, "#input")  # a drawing is gray in every channel
+    assert rgb.max() > 0 and (rgb == rgb[:, :1]).all()
+    assert errors == []
+    page.close()
+
+
+def set_slider(page: "Page", dim: int, value: float) -> None:
+    page.eval_on_selector(f"#sliders input[data-dim='{dim}']",
+                          "(s, v) => { s.value = v; s.dispatchEvent(new Event('input')); }",
+                          str(value))
+
+
+def choose_and_shift(page: "Page", updates: int) -> int:
+    """Decode another capsule than the winner, with pose dimension 4 shifted."""
+    winner = int(page.locator("#prediction").get_attribute("data-class"))
+    other = str((winner + 1) % 10)
+    page.locator(f"#bars .bar[data-class='{other}']").click()
+    page.wait_for_function("(c) => document.querySelector('#capsule-name').textContent === c",
+                           arg=other)
+    set_slider(page, 4, 0.3)
+    updates = wait_idle(page, updates)
+    assert page.locator("#sliders input[data-dim='4']").input_value() == "0.3"
+    return updates
+
+
+def assert_fresh(page: "Page") -> None:
+    """The winner decoded, every offset 0."""
+    winner = page.locator("#prediction").get_attribute("data-class")
+    assert page.locator("#capsule-name").inner_text() == winner
+    assert page.locator("#follow").is_disabled()
+    values = page.eval_on_selector_all("#sliders input", "els => els.map(e => e.value)")
+    assert values == ["0"] * 16
+    shown = page.eval_on_selector_all("#sliders output", "els => els.map(e => e.textContent)")
+    assert shown == ["0.00"] * 16
+
+
+@needs_browser
+def test_a_new_image_starts_from_the_winner_without_offsets(browser: "Browser",
+                                                            server: ExploreServer) -> None:
+    page, _, errors = open_page(browser, server)
+    draw_stroke(page)
+    updates = choose_and_shift(page, wait_idle(page, 0))
+    page.locator("#sample").click()  # a test image
+    page.wait_for_selector("#pad[data-label]")
+    updates = wait_idle(page, updates)
+    assert_fresh(page)
+    updates = choose_and_shift(page, updates)
+    page.locator("#clear").click()  # a new drawing
+    draw_stroke(page)
+    wait_idle(page, updates)
+    assert_fresh(page)
     assert errors == []
     page.close()
 

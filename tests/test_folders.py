@@ -119,7 +119,8 @@ def unknown_test_class(root: Path) -> None:
     (with_file("bad.png", b"no"), "bad.png: not an image file this program can read"),
     (empty_class, "empty: no images in this class folder"),
     (unknown_test_class, "class 'hexagon' is not one of train/'s classes"),
-    (lambda root: write_shapes(root, {"train": 3}), "too few to cut val and test of 5 images"),
+    (lambda root: write_shapes(root, {"train": 3}),
+     "circle: 3 images, too few to hold out 2 for each of val and test"),
 ])
 def test_bad_class_folders_are_one_line(tmp_path: Path, build, message: str) -> None:
     root = tmp_path / "data"

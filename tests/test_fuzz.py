@@ -1,5 +1,5 @@
 """Fuzzing the two parsers of untrusted files: IDX data (capsnet.data.parse_idx) and the
-user's images for ``capsnet predict`` (capsnet.data.images.load_image).
+user's images for ``capsnet predict`` (capsnet.utils.images.load_image).
 
 Each parser must either return a correct result or raise CapsNetError, whatever the bytes:
 never another exception, never a wrong array. 1000 generated cases per test.
@@ -25,7 +25,7 @@ from hypothesis.extra import numpy as hnp
 from PIL import Image
 
 from capsnet.data import parse_idx
-from capsnet.data.images import load_image
+from capsnet.utils.images import load_image
 from capsnet.errors import CapsNetError
 
 FUZZ = settings(max_examples=1000, deadline=None,

@@ -7,10 +7,7 @@ from __future__ import annotations
 import gzip
 import hashlib
 import io
-import os
 import shutil
-import subprocess
-import sys
 from pathlib import Path
 from typing import Any, Callable
 
@@ -21,9 +18,8 @@ import torch
 from capsnet.cli import main
 from capsnet.data import FILE_NAMES, read_idx, write_idx
 from capsnet.training.checkpoint import FORMAT, VERSION, load_checkpoint, state_digest
-from conftest import write_dataset
+from conftest import refuses_in_one_line, write_dataset
 
-CAPSNET = str(Path(sys.executable).with_name("capsnet"))
 pytestmark = pytest.mark.slow  # each case starts the real command: minutes in all
 TRAIN = ["--epochs", "1", "--batch-size", "60", "--val-size", "40", "--device", "cpu",
          "--no-progress"]
@@ -169,13 +165,7 @@ CASES: dict[str, tuple[list[str], str]] = {
 def test_hostile_input_is_one_line_exit_2_and_changes_nothing(name: str, workspace: Path) -> None:
     argv, expected = CASES[name]
     before = snapshot(workspace)
-    done = subprocess.run([CAPSNET, *argv], cwd=workspace, capture_output=True, text=True,
-                          timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"})
-    lines = done.stderr.splitlines()
-    assert done.returncode == 2, done.stderr
-    assert "Traceback" not in done.stderr and len(lines) == 1, done.stderr
-    assert lines[0].startswith("capsnet: ") and expected in lines[0], lines[0]
-    assert done.stdout == ""
+    refuses_in_one_line(argv, workspace, expected)
     assert snapshot(workspace) == before
 
 

@@ -1,4 +1,4 @@
-"""capsnet.data.images.load_image: MNIST-style preprocessing, formats, and every bad input."""
+"""capsnet.utils.images.load_image: MNIST-style preprocessing, formats, and every bad input."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ import pytest
 from PIL import Image, ImageDraw
 
 from capsnet.errors import CapsNetError
-from capsnet.data.images import load_image
+from capsnet.utils.images import load_image
 
 INK = 0.2  # pixels above this count as ink in the checks below
 
@@ -273,7 +273,7 @@ def test_too_many_channels_for_the_model(tmp_path: Path) -> None:
 
 
 def test_huge_images_are_refused_before_decoding(tmp_path: Path) -> None:
-    from capsnet.data.images import MAX_IMAGE_PIXELS
+    from capsnet.utils.images import MAX_IMAGE_PIXELS
 
     path = tmp_path / "huge.png"
     Image.new("L", (4097, 4096)).save(path)  # one column over the limit

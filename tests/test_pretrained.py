@@ -70,8 +70,8 @@ def test_export_writes_what_save_pretrained_writes(tmp_path: Path) -> None:
     export_model(model, tmp_path / "exported.safetensors", "safetensors")
     stored = [read_weights(path) for path in (tmp_path / "exported.safetensors",
                                               tmp_path / "m" / "model.safetensors")]
-    (config_a, state_a, labels_a), (config_b, state_b, labels_b) = stored
-    assert config_a == config_b and labels_a == labels_b
+    (config_a, state_a, labels_a, arch_a), (config_b, state_b, labels_b, arch_b) = stored
+    assert config_a == config_b and labels_a == labels_b and arch_a == arch_b == "capsnet"
     assert state_a.keys() == state_b.keys()
     assert all(torch.equal(state_a[k], state_b[k]) for k in state_a)
 

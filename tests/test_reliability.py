@@ -664,7 +664,7 @@ BAD_FLAGS = {
     "recon-weight-huge": (["--reconstruction-weight", "1e9"], "argument --reconstruction-weight"),
     "max-shift-absurd": (["--max-shift", "100"], "argument --max-shift: expected an integer in [0, 8], got '100'"),
     "train-limit-negative": (["--train-limit", "-1"], "argument --train-limit: expected an integer >= 0"),
-    "val-size-zero": (["--val-size", "0"], "argument --val-size"),
+    "val-size-negative": (["--val-size", "-1"], "argument --val-size"),
     "val-size-absurd": (["--val-size", "1000000"], "validation size 1000000 must be between 1 and 239"),
     "routing-zero": (["--routing-iterations", "0"], "argument --routing-iterations"),
     "seed-negative": (["--seed", "-3"], "argument --seed"),
@@ -775,7 +775,7 @@ BAD_IMAGES = {
     "four-dims-npy": (lambda p: np.save(p, np.zeros((2, 2, 28, 28))), ".npy",
                       "array of shape (2, 2, 28, 28) is not an image"),
     "empty-npy": (lambda p: np.save(p, np.zeros((0, 28))), ".npy", "array of shape (0, 28, 1) has no pixels"),
-    "directory": (lambda p: p.mkdir(), ".png", "not a file"),
+    "directory": (lambda p: p.mkdir(), ".png", "a folder without image files"),
 }
 
 

@@ -6,7 +6,6 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import io
-import sys
 import tarfile
 from pathlib import Path
 from typing import Callable
@@ -337,10 +336,3 @@ def test_corrupt_svhn_file_is_one_line_naming_it(case: str, tmp_path: Path,
     assert str(info.value).startswith(f"data directory {folder}/{SVHN_FILES['test']}: ")
 
 
-def test_svhn_without_scipy_is_one_line(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    files, _ = svhn_files()
-    name = register("svhn", write_files(tmp_path / "svhn", files), monkeypatch)
-    monkeypatch.setitem(sys.modules, "scipy", None)  # import scipy.io now fails
-    monkeypatch.setitem(sys.modules, "scipy.io", None)
-    with pytest.raises(CapsNetError, match="needs SciPy: pip install scipy"):
-        acquire(name, data_dir=tmp_path / "svhn")

@@ -1,18 +1,42 @@
-"""capsnet: Capsule Networks with dynamic routing on PyTorch."""
+"""capsnet: Capsule Networks with dynamic routing, self-attention routing and EM routing on
+PyTorch.
 
-from .nn.layers import PrimaryCapsules, RoutingCapsules, safe_norm, squash
-from .nn.losses import capsule_loss, margin_loss, reconstruction_loss
-from .nn.model import CapsNet, CapsNetConfig, CapsNetOutput, capsnet_mnist, count_parameters
-from .training.config import TrainConfig, make_config
-from .training.task import Classification, Task
-from .training.trainer import Trainer, train
-from .utils.version import package_version
+The public names below are imported on first use, so ``import capsnet.cli`` loads nothing
+heavy before the command can answer Ctrl-C.
+"""
 
-__version__ = package_version()
+from __future__ import annotations
 
-__all__ = [
-    "CapsNet", "CapsNetConfig", "CapsNetOutput", "Classification", "PrimaryCapsules",
-    "RoutingCapsules", "Task", "TrainConfig", "Trainer", "capsnet_mnist", "capsule_loss",
-    "count_parameters", "make_config", "margin_loss", "reconstruction_loss", "safe_norm",
-    "squash", "train",
-]
+from importlib import import_module
+
+_HOMES = {  # public name -> the module that defines it
+    "PrimaryCapsules": ".nn.layers", "RoutingCapsules": ".nn.layers", "safe_norm": ".nn.layers",
+    "squash": ".nn.layers", "capsule_loss": ".nn.losses", "margin_loss": ".nn.losses",
+    "reconstruction_loss": ".nn.losses", "CapsNet": ".nn.model", "CapsNetConfig": ".nn.model",
+    "CapsNetOutput": ".nn.model", "capsnet_mnist": ".nn.model",
+    "count_parameters": ".nn.model", "EfficientCapsNet": ".nn.efficient",
+    "EfficientCapsNetConfig": ".nn.efficient", "EMCapsNet": ".nn.em_routing",
+    "EMCapsNetConfig": ".nn.em_routing", "spread_loss": ".nn.em_routing",
+    "MODELS": ".nn.registry", "load_model": ".nn.registry", "Prediction": ".nn.prediction",
+    "TrainConfig": ".training.config", "make_config": ".training.config",
+    "Classification": ".training.task", "Task": ".training.task",
+    "Trainer": ".training.trainer", "train": ".training.trainer",
+}
+__all__ = sorted(_HOMES)
+
+
+def __getattr__(name: str) -> object:
+    """A public name (or ``__version__``), imported on first use."""
+    if name == "__version__":
+        from .utils.version import package_version
+        value: object = package_version()
+    elif name in _HOMES:
+        value = getattr(import_module(_HOMES[name], __name__), name)
+    else:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted({*globals(), *__all__, "__version__"})

@@ -10,6 +10,13 @@ from typing import Any, Callable
 from ..errors import CapsNetError
 from ..utils.settings import requirement, setting_fields, valid
 
+EXIT_USAGE = 2  # bad input: the exit code of every refusal
+
+
+def printable(message: str) -> str:
+    """``message`` with control characters escaped (a file name may hold a newline)."""
+    return "".join(c if c.isprintable() else repr(c)[1:-1] for c in message)
+
 
 class ArgumentParser(argparse.ArgumentParser):
     """argparse that reports errors in one line, with our exit code."""

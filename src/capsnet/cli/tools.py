@@ -4,14 +4,17 @@ bench, export, explore."""
 from __future__ import annotations
 
 import argparse
+import glob
 import json
+import os
 import sys
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 
-from ..data.images import load_image
+from ..utils.images import load_image
 from ..data.splits import load_splits
 from ..tools.bench import benchmark, format_table
 from ..tools.explore import make_server
@@ -21,12 +24,15 @@ from ..training.config import DEVICES, PRECISIONS, splits_for
 from ..training.evaluate import evaluate
 from ..training.task import check_fits
 from ..errors import CapsNetError
-from ..nn.model import CapsNet
+from ..nn.prediction import PRESENT, Prediction
+from ..nn.registry import load_model
 from ..nn.pretrained import ACCEPTED, MODEL_KINDS
 from ..utils.device import resolve_device
 from ..utils.files import check_writable_folder
-from .args import port_number, positive_int
+from .args import EXIT_USAGE, port_number, positive_int, printable
 
+IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".npy"}
+PREDICT_BATCH = 256  # images prepared and classified together
 DATA_DIR_HELP = ("folder holding the data set's IDX files (default: $CAPSNET_DATA_DIR, then "
                  "the cache, then download)")
 VAL_SIZE_HELP = ("validation images cut from the training set (default: the run's; 5000 for a "
@@ -91,53 +97,118 @@ def run_evaluate(args: argparse.Namespace) -> int:
           f"({round(result.accuracy * result.total)}/{result.total}), loss {result.loss:.5f}")
     print("per class: " + "  ".join(f"{name} {acc:.2%}" for name, acc in
                                     zip(splits.class_names, result.per_class_accuracy)))
-    print("confusion matrix (rows: true class, columns: predicted):")
-    for name, row in zip(splits.class_names, result.confusion.tolist()):
-        print(f"{name[:5]:>5} " + " ".join(f"{v:5d}" for v in row))
+    # full names up to 20 characters, every column as wide as the longest (ASCII "...": the
+    # terminal's encoding may have no ellipsis)
+    names = [name if len(name) <= 20 else name[:17] + "..." for name in splits.class_names]
+    width = max(5, len(str(result.total)), *map(len, names))
+    corner = "confusion matrix"
+    label = max(len(corner), *map(len, names))
+    print(f"{corner:<{label}} " + " ".join(f"{name:>{width}}" for name in names)
+          + "   (rows: true class, columns: predicted)")
+    for name, row in zip(names, result.confusion.tolist()):
+        print(f"{name:>{label}} " + " ".join(f"{v:{width}d}" for v in row))
     return 0
 
 
 # -- predict ----------------------------------------------------------------------------
 
 def add_predict(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("predict", help="classify your own images (PNG, JPEG or .npy)",
+    p = sub.add_parser("predict", help="classify your own images (PNG, JPEG, .npy, ...)",
                        description="Classify images with a trained model: MODEL (the first "
-                                   "path, or --model MODEL) is " + MODEL_KINDS + ".")
+                                   "path, or --model MODEL) is " + MODEL_KINDS + ". An image "
+                                   "may be a file, a folder (its image files) or a quoted glob "
+                                   "pattern. An image whose longest capsule is under "
+                                   f"{PRESENT} holds none of the model's classes: 'none'.")
     p.add_argument("paths", nargs="+", metavar="MODEL_OR_IMAGE",
                    help="the model (unless --model gives it), then the images")
     add_model(p, positional=False)
+    p.add_argument("--top-k", type=positive_int, metavar="K",
+                   help="show the K longest capsules instead of every length")
     p.add_argument("--json", action="store_true", help="print one JSON object per image")
     p.add_argument("--no-preprocess", action="store_true",
                    help="use the image as it is (resized only), without MNIST-style centring")
-    p.set_defaults(run=run_predict)
+    p.add_argument("--device", choices=DEVICES, default="cpu",
+                   help="where to run (default: cpu; auto: CUDA when available)")
+    p.set_defaults(run=run_predict, inputs="paths")
 
 
-def model_and_images(args: argparse.Namespace) -> tuple[Any, list[Path]]:
+def model_and_inputs(args: argparse.Namespace) -> tuple[Any, list[str]]:
     if args.model_option is not None:
-        return CapsNet.from_pretrained(args.model_option), [Path(p) for p in args.paths]
+        return load_model(args.model_option), args.paths
     if len(args.paths) < 2:
         raise CapsNetError("predict: give a model and at least one image (or --model MODEL "
                            "and the images)")
-    return CapsNet.from_pretrained(args.paths[0]), [Path(p) for p in args.paths[1:]]
+    return load_model(args.paths[0]), args.paths[1:]
+
+
+def image_files(given: str) -> list[Path]:
+    """The image files ``given`` names: a file, a folder's image files (sorted), or the
+    files a glob pattern matches; one line when it names none."""
+    path = Path(given)
+    if path.is_dir():
+        found = sorted(p for p in path.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES
+                       and p.is_file())
+        if not found:
+            raise CapsNetError(f"{given}: a folder without image files "
+                               f"({', '.join(sorted(IMAGE_SUFFIXES))})")
+        return found
+    if not os.path.lexists(path) and glob.has_magic(given):
+        found = sorted(Path(p) for p in glob.glob(given) if Path(p).is_file())
+        if not found:
+            raise CapsNetError(f"{given}: no file matches")
+        return found
+    return [path]
 
 
 def run_predict(args: argparse.Namespace) -> int:
-    model, paths = model_and_images(args)
-    config = model.config
+    model, inputs = model_and_inputs(args)
+    device = resolve_device(args.device)
+    model.to(device)
     preprocess = model.prepare == "mnist" and not args.no_preprocess
-    images = torch.stack([
-        torch.from_numpy(load_image(path, config.image_size, config.in_channels, preprocess))
-        for path in paths])  # (n, channels, size, size)
-    with torch.no_grad():
-        out = model(images)
-    for path, prediction, lengths in zip(paths, out.predictions.tolist(), out.lengths.tolist()):
-        name = model.class_names[prediction]
-        if args.json:
-            print(json.dumps({"image": str(path), "prediction": prediction, "class": name,
-                              "lengths": [round(v, 6) for v in lengths]}))
-        else:
-            print(f"{path}: {name}  lengths " + " ".join(f"{v:.3f}" for v in lengths))
-    return 0
+    failed = 0
+    for given in inputs:
+        try:
+            paths = image_files(given)
+        except CapsNetError as exc:
+            report_failure(exc)
+            failed += 1
+            continue
+        for start in range(0, len(paths), PREDICT_BATCH):
+            failed += predict_files(model, paths[start:start + PREDICT_BATCH], preprocess, args)
+    return EXIT_USAGE if failed else 0
+
+
+def predict_files(model: Any, paths: list[Path], preprocess: bool,
+                  args: argparse.Namespace) -> int:
+    """Print the prediction of each readable file of ``paths`` in order, a line on stderr
+    for each other; returns how many failed."""
+    config, images, readable = model.config, [], []
+    for path in paths:
+        try:
+            images.append(load_image(path, config.image_size, config.in_channels, preprocess))
+            readable.append(path)
+        except CapsNetError as exc:
+            report_failure(exc)
+    if readable:
+        for path, p in zip(readable, model.predict(torch.from_numpy(np.stack(images)))):
+            print(prediction_line(path, p, args.top_k, args.json))
+    return len(paths) - len(readable)
+
+
+def prediction_line(path: Path, p: Prediction, top_k: int | None, as_json: bool) -> str:
+    """One image's answer: its class (or none) and the capsule lengths (or the top k)."""
+    if as_json:
+        return json.dumps({"image": str(path), "prediction": p.index, **p.to_dict(top_k),
+                           "lengths": [round(v, 6) for v in p.lengths.values()]})
+    shown = (" ".join(f"{name} {v:.3f}" for name, v in p.top(top_k)) if top_k
+             else "lengths " + " ".join(f"{v:.3f}" for v in p.lengths.values()))
+    label = p.label if p.label is not None else "none"
+    return f"{path}: {label}  {'top ' if top_k else ''}{shown}"
+
+
+def report_failure(exc: CapsNetError) -> None:
+    """One input's problem on its own line; the command goes on with the others."""
+    print(f"capsnet: {printable(str(exc))}", file=sys.stderr, flush=True)
 
 
 # -- figures ----------------------------------------------------------------------------
@@ -269,7 +340,11 @@ def add_explore(sub: argparse._SubParsersAction) -> None:
                                    "the capsule lengths, reconstructions, pose sliders and "
                                    "coupling coefficients.")
     add_model(p)
-    p.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1)")
+    p.add_argument("--host", default="127.0.0.1",
+                   help="address to listen on (default 127.0.0.1; 0.0.0.0: every interface)")
+    p.add_argument("--allow-host", action="append", default=[], metavar="NAME",
+                   help="also answer requests addressed to NAME (a name of this machine that "
+                        "browsers use; repeatable): others are refused, against DNS rebinding")
     p.add_argument("--port", type=port_number, default=8000, help="port (default 8000; 0: any free)")
     p.add_argument("--dataset", help="data set for the random test images "
                    "(default: the one the model was trained on, when it records it)")
@@ -281,7 +356,8 @@ def add_explore(sub: argparse._SubParsersAction) -> None:
 def run_explore(args: argparse.Namespace) -> int:
     source = model_of(args)
     server = make_server(source, args.host, args.port, dataset=args.dataset,
-                         data_dir=args.data_dir, verbose=args.verbose)
+                         data_dir=args.data_dir, verbose=args.verbose,
+                         allow_hosts=args.allow_host)
     print(f"capsnet explore: serving {source} at {server.url} (Ctrl-C to stop)", flush=True)
     try:
         server.serve_forever()

@@ -17,9 +17,10 @@ from typing import Any
 from ..errors import CapsNetError
 from ..experiments import EXPERIMENTS
 from ..training.config import PRESETS, TrainConfig, make_config, resume_config
-from ..training.run import Run
+from ..training.run import LOCK_FD_VARIABLE, Run
 from ..training.status import last_line
 from ..training.trainer import train
+from ..utils.device import resolve_device
 from ..utils.files import check_writable_folder
 from ..utils.settings import settings_from_dict
 from .args import ArgumentParser, add_settings, given_settings
@@ -31,7 +32,8 @@ def add_run_args(p: argparse.ArgumentParser, default_run_dir: str) -> None:
     p.add_argument("--preset", choices=tuple(PRESETS), default="paper",
                    help="paper: the paper and its official code (default); seed: the notebook "
                         "exactly; quick: the paper's model briefly, for a CPU; cifar10: "
-                        "the paper's CIFAR-10 settings")
+                        "the paper's CIFAR-10 settings; efficient: Efficient-CapsNet's "
+                        "MNIST recipe; em: EM routing's MNIST network")
     p.add_argument("--run-dir", type=Path, help=f"where checkpoints and logs go "
                    f"(default: {default_run_dir})")
     p.add_argument("--resume", type=Path, metavar="RUN_DIR",
@@ -54,16 +56,21 @@ def requested_config(args: argparse.Namespace, defaults: dict[str, Any]) -> Trai
     return make_config(args.preset, **{**defaults, **given})
 
 
-def run_folder(args: argparse.Namespace, default: Path) -> Path:
-    """The run's folder: --resume's, or a new one that must not hold a run; checked for
-    writing before any work."""
+def run_folder(args: argparse.Namespace, config: TrainConfig, default: Path) -> Path:
+    """The run's folder: --resume's, or a new one that must not hold anything of a run;
+    checked, with the device, before any work and before anything is written. The training
+    checks the folder again once it holds its lock (:meth:`Run.claimed`)."""
     if args.from_best and args.resume is None:
         raise CapsNetError("--from-best goes with --resume RUN_DIR")
+    resolve_device(config.device)
     run_dir = args.resume or args.run_dir or default
     check_writable_folder(run_dir, "run folder")
-    if args.resume is None and Run(run_dir).holds_run():
-        raise CapsNetError(f"{run_dir} already holds a run; use --resume {run_dir} to continue "
-                           f"it or --run-dir to start a new one")
+    run = Run(run_dir)
+    if not run.main:  # under torchrun, rank 0 checks and holds the folder for every rank
+        return run_dir
+    run.check_free()
+    if args.resume is None and not run.lock_passed_down():  # passed down: checked under it
+        run.check_unused()
     return run_dir
 
 
@@ -89,25 +96,27 @@ def run_train(args: argparse.Namespace) -> int:
     if args.init_from is not None and args.resume is not None:
         raise CapsNetError("--init-from starts a new run; it cannot be combined with --resume")
     config = requested_config(args, {})
-    run_dir = run_folder(args, Path("runs") / f"{Path(config.dataset).name}-{config.preset}")
+    default = Path("runs") / f"{Path(config.dataset).name}-{config.preset}"
+    run_dir = run_folder(args, config, default)
     if args.detach:
-        return detach(args.argv, run_dir)
-    with Run(run_dir).training_here():
+        return detach(args.argv, run_dir, new=args.resume is None)
+    with Run(run_dir).training_here(new=args.resume is None):  # the figures too
         summary = train(config, run_dir, data_dir=args.data_dir, resume=args.resume is not None,
                         from_best=args.from_best, init_from=args.init_from,
                         show_progress=not args.no_progress)
-    speed = summary["train_images_per_s"]  # None when a resumed run had nothing left to train
-    print(f"test accuracy {summary['test_accuracy']:.2%}, test loss {summary['test_loss']:.5f}, "
-          f"{summary['wall_seconds']:.0f} s, "
-          f"{'nothing left to train' if speed is None else f'{speed:.0f} images/s'} on {summary['device']}")
-    print(f"best checkpoint: {summary['checkpoint']}; summary: {Run(run_dir).summary_file}")
-    if args.figures:
-        from ..tools.figures import draw_figures  # matplotlib: 0.3 s that other commands skip
+        speed = summary["train_images_per_s"]  # None when a resumed run had nothing to train
+        print(f"test accuracy {summary['test_accuracy']:.2%}, test loss "
+              f"{summary['test_loss']:.5f}, {summary['wall_seconds']:.0f} s, "
+              f"{'nothing left to train' if speed is None else f'{speed:.0f} images/s'} on "
+              f"{summary['device']}")
+        print(f"best checkpoint: {summary['checkpoint']}; summary: {Run(run_dir).summary_file}")
+        if args.figures:
+            from ..tools.figures import draw_figures  # matplotlib: 0.3 s other commands skip
 
-        figures = Run(run_dir).figures
-        paths = draw_figures(summary["checkpoint"], figures, data_dir=args.data_dir,
-                             run_dir=run_dir)
-        print(f"figures: {figures} ({len(paths)} files)")
+            figures = Run(run_dir).figures
+            paths = draw_figures(summary["checkpoint"], figures, data_dir=args.data_dir,
+                                 run_dir=run_dir)
+            print(f"figures: {figures} ({len(paths)} files)")
     return 0
 
 
@@ -120,26 +129,30 @@ def file_stamp(path: Path) -> tuple[int, int] | None:
     return stat.st_ino, stat.st_mtime_ns
 
 
-def detach(argv: list[str], run_dir: Path) -> int:
+def detach(argv: list[str], run_dir: Path, *, new: bool) -> int:
     """Start this training again without --detach, in a session of its own, its output in
-    RUN_DIR/train.log. Returns once it is past the checks a training makes before it starts
-    (data, checkpoints: it has written config.json), or with its last line and exit code
-    when it failed them."""
+    RUN_DIR/train.log, handing it the folder's lock (taken and checked here first, so no
+    other process gets in between). Returns once it is past the checks a training makes
+    before it starts (data, checkpoints: it has written config.json), or with its last line
+    and exit code when it failed them, the folder left as it was."""
     run = Run(run_dir)
-    run.check_free()
-    config_file, log_file = run.config_file, run.log_file
-    before, made = file_stamp(config_file), not run_dir.exists()
-    run_dir.mkdir(parents=True, exist_ok=True)
-    command = [sys.executable, "-m", "capsnet.cli", *(a for a in argv if a not in DETACH_FLAGS)]
-    with open(log_file, "ab") as log:  # appended: a resumed run's log keeps its earlier calls
-        child = subprocess.Popen(command, stdin=subprocess.DEVNULL, stdout=log,
-                                 stderr=subprocess.STDOUT, start_new_session=True,
-                                 env={**os.environ, "PYTHONUNBUFFERED": "1"})
-    run.record_pid(child.pid)
-    while child.poll() is None and file_stamp(config_file) == before:
-        time.sleep(0.1)
-    if child.returncode:
-        return failed_to_start(child.returncode, run_dir, made)
+    with run.claimed(new=new) as lock:
+        config_file, log_file = run.config_file, run.log_file
+        before, log_size = file_stamp(config_file), file_size(log_file)
+        command = [sys.executable, "-m", "capsnet.cli",
+                   *(a for a in argv if a not in DETACH_FLAGS)]
+        with open(log_file, "ab") as log:  # appended: a resumed run keeps its earlier calls
+            child = subprocess.Popen(command, stdin=subprocess.DEVNULL, stdout=log,
+                                     stderr=subprocess.STDOUT, start_new_session=True,
+                                     pass_fds=(lock.fd,),
+                                     env={**os.environ, "PYTHONUNBUFFERED": "1",
+                                          LOCK_FD_VARIABLE: str(lock.fd)})
+        while child.poll() is None and file_stamp(config_file) == before:
+            time.sleep(0.1)
+        if child.returncode:
+            run.forget_pid(child.pid)  # in case it was killed before removing it itself
+            return failed_to_start(child.returncode, log_file, log_size)
+        lock.hand_over()
     folder = shlex.quote(str(run_dir))
     print(f"training in the background as process {child.pid}: {run_dir}\n"
           f"  watch it:  capsnet status {folder}   (its output: {log_file})\n"
@@ -148,18 +161,25 @@ def detach(argv: list[str], run_dir: Path) -> int:
     return 0
 
 
-def failed_to_start(code: int, run_dir: Path, made: bool) -> int:
-    """Say why a detached training stopped before it started, as it said it; leave no
-    trace of it in a folder this call made."""
-    run = Run(run_dir)
-    log_file = run.log_file
-    print(last_line(log_file) or f"capsnet: the training stopped (exit code {code}); see "
-          f"{log_file}", file=sys.stderr)
-    run.forget_pid()
-    if made:
-        with contextlib.suppress(OSError):
+def file_size(path: Path) -> int | None:
+    try:
+        return path.stat().st_size
+    except OSError:
+        return None
+
+
+def failed_to_start(code: int, log_file: Path, log_size: int | None) -> int:
+    """Say why a detached training stopped before it started, as it said it, and take its
+    output out of the log again (the log goes when this call made it)."""
+    line = None
+    with contextlib.suppress(CapsNetError):
+        line = last_line(log_file)
+    print(line or f"capsnet: the training stopped (exit code {code})", file=sys.stderr)
+    with contextlib.suppress(OSError):
+        if log_size is None:
             log_file.unlink()
-            run_dir.rmdir()
+        else:
+            os.truncate(log_file, log_size)
     return code if code > 0 else 1
 
 
@@ -207,8 +227,9 @@ def run_experiment(args: argparse.Namespace) -> int:
     else:
         settings = experiment.settings(**given_settings(args, experiment.settings))
         config = requested_config(args, experiment.train_defaults)
-    run_dir = run_folder(args, Path("runs") / f"{args.experiment}-{Path(config.dataset).name}")
-    with Run(run_dir).training_here():
+    default = Path("runs") / f"{args.experiment}-{Path(config.dataset).name}"
+    run_dir = run_folder(args, config, default)
+    with Run(run_dir).training_here(new=args.resume is None):
         summary = experiment.run(config, settings, run_dir, data_dir=args.data_dir,
                                  resume=args.resume is not None, from_best=args.from_best,
                                  show_progress=not args.no_progress)

@@ -110,7 +110,7 @@ def batches(source: Source, batch_size: int, *, seed: int | None = None, max_shi
     in [0, 1], and a label) are collated by a DataLoader, with a DataLoader's workers and
     collate function when one is given.
     """
-    n = len(source.dataset) if isinstance(source, DataLoader) else len(source)
+    n = source_length(source)
     side = example_shape(source)[-1]
     if crop > side:
         raise CapsNetError(f"cannot crop {crop}x{crop} out of {side}x{side} images")
@@ -167,6 +167,11 @@ def to_unit_float(images: Tensor) -> Tensor:
     if images.dtype == torch.uint8:
         return images.float().div_(255.0)
     return images.float()
+
+
+def source_length(source: Source) -> int:
+    """Number of examples of ``source`` (a DataLoader's length counts its batches)."""
+    return len(source.dataset) if isinstance(source, DataLoader) else len(source)
 
 
 def example_shape(source: Source) -> tuple[int, ...]:

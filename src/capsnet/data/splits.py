@@ -17,6 +17,9 @@ from .idx import FILE_NAMES, ROLES, check_images_labels, read_idx
 from .folders import is_class_folder_data_set, read_class_folders
 from .sources import DATASETS, acquire
 
+DEFAULT_VAL_SIZE = 5000  # held out when none is asked for: the notebook's (read_data_sets)
+
+
 def read_folder(folder: str | os.PathLike) -> dict[str, np.ndarray]:
     """Read the four IDX files of a user's own MNIST-style data set, without checksums."""
     path = Path(folder)
@@ -74,7 +77,7 @@ class Splits:
     test: Split
     num_classes: int
     class_names: tuple[str, ...]
-    prepare: str = "mnist"  # how to prepare a user's image for these models: see data.images
+    prepare: str = "mnist"  # how to prepare a user's image for these models: see utils.images
 
     @property
     def image_size(self) -> int:
@@ -86,11 +89,13 @@ class Splits:
 
 
 def load_splits(dataset: str, data_dir: str | os.PathLike | None = None,
-                val_size: int = 5000, val_split: str = "first", image_size: int = 0,
+                val_size: int | None = None, val_split: str = "first", image_size: int = 0,
                 channels: int = 0) -> Splits:
     """Training, validation and test splits. The validation set is the first ``val_size``
     images of the training file (``val_split="first"``, as TensorFlow's ``read_data_sets``
-    that the notebook uses) or the last ones (``"last"``); training gets the rest.
+    that the notebook uses) or the last ones (``"last"``); training gets the rest. Without
+    ``val_size``, the data set's default: :data:`DEFAULT_VAL_SIZE` images, or for class
+    folders 10% of each class (stratified, see :mod:`capsnet.data.folders`).
 
     ``dataset`` is a registered name (:data:`~capsnet.data.sources.DATASETS`), a folder
     holding the four IDX files of the user's own data (square grayscale images, labels 0 ..
@@ -109,7 +114,8 @@ def load_splits(dataset: str, data_dir: str | os.PathLike | None = None,
         arrays = read_folder(dataset)
         num_classes = classes_of(arrays["train_labels"], dataset)
         class_names = tuple(str(i) for i in range(num_classes))
-    return split_arrays(arrays, dataset, num_classes, class_names, val_size, val_split)
+    return split_arrays(arrays, dataset, num_classes, class_names,
+                        DEFAULT_VAL_SIZE if val_size is None else val_size, val_split)
 
 
 def is_folder_data_set(dataset: str) -> bool:

@@ -52,7 +52,7 @@ class AffnistSettings:
                                "parameters; paper: the paper's MNIST baseline, no pooling, "
                                "69.7M on 40x40", choices=VARIANTS)
     affnist_dir: str = setting("", "affNIST test .mat file, or a folder with test.mat or the "
-                               "test batches 1.mat..32.mat (needs scipy)")
+                               "test batches 1.mat..32.mat")
     max_rotation: float = setting(20.0, "degrees", min=0, max=180)
     max_shear: float = setting(0.2, "horizontal shear factor", min=0, lt=10)
     min_scale: float = setting(0.8, "smallest scale", gt=0)

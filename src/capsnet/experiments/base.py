@@ -16,6 +16,8 @@ class Experiment:
     name: str
     description: str
     settings: type  # a settings dataclass (capsnet.utils.settings)
-    run: Callable[..., dict[str, Any]]  # (config, settings, run_dir, *, data_dir, resume, show_progress)
+    # (config, settings, run_dir, *, data_dir, resume, from_best, show_progress), called
+    # while the command holds run_dir (Run.training_here: locked, checked, train.pid)
+    run: Callable[..., dict[str, Any]]
     report: Callable[[dict[str, Any]], str]  # summary -> lines for the terminal
     train_defaults: dict[str, Any] = field(default_factory=dict)  # on top of the preset

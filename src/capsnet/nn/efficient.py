@@ -58,13 +58,12 @@ from typing import Any
 
 import torch
 from torch import Tensor, nn
-import torch.nn.functional as F
 
 from ..errors import CapsNetError
 from ..utils.device import check_fits_in_memory
 from ..utils.settings import check_settings, setting, settings_from_dict
 from .layers import EPSILON, safe_norm
-from .model import CapsNetOutput
+from .base import CapsuleModel
 
 # Keras's batch norm defaults, which the official code keeps.
 BATCH_NORM_MOMENTUM = 0.01  # PyTorch's convention: Keras's momentum 0.99
@@ -160,6 +159,14 @@ class EfficientCapsNetConfig:
         sizes = [self.num_classes * self.digit_dim, *self.decoder_hidden, self.image_pixels]
         decoder = sum((n_in + 1) * n_out for n_in, n_out in zip(sizes, sizes[1:]))
         return self.classifier_parameter_count + decoder
+
+    def activation_floats(self, training: bool) -> int:
+        """Floats of activations one image needs (an upper bound, for memory estimates):
+        every feature map at full image size, û, and the decoder's layers."""
+        features = sum(self.conv_channels) * self.image_size ** 2
+        u_hat = self.primary_caps * self.num_classes * self.digit_dim
+        decoder = sum(self.decoder_hidden) + self.image_pixels
+        return (4 if training else 2) * (features + u_hat + decoder) + self.image_pixels
 
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)
@@ -270,7 +277,7 @@ class SelfAttentionRouting(nn.Module):
             return self.route(self.predictions(u.to(self.weight.dtype)))
 
 
-class EfficientCapsNet(nn.Module):
+class EfficientCapsNet(CapsuleModel, nn.Module):
     """Efficient-CapsNet with its reconstruction decoder.
 
     ``forward(images, labels=None)`` takes images ``(batch, channels, size, size)`` with
@@ -280,6 +287,9 @@ class EfficientCapsNet(nn.Module):
     (training), else the longest one; labels ``(batch, k)`` give k reconstructions per image.
     Batch norm makes training mode use the batch's statistics: call ``eval()`` to predict.
     """
+
+    architecture = "efficient-capsnet"  # the tag stored with trained models
+    config_class = EfficientCapsNetConfig
 
     def __init__(self, config: EfficientCapsNetConfig | None = None) -> None:
         super().__init__()
@@ -333,26 +343,3 @@ class EfficientCapsNet(nn.Module):
         features = self.features(images)  # (batch, conv_channels[-1], 9, 9) for MNIST
         u = self.primary(features)  # (batch, primary_caps, primary_dim)
         return self.digits(u)
-
-    def reconstruct(self, digit_caps: Tensor, classes: Tensor) -> Tensor:
-        """Decode the capsule of ``classes`` from ``digit_caps``; others are zeroed.
-
-        ``classes`` ``(batch,)`` gives ``(batch, channels, size, size)``; ``(batch, k)``
-        gives one image per column, ``(batch, k, channels, size, size)``, in one decoder pass.
-        """
-        if classes.dim() == 2:
-            batch, k = classes.shape
-            images = self.reconstruct(digit_caps.repeat(k, 1, 1), classes.T.reshape(-1))
-            return images.view(k, batch, *images.shape[1:]).transpose(0, 1)
-        mask = F.one_hot(classes, self.config.num_classes).to(digit_caps.dtype)  # (batch, classes)
-        decoder_input = (digit_caps * mask.unsqueeze(-1)).flatten(1)  # (batch, classes * digit_dim)
-        c, s = self.config.in_channels, self.config.image_size
-        return self.decoder(decoder_input).view(-1, c, s, s)
-
-    def forward(self, images: Tensor, labels: Tensor | None = None) -> CapsNetOutput:
-        digit_caps, _ = self.capsules(images)
-        lengths = safe_norm(digit_caps)  # (batch, classes)
-        predictions = lengths.argmax(dim=1)
-        mask_classes = predictions if labels is None else labels
-        return CapsNetOutput(digit_caps, lengths, predictions,
-                             self.reconstruct(digit_caps, mask_classes))

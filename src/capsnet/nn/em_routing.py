@@ -59,7 +59,7 @@ import torch.nn.functional as F
 
 from ..utils.device import check_fits_in_memory
 from ..utils.settings import check_settings, setting, settings_from_dict
-from .model import CapsNetOutput
+from .base import CapsNetOutput, CapsuleModel
 
 POSE = 4  # a pose is a 4x4 matrix
 POSE_SIZE = POSE * POSE
@@ -140,6 +140,18 @@ class EMCapsNetConfig:
             sizes = [classes * POSE_SIZE, *self.decoder_hidden, self.image_pixels]
             decoder = sum((n_in + 1) * n_out for n_in, n_out in zip(sizes, sizes[1:]))
         return conv1 + primary + matrices + betas + decoder
+
+    def activation_floats(self, training: bool) -> int:
+        """Floats of activations one image needs (an upper bound, for memory estimates): the
+        votes of each capsule layer, kept per routing iteration while training."""
+        primary, caps1, caps2 = self.grids
+        window = CAPS_KERNEL ** 2
+        votes = (caps1 ** 2 * window * self.primary_types * self.caps1_types
+                 + caps2 ** 2 * window * self.caps1_types * self.caps2_types
+                 + caps2 ** 2 * self.caps2_types * self.num_classes) * POSE_SIZE
+        features = self.conv1_channels * primary ** 2 + self.image_pixels
+        copies = 2 * self.routing_iterations + 2 if training else 3
+        return copies * votes + 2 * features + sum(self.decoder_hidden or ())
 
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)
@@ -394,7 +406,7 @@ class ClassMatrixCapsules(MatrixCapsules):
 # --- the network --------------------------------------------------------------------------
 
 
-class EMCapsNet(nn.Module):
+class EMCapsNet(CapsuleModel, nn.Module):
     """The matrix capsule network of Hinton, Sabour and Frosst (2018).
 
     ``forward(images, labels=None)`` takes images ``(batch, channels, size, size)`` and returns
@@ -405,6 +417,9 @@ class EMCapsNet(nn.Module):
     class pose of ``labels`` when given, else of the prediction, ``(batch, channels, size,
     size)``; without one, an empty ``(batch, 0)`` tensor.
     """
+
+    architecture = "em-capsnet"  # the tag stored with trained models
+    config_class = EMCapsNetConfig
 
     def __init__(self, config: EMCapsNetConfig | None = None) -> None:
         super().__init__()

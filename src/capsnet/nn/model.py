@@ -8,18 +8,16 @@
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass
-from pathlib import Path
-from typing import Any, NamedTuple
+from typing import Any
 
 import torch
 from torch import Tensor, nn
-import torch.nn.functional as F
 
 from ..errors import CapsNetError
-from . import pretrained
 from ..utils.device import check_fits_in_memory
 from ..utils.settings import check_settings, setting, settings_from_dict
-from .layers import PRIMARY_STYLES, PrimaryCapsules, RoutingCapsules, safe_norm
+from .base import CapsNetOutput, CapsuleModel  # noqa: F401 - CapsNetOutput is public here
+from .layers import PRIMARY_STYLES, PrimaryCapsules, RoutingCapsules
 
 INITS = ("glorot", "official", "torch")
 
@@ -113,14 +111,7 @@ class CapsNetConfig:
         return settings_from_dict(cls, data, "model config")
 
 
-class CapsNetOutput(NamedTuple):
-    digit_caps: Tensor        # (batch, classes, digit_dim) output capsules v_j
-    lengths: Tensor           # (batch, classes) safe norms |v_j|, the class scores
-    predictions: Tensor       # (batch,) index of the longest capsule
-    reconstructions: Tensor   # (batch, [k,] channels, size, size) decoder output in [0, 1]
-
-
-class CapsNet(nn.Module):
+class CapsNet(CapsuleModel, nn.Module):
     """Capsule network with routing by agreement and a reconstruction decoder.
 
     ``forward(images, labels=None)`` takes images ``(batch, channels, size, size)`` with
@@ -128,6 +119,9 @@ class CapsNet(nn.Module):
     capsule: the one of ``labels`` when given (training), else the longest one; labels
     ``(batch, k)`` give k reconstructions per image (see :meth:`reconstruct`).
     """
+
+    architecture = "capsnet"  # the tag stored with trained models
+    config_class = CapsNetConfig
 
     def __init__(self, config: CapsNetConfig | None = None) -> None:
         super().__init__()
@@ -181,45 +175,6 @@ class CapsNet(nn.Module):
         features = torch.relu(self.conv1(images))  # (batch, conv1_channels, 20, 20)
         u = self.primary(features)  # (batch, primary_caps, primary_dim)
         return self.digits(u)
-
-    def reconstruct(self, digit_caps: Tensor, classes: Tensor) -> Tensor:
-        """Decode the capsule of ``classes`` from ``digit_caps``; others are zeroed.
-
-        ``classes`` ``(batch,)`` gives ``(batch, channels, size, size)``; ``(batch, k)``
-        (several objects, as MultiMNIST) gives one image per column,
-        ``(batch, k, channels, size, size)``, in one decoder pass.
-        """
-        if classes.dim() == 2:
-            batch, k = classes.shape
-            images = self.reconstruct(digit_caps.repeat(k, 1, 1), classes.T.reshape(-1))
-            return images.view(k, batch, *images.shape[1:]).transpose(0, 1)
-        mask = F.one_hot(classes, self.config.num_classes).to(digit_caps.dtype)  # (batch, classes)
-        decoder_input = (digit_caps * mask.unsqueeze(-1)).flatten(1)  # (batch, classes * digit_dim)
-        c, s = self.config.in_channels, self.config.image_size
-        return self.decoder(decoder_input).view(-1, c, s, s)
-
-    def save_pretrained(self, folder: str | Path, dtype: torch.dtype | None = None) -> Path:
-        """Write config.json and model.safetensors (``dtype``: e.g. torch.float16 to halve
-        the size) to ``folder``; :meth:`from_pretrained` reads it back."""
-        return pretrained.save_pretrained(self, folder, dtype)
-
-    @classmethod
-    def from_pretrained(cls, source: str | Path) -> "CapsNet":
-        """A trained CapsNet in eval mode, float32, on the CPU, with its class names and image
-        preparation, from any of: a model shipped with the package by name (``"mnist"``), a
-        run folder (its best.pt), a checkpoint file (.pt), a folder written by
-        :meth:`save_pretrained`, or a safetensors file (``capsnet export --format
-        safetensors``); see :func:`capsnet.nn.pretrained.read_model`."""
-        model = pretrained.built(pretrained.read_model(source), {"capsnet": (cls, CapsNetConfig)})
-        return model.eval()
-
-    def forward(self, images: Tensor, labels: Tensor | None = None) -> CapsNetOutput:
-        digit_caps, _ = self.capsules(images)
-        lengths = safe_norm(digit_caps)  # (batch, classes)
-        predictions = lengths.argmax(dim=1)
-        mask_classes = predictions if labels is None else labels
-        return CapsNetOutput(digit_caps, lengths, predictions,
-                             self.reconstruct(digit_caps, mask_classes))
 
 
 def capsnet_mnist(pretrained: bool = True, **config: Any) -> CapsNet:

@@ -17,6 +17,9 @@ from __future__ import annotations
 
 import json
 import os
+import secrets
+import shutil
+import stat
 from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
@@ -27,7 +30,6 @@ from torch import nn
 
 from ..errors import CapsNetError, error_line, reading
 from ..utils.checkpoint_file import RUN_CHECKPOINTS, ZIP_MAGIC, read_checkpoint
-from ..utils.files import write_or_fail
 from ..utils.settings import short
 from ..utils.version import package_version
 
@@ -36,6 +38,7 @@ VERSION = "1"
 WEIGHTS, CONFIG = "model.safetensors", "config.json"
 SHIPPED = {"mnist": "mnist"}  # folders of src/capsnet/pretrained/ -> the data set each learnt
 PREPARATIONS = ("mnist", "resize")
+WEIGHT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)  # stored weights
 MODEL_KINDS = (f"a run folder (its best.pt), a checkpoint (.pt), a save_pretrained folder, a "
                f".safetensors file or a shipped model's name ({', '.join(SHIPPED)})")
 ACCEPTED = f"a model is {MODEL_KINDS}"
@@ -64,17 +67,24 @@ def weights_bytes(model: nn.Module, dtype: torch.dtype | None = None) -> bytes:
     class names and preparation in the metadata."""
     from safetensors.torch import save
 
-    state = {k: v.detach().cpu().to(dtype or v.dtype).contiguous()
-             for k, v in model.state_dict().items()}
+    state = {k: v.detach().cpu().to(dtype if dtype and v.is_floating_point() else v.dtype)
+             .contiguous() for k, v in model.state_dict().items()}
     metadata = {"format": FORMAT, "version": VERSION,
-                "capsnet_version": package_version(),
+                "capsnet_version": package_version(), "architecture": architecture_of(model),
                 "model_config": json.dumps(model.config.to_dict(), sort_keys=True),
                 "labels": json.dumps(labels_of(model), sort_keys=True)}
     return save(state, metadata=metadata)
 
 
-def read_weights(path: str | Path) -> tuple[dict[str, Any], dict[str, torch.Tensor], dict[str, Any]]:
-    """``(model config, float32 state dict, labels)`` of a capsnet safetensors file."""
+def architecture_of(model: nn.Module) -> str:
+    """The tag that names ``model``'s class in the files it is stored in."""
+    return getattr(model, "architecture", "capsnet")
+
+
+def read_weights(path: str | Path) -> tuple[dict[str, Any], dict[str, torch.Tensor],
+                                            dict[str, Any], str]:
+    """``(model config, float32 state dict, labels, architecture)`` of a capsnet safetensors
+    file (files written before other architectures existed hold a CapsNet)."""
     from safetensors import safe_open
 
     path = Path(path)
@@ -83,7 +93,7 @@ def read_weights(path: str | Path) -> tuple[dict[str, Any], dict[str, torch.Tens
     with reading(path, "safetensors file"):
         with safe_open(str(path), framework="pt", device="cpu") as f:
             metadata = f.metadata() or {}
-            state = {key: f.get_tensor(key).float() for key in f.keys()}
+            state = {key: f.get_tensor(key) for key in f.keys()}
     if metadata.get("format") != FORMAT or "model_config" not in metadata:
         raise CapsNetError(f"{path}: not a capsnet safetensors file (no model config in its "
                            f"metadata)")
@@ -93,7 +103,10 @@ def read_weights(path: str | Path) -> tuple[dict[str, Any], dict[str, torch.Tens
     with reading(path, "model config in the metadata"):
         config = json.loads(metadata["model_config"])
         labels = json.loads(metadata.get("labels", "{}"))
-    return config, state, labels
+    # other dtypes stay as stored, for check_fits to refuse or accept (an integer buffer)
+    architecture = metadata.get("architecture", "capsnet")
+    return config, {key: tensor.float() if tensor.dtype in WEIGHT_DTYPES else tensor
+                    for key, tensor in state.items()}, labels, architecture
 
 
 def check_labels(labels: Any, num_classes: int, source: str) -> dict[str, Any]:
@@ -113,28 +126,158 @@ def check_labels(labels: Any, num_classes: int, source: str) -> dict[str, Any]:
 
 def build(model_class: type, config_class: type, config: Any, state: Any, source: str) -> Any:
     """A model of ``model_class`` from a stored ``config`` dict and ``state`` dict, both
-    checked (a config breaking the rules, weights that do not fit: one line)."""
+    checked (a config breaking the rules, weights that do not fit: one line) before the
+    model is built."""
+    model = model_class(outline(model_class, config_class, config, state, source).config)
+    model.load_state_dict(state)  # outline() checked every name and shape
+    return model
+
+
+def outline(model_class: type, config_class: type, config: Any, state: dict[str, torch.Tensor],
+            source: str) -> nn.Module:
+    """The model a stored ``config`` describes on the meta device (shapes and dtypes, no
+    memory), once ``state`` is known to hold exactly its weights. A config that asks for
+    more parameters than the file stores is refused from its fields alone, before even
+    that: a small file must not make a large model."""
     try:
         checked = config_class.from_dict(config)
     except (TypeError, ValueError, CapsNetError) as exc:
         raise CapsNetError(f"{source}: bad model config ({error_line(exc)})") from None
-    model = model_class(checked)
-    try:
-        model.load_state_dict(state)
-    except (RuntimeError, TypeError, AttributeError) as exc:
-        raise CapsNetError(f"{source}: weights do not fit the model config "
-                           f"({error_line(exc)})") from None
+    stored = sum(tensor.numel() for tensor in state.values())
+    if checked.parameter_count > stored:
+        raise CapsNetError(f"{source}: weights do not fit the model config (it describes "
+                           f"{checked.parameter_count:,} parameters, the file stores {stored:,})")
+    with torch.device("meta"):
+        model = model_class(checked)
+    check_fits(model.state_dict(), state, source)
     return model
 
 
+def check_fits(expected: dict[str, torch.Tensor], state: dict[str, torch.Tensor],
+               source: str) -> None:
+    """Refuse stored weights ``state`` unless they have exactly the names and shapes of the
+    model's ``expected`` ones, each of a fitting dtype and finite."""
+    missing, unexpected = expected.keys() - state.keys(), state.keys() - expected.keys()
+    if missing or unexpected:
+        names = [*(f"missing {name}" for name in sorted(missing)),
+                 *(f"unexpected {name}" for name in sorted(unexpected))]
+        raise CapsNetError(f"{source}: weights do not fit the model config "
+                           f"({', '.join(names)[:200]})")
+    for name, tensor in expected.items():
+        if state[name].shape != tensor.shape:
+            raise CapsNetError(f"{source}: weights do not fit the model config ({name} is "
+                               f"{tuple(state[name].shape)} in the file, "
+                               f"{tuple(tensor.shape)} in the model)")
+        check_weight(name, state[name], tensor.dtype, source)
+
+
+def check_weight(name: str, stored: torch.Tensor, dtype: torch.dtype, source: str) -> None:
+    """Refuse a stored weight of another kind than the model's ``dtype``, or one that holds
+    NaN or infinity: int8 weights of the right shapes would load and make every prediction
+    alike, NaN ones would predict NaN."""
+    if dtype.is_floating_point and stored.dtype not in WEIGHT_DTYPES:
+        raise CapsNetError(f"{source}: weight {name} is {dtype_name(stored.dtype)}, not floating "
+                           f"point ({', '.join(map(dtype_name, WEIGHT_DTYPES))})")
+    if not dtype.is_floating_point and stored.dtype != dtype:
+        raise CapsNetError(f"{source}: weight {name} is {dtype_name(stored.dtype)}, not "
+                           f"{dtype_name(dtype)}")
+    if stored.is_floating_point() and not bool(torch.isfinite(stored).all()):
+        raise CapsNetError(f"{source}: weight {name} holds NaN or infinite values")
+
+
+def dtype_name(dtype: torch.dtype) -> str:
+    return str(dtype).removeprefix("torch.")
+
+
 def save_pretrained(model: nn.Module, folder: str | Path, dtype: torch.dtype | None = None) -> Path:
-    """Write ``model`` to ``folder`` (config.json and model.safetensors); returns the folder."""
+    """Write ``model`` to ``folder`` (config.json and model.safetensors); returns the folder.
+    The two files are replaced together: a failure leaves the previous pair (or none)."""
     folder = Path(folder)
-    config = {"format": FORMAT, "version": VERSION, "model_config": model.config.to_dict(),
+    config = {"format": FORMAT, "version": VERSION, "architecture": architecture_of(model),
+              "model_config": model.config.to_dict(),
               **labels_of(model), "dtype": str(dtype or torch.float32).removeprefix("torch.")}
-    write_or_fail(folder / WEIGHTS, weights_bytes(model, dtype))
-    write_or_fail(folder / CONFIG, (json.dumps(config, indent=2) + "\n").encode())
+    write_together(folder, {WEIGHTS: weights_bytes(model, dtype),
+                            CONFIG: (json.dumps(config, indent=2) + "\n").encode()})
     return folder
+
+
+def write_together(folder: Path, files: dict[str, bytes]) -> None:
+    """Write ``files`` (name -> bytes) into ``folder``, all or none. A new folder is written
+    as a hidden sibling and renamed into place. In an existing one, every file is written
+    and synced first, then each is renamed over the old one, which is kept until all are in
+    place and put back if one rename fails; the folder's other files are left alone."""
+    if os.path.lexists(folder) and not folder.is_dir():
+        raise CapsNetError(f"cannot write {folder}: it is not a folder")
+    for name in files:
+        target = folder / name
+        if os.path.lexists(target) and not stat.S_ISREG(os.lstat(target).st_mode):
+            raise CapsNetError(f"cannot write {target}: it exists and is not a regular file")
+    try:
+        if folder.is_dir():
+            replace_files(folder, files)
+        else:
+            folder.parent.mkdir(parents=True, exist_ok=True)
+            make_folder(folder, files)
+    except OSError as exc:
+        raise CapsNetError(f"could not write {folder}: {exc.strerror or exc}; no file there was "
+                           f"changed") from None
+
+
+def make_folder(folder: Path, files: dict[str, bytes]) -> None:
+    """``folder`` (absent) holding ``files``, made whole beside it and renamed into place."""
+    staging = folder.parent / f".{folder.name}.{os.getpid()}.{secrets.token_hex(4)}.tmp"
+    staging.mkdir()
+    try:
+        for name, data in files.items():
+            write_synced(staging / name, data)
+        os.rename(staging, folder)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+
+
+def replace_files(folder: Path, files: dict[str, bytes]) -> None:
+    """Put ``files`` into the existing ``folder``: written first, then renamed into place,
+    the old ones restored if a rename fails."""
+    token = f"{os.getpid()}.{secrets.token_hex(4)}"
+    new = {name: folder / f".{name}.{token}.tmp" for name in files}
+    old = {name: folder / f".{name}.{token}.old" for name in files if (folder / name).is_file()}
+    placed: list[str] = []
+    try:
+        for name, data in files.items():
+            write_synced(new[name], data)
+        for name, kept in old.items():
+            keep_copy(folder / name, kept)
+        for name in files:
+            os.replace(new[name], folder / name)
+            placed.append(name)
+    except BaseException:
+        for name in reversed(placed):
+            if name in old:
+                os.replace(old[name], folder / name)
+            else:
+                (folder / name).unlink(missing_ok=True)
+        raise
+    finally:
+        for path in (*new.values(), *old.values()):
+            path.unlink(missing_ok=True)
+
+
+def write_synced(path: Path, data: bytes) -> None:
+    """A new file ``path`` holding ``data``, on disk (0666 less the umask)."""
+    with os.fdopen(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666), "wb") as f:
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
+
+
+def keep_copy(path: Path, copy: Path) -> None:
+    """``copy`` holding what ``path`` holds: a hard link, or where the file system has none,
+    a copy. ``path`` itself stays in place."""
+    try:
+        os.link(path, copy)
+    except OSError:
+        shutil.copy2(path, copy)
 
 
 def read_model(source: str | os.PathLike) -> Stored:
@@ -182,8 +325,8 @@ def is_safetensors(path: Path) -> bool:
 
 def weights_of(path: Path, dataset: str | None = None) -> Stored:
     """What a capsnet safetensors file holds."""
-    config, state, labels = read_weights(path)
-    return Stored(path, config, state, labels, dataset=dataset)
+    config, state, labels, architecture = read_weights(path)
+    return Stored(path, config, state, labels, architecture, dataset=dataset)
 
 
 def checkpoint_of(payload: dict[str, Any], path: Path) -> Stored:

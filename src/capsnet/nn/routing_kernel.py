@@ -7,7 +7,8 @@ time (737 KB for MNIST), routes it while it is in the core's cache, and makes it
 backward instead of keeping it; its backward is written out (tests/test_routing_kernel.py
 checks it against torch). It is built with the system's C compiler (``$CC``, else gcc or cc;
 torch.compile needs one on a CPU too), once per CPU kind and capsule shape, into
-``$XDG_CACHE_HOME/capsnet/kernels`` (about a second); when it cannot be built, or with
+``$XDG_CACHE_HOME/capsnet/kernels`` (about a second); a cached library that does not load
+or lacks the kernel's functions is built again. When it cannot be built, or with
 ``CAPSNET_ROUTING_KERNEL=off``, routing runs in torch (``layers.RoutingCapsules``).
 
 Both directions are torch custom operators, so a compiled model calls them as they are; on a
@@ -16,6 +17,7 @@ GPU they need Triton, which comes with every CUDA build of torch.
 
 from __future__ import annotations
 
+import _ctypes  # dlclose: ctypes itself never unloads a library
 import ctypes
 import functools
 import hashlib
@@ -30,6 +32,7 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
+from ..errors import CapsNetError
 from ..utils.files import cache_root
 
 SOURCE = Path(__file__).with_name("routing_kernel.c")
@@ -37,11 +40,19 @@ EPSILON = 1e-7  # inside squash's square root (layers.squash uses it too)
 LANES = 16  # input capsules the kernel's gradient loops take at a time
 ISA_FLAGS = {"AVX512": ["-mavx512f", "-mavx512dq", "-mavx512bw", "-mavx512vl", "-mavx2", "-mfma"],
              "AVX2": ["-mavx2", "-mfma"]}
+SWITCH = "CAPSNET_ROUTING_KERNEL"
+SWITCH_VALUES = {"on": True, "1": True, "true": True, "off": False, "0": False, "false": False}
 
 
 def enabled() -> bool:
-    """``CAPSNET_ROUTING_KERNEL=off`` (or 0, false) keeps routing in torch."""
-    return os.environ.get("CAPSNET_ROUTING_KERNEL", "on").lower() not in ("off", "0", "false")
+    """``CAPSNET_ROUTING_KERNEL=off`` (or 0, false) keeps routing in torch; on (1, true,
+    empty or unset) lets it use the fused operator. Any other value is refused."""
+    value = os.environ.get(SWITCH, "")
+    try:
+        return SWITCH_VALUES[value.strip().lower() or "on"]
+    except KeyError:
+        raise CapsNetError(f"{SWITCH}={value!r} is not a setting; use one of "
+                           f"{', '.join(SWITCH_VALUES)} (or leave it unset)") from None
 
 
 def supports(u: Tensor, weight: Tensor) -> bool:
@@ -97,31 +108,56 @@ def _compile(flags: list[str], libraries: list[str], target: Path) -> str | None
     return None
 
 
-@functools.cache
-def library(out_caps: int, out_dim: int, in_dim: int) -> ctypes.CDLL | None:
-    """The kernel for these capsule shapes and this CPU, built on first use; None (with a
-    warning) when it cannot be built or loaded."""
+def builds(out_caps: int, out_dim: int, in_dim: int) -> list[tuple[list[str], list[str], Path]]:
+    """The ways to build the kernel for these capsule shapes and this CPU, best first: its
+    compiler flags, libraries and cached file (named by a hash of the source and flags)."""
     isa = torch.backends.cpu.get_cpu_capability()
     flags = ["-O3", "-shared", "-fPIC", "-fopenmp", "-fno-math-errno", "-fno-trapping-math",
              "-fassociative-math", "-fno-signed-zeros", *ISA_FLAGS.get(isa, []),
              f"-DOUT_CAPS={out_caps}", f"-DOUT_DIM={out_dim}", f"-DIN_DIM={in_dim}"]
     source = SOURCE.read_bytes()
-    error = ""
+    found = []
     # glibc's vector expf (libmvec) where the system has it, else the scalar one
     for extra, libraries in ((["-DVECTOR_EXP"], ["-lmvec", "-lm"]), ([], ["-lm"])):
         key = hashlib.sha256(source + " ".join(flags + extra + libraries).encode()).hexdigest()
         target = cache_root() / "kernels" / f"routing-{isa.lower()}-{key[:16]}.so"
-        if not target.exists():
-            error = _compile(flags + extra, libraries, target) or ""
-            if error:
-                continue
-        try:
-            return _declare(ctypes.CDLL(str(target)))
-        except OSError as exc:
-            error = str(exc)
+        found.append((flags + extra, libraries, target))
+    return found
+
+
+@functools.cache
+def library(out_caps: int, out_dim: int, in_dim: int) -> ctypes.CDLL | None:
+    """The kernel for these capsule shapes and this CPU, built on first use; None (with a
+    warning) when it cannot be built or loaded."""
+    error = ""
+    try:
+        candidates = builds(out_caps, out_dim, in_dim)
+    except CapsNetError as exc:  # no cache folder to build in (a bad HOME): route in torch
+        candidates, error = [], str(exc)
+    for flags, libraries, target in candidates:
+        lib, error = _load(target) if target.exists() else (None, "")
+        if lib is None:  # not built yet, or left broken (an earlier compiler's): built once
+            error = _compile(flags, libraries, target) or ""
+            if not error:
+                lib, error = _load(target)
+        if lib is not None:
+            return lib
     warnings.warn(f"capsnet: routing runs in torch, its CPU kernel did not build ({error})",
                   stacklevel=2)
     return None
+
+
+def _load(target: Path) -> tuple[ctypes.CDLL | None, str]:
+    """The kernel library in ``target`` with its functions declared, or None and why not."""
+    try:
+        lib = ctypes.CDLL(str(target))
+    except OSError as exc:
+        return None, str(exc)
+    try:
+        return _declare(lib), ""
+    except AttributeError as exc:  # a library, but without the kernel's functions
+        _ctypes.dlclose(lib._handle)  # else loading the rebuilt file would return this one
+        return None, str(exc)
 
 
 def _declare(lib: ctypes.CDLL) -> ctypes.CDLL:

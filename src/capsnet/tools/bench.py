@@ -6,7 +6,8 @@ convolution, with their backward and Adam) are the floor that no capsule code ca
 each rate is reported beside the floor's and as a ratio to it. The model's steps and the
 floor's are timed in turns, so that a busy machine slows both alike; the first call of a
 compiled model (its compilation) is timed apart and never counted as throughput. Peak memory
-is the process's (RSS on a CPU, allocated memory on a GPU).
+is the process's (RSS on a CPU, allocated memory on a GPU). Batches that would not fit in
+memory and step counts past their bounds are refused before anything is allocated.
 """
 
 from __future__ import annotations
@@ -26,6 +27,11 @@ from ..training.config import TrainConfig, make_config
 from ..training.task import Classification
 from ..training.trainer import Trainer, make_optimizer
 from ..utils.device import autocast, compile_options, device_name
+from ..utils.memory import FLOAT, capsnet_image_bytes, capsnet_state_bytes, check_memory
+from ..utils.settings import check_value
+
+MAX_WARMUP = 100  # untimed steps before measuring
+MAX_REPEATS = 1_000  # timed steps: their median has long settled by then
 
 
 def synchronize(device: torch.device) -> None:
@@ -118,6 +124,21 @@ def steps(device: torch.device, precision: str, compile_model: bool, routing_ite
              "infer_convs": infer_convs}, routing)
 
 
+def check_request(device: torch.device, routing_iterations: int, train_batch: int,
+                  infer_batch: int, warmup: int, repeats: int) -> None:
+    """Refuse step counts past their bounds, and batches whose model, inputs and activations
+    would not fit in the device's memory, before anything is allocated."""
+    check_value("--warmup", warmup, int, {"min": 0, "max": MAX_WARMUP})
+    check_value("--repeats", repeats, int, {"min": 1, "max": MAX_REPEATS})
+    config = CapsNetConfig(routing_iterations=routing_iterations)
+    state = capsnet_state_bytes(config, training=True)
+    inputs = FLOAT * config.image_pixels * train_batch  # kept while inference is timed
+    check_memory(state + inputs + train_batch * capsnet_image_bytes(config, training=True),
+                 f"a training batch of {train_batch:,} images", "lower --train-batch", device)
+    check_memory(state + inputs + infer_batch * capsnet_image_bytes(config, training=False),
+                 f"an inference batch of {infer_batch:,} images", "lower --infer-batch", device)
+
+
 def bench_model(device: torch.device, precision: str, compile_model: bool, routing_iterations: int,
                 train_batch: int, infer_batch: int, warmup: int, repeats: int,
                 cuda_graphs: bool = False) -> dict[str, Any]:
@@ -165,6 +186,7 @@ def benchmark(device: torch.device, precision: str, compile_model: bool, routing
               ) -> dict[str, Any]:
     """Every measurement of ``capsnet bench`` with its settings, as one dict."""
     train_batch = train_batch or (128 if device.type == "cuda" else 64)
+    check_request(device, routing_iterations, train_batch, infer_batch, warmup, repeats)
     result: dict[str, Any] = {
         "device": device_name(device), "torch": torch.__version__, "precision": precision,
         "compile": compile_model or cuda_graphs, "cuda_graphs": cuda_graphs,

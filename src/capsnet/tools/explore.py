@@ -1,45 +1,58 @@
-"""``capsnet explore``: a local web page to draw a digit and watch its capsules.
+"""``capsnet explore``: a local web page to draw an image of a class and watch its capsules.
 
 ``capsnet explore MODEL`` loads the model on the CPU and serves a page (plain HTML,
 CSS and JavaScript from ``explore_static/``; nothing is fetched from elsewhere) with a
-canvas to draw on, the ten capsule lengths, the reconstruction of the winning or chosen
-capsule with one slider per pose dimension, and the coupling coefficients of that capsule
-over the primary capsules.
+canvas to draw on, the length of each class's capsule, the reconstruction of the longest or
+chosen capsule with one slider per pose dimension, and the coupling coefficients of that
+capsule over the primary capsules. Classes are called by the model's class names; where no
+capsule is as long as ``present`` (0.5) the image holds none of them.
 
-JSON API (every response is JSON; errors are ``{"error": "message"}``):
+JSON API (every response is JSON; errors are ``{"error": "message"}``). An *image* is
+image_size x image_size numbers in [0, 1] (lists of rows) for a model of one channel, and
+in_channels such planes (channels x rows x columns) for others:
 
 ``GET /api/info``
-    ``{"checkpoint", "dataset", "classes", "class_names", "image_size", "in_channels",
-    "digit_dim", "primary_grid", "primary_maps", "offset_limit", "max_side"}``.
+    ``{"checkpoint", "shipped", "dataset", "classes", "class_names", "prepare", "present",
+    "image_size", "in_channels", "digit_dim", "primary_grid", "primary_maps",
+    "offset_limit", "max_side"}``: ``checkpoint`` is the model as given (``shipped``: the
+    name of a model shipped with capsnet), ``dataset`` the data set of the test images
+    (null: none), ``prepare`` how the model's images were prepared ("mnist": digits centred
+    as MNIST's; "resize": whole images resized).
 
 ``POST /api/predict`` with a JSON object body (at most 1 MB):
 
-    image       HxW list of lists of numbers in [0, 1] (0 black background, 1 ink)
-    pixels      or: a flat row-major list of image_size * image_size numbers in [0, 1]
-    preprocess  optional bool (default false): centre the digit MNIST-style (crop to its
-                ink, scale it into a 20/28 box, move its centre of mass to the middle);
-                any size up to max_side x max_side is accepted. Without it the image must
-                be image_size x image_size.
-    capsule     optional int in [0, classes): the capsule to decode (default: the winner)
+    image       HxW list of lists of numbers in [0, 1] (0 black background, 1 ink), used
+                for every channel; or in_channels such planes (CxHxW)
+    pixels      or: a flat row-major list of image_size * image_size numbers in [0, 1], or
+                in_channels * image_size * image_size of them
+    preprocess  optional bool (default false): prepare an HxW drawing of any size up to
+                max_side x max_side as the model's images were: for prepare "mnist" centred
+                MNIST-style (cropped to its ink, scaled into a 20/28 box, its centre of mass
+                moved to the middle), for "resize" resized. Without it the image must be
+                image_size x image_size.
+    capsule     optional int in [0, classes): the capsule to decode (default: the longest)
     offsets     optional list of digit_dim numbers in [-offset_limit, offset_limit], added
                 to that capsule's pose before decoding (the notebook's tweaks)
 
-    -> ``{"prediction": int, "class_name": str, "lengths": [classes floats],
+    -> ``{"prediction": int, "class_name": str, "none": bool, "lengths": [classes floats],
     "capsule": int, "pose": [digit_dim floats, before offsets],
-    "reconstruction": image_size x image_size floats in [0, 1],
-    "input": the image_size x image_size image the network saw,
-    "coupling": primary_maps x primary_grid x primary_grid floats}``: the last routing
+    "reconstruction": an image, "input": the image the network saw,
+    "coupling": primary_maps x primary_grid x primary_grid floats}``: ``prediction`` and
+    ``class_name`` are the longest capsule's, ``none`` is true when its length is under
+    ``present`` (the image holds none of the classes); ``coupling`` holds the last routing
     iteration's coupling coefficients c_ij of every primary capsule i (map, row, column)
     to the decoded capsule j.
 
 ``GET /api/sample[?index=N]``
     A test image of the checkpoint's data set (random without ``index``):
-    ``{"image": image_size x image_size floats in [0, 1], "label": int, "label_name",
-    "index", "count"}``; 503 with a message when the data set cannot be loaded.
+    ``{"image": an image, "label": int, "label_name", "index", "count"}``; 503 with a
+    message when the data set cannot be loaded.
 
 Malformed JSON, unknown keys, wrong shapes or types, NaN or infinite numbers, values out of
 range and bodies over 1 MB get a 400 with a message; an unexpected failure gets a 500 with
-a message, and the server keeps serving.
+a message, and the server keeps serving. A request whose ``Host`` header does not name the
+server (see :class:`ExploreServer`) gets a 403: a page elsewhere that resolves its own name
+to this machine (DNS rebinding) is not answered.
 """
 
 from __future__ import annotations
@@ -47,6 +60,7 @@ from __future__ import annotations
 import ipaddress
 import json
 import random
+import re
 import socket
 import sys
 import threading
@@ -55,16 +69,18 @@ from http import HTTPStatus
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from importlib import resources
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterable
 from urllib.parse import parse_qs, urlsplit
 
 import numpy as np
 import torch
 
-from ..data.images import mnist_normalise
+from ..utils.images import load_image, mnist_normalise
 from ..errors import CapsNetError, error_line
 from ..nn.layers import safe_norm
 from ..nn.model import CapsNet
+from ..nn.prediction import PRESENT, predictions
+from ..nn.pretrained import SHIPPED
 from ..training.checkpoint import load_trained
 from ..training.config import TrainConfig, splits_for
 from ..training.task import check_fits
@@ -81,6 +97,10 @@ STATIC_FILES = {  # URL path -> (file in explore_static, content type)
     "/explore.js": ("explore.js", "text/javascript; charset=utf-8"),
 }
 GET_PATHS = {"/api/info", "/api/sample"}
+LOCAL_NAMES = ("localhost", "127.0.0.1", "[::1]")  # always this machine: never rebound
+HOST_NAME = re.compile(r"[a-z0-9_]([a-z0-9_-]{0,61}[a-z0-9_])?(\.[a-z0-9_]([a-z0-9_-]{0,61}"
+                       r"[a-z0-9_])?)*", re.IGNORECASE | re.ASCII)
+LISTEN_BACKLOG = 128  # connections held until accepted (http.server's 5 lost some of 50)
 SECURITY_HEADERS = {
     "Content-Security-Policy": "default-src 'self'; img-src 'self' data:; "
                                "connect-src 'self'; base-uri 'none'; form-action 'none'",
@@ -155,26 +175,53 @@ def number_array(values: Any, name: str, low: float, high: float) -> np.ndarray:
     return array.astype(np.float32)
 
 
-def image_array(body: dict[str, Any], size: int) -> np.ndarray:
-    """The (H, W) image of a predict request, from ``image`` or ``pixels``."""
+def image_array(body: dict[str, Any], size: int, channels: int) -> np.ndarray:
+    """The image of a predict request, from ``image`` or ``pixels``: (H, W) for every channel,
+    or (channels, H, W)."""
     if ("image" in body) == ("pixels" in body):
         raise ApiError('give exactly one of "image" (HxW list of lists) or "pixels" (flat list)')
     if "pixels" in body:
-        pixels = number_array(body["pixels"], "pixels", 0.0, 1.0)
-        if pixels.size != size * size:
-            raise ApiError(f"pixels must hold {size}x{size} = {size * size} numbers, "
-                           f"got {pixels.size}")
-        return pixels.reshape(size, size)
+        return pixel_array(body["pixels"], size, channels)
     rows = body["image"]
+    if not is_planes(rows):
+        return plane_array(rows, "image")
+    if len(rows) != channels:
+        raise ApiError(f"image has {len(rows)} channels (CxHxW); the model takes {channels}")
+    planes = [plane_array(plane, f"image channel {c}") for c, plane in enumerate(rows)]
+    if len({plane.shape for plane in planes}) > 1:
+        raise ApiError("image channels must all have the same size")
+    return np.stack(planes)
+
+
+def pixel_array(values: Any, size: int, channels: int) -> np.ndarray:
+    """A flat ``pixels`` list as (size, size), or (channels, size, size)."""
+    pixels = number_array(values, "pixels", 0.0, 1.0)
+    if pixels.size == size * size:
+        return pixels.reshape(size, size)
+    if channels > 1 and pixels.size == channels * size * size:
+        return pixels.reshape(channels, size, size)
+    colour = f" or {channels}x{size}x{size} = {channels * size * size}" if channels > 1 else ""
+    raise ApiError(f"pixels must hold {size}x{size} = {size * size}{colour} numbers, "
+                   f"got {pixels.size}")
+
+
+def is_planes(rows: Any) -> bool:
+    """Whether ``rows`` nests three deep (channels of rows), by its first element."""
+    return (isinstance(rows, list) and bool(rows) and isinstance(rows[0], list)
+            and bool(rows[0]) and isinstance(rows[0][0], list))
+
+
+def plane_array(rows: Any, name: str) -> np.ndarray:
+    """An (H, W) plane from a list of rows of numbers in [0, 1]; ``name`` for messages."""
     if not isinstance(rows, list) or not rows or not all(isinstance(r, list) for r in rows):
-        raise ApiError("image must be a non-empty list of rows (lists of numbers)")
+        raise ApiError(f"{name} must be a non-empty list of rows (lists of numbers)")
     width = len(rows[0])
     if any(len(r) != width for r in rows):
-        raise ApiError("image rows must all have the same length")
+        raise ApiError(f"{name} rows must all have the same length")
     if len(rows) > MAX_SIDE or width > MAX_SIDE:
-        raise ApiError(f"image is {len(rows)}x{width}; at most {MAX_SIDE}x{MAX_SIDE}")
+        raise ApiError(f"{name} is {len(rows)}x{width}; at most {MAX_SIDE}x{MAX_SIDE}")
     flat = [v for r in rows for v in r]
-    return number_array(flat, "image", 0.0, 1.0).reshape(len(rows), width)
+    return number_array(flat, name, 0.0, 1.0).reshape(len(rows), width)
 
 
 def optional_capsule(body: dict[str, Any], classes: int) -> int | None:
@@ -203,6 +250,11 @@ def rounded(array: np.ndarray | torch.Tensor, digits: int = 4) -> list:
     if isinstance(array, torch.Tensor):
         array = array.detach().cpu().numpy()
     return np.round(array.astype(np.float64), digits).tolist()
+
+
+def picture(image: np.ndarray | torch.Tensor) -> list:
+    """An image ``(channels, h, w)`` as the API gives one: one channel as HxW, more as CxHxW."""
+    return rounded(image[0] if image.shape[0] == 1 else image, 3)
 
 
 # ---------------------------------------------------------------------------------------
@@ -268,14 +320,16 @@ class Explorer:
     samples: SampleSource
     checkpoint: str = ""
     dataset: str | None = None
+    shipped: bool = False  # checkpoint names a model shipped with capsnet
 
     def __post_init__(self) -> None:
         self.lock = threading.Lock()  # one forward pass at a time
 
     def info(self) -> dict[str, Any]:
         c = self.model.config
-        return {"checkpoint": self.checkpoint, "dataset": self.dataset,
+        return {"checkpoint": self.checkpoint, "shipped": self.shipped, "dataset": self.dataset,
                 "classes": c.num_classes, "class_names": list(self.class_names),
+                "prepare": self.model.prepare, "present": PRESENT,
                 "image_size": c.image_size, "in_channels": c.in_channels,
                 "digit_dim": c.digit_dim, "primary_grid": c.primary_grid,
                 "primary_maps": c.primary_maps, "offset_limit": OFFSET_LIMIT,
@@ -291,20 +345,31 @@ class Explorer:
         preprocess = body.get("preprocess", False)
         if not isinstance(preprocess, bool):
             raise ApiError("preprocess must be true or false")
-        image = image_array(body, config.image_size)
+        image = image_array(body, config.image_size, config.in_channels)
         if preprocess:
-            image = centre_digit(image, config.image_size)
-        elif image.shape != (config.image_size, config.image_size):
+            image = self.prepared(image)
+        elif image.shape[-2:] != (config.image_size, config.image_size):
             raise ApiError(f"image must be {config.image_size}x{config.image_size} without "
-                           f"preprocess, got {image.shape[0]}x{image.shape[1]}")
+                           f"preprocess, got {image.shape[-2]}x{image.shape[-1]}")
         capsule = optional_capsule(body, config.num_classes)
         offsets = optional_offsets(body, config.digit_dim)
         return self.run(image, capsule, offsets)
 
+    def prepared(self, drawing: np.ndarray) -> np.ndarray:
+        """An (H, W) ``drawing`` prepared as the model's images were: centred MNIST-style, or
+        (prepare "resize") resized."""
+        if drawing.ndim != 2:
+            raise ApiError("preprocess takes a one-channel drawing (HxW)")
+        size = self.model.config.image_size
+        if self.model.prepare == "mnist":
+            return centre_digit(drawing, size)
+        return load_image(drawing, size, 1, preprocess=False, name="drawing")[0]
+
     def run(self, image: np.ndarray, capsule: int | None, offsets: np.ndarray) -> dict[str, Any]:
-        """Forward ``image`` (size, size), decode ``capsule`` (default: the winner) + offsets."""
+        """Forward ``image`` ((size, size) for every channel, or (channels, size, size)), decode
+        ``capsule`` (default: the longest) + offsets."""
         config = self.model.config
-        batch = torch.from_numpy(image).expand(1, config.in_channels, *image.shape)
+        batch = torch.from_numpy(image).expand(1, config.in_channels, *image.shape[-2:])
         with self.lock, torch.no_grad():
             digit_caps, coupling = self.model.capsules(batch.contiguous())
             lengths = safe_norm(digit_caps)[0]
@@ -315,11 +380,12 @@ class Explorer:
             reconstruction = self.model.reconstruct(tweaked, torch.tensor([chosen]))
         grid, maps = config.primary_grid, config.primary_maps
         heat = coupling[0, :, chosen].view(grid, grid, maps).permute(2, 0, 1)  # (map, row, col)
+        found = predictions(lengths[None], self.class_names)[0]
         return {"prediction": prediction, "class_name": self.class_names[prediction],
-                "lengths": rounded(lengths, 5), "capsule": chosen,
+                "none": found.label is None, "lengths": rounded(lengths, 5), "capsule": chosen,
                 "pose": rounded(digit_caps[0, chosen], 5),
-                "reconstruction": rounded(reconstruction[0].mean(0), 3),
-                "input": rounded(image, 3), "coupling": rounded(heat, 5)}
+                "reconstruction": picture(reconstruction[0]), "input": picture(batch[0]),
+                "coupling": rounded(heat, 5)}
 
     def sample(self, query: dict[str, list[str]]) -> dict[str, Any]:
         """A test image (random, or ``?index=N``) with its label."""
@@ -330,13 +396,45 @@ class Explorer:
             except ValueError:
                 raise ApiError(f"index must be an integer, got {query['index'][-1]!r}") from None
         index, image, label, count = self.samples.sample(index)
-        return {"image": rounded(image.mean(0), 3), "label": label,
+        return {"image": picture(image), "label": label,
                 "label_name": self.class_names[label] if label < len(self.class_names) else str(label),
                 "index": index, "count": count}
 
 
 # ---------------------------------------------------------------------------------------
 # HTTP
+
+
+def checked_host(host: str, flag: str) -> str:
+    """``host``, an IP address (IPv6 with or without brackets) or an ASCII host name, as a
+    socket takes it; one :class:`CapsNetError` line otherwise."""
+    bare = host[1:-1] if host.startswith("[") and host.endswith("]") else host
+    try:
+        return str(ipaddress.ip_address(bare))
+    except ValueError:
+        pass
+    if len(bare) > 253 or not HOST_NAME.fullmatch(bare):
+        raise CapsNetError(f"{flag} {host!r}: not an IP address or a host name (ASCII letters, "
+                           f"digits, '-' and '.')")
+    return bare
+
+
+def host_name(host: str) -> str:
+    """``host`` as a ``Host`` header names it: lower case, an IPv6 address in brackets, and an
+    IPv4 address that a dual-stack socket shows mapped into IPv6 as itself."""
+    try:
+        address = ipaddress.ip_address(host.removeprefix("[").removesuffix("]"))
+    except ValueError:
+        return host.lower()
+    if address.version == 6 and address.ipv4_mapped is not None:
+        address = address.ipv4_mapped
+    return f"[{address}]" if address.version == 6 else str(address)
+
+
+def host_headers(names: Iterable[str], port: int) -> set[str]:
+    """The ``Host`` headers naming ``names`` at ``port`` (browsers leave out port 80)."""
+    named = {host_name(name) for name in names}
+    return {f"{name}:{port}" for name in named} | (named if port == 80 else set())
 
 
 class Handler(BaseHTTPRequestHandler):
@@ -380,13 +478,17 @@ class Handler(BaseHTTPRequestHandler):
                 self.close_connection = True
 
     def check_host(self) -> None:
-        """Answer only requests addressed to this server by a name it was bound to, so that a
-        web page elsewhere cannot reach it through DNS rebinding."""
-        allowed = self.server.allowed_hosts
-        if allowed is not None and (self.headers.get("Host") or "").lower() not in allowed:
+        """Answer only requests addressed to this server by a name it knows, so that a web
+        page elsewhere cannot reach it through DNS rebinding (its own name, resolved to this
+        machine, in the ``Host`` header)."""
+        host = (self.headers.get("Host") or "").strip().lower()
+        arrived = host_headers([self.connection.getsockname()[0]], self.server.server_address[1])
+        if host not in self.server.allowed_hosts | arrived:
             self.close_connection = True
-            raise ApiError("this server answers only requests for " + ", ".join(sorted(allowed)),
-                           HTTPStatus.FORBIDDEN)
+            raise ApiError("this server answers only requests for "
+                           + ", ".join(sorted(self.server.allowed_hosts))
+                           + " and the address they come in on (capsnet explore --allow-host "
+                             "NAME adds a name)", HTTPStatus.FORBIDDEN)
 
     def send_error(self, code: int, message: str | None = None, explain: str | None = None) -> None:
         """http.server's own errors (a bad request line, an unknown method) as JSON too."""
@@ -485,20 +587,26 @@ class Handler(BaseHTTPRequestHandler):
 
 
 class ExploreServer(ThreadingHTTPServer):
-    """A threading HTTP server that answers with :class:`Handler` for ``explorer``."""
+    """A threading HTTP server that answers with :class:`Handler` for ``explorer``.
+
+    It answers requests whose ``Host`` names it, with its port: the address it listens on
+    (as given and as bound), localhost, 127.0.0.1, [::1], the address a request comes in on
+    (on 0.0.0.0 or ::, one of this machine's), and the ``names`` it is given.
+    """
 
     daemon_threads = True
     allow_reuse_address = True
+    request_queue_size = LISTEN_BACKLOG
 
-    def __init__(self, address: tuple[str, int], explorer: Explorer, verbose: bool = False) -> None:
+    def __init__(self, address: tuple[str, int], explorer: Explorer, verbose: bool = False,
+                 names: Iterable[str] = ()) -> None:
         if ":" in address[0]:
             self.address_family = socket.AF_INET6
         self.explorer = explorer
         self.verbose = verbose
         super().__init__(address, Handler)
         host, port = self.server_address[:2]
-        self.allowed_hosts = (None if not ipaddress.ip_address(host).is_loopback else
-                              {f"{name}:{port}" for name in ("127.0.0.1", "localhost", "[::1]")})
+        self.allowed_hosts = host_headers({host, address[0], *LOCAL_NAMES, *names}, port)
 
     def handle_error(self, request: Any, client_address: Any) -> None:
         """A client that hangs up is not an error; anything else is one line on stderr."""
@@ -517,20 +625,23 @@ class ExploreServer(ThreadingHTTPServer):
 
 def make_server(model: str | Path, host: str = "127.0.0.1", port: int = 8000, *,
                 dataset: str | None = None, data_dir: str | None = None,
-                verbose: bool = False) -> ExploreServer:
+                verbose: bool = False, allow_hosts: Iterable[str] = ()) -> ExploreServer:
     """Load ``model`` (anything CapsNet.from_pretrained takes) and bind a server (not yet
-    serving) on ``host:port`` (0: any port).
+    serving) on ``host:port`` (0: any port) that also answers requests for ``allow_hosts``.
 
     Test images come from ``dataset`` (default: the one the model was trained on, when it
     records it).
     """
+    host = checked_host(host, "--host")
+    names = [checked_host(name, "--allow-host") for name in allow_hosts]
     trained = load_trained(model, dataset, need_dataset=False)
     config = trained.config
     samples = SampleSource(config, data_dir, trained.model)
     explorer = Explorer(trained.model, trained.model.class_names, samples, str(model),
-                        config.dataset if config is not None else None)
+                        config.dataset if config is not None else None,
+                        shipped=isinstance(model, str) and model in SHIPPED)
     try:
-        server = ExploreServer((host, port), explorer, verbose)
+        server = ExploreServer((host, port), explorer, verbose, names)
     except OSError as exc:
         raise CapsNetError(f"cannot listen on {host}:{port}: {exc.strerror or exc}") from None
     samples.start()

@@ -19,9 +19,12 @@ safetensors holds the state dict; its metadata carries the model config as JSON,
 :func:`load_safetensors` rebuilds the model without any other file.
 
 Every file is written whole to a temporary file in the target folder and renamed over
-the target, so a crash never leaves half a file. Unless ``verify=False``, the written
-model is run on a few random images (onnxruntime, where installed) or read back, and
-compared with PyTorch before ``export_model`` returns.
+the target, so a crash never leaves half a file. Only a regular file is ever replaced (a
+FIFO, a device such as /dev/null, or a link to one, is refused before the export starts;
+a link to a regular file is replaced, its target left as it was), and never the model
+being exported. Unless ``verify=False``, the written model is run on a few random images
+(onnxruntime, where installed) or read back, and compared with PyTorch before
+``export_model`` returns.
 """
 
 from __future__ import annotations
@@ -33,6 +36,7 @@ import logging
 import os
 import warnings
 from dataclasses import dataclass, field
+from importlib import resources
 from pathlib import Path
 from typing import Any
 
@@ -40,10 +44,10 @@ import torch
 from torch import Tensor, nn
 
 from ..errors import CapsNetError, error_line
-from ..utils.files import write_or_fail
+from ..utils.files import check_replaceable, same_file, write_or_fail
 from ..utils.version import package_version
 from ..nn.model import CapsNet
-from ..nn.pretrained import weights_bytes
+from ..nn.pretrained import SHIPPED, WEIGHTS, model_file, weights_bytes
 
 FORMATS = ("onnx", "safetensors", "torchscript")
 DEFAULT_OPSET = 25  # the newest opset the torch.export-based exporter (onnxscript 0.7) converts natively
@@ -101,7 +105,8 @@ def export_model(checkpoint: str | os.PathLike | CapsNet, out: str | os.PathLike
     :meth:`CapsNet.from_pretrained` takes) to ``out`` in format ``fmt`` (see :data:`FORMATS`).
 
     Raises :class:`CapsNetError` for an unknown format, a bad checkpoint, a missing
-    optional package, an unwritable ``out`` or an export that disagrees with PyTorch."""
+    optional package, an ``out`` that is not a regular file or is the model itself, an
+    unwritable ``out`` or an export that disagrees with PyTorch."""
     if fmt not in FORMATS:
         raise CapsNetError(f"unknown export format {fmt!r}; choose one of {', '.join(FORMATS)}")
     if opset is not None and fmt != "onnx":
@@ -109,7 +114,11 @@ def export_model(checkpoint: str | os.PathLike | CapsNet, out: str | os.PathLike
     out = Path(out)
     if out.is_dir():
         raise CapsNetError(f"{out} is a folder; give the path of the file to write")
+    source = model_source(checkpoint)
+    if source is not None and same_file(out, source):
+        raise CapsNetError(f"{out} is the model being exported ({source}); name another file")
     try:  # fail before the (slow) export, not after it
+        check_replaceable(out)
         out.parent.mkdir(parents=True, exist_ok=True)
     except OSError as exc:
         raise CapsNetError(f"could not write {out}: {exc.strerror or exc}") from None
@@ -124,6 +133,19 @@ def export_model(checkpoint: str | os.PathLike | CapsNet, out: str | os.PathLike
                 "torchscript": export_torchscript}[fmt]
     kwargs: dict[str, Any] = {"opset": opset} if fmt == "onnx" else {}
     return exporter(model, out, verify=verify, **kwargs)
+
+
+def model_source(checkpoint: str | os.PathLike | CapsNet) -> Path | None:
+    """The file the model ``checkpoint`` is read from (as :meth:`CapsNet.from_pretrained`
+    reads it); None for a model in memory or a source that names no file."""
+    if isinstance(checkpoint, CapsNet):
+        return None
+    if isinstance(checkpoint, str) and checkpoint in SHIPPED:
+        return Path(str(resources.files("capsnet").joinpath("pretrained", checkpoint, WEIGHTS)))
+    try:
+        return model_file(Path(checkpoint))
+    except CapsNetError:
+        return None  # from_pretrained says what is wrong with it
 
 
 def max_abs_diffs(got: tuple[Any, ...], want: tuple[Tensor, ...], source: str) -> dict[str, float]:

@@ -9,20 +9,27 @@ flag (``--batch-size`` for ``batch_size``) that overrides the preset.
 
 from __future__ import annotations
 
+import os
 from dataclasses import asdict, dataclass, fields, replace
+from pathlib import Path
 from typing import Any, Mapping
 
+import torch
+
+from ..data.folders import DEFAULT_SIZE, class_names_of, is_class_folder_data_set
 from ..data.splits import Splits, load_splits, recorded_dataset
 from ..errors import CapsNetError
 from ..nn.losses import MARGIN_FORMS, REDUCTIONS
 from ..nn.model import CapsNetConfig
+from ..nn.registry import MODELS, model_config
+from ..utils.memory import capsnet_image_bytes, capsnet_state_bytes, check_memory
 from ..utils.settings import (check_settings, setting, settings_from_dict, short,
                               training_fields, training_fields_of)
 
 DEVICES = ("auto", "cpu", "cuda")
 PRECISIONS = ("fp32", "bf16", "auto")
 VAL_SPLITS = ("first", "last")
-PRESET_NAMES = ("paper", "seed", "quick", "cifar10")
+PRESET_NAMES = ("paper", "seed", "quick", "cifar10", "efficient", "em")
 COMPILE_CHOICES = ("auto", "on", "off")
 COMPILE_AFTER_STEPS = 500  # compiling costs about 20 s on a CPU and saves 15% to 30% a step
 MAX_SEED = 2**32 - 1
@@ -37,8 +44,12 @@ class TrainConfig:
 
     preset: str = setting("paper", "the preset these settings started from",
                           choices=PRESET_NAMES, flag=False)
-    dataset: str = setting("mnist", "mnist, fashion-mnist, cifar10, svhn, or a folder of "
-                           "IDX files or of class folders")
+    dataset: str = setting("mnist", "mnist, fashion-mnist, cifar10, svhn, smallnorb, or a "
+                           "folder of IDX files or of class folders")
+    network: str = setting("capsnet", "the network: " + "; ".join(
+        f"{name}: {entry.summary}" for name, entry in MODELS.items()) + " (the architecture "
+        "flags below shape the capsnet; the others take --routing-iterations where they "
+        "iterate)", choices=tuple(MODELS), before="capsnet")
     epochs: int = setting(30, "passes over the training set", min=1, max=100_000, resume=True)
     batch_size: int = setting(128, "images per optimizer step (the global batch under torchrun)",
                               min=1, max=65_536)
@@ -60,7 +71,10 @@ class TrainConfig:
                                             "or averaged (notebook)", choices=REDUCTIONS)
     reconstruction_weight: float = setting(0.0005, "weight of the reconstruction loss",
                                            min=0, max=1)
-    val_size: int = setting(5000, "training images held out for validation", min=1)
+    val_size: int = setting(0, "training images held out for validation (class folders "
+                            "without val/ or test/: as many for each, stratified by class); "
+                            "0: 5,000, or for class folders a tenth of each class", min=0,
+                            before=5000)
     val_split: str = setting("first", "hold out the first training images (TensorFlow's "
                              "read_data_sets, the notebook's) or the last", choices=VAL_SPLITS,
                              before="last")
@@ -97,6 +111,9 @@ class TrainConfig:
         check_settings(self)
         if self.cuda_graphs and self.device == "cpu":
             raise CapsNetError("--cuda-graphs needs a CUDA device, not --device cpu")
+        if self.cuda_graphs and MODELS[self.network].loss == "spread":
+            raise CapsNetError(f"--cuda-graphs cannot replay {self.network}'s spread loss, "
+                               f"whose margin changes every step")
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -126,6 +143,16 @@ PRESETS: dict[str, dict[str, Any]] = {
     # ensemble of 7 such models).
     "cifar10": dict(dataset="cifar10", crop=24, max_shift=0, primary_maps=64,
                     leaky_routing=True),
+    # Efficient-CapsNet's MNIST recipe (its official code's config.json): batch 16, Adam at
+    # 5e-4 decayed by 0.97 an epoch (3,438 steps of 16 of 55,000 images), 150 epochs, the
+    # reconstruction as 0.392 x the mean squared error (= 0.0005 x the sum); its rotations,
+    # squeezes and erasures are not here, shifts of 2 px stand for its random shifts.
+    "efficient": dict(network="efficient-capsnet", batch_size=16, lr=5e-4, lr_decay=0.97,
+                      lr_decay_steps=3438, epochs=150),
+    # Matrix capsules with EM routing, the network of the paper's Figure 1 (its 0.44% MNIST
+    # error): 3 iterations, the spread loss (margin 0.2 to 0.9 over the run), no decoder,
+    # batch 64 (the authors' on OpenReview); the rest is the paper preset's.
+    "em": dict(network="em-capsnet", batch_size=64, reconstruction_weight=0.0),
 }
 assert tuple(PRESETS) == PRESET_NAMES
 
@@ -141,7 +168,13 @@ def make_config(preset: str = "paper", **overrides: Any) -> TrainConfig:
         raise CapsNetError(f"unknown training settings: {', '.join(unknown)}")
     if isinstance(settings.get("dataset"), str):
         settings["dataset"] = recorded_dataset(settings["dataset"])
-    return replace(TrainConfig(preset=preset), **settings)
+    config = replace(TrainConfig(preset=preset), **settings)
+    if is_class_folder_data_set(config.dataset):
+        # The images' size is the run's choice here: a model too large for it is refused
+        # before any image is read (with the fewest channels the images could have).
+        model_config_for(config, config.crop or config.image_size or DEFAULT_SIZE,
+                         config.channels or 1, len(class_names_of(Path(config.dataset))))
+    return config
 
 
 def resume_config(saved: TrainConfig, requested: Mapping[str, Any]) -> TrainConfig:
@@ -162,13 +195,50 @@ def resume_config(saved: TrainConfig, requested: Mapping[str, Any]) -> TrainConf
     return replace(saved, **changes)
 
 
+class ModelSizes(CapsNetConfig):
+    """A CapsNetConfig's sizes before its checks, whose refusal of weights too large for
+    this machine cannot say which setting to lower."""
+
+    def __post_init__(self) -> None:
+        pass  # the sizes only: CapsNetConfig checks the model that is built
+
+
 def model_config_for(config: TrainConfig, image_size: int, in_channels: int,
-                     num_classes: int) -> CapsNetConfig:
-    """The CapsNet for ``config`` on data of this shape, with the architecture ``config``
-    chose (CapsNetConfig's ``train=`` fields)."""
+                     num_classes: int) -> Any:
+    """The config of ``config.network`` on data of this shape. A CapsNet has the architecture
+    ``config`` chose (CapsNetConfig's ``train=`` fields) and is refused when training it
+    would not fit in memory (see :func:`check_training_memory`); another model has its
+    variant's values and, where it routes iteratively, ``routing_iterations``."""
+    shape = dict(image_size=image_size, in_channels=in_channels, num_classes=num_classes)
+    if config.network != "capsnet":
+        entry = MODELS[config.network]
+        if "routing_iterations" in {f.name for f in fields(entry.config)}:
+            shape["routing_iterations"] = config.routing_iterations
+        return model_config(config.network, **shape)
     chosen = {f.name: getattr(config, f.name) for f in training_fields(CapsNetConfig)}
-    return CapsNetConfig(image_size=image_size, in_channels=in_channels, num_classes=num_classes,
-                         **chosen)
+    check_training_memory(config, ModelSizes(**shape, **chosen))
+    return CapsNetConfig(**shape, **chosen)
+
+
+def check_training_memory(config: TrainConfig, model: CapsNetConfig) -> None:
+    """Refuse, before anything is allocated, training a model of these sizes as ``config``
+    says when its weights, their gradients and Adam's moments, with a training batch or an
+    evaluation batch (each rank's share under torchrun), would not fit in the memory of the
+    device it would run on."""
+    device = "cuda" if config.device != "cpu" and torch.cuda.is_available() else "cpu"
+    ranks = int(os.environ.get("WORLD_SIZE", "1"))
+    state = capsnet_state_bytes(model, training=True)
+    images = f"{model.in_channels}x{model.image_size}x{model.image_size} images"
+    check_memory(state, f"training a CapsNet for {images} and {model.num_classes} classes "
+                 f"({model.parameter_count:,} parameters)", "train on smaller images "
+                 "(--image-size, --crop) or with fewer --primary-maps", device)
+    batches = (("training", "--batch-size", config.batch_size),
+               ("evaluation", "--eval-batch-size",
+                min(config.eval_batch_size, config.val_size or config.eval_batch_size)))
+    for kind, flag, batch in batches:
+        share = -(-batch // ranks)
+        check_memory(state + share * capsnet_image_bytes(model, kind == "training"),
+                     f"a {kind} batch of {share:,} {images}", f"lower {flag}", device)
 
 
 def learning_rate(config: TrainConfig, step: int) -> float:
@@ -186,6 +256,7 @@ def epoch_seed(config: TrainConfig, epoch: int) -> int:
 
 
 def splits_for(config: TrainConfig, data_dir: str | None = None) -> Splits:
-    """The data set of ``config``, split and prepared as it says."""
-    return load_splits(config.dataset, data_dir, config.val_size, config.val_split,
+    """The data set of ``config``, split and prepared as it says (``val_size`` 0: the data
+    set's default)."""
+    return load_splits(config.dataset, data_dir, config.val_size or None, config.val_split,
                        config.image_size, config.channels)

@@ -10,11 +10,12 @@ import torch
 from torch import Tensor, nn
 from tqdm import tqdm
 
-from ..data.batching import Source, batches
+from ..data.batching import Source, batches, source_length
 from ..nn.losses import capsule_loss
 from ..nn.model import CapsNet
 from ..utils.device import autocast
 from ..utils.distributed import World, all_reduce_sum
+from ..utils.memory import capsnet_image_bytes, check_memory
 
 Measure = Callable[[nn.Module, Any], dict[str, Tensor]]
 
@@ -64,16 +65,23 @@ class Evaluation:
 def evaluate(model: CapsNet, source: Source, *, batch_size: int = 500,
              device: torch.device | str = "cpu", reconstruction_weight: float = 0.0005,
              reduction: str = "sum", margin_form: str = "paper", precision: str = "fp32",
-             world: World = World(), crop: int = 0, progress: bool = False) -> Evaluation:
+             world: World = World(), crop: int = 0, progress: bool = False,
+             batch_flag: str = "--batch-size") -> Evaluation:
     """Evaluate ``model`` on ``source`` as the notebook does at test time: the decoder
     reconstructs from the predicted (longest) capsule. Losses are means over images.
 
     With several processes each rank evaluates every ``world_size``-th image and the sums
     are reduced, so every rank returns the figures of the whole set. ``crop`` evaluates the
     centre ``crop`` x ``crop`` window of each image. ``progress`` shows a bar on a terminal.
+    A batch larger than a rank's share of the data set is that share; one that would not
+    fit in the device's memory is refused before the first, naming ``batch_flag``.
     """
     device = torch.device(device)
     classes = model.config.num_classes
+    share = -(-source_length(source) // world.world_size)  # the images of rank 0, the most
+    batch_size = max(1, min(batch_size, share))
+    check_memory(batch_size * capsnet_image_bytes(model.config, training=False),
+                 f"an evaluation batch of {batch_size:,} images", f"lower {batch_flag}", device)
 
     def measure(model: nn.Module, batch: tuple[Tensor, Tensor]) -> dict[str, Tensor]:
         images, labels = batch
@@ -88,7 +96,7 @@ def evaluate(model: CapsNet, source: Source, *, batch_size: int = 500,
     batch_iter = batches(source, batch_size, crop=crop, device=device, rank=world.rank,
                          world_size=world.world_size, whole=True)
     if progress and world.is_main:  # tqdm's None: a bar on a terminal, nothing in a pipe
-        batch_iter = tqdm(batch_iter, total=-(-len(source) // (batch_size * world.world_size)),
+        batch_iter = tqdm(batch_iter, total=-(-share // batch_size),
                           desc="evaluating", leave=False, disable=None)
     sums = accumulate(model, batch_iter, measure, device=device, precision=precision,
                       world=world)

@@ -3,10 +3,10 @@
 train.pid is alive), finished (its summary.json) or stopped; how far it got, how fast, and
 how long it has left.
 
-Every file is untrusted: config.json or summary.json that is not a JSON object of valid
-settings is refused in one line; a metrics.jsonl line that is not a record (torn by a
-crash, or with a value of the wrong type) is skipped and counted, as training and the
-figures skip it.
+Every file is untrusted: a run file that is not a regular file (a FIFO, a folder, a link
+to a device) or config.json or summary.json that is not a JSON object of valid settings is
+refused in one line; a metrics.jsonl line that is not a record (torn by a crash, or with a
+value of the wrong type) is skipped and counted, as training and the figures skip it.
 """
 
 from __future__ import annotations
@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import CapsNetError
+from ..utils.files import open_regular
 from .config import TrainConfig
 from .run import Run, finite
 
@@ -46,11 +47,12 @@ def mtime(path: Path) -> float | None:
 
 
 def last_line(path: Path) -> str | None:
-    """The last line of a log (progress bars end theirs with carriage returns)."""
+    """The last line of a log (progress bars end theirs with carriage returns); None when
+    there is none. A log that is not a regular file is refused in one line."""
     try:
-        with open(path, "rb") as f:
+        with open_regular(path, "training log") as f:
             f.seek(max(f.seek(0, os.SEEK_END) - TAIL_BYTES, 0))
-            tail = f.read().decode(errors="replace")
+            tail = f.read(TAIL_BYTES).decode(errors="replace")
     except OSError:
         return None
     lines = [line.strip() for line in tail.replace("\r", "\n").splitlines() if line.strip()]
@@ -100,11 +102,14 @@ def run_status(run_dir: Path, now: float | None = None) -> dict[str, Any]:
         raise CapsNetError(f"{run_dir}: no such run folder")
     now = time.time() if now is None else now
     run = Run(run_dir)
+    run.check_entries()
     config = run.read_config()
     settings = training_settings(run, config)
     summary = run.read_summary()
     records, skipped = run.read_metrics()
     home = home_run(run, config)
+    if home is not run:
+        home.check_entries()
     pid = home.running_pid()
     if settings is None and pid is None:
         raise CapsNetError(f"{run_dir}: no run there (no config.json, and no training process)")

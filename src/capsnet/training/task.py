@@ -18,12 +18,17 @@ from torch import Tensor, nn
 from ..data.batching import Source, batches, example_shape, num_batches
 from ..data.splits import Split, Splits
 from ..errors import CapsNetError
-from ..nn.losses import capsule_loss
+from ..nn.em_routing import spread_loss, spread_margin
+from ..nn.losses import capsule_loss, reconstruction_loss
+from ..nn.registry import MODELS
 from ..nn.model import CapsNetConfig
 from ..utils.distributed import World
 from .checkpoint import ARCHITECTURES
 from .config import TrainConfig, model_config_for, splits_for
 from .evaluate import Evaluation, evaluate
+
+
+SPREAD_MARGIN_START = spread_margin(0, 1)
 
 
 class Step(NamedTuple):
@@ -80,6 +85,10 @@ class Task:
         """Forward pass and loss of one training batch (the Trainer does backward and Adam)."""
         raise NotImplementedError
 
+    def schedule(self, step: int, total_steps: int) -> None:
+        """Set what changes with the optimiser step (0-based, of ``total_steps``) before
+        it is taken, as the learning rate does."""
+
     def validate(self, model: nn.Module, device: torch.device, world: World) -> dict[str, float]:
         raise NotImplementedError
 
@@ -122,6 +131,11 @@ class Classification(Task):
         if config.crop > height:
             raise CapsNetError(f"--crop {config.crop} is larger than the {height}x{height} images")
         self.image_size, self.in_channels = config.crop or height, channels
+        entry = MODELS[config.network]
+        self.architecture, self.loss_kind = entry.architecture, entry.loss
+        if self.loss_kind == "spread":  # activations are not lengths: pick best.pt by accuracy
+            self.best_metric, self.higher_is_better = "accuracy", True
+        self.margin = SPREAD_MARGIN_START
 
     @classmethod
     def from_config(cls, config: TrainConfig, data_dir: str | None = None) -> "Classification":
@@ -154,7 +168,16 @@ class Classification(Task):
                        max_shift=self.config.max_shift, crop=self.config.crop, start=start,
                        device=device, rank=world.rank, world_size=world.world_size)
 
+    def schedule(self, step: int, total_steps: int) -> None:
+        if self.loss_kind == "spread":  # the paper: from 0.2 up to 0.9 during training
+            self.margin = spread_margin(step, total_steps)
+
     def loss(self, out: Any, images: Tensor, labels: Tensor) -> Tensor:
+        if self.loss_kind == "spread":
+            recon = reconstruction_loss(out.reconstructions.float(), images,
+                                        self.config.reconstruction_reduction)
+            return (spread_loss(out.lengths.float(), labels, self.margin)
+                    + self.config.reconstruction_weight * recon)
         loss, _, _ = capsule_loss(out.lengths.float(), out.reconstructions.float(), images,
                                   labels, self.config.reconstruction_weight,
                                   self.config.reconstruction_reduction, self.config.margin_loss)
@@ -173,7 +196,7 @@ class Classification(Task):
                         reconstruction_weight=config.reconstruction_weight,
                         reduction=config.reconstruction_reduction,
                         margin_form=config.margin_loss, precision=config.precision, world=world,
-                        crop=config.crop)
+                        crop=config.crop, batch_flag="--eval-batch-size")
 
     def validate(self, model: nn.Module, device: torch.device, world: World) -> dict[str, float]:
         result = self.evaluation(model, self.val, device, world)

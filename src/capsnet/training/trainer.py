@@ -247,6 +247,8 @@ class Trainer:
     def train_step(self, batch: Any) -> Step:
         """One optimiser step; returns the (detached) loss and the number correct, on device."""
         set_learning_rate(self.optimizer, learning_rate(self.config, self.progress.step))
+        self.task.schedule(self.progress.step,
+                           self.task.num_batches(self.world) * self.config.epochs)
         step = (self.graphed or self.optimize)(batch)
         self.progress.step += 1
         return step

@@ -1,7 +1,9 @@
-// capsnet explore: draw a digit, watch its capsules. Talks to the JSON API of explore.py.
+// capsnet explore: draw an image of a class, watch its capsules. Talks to the JSON API of
+// explore.py.
 "use strict";
 
 const PAD_SAMPLE = 56;  // the drawing is averaged down to 56x56 before it is sent
+const NAMES_SHOWN = 12;  // class names listed in the heading of the drawing pad
 const SLIDER_RANGE = 0.5;  // pose offsets -0.5 .. +0.5, as in the notebook
 const VIRIDIS = [[68, 1, 84], [59, 82, 139], [33, 145, 140], [94, 201, 98], [253, 231, 37]];
 
@@ -46,6 +48,7 @@ function clearPad() {
   ctx.fillRect(0, 0, $("pad").width, $("pad").height);
   Object.assign(state, {source: "drawing", sample: null, hasInk: false});
   delete $("pad").dataset.label;
+  resetChoice();
   clearResults();
   showMessage("Draw with the mouse or a finger.");
 }
@@ -75,6 +78,7 @@ function setupPad() {
   pad.addEventListener("pointerdown", (event) => {
     event.preventDefault();
     pad.setPointerCapture(event.pointerId);
+    if (state.source === "sample") resetChoice();  // drawing over a test image: a new image
     last = padPoint(event);
     strokeLine(last, last);
     requestPrediction();
@@ -114,7 +118,7 @@ function padImage() {
 function showSampleOnPad(image) {
   const pad = $("pad");
   const small = document.createElement("canvas");
-  drawGray(small, image);
+  drawPicture(small, image);
   const ctx = padContext();
   ctx.imageSmoothingEnabled = false;
   ctx.drawImage(small, 0, 0, pad.width, pad.height);
@@ -126,6 +130,7 @@ async function loadSample() {
     const sample = await api("/api/sample");
     showSampleOnPad(sample.image);
     Object.assign(state, {source: "sample", sample: sample.image, hasInk: true});
+    resetChoice();
     $("pad").dataset.label = sample.label;
     showMessage(`Test image ${sample.index + 1} of ${sample.count}, label ${sample.label_name}.`);
     requestPrediction();
@@ -167,21 +172,35 @@ function setBusy(busy) {
 function render(result) {
   if (!state.hasInk) return;  // cleared while the request was in flight
   const name = state.info.class_names[result.capsule];
-  $("prediction").textContent = result.class_name;
+  $("prediction").textContent = result.none ? "none of these" : result.class_name;
   $("prediction").dataset.class = result.prediction;
+  $("prediction").dataset.none = result.none;
+  $("verdict").textContent = verdict(result);
+  $("caps-panel").classList.toggle("none", result.none);
   $("capsule-name").textContent = name;
   $("coupling-name").textContent = name;
   $("follow").disabled = state.capsule === null;
   renderBars(result);
-  drawGray($("reconstruction"), result.reconstruction);
-  drawGray($("input"), result.input);
+  drawPicture($("reconstruction"), result.reconstruction);
+  drawPicture($("input"), result.input);
   renderCoupling(result.coupling);
   state.updates += 1;
   document.body.dataset.updates = state.updates;
 }
 
+// The longest capsule's length, and what it says: its class is there, or none is.
+function verdict(result) {
+  const length = result.lengths[result.prediction].toFixed(3);
+  if (!result.none) return `capsule length ${length}`;
+  return `No capsule reaches ${state.info.present}; the longest is ` +
+         `${result.class_name}, ${length}.`;
+}
+
 function clearResults() {
   $("prediction").textContent = "–";
+  $("verdict").textContent = "";
+  $("caps-panel").classList.remove("none");
+  delete $("prediction").dataset.none;
   for (const id of ["reconstruction", "input"]) {
     $(id).getContext("2d").clearRect(0, 0, $(id).width, $(id).height);
   }
@@ -227,6 +246,12 @@ function chooseCapsule(index) {
   requestPrediction();
 }
 
+// A new image starts from its longest capsule with no pose offsets.
+function resetChoice() {
+  state.capsule = null;
+  state.offsets.forEach((_, dim) => showOffset(dim, 0));
+}
+
 // -- pose sliders ---------------------------------------------------------------------------
 
 function buildSliders() {
@@ -244,19 +269,45 @@ function buildSliders() {
   });
 }
 
-function setOffset(dim, value) {
+function showOffset(dim, value) {
   state.offsets[dim] = value;
   const input = document.querySelector(`input[data-dim="${dim}"]`);
   input.value = value;
   input.nextElementSibling.textContent = value.toFixed(2);
+}
+
+function setOffset(dim, value) {
+  showOffset(dim, value);
   requestPrediction();
 }
 
 function resetSliders() {
-  state.offsets.forEach((_, dim) => setOffset(dim, 0));
+  state.offsets.forEach((_, dim) => showOffset(dim, 0));
+  requestPrediction();
 }
 
 // -- pictures -------------------------------------------------------------------------------
+
+// Draw an image of the API: rows of gray values, or channels of them (three: in colour;
+// another number, smallNORB's stereo pairs: the first one in gray).
+function drawPicture(canvas, image) {
+  if (!Array.isArray(image[0][0])) drawGray(canvas, image);
+  else if (image.length === 3) drawColour(canvas, image);
+  else drawGray(canvas, image[0]);
+}
+
+function drawColour(canvas, [red, green, blue]) {
+  canvas.height = red.length;
+  canvas.width = red[0].length;
+  const ctx = canvas.getContext("2d");
+  const image = ctx.createImageData(canvas.width, canvas.height);
+  const byte = (v) => Math.min(1, Math.max(0, v)) * 255;
+  red.forEach((row, r) => row.forEach((value, c) => {
+    image.data.set([byte(value), byte(green[r][c]), byte(blue[r][c]), 255],
+                   (r * canvas.width + c) * 4);
+  }));
+  ctx.putImageData(image, 0, 0);
+}
 
 // Draw rows of values in [0, 1] as gray pixels (or through `colour`) on `canvas`.
 function drawGray(canvas, rows, colour = (v) => [v * 255, v * 255, v * 255]) {
@@ -309,6 +360,27 @@ function buildTiles() {
 
 // -- start ----------------------------------------------------------------------------------
 
+// The last part of a path: a data set folder by its name (a registered data set as it is).
+const baseName = (path) => path.replace(/[\\/]+$/, "").split(/[\\/]/).pop();
+
+// The model as given, the data set of the test images, the capsules.
+function modelLine(info) {
+  const model = `model ${info.checkpoint}` + (info.shipped ? " (shipped with capsnet)" : "");
+  const data = info.dataset ? `test images from ${baseName(info.dataset)}` : "no test images";
+  return [model, data, `${info.classes} classes`, `${info.primary_grid}×${info.primary_grid}×` +
+          `${info.primary_maps} primary capsules`].join(" · ");
+}
+
+// "a digit" only for a model of MNIST-style digits named 0, 1, ...; else the class names.
+function drawTitle(info) {
+  const names = info.class_names;
+  if (info.prepare === "mnist" && names.every((name, i) => name === String(i))) {
+    return "Draw a digit";
+  }
+  const more = names.length > NAMES_SHOWN ? `, … (${names.length} classes)` : "";
+  return `Draw one of: ${names.slice(0, NAMES_SHOWN).join(", ")}${more}`;
+}
+
 async function start() {
   try {
     state.info = await api("/api/info");
@@ -317,9 +389,10 @@ async function start() {
     return;
   }
   const info = state.info;
-  $("model-info").textContent = `${info.checkpoint} · ${info.dataset || "unknown data set"} · ` +
-    `${info.classes} classes · ${info.primary_grid}×${info.primary_grid}×` +
-    `${info.primary_maps} primary capsules`;
+  $("model-info").textContent = modelLine(info);
+  $("model-info").title = info.dataset ? `test images: ${info.dataset}` : "";
+  $("draw-title").textContent = drawTitle(info);
+  $("dim-count").textContent = info.digit_dim;
   buildBars();
   buildSliders();
   buildTiles();

@@ -1,0 +1,89 @@
+"""The routing family: every registered network trains with the one Trainer, is stored with
+its architecture, and loads back the same way from every kind of file."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+
+from capsnet.errors import CapsNetError
+from capsnet.nn.em_routing import spread_margin
+from capsnet.nn.registry import ARCHITECTURES, MODELS, load_model, model_config
+from capsnet.training.config import make_config, model_config_for
+from capsnet.training.task import Classification
+from capsnet.training.trainer import Trainer
+from capsnet.data.splits import Split
+
+
+def split(n: int, seed: int) -> Split:
+    g = torch.Generator().manual_seed(seed)
+    return Split(torch.randint(0, 256, (n, 1, 28, 28), dtype=torch.uint8, generator=g),
+                 torch.randint(0, 10, (n,), generator=g))
+
+
+def trained_run(network: str, folder: Path) -> Trainer:
+    config = make_config("paper", network=network, epochs=1, batch_size=8, val_size=8,
+                         eval_batch_size=8, device="cpu", compile="off", log_every=0)
+    task = Classification(config, split(16, 0), split(8, 1), split(8, 2), num_classes=10,
+                          prepare="mnist")
+    trainer = Trainer(task, folder, show_progress=False)
+    trainer.fit()
+    return trainer
+
+
+def test_every_entry_builds_its_own_model_from_its_config() -> None:
+    for name, entry in MODELS.items():
+        config = model_config(name, image_size=28, in_channels=1, num_classes=10)
+        assert isinstance(config, entry.config)
+        assert ARCHITECTURES[entry.architecture] == (entry.model, entry.config)
+
+
+def test_a_network_flag_picks_the_model_and_its_iterations() -> None:
+    config = make_config("paper", network="em-capsnet-small", routing_iterations=2)
+    em = model_config_for(config, 28, 1, 10)
+    assert (em.conv1_channels, em.primary_types, em.routing_iterations) == (64, 8, 2)
+    efficient = model_config_for(make_config("efficient"), 28, 1, 10)
+    assert efficient.classifier_parameter_count == 161_824
+
+
+def test_an_unknown_network_is_one_line() -> None:
+    with pytest.raises(CapsNetError, match="network"):
+        make_config("paper", network="dynamic")
+
+
+def test_cuda_graphs_are_refused_for_a_loss_that_changes_every_step() -> None:
+    with pytest.raises(CapsNetError, match="spread loss"):
+        make_config("em", cuda_graphs=True, device="cuda")
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("network", ["efficient-capsnet", "em-capsnet-small"])
+def test_each_network_trains_and_loads_back_from_every_kind_of_file(network: str,
+                                                                    tmp_path: Path) -> None:
+    trainer = trained_run(network, tmp_path / "run")
+    entry = MODELS[network]
+    images = split(4, 3).images.float() / 255
+    expected = trainer.best_model().eval()(images).lengths
+    from_run = load_model(tmp_path / "run")
+    assert type(from_run) is entry.model
+    from_run.save_pretrained(tmp_path / "saved")
+    for source in (tmp_path / "run", tmp_path / "run" / "best.pt", tmp_path / "saved",
+                   tmp_path / "saved" / "model.safetensors"):
+        model = load_model(source)
+        assert type(model) is entry.model and model.config == from_run.config
+        torch.testing.assert_close(model(images).lengths, expected)
+
+
+def test_the_spread_margin_follows_the_optimiser_step(tmp_path: Path) -> None:
+    config = make_config("em", network="em-capsnet-small", epochs=2, batch_size=8)
+    task = Classification(config, split(16, 0), split(8, 1), split(8, 2), num_classes=10)
+    assert (task.best_metric, task.higher_is_better) == ("accuracy", True)
+    task.schedule(0, 4)
+    assert task.margin == pytest.approx(0.2)
+    task.schedule(2, 4)
+    assert task.margin == pytest.approx(spread_margin(2, 4)) == pytest.approx(0.55)
+    margin_task = Classification(make_config("efficient"), split(16, 0), split(8, 1),
+                                 split(8, 2), num_classes=10)
+    assert margin_task.best_metric == "loss"
