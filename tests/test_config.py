@@ -11,6 +11,7 @@ import pytest
 
 from capsnet.cli import build_parser
 from capsnet.nn.model import CapsNetConfig
+from capsnet.nn.registry import ARCHITECTURES
 from capsnet.training.config import (PRESETS, TrainConfig, learning_rate, make_config,
                                      model_config_for, resume_config)
 from capsnet.errors import CapsNetError
@@ -201,7 +202,8 @@ def test_committed_run_records_load_and_build_the_network_they_recorded(record: 
     stored = json.loads(record.read_text())
     settings = TrainConfig.from_dict(stored["train"])
     if "model" in stored:
-        model = CapsNetConfig.from_dict(stored["model"])
+        _, config_class = ARCHITECTURES[stored.get("architecture", "capsnet")]
+        model = config_class.from_dict(stored["model"])
         assert model_config_for(settings, model.image_size, model.in_channels,
                                 model.num_classes) == model
 

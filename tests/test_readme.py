@@ -12,7 +12,7 @@ What differs from the README, and why:
   model `mnist` read the tiny data set (--dataset TINY --val-size 40) instead of MNIST's
   10,000 test images. `bench` measures 1 step of batch 8 (TINY_BENCH).
 - Inputs the README names (digit.png, photo.jpg, photo1.jpg, photo2.png, array.npy,
-  my_images/) are written into the folder first.
+  photos/, scans/, my_images/) are written into the folder first.
 - Python: the placeholder "path/to/this/checkout" is this checkout; `epochs=5` is 1.
 - Lines in SKIPPED are not run, for the reason given there; `capsnet data mnist` runs only
   when MNIST is already in the cache (it would download it otherwise).
@@ -104,6 +104,9 @@ def workspace(tmp_path_factory: pytest.TempPathFactory, tiny_dataset: Path) -> I
     for i, name in enumerate(("digit.png", "photo.jpg", "photo1.jpg", "photo2.png",
                               "array.npy")):
         write_image(folder / name, 255 - images[i])  # dark on light, as a photo of a digit
+    for i, name in enumerate(("photos/a.png", "photos/b.jpg", "scans/c.jpg", "scans/d.png")):
+        (folder / name).parent.mkdir(exist_ok=True)
+        write_image(folder / name, 255 - images[5 + i])
     for i, (image, label) in enumerate(zip(images[:36], labels[:36])):
         class_folder = folder / "my_images" / "train" / f"class{label % 3}"
         class_folder.mkdir(parents=True, exist_ok=True)

@@ -84,6 +84,14 @@ class BaselineConfig:
             size //= 2
         return size
 
+    def activation_floats(self, training: bool) -> int:
+        """Floats of activations one image needs (an upper bound, for memory estimates):
+        every feature map at full image size (ReLU's copy too while training) and the dense
+        layers."""
+        features = sum(self.conv_channels) * self.image_size ** 2
+        return (2 if training else 1) * features + sum(self.hidden) + self.image_size ** 2 \
+            * self.in_channels
+
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)
         d["conv_channels"], d["hidden"] = list(self.conv_channels), list(self.hidden)

@@ -131,10 +131,6 @@ class Classification(Task):
         if config.crop > height:
             raise CapsNetError(f"--crop {config.crop} is larger than the {height}x{height} images")
         self.image_size, self.in_channels = config.crop or height, channels
-        entry = MODELS[config.network]
-        self.architecture, self.loss_kind = entry.architecture, entry.loss
-        if self.loss_kind == "spread":  # activations are not lengths: pick best.pt by accuracy
-            self.best_metric, self.higher_is_better = "accuracy", True
         self.margin = SPREAD_MARGIN_START
 
     @classmethod
@@ -148,6 +144,23 @@ class Classification(Task):
         return cls(config, splits.train.first(config.train_limit), splits.val, splits.test,
                    num_classes=splits.num_classes, class_names=splits.class_names,
                    prepare=splits.prepare)
+
+    @property
+    def architecture(self) -> str:  # type: ignore[override]
+        return MODELS[self.config.network].architecture
+
+    @property
+    def loss_kind(self) -> str:
+        return MODELS[self.config.network].loss
+
+    @property
+    def best_metric(self) -> str:  # type: ignore[override]
+        # class activations are not capsule lengths: pick best.pt by accuracy for them
+        return "accuracy" if self.loss_kind == "spread" else "loss"
+
+    @property
+    def higher_is_better(self) -> bool:  # type: ignore[override]
+        return self.best_metric == "accuracy"
 
     def model_config(self) -> CapsNetConfig:
         return model_config_for(self.config, self.image_size, self.in_channels,
