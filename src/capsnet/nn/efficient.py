@@ -62,7 +62,7 @@ from torch import Tensor, nn
 from ..errors import CapsNetError
 from ..utils.device import check_fits_in_memory
 from ..utils.settings import check_settings, setting, settings_from_dict
-from .layers import EPSILON, safe_norm
+from .layers import EPSILON, decoder_parameter_count, reconstruction_decoder, safe_norm
 from .base import CapsuleModel
 
 # Keras's batch norm defaults, which the official code keeps.
@@ -156,8 +156,8 @@ class EfficientCapsNetConfig:
     @property
     def parameter_count(self) -> int:
         """Parameters of the whole network, decoder included (1,573,168 by default)."""
-        sizes = [self.num_classes * self.digit_dim, *self.decoder_hidden, self.image_pixels]
-        decoder = sum((n_in + 1) * n_out for n_in, n_out in zip(sizes, sizes[1:]))
+        decoder = decoder_parameter_count(self.num_classes * self.digit_dim,
+                                          self.decoder_hidden, self.image_pixels)
         return self.classifier_parameter_count + decoder
 
     def activation_floats(self, training: bool) -> int:
@@ -309,12 +309,8 @@ class EfficientCapsNet(CapsuleModel, nn.Module):
                                                 config.primary_kernel, config.primary_stride)
         self.digits = SelfAttentionRouting(config.primary_caps, config.primary_dim,
                                            config.num_classes, config.digit_dim)
-        sizes = [config.num_classes * config.digit_dim, *config.decoder_hidden]
-        decoder: list[nn.Module] = []
-        for n_in, n_out in zip(sizes, sizes[1:]):
-            decoder += [nn.Linear(n_in, n_out), nn.ReLU(inplace=True)]
-        decoder += [nn.Linear(sizes[-1], config.image_pixels), nn.Sigmoid()]
-        self.decoder = nn.Sequential(*decoder)
+        self.decoder = reconstruction_decoder(config.num_classes * config.digit_dim,
+                                              config.decoder_hidden, config.image_pixels)
         self.reset_parameters()
 
     def reset_parameters(self) -> None:

@@ -60,6 +60,7 @@ import torch.nn.functional as F
 from ..utils.device import check_fits_in_memory
 from ..utils.settings import check_settings, setting, settings_from_dict
 from .base import CapsNetOutput, CapsuleModel
+from .layers import decoder_parameter_count, reconstruction_decoder
 
 POSE = 4  # a pose is a 4x4 matrix
 POSE_SIZE = POSE * POSE
@@ -137,8 +138,8 @@ class EMCapsNetConfig:
         betas = 2 * (c + d + classes)
         decoder = 0
         if self.decoder_hidden:
-            sizes = [classes * POSE_SIZE, *self.decoder_hidden, self.image_pixels]
-            decoder = sum((n_in + 1) * n_out for n_in, n_out in zip(sizes, sizes[1:]))
+            decoder = decoder_parameter_count(classes * POSE_SIZE, self.decoder_hidden,
+                                              self.image_pixels)
         return conv1 + primary + matrices + betas + decoder
 
     def activation_floats(self, training: bool) -> int:
@@ -438,7 +439,9 @@ class EMCapsNet(CapsuleModel, nn.Module):
                                         CAPS2_STRIDE, **routing)
         self.classes = ClassMatrixCapsules(config.caps2_types, config.num_classes,
                                            config.image_size, **routing)
-        self.decoder = decoder(config) if config.decoder_hidden else None
+        self.decoder = (reconstruction_decoder(config.num_classes * POSE_SIZE,
+                                               config.decoder_hidden, config.image_pixels)
+                        if config.decoder_hidden else None)
 
     def capsules(self, images: Tensor) -> tuple[Tensor, Tensor]:
         """Class poses ``(batch, classes, 16)`` and activations ``(batch, classes)``."""
@@ -465,15 +468,6 @@ class EMCapsNet(CapsuleModel, nn.Module):
         reconstructions = self.reconstruct(class_poses, predictions if labels is None else labels)
         return CapsNetOutput(class_poses, scores, predictions, reconstructions)
 
-
-def decoder(config: EMCapsNetConfig) -> nn.Sequential:
-    """CapsNet's decoder on the flattened class poses: ReLU layers of ``decoder_hidden`` units,
-    then one sigmoid unit per pixel."""
-    sizes = [config.num_classes * POSE_SIZE, *config.decoder_hidden]
-    layers: list[nn.Module] = []
-    for n_in, n_out in zip(sizes, sizes[1:]):
-        layers += [nn.Linear(n_in, n_out), nn.ReLU(inplace=True)]
-    return nn.Sequential(*layers, nn.Linear(sizes[-1], config.image_pixels), nn.Sigmoid())
 
 
 # --- spread loss --------------------------------------------------------------------------

@@ -176,3 +176,20 @@ class RoutingCapsules(nn.Module):
             size = max(CPU_ROUTING_MIN, -(-batch // CPU_ROUTING_GROUPS))
             routed = [self.route(self.predictions(group)) for group in u.split(size)]
             return torch.cat([v for v, _ in routed]), torch.cat([c for _, c in routed])
+
+
+def reconstruction_decoder(capsule_floats: int, hidden: tuple[int, ...], pixels: int
+                           ) -> nn.Sequential:
+    """The paper's decoder: ReLU layers of ``hidden`` units on the masked capsules
+    (``capsule_floats`` inputs), then one sigmoid unit per pixel."""
+    sizes = [capsule_floats, *hidden]
+    layers: list[nn.Module] = []
+    for n_in, n_out in zip(sizes, sizes[1:]):
+        layers += [nn.Linear(n_in, n_out), nn.ReLU(inplace=True)]
+    return nn.Sequential(*layers, nn.Linear(sizes[-1], pixels), nn.Sigmoid())
+
+
+def decoder_parameter_count(capsule_floats: int, hidden: tuple[int, ...], pixels: int) -> int:
+    """Parameters of :func:`reconstruction_decoder`, from its sizes alone."""
+    sizes = [capsule_floats, *hidden, pixels]
+    return sum((n_in + 1) * n_out for n_in, n_out in zip(sizes, sizes[1:]))

@@ -17,7 +17,8 @@ from ..errors import CapsNetError
 from ..utils.device import check_fits_in_memory
 from ..utils.settings import check_settings, setting, settings_from_dict
 from .base import CapsNetOutput, CapsuleModel  # noqa: F401 - CapsNetOutput is public here
-from .layers import PRIMARY_STYLES, PrimaryCapsules, RoutingCapsules
+from .layers import (PRIMARY_STYLES, PrimaryCapsules, RoutingCapsules, decoder_parameter_count,
+                     reconstruction_decoder)
 
 INITS = ("glorot", "official", "torch")
 
@@ -96,8 +97,8 @@ class CapsNetConfig:
             + (c1 * self.primary_kernel ** 2 + 1) * maps_dims
         routing = self.primary_caps * self.num_classes * self.digit_dim * self.primary_dim \
             + self.routing_bias * self.num_classes * self.digit_dim
-        sizes = [self.num_classes * self.digit_dim, *self.decoder_hidden, self.image_pixels]
-        decoder = sum((n_in + 1) * n_out for n_in, n_out in zip(sizes, sizes[1:]))
+        decoder = decoder_parameter_count(self.num_classes * self.digit_dim,
+                                          self.decoder_hidden, self.image_pixels)
         return convs + routing + decoder
 
     def to_dict(self) -> dict[str, Any]:
@@ -137,12 +138,8 @@ class CapsNet(CapsuleModel, nn.Module):
                                       config.num_classes, config.digit_dim,
                                       config.routing_iterations, config.weight_init_std,
                                       config.routing_bias, config.leaky_routing)
-        sizes = [config.num_classes * config.digit_dim, *config.decoder_hidden]
-        layers: list[nn.Module] = []
-        for n_in, n_out in zip(sizes, sizes[1:]):
-            layers += [nn.Linear(n_in, n_out), nn.ReLU(inplace=True)]
-        layers += [nn.Linear(sizes[-1], config.image_pixels), nn.Sigmoid()]
-        self.decoder = nn.Sequential(*layers)
+        self.decoder = reconstruction_decoder(config.num_classes * config.digit_dim,
+                                              config.decoder_hidden, config.image_pixels)
         self.reset_parameters()
 
     def reset_parameters(self) -> None:

@@ -171,6 +171,7 @@ class Trainer:
             self.device = torch.device("cuda", self.world.local_rank)
         per_rank_batch(config.batch_size, self.world)
         self.show_bar = show_progress and self.world.is_main
+        self.total_steps = task.num_batches(self.world) * config.epochs  # what schedules span
         task.to(self.device)
         self.rng = RandomStream(config.seed, self.device)
         self.progress = Progress(best=-math.inf if task.higher_is_better else math.inf,
@@ -247,8 +248,7 @@ class Trainer:
     def train_step(self, batch: Any) -> Step:
         """One optimiser step; returns the (detached) loss and the number correct, on device."""
         set_learning_rate(self.optimizer, learning_rate(self.config, self.progress.step))
-        self.task.schedule(self.progress.step,
-                           self.task.num_batches(self.world) * self.config.epochs)
+        self.task.schedule(self.progress.step, self.total_steps)
         step = (self.graphed or self.optimize)(batch)
         self.progress.step += 1
         return step
