@@ -34,7 +34,7 @@ import torch
 
 import capsnet.nn.layers as layers
 from capsnet.nn.model import CapsNet, CapsNetConfig
-from capsnet.tools.bench import convolutions, timed, train_step
+from capsnet.tools.bench import timed, train_step
 from capsnet.training.trainer import make_optimizer
 from capsnet.utils.device import autocast, compile_options
 
@@ -80,7 +80,7 @@ def main(device: torch.device, train_batch: int, infer_batch: int, turns: int,
     test_images = torch.rand(infer_batch, 1, 28, 28, device=device)
     forms = {name: Form(name, device) for name in names}
     torch.manual_seed(0)
-    convs = convolutions(CapsNet(CapsNetConfig(routing_iterations=3)).to(device))
+    convs = CapsNet(CapsNetConfig(routing_iterations=3)).to(device).convolutions()
     convs_adam = make_optimizer(convs.parameters(), 1e-3, device)
 
     def train(form: Form) -> None:

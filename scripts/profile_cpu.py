@@ -18,7 +18,7 @@ import torch._inductor.config as inductor_config
 from torch.profiler import ProfilerActivity, profile
 
 from capsnet.nn.model import CapsNet, CapsNetConfig
-from capsnet.tools.bench import convolutions, train_step
+from capsnet.tools.bench import train_step
 from capsnet.training.trainer import make_optimizer
 from capsnet.utils.device import compile_options
 
@@ -32,7 +32,7 @@ def main(steps: int, kernel: bool) -> None:
     torch.manual_seed(0)
     model = CapsNet(CapsNetConfig(routing_iterations=3))
     model.digits.fused = kernel
-    convs = convolutions(model)
+    convs = model.convolutions()
     model.compile(options=compile_options(CPU))
     adam, convs_adam = (make_optimizer(m.parameters(), 1e-3, CPU) for m in (model, convs))
     images, labels = torch.rand(64, 1, 28, 28), torch.randint(0, 10, (64,))

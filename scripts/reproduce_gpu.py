@@ -9,8 +9,8 @@ take them.
 
 The budget is split as the top of scripts/reproduce_gpu.sh says: the benches alone, each
 within BENCH_SECONDS; three waves of six MNIST, Fashion-MNIST and affine runs within
-MNIST_SHARE of the time then left (each wave gets that share's rest over the waves left);
-MultiMNIST with all that is left. Every --time-limit leaves OVERHEAD seconds for the run's
+MNIST_SHARE of the time then left (each wave gets that share's rest over the waves left); the
+other routings (six runs) with half of what is then left; MultiMNIST with all the rest. Every --time-limit leaves OVERHEAD seconds for the run's
 start-up and test; a run still going at the budget's end is stopped.
 """
 
@@ -99,6 +99,12 @@ WAVES = [
      Run("mnist-paper-officialmargin-s0", ("train",), (*PAPER, "--margin-loss", "official")),
      Run("affnist-s0", ("experiment", "affnist"), ("--seed", "0", "--stop-at", AFFINE_STOP_AT))],
 ]
+# The other routings of docs/RESULTS.md's comparison, each with its own preset.
+ROUTINGS = [Run(f"{name}-{data}-s0", ("train",), recipe, dataset)
+            for name, recipe in (("efficient", ("--preset", "efficient")),
+                                 ("em", ("--preset", "em")),
+                                 ("em-small", ("--preset", "em", "--network", "em-capsnet-small")))
+            for data, dataset in (("mnist", "mnist"), ("fashion", "fashion-mnist"))]
 MULTIMNIST = Run("multimnist-s0", ("experiment", "multimnist"), ("--seed", "0", "--epochs", "100"))
 
 
@@ -167,10 +173,12 @@ class Plan:
                         json_summary=True, at_most=self.mode.bench_seconds)
 
     def training(self) -> None:
-        """The waves within their share, then MultiMNIST with what is left."""
+        """The waves within their share, then the other routings and MultiMNIST, each with
+        half of what is left."""
         share_end = time.monotonic() + MNIST_SHARE * self.left()
         for index, wave in enumerate(WAVES):
             self.together(wave, (share_end - time.monotonic()) / (len(WAVES) - index))
+        self.together(ROUTINGS, self.left() / 2)
         self.together([MULTIMNIST], self.left())
 
 

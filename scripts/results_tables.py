@@ -252,14 +252,14 @@ def experiments_table(runs: list[Run]) -> str:
 
 
 def bench_table(runs: list[Run]) -> str:
-    header = ["hardware", "precision", "compiled", "routing", "training batch", "training images/s",
-              "convolutions alone, training images/s", "ratio", "inference batch",
-              "inference images/s", "convolutions alone, inference images/s", "ratio",
-              "peak memory (MB)", "date", "run"]
+    header = ["network", "hardware", "precision", "compiled", "routing", "training batch",
+              "training images/s", "convolutions alone, training images/s", "ratio",
+              "inference batch", "inference images/s", "convolutions alone, inference images/s",
+              "ratio", "peak memory (MB)", "date", "run"]
     rows = []
     for r in runs:
         s = r.summary
-        rows.append([hardware(r), s.get("precision", MISSING),
+        rows.append([f"`{bench_network(r)}`", hardware(r), s.get("precision", MISSING),
                      "yes, CUDA graphs" if s.get("cuda_graphs") else
                      "yes" if s.get("compile") else "no",
                      # records from before the CPU kernel have no "routing": torch routed
@@ -272,6 +272,44 @@ def bench_table(runs: list[Run]) -> str:
                      count(s.get("peak_memory_mb")), s.get("date", MISSING), link(r)])
     return markdown(header, rows, "No `capsnet bench` records yet.")
 
+
+def bench_network(run: Run) -> str:
+    return run.summary.get("network", "capsnet")  # records from before --network: capsnet
+
+
+def hardware_model(device: str | None) -> str | None:
+    """The CPU or GPU model a device string names, without the CPU's thread count:
+    ``AMD EPYC`` for both ``cpu (AMD EPYC, 2 threads)`` (bench records, newer training
+    runs) and ``AMD EPYC (2 threads)``; None for ``cpu (2 threads)``, which names none."""
+    if device is None:
+        return None
+    name = re.sub(r"^cpu \((.*)\)$", r"\1", device)
+    name = re.sub(r"(^|, | \()\d+ threads\)?$", "", name)
+    return name or None
+
+
+def convolutions_ratio(name: str, run: Run, benches: list[Run]) -> str:
+    """The training rate over its convolutions' in the newest bench records of network
+    ``name`` on the hardware of training ``run``, in the run's precision, compile mode and
+    CUDA graphs where it names them: one ratio, or the range of several of that date."""
+    model = hardware_model(run.summary.get("device"))
+    # records from before a setting existed ran without it: no CUDA graphs
+    settings = {"precision": run.summary.get("precision") or run.train.get("precision"),
+                "compile": run.summary.get("compiled"),
+                "cuda_graphs": bool(run.train.get("cuda_graphs"))}
+    found = [s for s in (r.summary for r in benches if bench_network(r) == name)
+             if model and hardware_model(s.get("device")) == model
+             and all(value is None or (bool(s.get(key)) if key == "cuda_graphs"
+                                       else s.get(key)) == value
+                     for key, value in settings.items())
+             and s.get("train_images_per_s") and s.get("convs_train_images_per_s")]
+    newest = max((s.get("date", "") for s in found), default=None)
+    ratios = sorted(s["train_images_per_s"] / s["convs_train_images_per_s"]
+                    for s in found if s.get("date", "") == newest)
+    if not ratios:
+        return "not measured"
+    low, high = f"{ratios[0]:.2f}x", f"{ratios[-1]:.2f}x"
+    return low if low == high else f"{low} to {high}"
 
 
 TUNED = {"epochs", "lr_decay", "lr_decay_steps"}  # issue 16: tune these within the recipe
@@ -404,10 +442,12 @@ def rank(group: list[Run]) -> tuple[bool, float]:
 def routings_table(runs: list[Run]) -> str:
     """Each network on each data set and hardware: its recipe with the best mean test
     accuracy over its runs (seeds), runs trained in full before runs cut short, and its
-    training speed."""
+    training speed, also as a ratio to its convolutions' from the bench records of the same
+    network on the same CPU or GPU model."""
+    benches = [r for r in runs if r.kind == "bench"]
     groups: dict[tuple[str, str, str, str], list[Run]] = {}
     for r in runs:
-        if r.summary.get("test_accuracy") is not None:
+        if r.kind == "training" and r.summary.get("test_accuracy") is not None:
             key = (network(r), dataset(r), r.summary.get("device", MISSING), recipe(r))
             groups.setdefault(key, []).append(r)
     best: dict[tuple[str, str, str], list[Run]] = {}
@@ -415,7 +455,8 @@ def routings_table(runs: list[Run]) -> str:
         if key[:3] not in best or rank(group) > rank(best[key[:3]]):
             best[key[:3]] = group
     header = ["network", "data set", "parameters (no decoder)", "recipe", "epochs",
-              "test accuracy (mean)", "runs", "training images/s", "hardware", "records"]
+              "test accuracy (mean)", "runs", "training images/s",
+              "training / its convolutions", "hardware", "records"]
     rows = []
     for (name, data, device), group in sorted(best.items()):
         speeds = [r.summary.get("train_images_per_s") for r in group]
@@ -423,7 +464,7 @@ def routings_table(runs: list[Run]) -> str:
                  if all(v is not None for v in speeds) else MISSING)
         rows.append([f"`{name}`", data, routing_parameters(group[0]), recipe_name(group[0]),
                      epochs(group[0]), percent(mean_accuracy(group)), str(len(group)), speed,
-                     device,
+                     convolutions_ratio(name, group[0], benches), device,
                      ", ".join(link(r) for r in group)])
     return markdown(header, rows, "No training runs recorded yet.")
 
@@ -438,7 +479,7 @@ def load_runs(runs_dir: Path) -> dict[str, list[Run]]:
     runs.sort(key=lambda r: (date(r) if date(r) != MISSING else "", r.name))
     tables = {kind: [r for r in runs if r.kind == kind] for kind in ("training", "experiments", "bench")}
     return {**tables, "targets": runs, "seed-curve": tables["training"],
-            "routings": tables["training"]}
+            "routings": tables["training"] + tables["bench"]}
 
 
 DOCUMENTS = {"RESULTS.md": tuple(TABLES), "PERFORMANCE.md": ()}  # tables each must hold

@@ -33,6 +33,7 @@ NOTEBOOK = {
     "reconstruction_weight": 0.0005, "margin_loss": "paper", "init": "glorot",
     "primary_style": "notebook", "routing_bias": False, "leaky_routing": False,
     "primary_maps": 32, "crop": 0, "val_size": 0, "val_split": "first", "train_limit": 0,
+    "augment": "shift", "lr_min": 0.0,
 }  # val_size 0: the data set's default, read_data_sets' 5,000 on MNIST
 
 # The paper, and the official code where the paper is silent.
@@ -42,6 +43,7 @@ PAPER = {
     "reconstruction_weight": 0.0005, "margin_loss": "paper", "init": "official",
     "primary_style": "official", "routing_bias": True, "leaky_routing": False,
     "primary_maps": 32, "crop": 0, "val_size": 0, "val_split": "first", "train_limit": 0,
+    "augment": "shift", "lr_min": 0.0,
 }
 
 # The notebook's network and losses for one epoch, bf16 where the CPU has AMX: 99% on a CPU.
@@ -52,9 +54,12 @@ QUICK_HOW = {"precision": "auto"}
 CIFAR10 = {**PAPER, "max_shift": 0, "crop": 24, "primary_maps": 64, "leaky_routing": True}
 
 # Efficient-CapsNet's official config.json (lr, its per-epoch decay, batch, epochs; the
-# reconstruction's 0.392 x mean is 0.0005 x sum), the paper preset elsewhere.
+# reconstruction's 0.392 x mean is 0.0005 x sum), the floor of tools.py's learn_scheduler
+# and its augmentation (pre_process_mnist.py,
+# in place of pixel shifts), the paper preset elsewhere.
 EFFICIENT = {**PAPER, "network": "efficient-capsnet", "batch_size": 16, "lr": 5e-4,
-             "lr_decay": 0.97, "lr_decay_steps": 3438, "epochs": 150}
+             "lr_decay": 0.97, "lr_decay_steps": 3438, "lr_min": 5e-5, "epochs": 150,
+             "augment": "efficient", "max_shift": 0}
 
 # EM routing: the paper's network and spread loss, no decoder, the authors' batch of 64.
 EM = {**PAPER, "network": "em-capsnet", "batch_size": 64, "reconstruction_weight": 0.0}
@@ -141,6 +146,16 @@ def test_learning_rate_decays_like_the_official_code() -> None:
     assert learning_rate(config, 2000) == pytest.approx(0.96e-3)
     assert learning_rate(config, 4000) == pytest.approx(0.96 ** 2 * 1e-3)
     assert learning_rate(make_config("seed"), 10_000) == 1e-3
+
+
+def test_the_learning_rate_stops_at_its_floor() -> None:
+    config = make_config("efficient")  # 5e-4 x 0.97 an epoch, down to 5e-5 (76 epochs on)
+    epoch = config.lr_decay_steps
+    assert learning_rate(config, 10 * epoch) == pytest.approx(5e-4 * 0.97 ** 10)
+    assert learning_rate(config, 75 * epoch) == pytest.approx(5e-4 * 0.97 ** 75)  # above it
+    assert learning_rate(config, 76 * epoch) == 5e-5 == learning_rate(config, 150 * epoch)
+    with pytest.raises(CapsNetError, match="--lr-min 0.01 is above --lr 0.001"):
+        make_config("paper", lr_min=0.01)
 
 
 def test_stored_compile_flags_of_older_runs_still_load() -> None:

@@ -89,3 +89,24 @@ def test_resume_keeps_the_experiments_settings(name: str, tiny_dataset: Path, tm
     # A new run into the folder is refused, not overwritten.
     assert main(args) == 2
     assert "already holds a run" in capsys.readouterr().err
+
+
+@pytest.mark.slow
+def test_an_experiment_checks_every_models_checkpoint_before_training_any(
+        tiny_dataset: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+        capsys: pytest.CaptureFixture[str], one_thread) -> None:
+    """A damaged checkpoint of the CNN stops ``--resume`` at once, not after the CapsNet has
+    trained on: nothing in the folder changes."""
+    run_dir = tmp_path / "run"
+    args = ["experiment", "affnist", "--dataset", str(tiny_dataset), *COMMON, *ARGS["affnist"]]
+    interrupt_at(monkeypatch, 2)  # in the CapsNet's first epoch
+    assert main([*args, "--run-dir", str(run_dir)]) == 130
+    monkeypatch.undo()
+    (run_dir / "cnn").mkdir()
+    (run_dir / "cnn" / "last.pt").write_bytes(b"not a checkpoint")
+    before = {p: p.read_bytes() for p in sorted(run_dir.rglob("*")) if p.is_file()}
+    capsys.readouterr()
+    assert main(["experiment", "affnist", "--resume", str(run_dir), "--no-progress"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "cnn" in err, err
+    assert {p: p.read_bytes() for p in sorted(run_dir.rglob("*")) if p.is_file()} == before

@@ -155,6 +155,9 @@ CASES: dict[str, tuple[list[str], str]] = {
                                "argument --max-rotation: expected a number in [0, 180]"),
     "experiment-scales-crossed": (["experiment", "affnist", "--dataset", "data", "--min-scale",
                                    "2", "--max-scale", "1"], "min_scale <= max_scale"),
+    "experiment-augment": (["experiment", "multimnist", "--dataset", "data", "--augment",
+                            "efficient"], "experiment multimnist places and shifts its digits "
+                            "itself; --augment efficient is for capsnet train"),
     "explore-port": (["explore", "run", "--port", "70000"], "expected an integer in [0, 65,535]"),
     "lr-zero": (["train", "--lr", "0"], "argument --lr: expected a number in (0, 1), got '0'"),
     "warmup-negative": (["train", "--warmup-steps", "-1"], "argument --warmup-steps"),

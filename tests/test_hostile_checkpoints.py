@@ -320,6 +320,24 @@ def test_save_pretrained_replaces_the_pair_and_keeps_other_files(tmp_path: Path)
     assert (folder / "README.md").read_text() == "my notes\n"
 
 
+def test_save_pretrained_never_lowers_the_precision_of_a_folder(tmp_path: Path) -> None:
+    """A model saved back into the folder it came from in float16 would lose its float32
+    weights: refused, the folder unchanged; float16 over float16 and float32 over either
+    are replacements like any other."""
+    full, half = tmp_path / "full", tmp_path / "half"
+    save_pretrained(tiny_model(), full)
+    before = listing(full)
+    model = CapsNet.from_pretrained(full)
+    with pytest.raises(CapsNetError, match=r"holds float32 weights; writing float16 ones over "
+                                           r"them would lose precision: save to another folder"):
+        save_pretrained(model, full, torch.float16)
+    assert listing(full) == before
+    save_pretrained(model, half, torch.float16)
+    save_pretrained(CapsNet.from_pretrained(half), half, torch.float16)
+    save_pretrained(model, half)  # float32 over float16
+    assert CapsNet.from_pretrained(half).state_dict().keys() == model.state_dict().keys()
+
+
 def test_a_failing_rename_leaves_the_old_pair(tmp_path: Path,
                                               monkeypatch: pytest.MonkeyPatch) -> None:
     """model.safetensors is already replaced when config.json fails: it is put back."""

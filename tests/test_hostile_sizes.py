@@ -357,3 +357,26 @@ def test_the_command_refuses_in_one_line_before_any_work(name: str, workspace: P
     argv, expected = CASES[name]
     refuses_in_one_line(argv, workspace, expected)
     assert not (workspace / "run").exists() and not (workspace / "figs").exists()
+
+
+@pytest.mark.slow
+def test_resuming_checks_the_memory_once_before_loading_the_weights(
+        tiny_dataset: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The loaded checkpoint is compared with the model the task built, not with a config
+    computed again: that would check the memory a second time, the weights already loaded,
+    and could refuse a model that fits."""
+    from capsnet.training.task import Classification
+    from capsnet.training.trainer import Trainer
+
+    run_dir = tmp_path / "run"
+    assert main(["train", "--dataset", str(tiny_dataset), "--epochs", "2", "--val-size", "40",
+                 "--train-limit", "32", "--batch-size", "16", "--device", "cpu",
+                 "--no-progress", "--run-dir", str(run_dir)]) == 0
+    calls = []
+    original = Classification.model_config
+    monkeypatch.setattr(Classification, "model_config",
+                        lambda self: calls.append(1) or original(self))
+    config = make_config("paper", dataset=str(tiny_dataset), epochs=2, val_size=40,
+                         train_limit=32, batch_size=16, device="cpu")
+    Trainer(Classification.from_config(config), run_dir, resume=True, show_progress=False)
+    assert len(calls) == 1

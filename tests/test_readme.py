@@ -90,6 +90,19 @@ def test_the_readme_has_what_this_test_names() -> None:
         assert any(text in body for _, kind, body in STEPS if kind == "python"), text
 
 
+def test_the_readme_lists_every_training_flag() -> None:
+    """The paragraph that lists TrainConfig's flags names each of them (``--[no-]X`` for a
+    switch), so a new field cannot be left out of it."""
+    from dataclasses import fields
+
+    from capsnet.training.config import TrainConfig
+
+    text = README.read_text()
+    paragraph = text[text.index("Every field of `TrainConfig`"):].split("\n\n")[0]
+    listed = set(re.findall(r"--(?:\[no-\])?([a-z][a-z-]*)", paragraph))
+    assert {f.name.replace("_", "-") for f in fields(TrainConfig)} - {"preset"} <= listed
+
+
 def write_image(path: Path, array: np.ndarray) -> None:
     if path.suffix == ".npy":
         np.save(path, array.astype(np.float32) / 255)

@@ -23,6 +23,8 @@ WAVES = [["mnist-paper-s0", "mnist-paper-s1", "mnist-paper-s2", "mnist-paper-dec
           "mnist-seed-e20-s0"],
          ["fashion-paper-s0", "fashion-paper-decay-s0", "mnist-paper-fp32-s0",
           "mnist-paper-torchinit-s0", "mnist-paper-officialmargin-s0", "affnist-s0"],
+         ["efficient-mnist-s0", "efficient-fashion-s0", "em-mnist-s0", "em-fashion-s0",
+          "em-small-mnist-s0", "em-small-fashion-s0"],  # the other routings
          ["multimnist-s0"]]
 RUNS = BENCH + [name for wave in WAVES for name in wave]
 
@@ -60,12 +62,15 @@ def test_every_run_finishes_with_its_record(tiny) -> None:
 def test_training_runs_keep_their_recipes(tiny) -> None:
     out, _ = tiny
     train = {name: json.loads((out / name / "config.json").read_text())["train"]
-             for wave in WAVES[:3] for name in wave if name != "affnist-s0"}
+             for wave in WAVES[:4] for name in wave if name != "affnist-s0"}
     assert [train[f"mnist-paper-decay-s{s}"]["lr_decay"] for s in range(3)] == [0.9] * 3
     assert [train[f"mnist-seed-s{s}"]["seed"] for s in range(5)] == list(range(5))
     assert train["mnist-paper-fp32-s0"]["precision"] == "fp32"
     assert train["mnist-paper-torchinit-s0"]["init"] == "torch"
     assert train["mnist-paper-officialmargin-s0"]["margin_loss"] == "official"
+    assert [train[f"{name}-mnist-s0"]["network"] for name in ("efficient", "em", "em-small")] \
+        == ["efficient-capsnet", "em-capsnet", "em-capsnet-small"]
+    assert train["em-small-fashion-s0"]["dataset"] == train["em-small-mnist-s0"]["dataset"]
     assert all(config["epochs"] == 1 and config["device"] == "cpu" for config in train.values())
 
 

@@ -25,11 +25,11 @@ from ..training.evaluate import evaluate
 from ..training.task import check_fits
 from ..errors import CapsNetError
 from ..nn.prediction import PRESENT, Prediction
-from ..nn.registry import load_model
+from ..nn.registry import MODELS, load_model
 from ..nn.pretrained import ACCEPTED, MODEL_KINDS
 from ..utils.device import resolve_device
 from ..utils.files import check_writable_folder
-from .args import EXIT_USAGE, port_number, positive_int, printable
+from .args import EXIT_USAGE, non_negative_int, port_number, positive_int, printable
 
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".npy"}
 PREDICT_BATCH = 256  # images prepared and classified together
@@ -259,6 +259,9 @@ def run_data(args: argparse.Namespace) -> int:
 
 def add_bench(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("bench", help="measure training and inference speed and memory")
+    p.add_argument("--network", choices=tuple(MODELS), default="capsnet",
+                   help="the network to measure (default: capsnet); each is timed beside its "
+                   "own convolutions")
     p.add_argument("--device", choices=DEVICES, default="auto",
                    help="where to run (default: auto, CUDA when available)")
     p.add_argument("--precision", choices=PRECISIONS, default="fp32",
@@ -266,18 +269,19 @@ def add_bench(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--compile", action="store_true", help="torch.compile the model")
     p.add_argument("--cuda-graphs", action="store_true",
                    help="torch.compile in reduce-overhead mode: CUDA graphs on a GPU")
-    p.add_argument("--routing-iterations", type=positive_int, default=3,
-                   help="routing iterations of the model (default 3)")
+    p.add_argument("--routing-iterations", type=positive_int,
+                   help="routing iterations of a network that iterates (default 3); "
+                   "refused for efficient-capsnet, which routes in one pass")
     p.add_argument("--train-batch", type=positive_int, help="default: 64 on CPU, 128 on CUDA")
     p.add_argument("--infer-batch", type=positive_int, default=256,
                    help="inference batch size (default 256)")
-    p.add_argument("--warmup", type=positive_int, default=3,
+    p.add_argument("--warmup", type=non_negative_int, default=3,
                    help="untimed steps before measuring (default 3)")
     p.add_argument("--repeats", type=positive_int, default=10,
                    help="timed steps; the median is reported (default 10)")
     p.add_argument("--epoch", action="store_true",
                    help="also time a whole paper-preset epoch on MNIST with its validation, "
-                   "after one untimed epoch (data needed)")
+                   "after one untimed epoch (data needed; --network capsnet only)")
     p.add_argument("--data-dir", help=DATA_DIR_HELP)
     p.add_argument("--json", action="store_true", help="print only JSON")
     p.set_defaults(run=run_bench)
@@ -287,7 +291,7 @@ def run_bench(args: argparse.Namespace) -> int:
     result = benchmark(resolve_device(args.device), args.precision, args.compile,
                        args.routing_iterations, args.train_batch, args.infer_batch, args.warmup,
                        args.repeats, epoch=args.epoch, data_dir=args.data_dir,
-                       cuda_graphs=args.cuda_graphs)
+                       cuda_graphs=args.cuda_graphs, network=args.network)
     if not args.json:
         print(format_table(result))
     print(json.dumps(result))

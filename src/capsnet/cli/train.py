@@ -227,6 +227,9 @@ def run_experiment(args: argparse.Namespace) -> int:
     else:
         settings = experiment.settings(**given_settings(args, experiment.settings))
         config = requested_config(args, experiment.train_defaults)
+    if config.augment != "shift":
+        raise CapsNetError(f"experiment {args.experiment} places and shifts its digits itself; "
+                           f"--augment {config.augment} is for capsnet train")
     default = Path("runs") / f"{args.experiment}-{Path(config.dataset).name}"
     run_dir = run_folder(args, config, default)
     with Run(run_dir).training_here(new=args.resume is None):

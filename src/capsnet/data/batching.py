@@ -1,10 +1,11 @@
 """Batches: float images in [0, 1] on any device, in a seeded order with optional random
-shifts, sharded over ranks, from an in-memory :class:`Split` (the fast path) or from any
-``torch.utils.data.Dataset`` / ``DataLoader``.
+shifts or Efficient-CapsNet's augmentation, sharded over ranks, from an in-memory
+:class:`Split` (the fast path) or from any ``torch.utils.data.Dataset`` / ``DataLoader``.
 
-A pass is fixed by its seed: the order and every image's shift are drawn once for the whole
-pass, so batch ``start`` onwards (to resume inside an epoch) are exactly those of an
-uninterrupted pass, and a Dataset holding the same images as a Split gives the same batches.
+A pass is fixed by its seed: the order and every image's shift or augmentation are drawn
+once for the whole pass, so batch ``start`` onwards (to resume inside an epoch) are exactly
+those of an uninterrupted pass, and a Dataset holding the same images as a Split gives the
+same batches.
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ from torch import Tensor
 from torch.utils.data import DataLoader, Dataset
 
 from ..errors import CapsNetError
+from .augment import AUGMENTS, Efficient, augment_efficient, check_side, draw_efficient
 from .splits import Split
 
 Source = Split | Dataset | DataLoader
@@ -78,43 +80,55 @@ def crop_images(images: Tensor, offsets: Tensor, size: int) -> Tensor:
     return images[batch_index, channel_index, rows[:, None, :, None], cols[:, None, None, :]]
 
 
-def pass_plan(n: int, seed: int | None, max_shift: int, crop_room: int = 0
-              ) -> tuple[Tensor, Tensor | None, Tensor | None]:
-    """The order of a pass ``(n,)``, each position's shift offsets ``(2, n)`` and its crop's
-    corner ``(2, n)`` in ``[0, crop_room]`` (or None): shuffled and drawn from ``seed``, or
-    in file order, unshifted and centre-cropped without one."""
+def pass_plan(n: int, seed: int | None, max_shift: int, crop_room: int = 0,
+              efficient: bool = False
+              ) -> tuple[Tensor, Tensor | None, Tensor | None, Efficient | None]:
+    """The order of a pass ``(n,)``, each position's shift offsets ``(2, n)``, its crop's
+    corner ``(2, n)`` in ``[0, crop_room]`` and its Efficient-CapsNet augmentation (or
+    None): shuffled and drawn from ``seed``, or in file order, unshifted, centre-cropped and
+    unaugmented without one."""
     if seed is None:
-        return torch.arange(n), None, None
+        return torch.arange(n), None, None, None
     generator = torch.Generator().manual_seed(seed)
     order = torch.randperm(n, generator=generator)
     offsets = (torch.randint(0, 2 * max_shift + 1, (2, n), generator=generator)
                if max_shift > 0 else None)
     corners = (torch.randint(0, crop_room + 1, (2, n), generator=generator)
                if crop_room > 0 else None)
-    return order, offsets, corners
+    # drawn last, so that passes without it draw what they drew before it existed
+    augment = draw_efficient(n, generator) if efficient else None
+    return order, offsets, corners, augment
 
 
 def batches(source: Source, batch_size: int, *, seed: int | None = None, max_shift: int = 0,
-            crop: int = 0, start: int = 0, device: torch.device | str | None = None,
-            rank: int = 0, world_size: int = 1, whole: bool = False
-            ) -> Iterator[tuple[Tensor, Tensor]]:
+            augment: str = "shift", crop: int = 0, start: int = 0,
+            device: torch.device | str | None = None, rank: int = 0, world_size: int = 1,
+            whole: bool = False) -> Iterator[tuple[Tensor, Tensor]]:
     """Yield ``(images, labels)`` batches of ``source``: float images in [0, 1]
     ``(batch, C, H, W)`` on ``device``, int64 labels ``(batch,)``.
 
     With a ``seed`` the order is shuffled and each image shifted by up to ``max_shift``
-    pixels (see :func:`pass_plan`); without one the order is the source's and nothing is
-    shifted. ``crop`` > 0 cuts a ``crop`` x ``crop`` window out of each image: at a random
-    place with a seed, in the centre without one. Ranks and ``whole`` as in
-    :func:`batch_positions`. A :class:`Split` is cut on
-    the device it lives on, then moved; a Dataset's items (an image tensor, uint8 or float
-    in [0, 1], and a label) are collated by a DataLoader, with a DataLoader's workers and
-    collate function when one is given.
+    pixels or, with ``augment="efficient"``, rotated, shifted, squeezed and erased as
+    Efficient-CapsNet's MNIST training does (:mod:`capsnet.data.augment`; ``max_shift``
+    unused), all drawn for the pass by :func:`pass_plan`; without one the order is the
+    source's and nothing is changed. ``crop`` > 0 cuts a ``crop`` x ``crop`` window out of
+    each image: at a random place with a seed, in the centre without one. Ranks and
+    ``whole`` as in :func:`batch_positions`. A :class:`Split` is cut on the device it lives
+    on, then moved; a Dataset's items (an image tensor, uint8 or float in [0, 1], and a
+    label) are collated by a DataLoader, with a DataLoader's workers and collate function
+    when one is given.
     """
     n = source_length(source)
-    side = example_shape(source)[-1]
+    height, side = example_shape(source)[-2:]
     if crop > side:
         raise CapsNetError(f"cannot crop {crop}x{crop} out of {side}x{side} images")
-    order, offsets, corners = pass_plan(n, seed, max_shift, side - crop if crop else 0)
+    if augment not in AUGMENTS:
+        raise CapsNetError(f"augment must be one of {', '.join(AUGMENTS)}, got {augment!r}")
+    efficient = augment == "efficient"
+    if efficient and seed is not None:
+        check_side(height, side)
+    order, offsets, corners, plan = pass_plan(n, seed, 0 if efficient else max_shift,
+                                              side - crop if crop else 0, efficient)
     positions = list(batch_positions(n, batch_size, start=start, rank=rank,
                                      world_size=world_size, whole=whole))
     if isinstance(source, Split):
@@ -132,10 +146,13 @@ def batches(source: Source, batch_size: int, *, seed: int | None = None, max_shi
         loaded = loader_batches(source, [order[p].tolist() for p in positions], target)
     offsets = offsets.to(target) if offsets is not None else None
     corners = corners.to(target) if corners is not None else None
+    plan = plan.to(target) if plan is not None else None
     for p, (images, labels) in zip(positions, loaded):
         images = to_unit_float(images)
         if offsets is not None:
             images = shift_images(images, offsets[:, p.to(target)], max_shift)
+        if plan is not None:
+            images = augment_efficient(images, plan.at(p.to(target)))
         if corners is not None:
             images = crop_images(images, corners[:, p.to(target)], crop)
         elif crop:

@@ -208,17 +208,20 @@ def run(config: TrainConfig, settings: AffnistSettings, run_dir: str | Path, *,
     val, test = (pad_split(s, CANVAS).first(limit) for s in (splits.val, splits.test))
     affine = AffineTestSet(splits.test, TEST_SEED, settings.ranges(), CANVAS, limit)
     run = Run(run_dir)
+    # Every model's trainer checks its folder and checkpoints before anything is written.
+    trainers = {}
+    for name in settings.models:
+        task_class = AffineCapsNet if name == "capsnet" else AffineCNN
+        task = task_class(config, settings, train, val, test, affine, affnist, splits.num_classes)
+        part = run.part(name)
+        trainers[name] = Trainer(task, part.folder, resume=resume and part.last.is_file(),
+                                 from_best=from_best, show_progress=show_progress)
     run.write_config({"experiment": "affnist", "train": config.to_dict(),
                       "settings": asdict(settings), "canvas": CANVAS})
     results: dict[str, Any] = {}
     trained: dict[str, nn.Module] = {}
     device = torch.device("cpu")
-    for name in settings.models:
-        task_class = AffineCapsNet if name == "capsnet" else AffineCNN
-        task = task_class(config, settings, train, val, test, affine, affnist, splits.num_classes)
-        part = run.part(name)
-        trainer = Trainer(task, part.folder, resume=resume and part.last.is_file(),
-                          from_best=from_best, show_progress=show_progress)
+    for name, trainer in trainers.items():
         results[name] = trainer.fit()
         device = trainer.device
         trained[name] = trainer.best_model()

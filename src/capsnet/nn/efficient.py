@@ -339,3 +339,8 @@ class EfficientCapsNet(CapsuleModel, nn.Module):
         features = self.features(images)  # (batch, conv_channels[-1], 9, 9) for MNIST
         u = self.primary(features)  # (batch, primary_caps, primary_dim)
         return self.digits(u)
+
+    def convolutions(self) -> nn.Module:
+        """This model's floor in ``capsnet bench``, sharing its weights: the convolutions with
+        their ReLUs and batch norms, then the depthwise primary convolution."""
+        return nn.Sequential(*self.features, self.primary.conv)

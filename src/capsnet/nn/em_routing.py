@@ -452,6 +452,11 @@ class EMCapsNet(CapsuleModel, nn.Module):
         poses, activations = self.caps2(poses, activations)  # 4 x 4 x D
         return self.classes(poses, activations)
 
+    def convolutions(self) -> nn.Module:
+        """This model's floor in ``capsnet bench``, sharing its weights: conv1 with its ReLU,
+        then the primary capsules' pose and activation 1x1 convolutions (their two outputs)."""
+        return nn.Sequential(self.conv1, nn.ReLU(), self.primary)
+
     def reconstruct(self, class_poses: Tensor, classes: Tensor) -> Tensor:
         """Decode the pose of ``classes`` ``(batch,)`` from ``class_poses`` (the others zeroed):
         ``(batch, channels, size, size)``, or ``(batch, 0)`` without a decoder."""

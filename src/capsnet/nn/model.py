@@ -173,6 +173,11 @@ class CapsNet(CapsuleModel, nn.Module):
         u = self.primary(features)  # (batch, primary_caps, primary_dim)
         return self.digits(u)
 
+    def convolutions(self) -> nn.Module:
+        """This model's floor in ``capsnet bench``, sharing its weights: conv1 and the primary
+        capsules' convolution, each with a ReLU."""
+        return nn.Sequential(self.conv1, nn.ReLU(), self.primary.conv, nn.ReLU())
+
 
 def capsnet_mnist(pretrained: bool = True, **config: Any) -> CapsNet:
     """The MNIST CapsNet: the trained model shipped with capsnet, or (``pretrained=False``) a

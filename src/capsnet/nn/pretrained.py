@@ -39,6 +39,7 @@ WEIGHTS, CONFIG = "model.safetensors", "config.json"
 SHIPPED = {"mnist": "mnist"}  # folders of src/capsnet/pretrained/ -> the data set each learnt
 PREPARATIONS = ("mnist", "resize")
 WEIGHT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)  # stored weights
+SAFETENSORS_FLOAT_BITS = {"F16": 16, "BF16": 16, "F32": 32, "F64": 64}  # header dtype names
 MODEL_KINDS = (f"a run folder (its best.pt), a checkpoint (.pt), a save_pretrained folder, a "
                f".safetensors file or a shipped model's name ({', '.join(SHIPPED)})")
 ACCEPTED = f"a model is {MODEL_KINDS}"
@@ -193,12 +194,31 @@ def save_pretrained(model: nn.Module, folder: str | Path, dtype: torch.dtype | N
     """Write ``model`` to ``folder`` (config.json and model.safetensors); returns the folder.
     The two files are replaced together: a failure leaves the previous pair (or none)."""
     folder = Path(folder)
+    check_precision_kept(folder / WEIGHTS, dtype or torch.float32)
     config = {"format": FORMAT, "version": VERSION, "architecture": architecture_of(model),
               "model_config": model.config.to_dict(),
               **labels_of(model), "dtype": str(dtype or torch.float32).removeprefix("torch.")}
     write_together(folder, {WEIGHTS: weights_bytes(model, dtype),
                             CONFIG: (json.dumps(config, indent=2) + "\n").encode()})
     return folder
+
+
+def check_precision_kept(path: Path, dtype: torch.dtype) -> None:
+    """Refuse to replace the weights at ``path`` by a less precise copy (``dtype``): saving a
+    model back into the folder it came from in float16 would lose the float32 weights."""
+    from safetensors import safe_open
+
+    if not path.is_file():
+        return
+    try:
+        with safe_open(str(path), framework="pt", device="cpu") as f:
+            stored = {f.get_slice(key).get_dtype() for key in f.keys()}
+    except Exception:  # noqa: BLE001 - not a weights file we can read: replaced like any other
+        return
+    bits = max((SAFETENSORS_FLOAT_BITS.get(name, 0) for name in stored), default=0)
+    if bits > torch.finfo(dtype).bits:
+        raise CapsNetError(f"{path} holds float{bits} weights; writing {dtype_name(dtype)} ones "
+                           f"over them would lose precision: save to another folder")
 
 
 def write_together(folder: Path, files: dict[str, bytes]) -> None:

@@ -1,13 +1,14 @@
-"""``capsnet bench``: how fast the model trains and infers, as a ratio to what its two
-convolutions alone reach in the same process.
+"""``capsnet bench``: how fast a registered network trains and infers, as a ratio to what
+its convolutions alone reach in the same process.
 
-Absolute images/s say little across machines; the convolutions (conv1 and the primary-capsule
-convolution, with their backward and Adam) are the floor that no capsule code can beat, so
-each rate is reported beside the floor's and as a ratio to it. The model's steps and the
-floor's are timed in turns, so that a busy machine slows both alike; the first call of a
-compiled model (its compilation) is timed apart and never counted as throughput. Peak memory
-is the process's (RSS on a CPU, allocated memory on a GPU). Batches that would not fit in
-memory and step counts past their bounds are refused before anything is allocated.
+Absolute images/s say little across machines; the network's own convolutional layers up to
+its capsules (its ``convolutions()``, with their backward and Adam) are the floor that no
+capsule code can beat, so each rate is reported beside the floor's and as a ratio to it. The
+model's steps and the floor's are timed in turns, so that a busy machine slows both alike;
+the first call of a compiled model (its compilation) is timed apart and never counted as
+throughput. Peak memory is the process's (RSS on a CPU, allocated memory on a GPU). Batches
+that would not fit in memory and step counts past their bounds are refused before anything
+is allocated.
 """
 
 from __future__ import annotations
@@ -17,12 +18,16 @@ import statistics
 import tempfile
 import threading
 import time
+from dataclasses import fields
 from typing import Any, Callable
 
 import torch
 
-from ..nn.losses import capsule_loss
-from ..nn.model import CapsNet, CapsNetConfig
+from ..errors import CapsNetError
+from ..nn.em_routing import spread_loss
+from ..nn.losses import capsule_loss, reconstruction_loss
+from ..nn.model import CapsNet
+from ..nn.registry import MODELS, model_config
 from ..training.config import TrainConfig, make_config
 from ..training.task import Classification
 from ..training.trainer import Trainer, make_optimizer
@@ -32,6 +37,9 @@ from ..utils.settings import check_value
 
 MAX_WARMUP = 100  # untimed steps before measuring
 MAX_REPEATS = 1_000  # timed steps: their median has long settled by then
+ROUTING_ITERATIONS = 3  # the papers', for networks that iterate, unless told otherwise
+SPREAD_MARGIN = 0.9  # fixed, where training raises it from 0.2: the same arithmetic
+RECONSTRUCTION_WEIGHT = 0.0005  # the paper's, as capsule_loss's
 
 
 def synchronize(device: torch.device) -> None:
@@ -66,71 +74,106 @@ def rates_in_turns(model_step: Callable[[], Any], floor_step: Callable[[], Any],
     return batch / statistics.median(model_times), batch / statistics.median(floor_times)
 
 
+def model_loss(out: Any, images: torch.Tensor, labels: torch.Tensor, kind: str) -> torch.Tensor:
+    """The loss that trains a network of loss ``kind`` (see capsnet.nn.registry)."""
+    if kind == "spread":  # with the reconstruction, which is zero without a decoder
+        recon = reconstruction_loss(out.reconstructions.float(), images)
+        return spread_loss(out.lengths.float(), labels, SPREAD_MARGIN) \
+            + RECONSTRUCTION_WEIGHT * recon
+    loss, _, _ = capsule_loss(out.lengths.float(), out.reconstructions.float(), images, labels,
+                              RECONSTRUCTION_WEIGHT)
+    return loss
+
+
+def floor_loss(out: torch.Tensor | tuple[torch.Tensor, ...]) -> torch.Tensor:
+    """The mean square of the floor's output, or the sum of its outputs' (EM's two): a loss
+    that reaches every weight of the floor."""
+    outputs = out if isinstance(out, tuple) else (out,)
+    return sum(o.float().square().mean() for o in outputs)  # type: ignore[return-value]
+
+
 def train_step(model: torch.nn.Module, optimizer: torch.optim.Optimizer, images: torch.Tensor,
-               labels: torch.Tensor | None, precision: str = "fp32") -> None:
-    """One training step of the model on ``images`` and ``labels``, or with ``labels=None``
-    of its convolutions alone (on the mean square of their output)."""
+               labels: torch.Tensor | None, precision: str = "fp32", loss: str = "margin"
+               ) -> None:
+    """One training step of the model on ``images`` and ``labels`` with its ``loss`` kind,
+    or with ``labels=None`` of its floor alone (see :func:`floor_loss`)."""
     with autocast(images.device, precision):
-        if labels is None:
-            loss = model(images).float().square().mean()
-        else:
-            out = model(images, labels)
-            loss, _, _ = capsule_loss(out.lengths.float(), out.reconstructions.float(), images,
-                                      labels)
+        value = (floor_loss(model(images)) if labels is None else
+                 model_loss(model(images, labels), images, labels, loss))
     optimizer.zero_grad(set_to_none=True)
-    loss.backward()
+    value.backward()
     optimizer.step()
 
 
-def convolutions(model: CapsNet) -> torch.nn.Sequential:
-    """The floor: the model's own two convolutions (sharing the weights costs no memory)."""
-    return torch.nn.Sequential(model.conv1, torch.nn.ReLU(), model.primary.conv, torch.nn.ReLU())
+def infer_step(model: torch.nn.Module, images: torch.Tensor, precision: str
+               ) -> Callable[[], None]:
+    """Inference of ``model`` on ``images`` in eval mode: batch norm (Efficient-CapsNet's)
+    then uses its running statistics, as a trained model predicts."""
+    def infer() -> None:
+        model.eval()
+        with torch.inference_mode(), autocast(images.device, precision):
+            model(images)
+        model.train()
+    return infer
 
 
-def steps(device: torch.device, precision: str, compile_model: bool, routing_iterations: int,
+def bench_config(network: str, routing_iterations: int | None) -> Any:
+    """The config of ``network`` at its variant's sizes, with ``routing_iterations`` (None:
+    :data:`ROUTING_ITERATIONS`) where it iterates; refused for a network that does not."""
+    if "routing_iterations" in {f.name for f in fields(MODELS[network].config)}:
+        iterations = ROUTING_ITERATIONS if routing_iterations is None else routing_iterations
+        return model_config(network, routing_iterations=iterations)
+    if routing_iterations is not None:
+        raise CapsNetError(f"--routing-iterations: {network} routes in one pass, without "
+                           f"iterations; drop the flag")
+    return model_config(network)
+
+
+def routing(model: torch.nn.Module, device: torch.device) -> str:
+    """Where the model routes: ``"kernel"`` (capsnet's CPU kernel, for dynamic routing
+    only) or ``"torch"``."""
+    if not isinstance(model, CapsNet):
+        return "torch"
+    u = torch.empty(1, model.config.primary_caps, model.config.primary_dim, device=device)
+    return "kernel" if model.digits.in_kernel(u) else "torch"
+
+
+def steps(device: torch.device, precision: str, compile_model: bool, network: str, config: Any,
           train_batch: int, infer_batch: int, cuda_graphs: bool = False
           ) -> tuple[dict[str, Callable[[], Any]], str]:
-    """The training and inference steps of the model and of its two convolutions alone, and
-    where the model routes (``"kernel"``: capsnet's CPU kernel, or ``"torch"``);
-    ``cuda_graphs`` compiles in torch's reduce-overhead mode (CUDA graphs on a GPU)."""
+    """The training and inference steps of ``network`` built from ``config`` and of its
+    convolutions alone, and where it routes (see :func:`routing`); ``cuda_graphs`` compiles
+    in torch's reduce-overhead mode (CUDA graphs on a GPU)."""
     torch.manual_seed(0)
-    model = CapsNet(CapsNetConfig(routing_iterations=routing_iterations)).to(device)
-    convs = convolutions(model)
+    entry = MODELS[network]
+    model = entry.model(config).to(device)
+    convs = model.convolutions()
     if compile_model or cuda_graphs:
         model.compile(options=compile_options(device, cuda_graphs))
     model_adam = make_optimizer(model.parameters(), 1e-3, device)
     convs_adam = make_optimizer(convs.parameters(), 1e-3, device)
-    images = torch.rand(train_batch, 1, 28, 28, device=device)
-    labels = torch.randint(0, 10, (train_batch,), device=device)
-    test_images = torch.rand(infer_batch, 1, 28, 28, device=device)
+    shape = (config.in_channels, config.image_size, config.image_size)
+    images = torch.rand(train_batch, *shape, device=device)
+    labels = torch.randint(0, config.num_classes, (train_batch,), device=device)
+    test_images = torch.rand(infer_batch, *shape, device=device)
 
     def train() -> None:
-        train_step(model, model_adam, images, labels, precision)
+        train_step(model, model_adam, images, labels, precision, entry.loss)
 
     def train_convs() -> None:
         train_step(convs, convs_adam, images, None, precision)
 
-    def infer() -> None:
-        with torch.inference_mode(), autocast(device, precision):
-            model(test_images)
-
-    def infer_convs() -> None:
-        with torch.inference_mode(), autocast(device, precision):
-            convs(test_images)
-
-    u = torch.empty(1, model.config.primary_caps, model.config.primary_dim, device=device)
-    routing = "kernel" if model.digits.in_kernel(u) else "torch"
-    return ({"train": train, "train_convs": train_convs, "infer": infer,
-             "infer_convs": infer_convs}, routing)
+    return ({"train": train, "train_convs": train_convs,
+             "infer": infer_step(model, test_images, precision),
+             "infer_convs": infer_step(convs, test_images, precision)}, routing(model, device))
 
 
-def check_request(device: torch.device, routing_iterations: int, train_batch: int,
-                  infer_batch: int, warmup: int, repeats: int) -> None:
-    """Refuse step counts past their bounds, and batches whose model, inputs and activations
-    would not fit in the device's memory, before anything is allocated."""
+def check_request(device: torch.device, config: Any, train_batch: int, infer_batch: int,
+                  warmup: int, repeats: int) -> None:
+    """Refuse step counts past their bounds, and batches whose model (of ``config``), inputs
+    and activations would not fit in the device's memory, before anything is allocated."""
     check_value("--warmup", warmup, int, {"min": 0, "max": MAX_WARMUP})
     check_value("--repeats", repeats, int, {"min": 1, "max": MAX_REPEATS})
-    config = CapsNetConfig(routing_iterations=routing_iterations)
     state = capsnet_state_bytes(config, training=True)
     inputs = FLOAT * config.image_pixels * train_batch  # kept while inference is timed
     check_memory(state + inputs + train_batch * capsnet_image_bytes(config, training=True),
@@ -139,12 +182,13 @@ def check_request(device: torch.device, routing_iterations: int, train_batch: in
                  f"an inference batch of {infer_batch:,} images", "lower --infer-batch", device)
 
 
-def bench_model(device: torch.device, precision: str, compile_model: bool, routing_iterations: int,
-                train_batch: int, infer_batch: int, warmup: int, repeats: int,
+def bench_model(device: torch.device, precision: str, compile_model: bool, network: str,
+                config: Any, train_batch: int, infer_batch: int, warmup: int, repeats: int,
                 cuda_graphs: bool = False) -> dict[str, Any]:
-    """Training-step and inference rates of the default 28x28 model and of its floor."""
-    step, routing = steps(device, precision, compile_model, routing_iterations, train_batch,
-                          infer_batch, cuda_graphs)
+    """Training-step and inference rates of ``network`` built from ``config`` and of its
+    floor."""
+    step, routed = steps(device, precision, compile_model, network, config, train_batch,
+                         infer_batch, cuda_graphs)
     first = timed(step["train"], device)  # compiles, if compiled
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
@@ -156,7 +200,7 @@ def bench_model(device: torch.device, precision: str, compile_model: bool, routi
                                         warmup, repeats)
     infer, infer_floor = rates_in_turns(step["infer"], step["infer_convs"], infer_batch, device,
                                         warmup, repeats)
-    return {"routing": routing,
+    return {"routing": routed,
             "train_images_per_s": train, "convs_train_images_per_s": train_floor,
             "train_ratio": train / train_floor, "infer_images_per_s": infer,
             "convs_infer_images_per_s": infer_floor, "infer_ratio": infer / infer_floor,
@@ -180,20 +224,27 @@ def bench_epoch(config: TrainConfig, data_dir: str | None) -> dict[str, Any]:
             "epoch_train_images_per_s": stats["images"] / stats["seconds"]}
 
 
-def benchmark(device: torch.device, precision: str, compile_model: bool, routing_iterations: int,
-              train_batch: int | None, infer_batch: int, warmup: int, repeats: int, *,
-              epoch: bool = False, data_dir: str | None = None, cuda_graphs: bool = False
-              ) -> dict[str, Any]:
-    """Every measurement of ``capsnet bench`` with its settings, as one dict."""
+def benchmark(device: torch.device, precision: str, compile_model: bool,
+              routing_iterations: int | None, train_batch: int | None, infer_batch: int,
+              warmup: int, repeats: int, *, epoch: bool = False, data_dir: str | None = None,
+              cuda_graphs: bool = False, network: str = "capsnet") -> dict[str, Any]:
+    """Every measurement of ``capsnet bench`` for ``network`` (a name of
+    capsnet.nn.registry.MODELS) with its settings, as one dict; ``routing_iterations``
+    None: :data:`ROUTING_ITERATIONS` where the network iterates."""
+    if epoch and network != "capsnet":
+        raise CapsNetError(f"--epoch times the paper preset's CapsNet epoch only, not "
+                           f"{network}'s; drop --epoch")
+    config = bench_config(network, routing_iterations)
     train_batch = train_batch or (128 if device.type == "cuda" else 64)
-    check_request(device, routing_iterations, train_batch, infer_batch, warmup, repeats)
+    check_request(device, config, train_batch, infer_batch, warmup, repeats)
     result: dict[str, Any] = {
+        "network": network, "parameters": config.parameter_count,
         "device": device_name(device), "torch": torch.__version__, "precision": precision,
         "compile": compile_model or cuda_graphs, "cuda_graphs": cuda_graphs,
-        "routing_iterations": routing_iterations,
+        "routing_iterations": getattr(config, "routing_iterations", None),
         "train_batch": train_batch, "infer_batch": infer_batch, "date": time.strftime("%Y-%m-%d"),
     }
-    result.update(bench_model(device, precision, compile_model, routing_iterations, train_batch,
+    result.update(bench_model(device, precision, compile_model, network, config, train_batch,
                               infer_batch, warmup, repeats, cuda_graphs))
     if epoch:
         config = make_config("paper", batch_size=128, device=device.type, precision=precision,

@@ -16,6 +16,7 @@ from typing import Any, Mapping
 
 import torch
 
+from ..data.augment import AUGMENTS
 from ..data.folders import DEFAULT_SIZE, class_names_of, is_class_folder_data_set
 from ..data.splits import Splits, load_splits, recorded_dataset
 from ..errors import CapsNetError
@@ -59,10 +60,17 @@ class TrainConfig:
     lr_decay: float = setting(0.96, "multiply the learning rate by this every "
                               "--lr-decay-steps steps (continuously)", gt=0, max=1)
     lr_decay_steps: int = setting(2000, "steps per --lr-decay", min=1)
+    lr_min: float = setting(0.0, "the decayed learning rate stops at this floor (0: none); at "
+                            "most --lr", min=0, lt=1, before=0.0)
     warmup_steps: int = setting(0, "raise the learning rate linearly over the first N steps",
                                 min=0, max=10_000_000)
     max_shift: int = setting(2, "random shift of each training image, in pixels, each axis "
-                             "(0: none)", min=0, max=8)
+                             "(0: none; unused with --augment efficient)", min=0, max=8)
+    augment: str = setting("shift", "training images' augmentation: shift: --max-shift "
+                           "pixel shifts; efficient: Efficient-CapsNet's MNIST rotations "
+                           "(under 30 degrees), shifts within the frame, squeezes and erased "
+                           "4x4 patches, in place of --max-shift", choices=AUGMENTS,
+                           before="shift")
     crop: int = setting(0, "train on random crop x crop windows, evaluate on the centre one "
                         "(0: whole images)", min=0, max=4096)
     margin_loss: str = setting("paper", "paper: eq. 4; official: the official code's "
@@ -83,7 +91,7 @@ class TrainConfig:
                               "(0: 28)", min=0, max=4096)
     channels: int = setting(0, "class-folder data sets: 1 (grayscale) or 3 (colour); 0: colour "
                             "when any image is", min=0, max=3)
-    seed: int = setting(0, "random seed of the weights, the data order and the shifts",
+    seed: int = setting(0, "random seed of the weights, the data order and the augmentation",
                         min=0, max=MAX_SEED)
     time_limit: float = setting(0.0, "seconds this call may train: no epoch starts that would end "
                                 "past it (0: no limit); the summary says where it stopped",
@@ -109,6 +117,9 @@ class TrainConfig:
 
     def __post_init__(self) -> None:
         check_settings(self)
+        if self.lr_min > self.lr:
+            raise CapsNetError(f"--lr-min {self.lr_min:g} is above --lr {self.lr:g}: the floor "
+                               f"of the learning rate must not exceed it")
         if self.cuda_graphs and self.device == "cpu":
             raise CapsNetError("--cuda-graphs needs a CUDA device, not --device cpu")
         if self.cuda_graphs and MODELS[self.network].loss == "spread":
@@ -145,10 +156,13 @@ PRESETS: dict[str, dict[str, Any]] = {
                     leaky_routing=True),
     # Efficient-CapsNet's MNIST recipe (its official code's config.json): batch 16, Adam at
     # 5e-4 decayed by 0.97 an epoch (3,438 steps of 16 of 55,000 images), 150 epochs, the
-    # reconstruction as 0.392 x the mean squared error (= 0.0005 x the sum); its rotations,
-    # squeezes and erasures are not here, shifts of 2 px stand for its random shifts.
+    # reconstruction as 0.392 x the mean squared error (= 0.0005 x the sum), the learning
+    # rate's floor of 5e-5 (utils/tools.py), and its augmentation (utils/pre_process_mnist.py:
+    # rotations, shifts within the frame, squeezes, erased patches), which replaces the
+    # pixel shifts (max_shift 0 says so).
     "efficient": dict(network="efficient-capsnet", batch_size=16, lr=5e-4, lr_decay=0.97,
-                      lr_decay_steps=3438, epochs=150),
+                      lr_decay_steps=3438, lr_min=5e-5, epochs=150, augment="efficient",
+                      max_shift=0),
     # Matrix capsules with EM routing, the network of the paper's Figure 1 (its 0.44% MNIST
     # error): 3 iterations, the spread loss (margin 0.2 to 0.9 over the run), no decoder,
     # batch 64 (the authors' on OpenReview); the rest is the paper preset's.
@@ -243,8 +257,9 @@ def check_training_memory(config: TrainConfig, model: CapsNetConfig) -> None:
 
 def learning_rate(config: TrainConfig, step: int) -> float:
     """Learning rate at optimiser step ``step`` (0-based): the official code's exponential
-    decay, times a linear warmup over the first ``warmup_steps`` steps when there is one."""
-    rate = config.lr * config.lr_decay ** (step / config.lr_decay_steps)
+    decay down to ``lr_min``, times a linear warmup over the first ``warmup_steps`` steps
+    when there is one."""
+    rate = max(config.lr * config.lr_decay ** (step / config.lr_decay_steps), config.lr_min)
     if config.warmup_steps:
         rate *= min(1.0, (step + 1) / config.warmup_steps)
     return rate

@@ -64,12 +64,14 @@ class Task:
         model_class, _ = ARCHITECTURES[self.architecture]
         return model_class(self.model_config())
 
-    def check_model(self, model: nn.Module, source: str) -> None:
-        """Refuse a model (from a checkpoint at ``source``) that does not fit this task."""
-        if model.config != self.model_config():
+    def check_model(self, model: nn.Module, expected: Any, source: str) -> None:
+        """Refuse a model (from a checkpoint at ``source``) whose config is not the
+        ``expected`` one, the config of the model this task built. (Not recomputed here: the
+        memory check in :meth:`model_config` would then count the loaded weights twice.)"""
+        if model.config != expected:
             raise CapsNetError(f"{source}: the checkpoint's model does not fit this run's data "
                                f"and settings ({describe_model(model.config)} vs "
-                               f"{describe_model(self.model_config())})")
+                               f"{describe_model(expected)})")
 
     def to(self, device: torch.device) -> None:
         """Move data that lives with the model (on a GPU) to ``device``."""
@@ -178,8 +180,9 @@ class Classification(Task):
     def batches(self, seed: int, start: int, device: torch.device, world: World
                 ) -> Iterable[tuple[Tensor, Tensor]]:
         return batches(self.train, self.config.batch_size, seed=seed,
-                       max_shift=self.config.max_shift, crop=self.config.crop, start=start,
-                       device=device, rank=world.rank, world_size=world.world_size)
+                       max_shift=self.config.max_shift, augment=self.config.augment,
+                       crop=self.config.crop, start=start, device=device, rank=world.rank,
+                       world_size=world.world_size)
 
     def schedule(self, step: int, total_steps: int) -> None:
         if self.loss_kind == "spread":  # the paper: from 0.2 up to 0.9 during training

@@ -222,7 +222,7 @@ class Trainer:
 
     def model_from(self, payload: dict[str, Any], source: str) -> torch.nn.Module:
         model = model_from_checkpoint(payload, source, self.task.architecture)
-        self.task.check_model(model, source)
+        self.task.check_model(model, self.model.config, source)
         return model
 
     def best_model(self) -> torch.nn.Module:
