@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import subprocess
+import sys
+
 import pytest
 import torch
 from torch import Tensor
@@ -138,3 +141,28 @@ def test_without_gradients_the_kernel_keeps_the_last_iteration_alone(
     assert coupling.shape == (5, 1, 10, 1152)
     with pytest.raises(RuntimeError, match="has no backward"):
         v.sum().backward()
+
+
+def test_the_constant_mark_is_torch_compilers_own() -> None:
+    """constant_when_compiled marks a function as torch.compiler.assume_constant_result does
+    (without importing torch._dynamo at start-up): the same attributes, the same values."""
+    from capsnet.nn.routing_kernel import constant_when_compiled
+
+    def ours() -> int:
+        return 1
+
+    def torchs() -> int:
+        return 1
+
+    assert constant_when_compiled(ours) is ours
+    assert vars(ours) == vars(torch.compiler.assume_constant_result(torchs)) != {}
+
+
+def test_a_capsnet_command_starts_without_torch_dynamo() -> None:
+    """The compiler's front end (about a second to import) loads only when a model is
+    compiled, not at every command's start."""
+    code = ("import sys, capsnet.cli, capsnet.nn.routing_kernel, capsnet.training.trainer; "
+            "print('torch._dynamo' in sys.modules)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         check=True).stdout
+    assert out.strip() == "False"

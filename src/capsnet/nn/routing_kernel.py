@@ -68,7 +68,16 @@ def supports(u: Tensor, weight: Tensor) -> bool:
             and available(out_caps, out_dim, in_dim))
 
 
-@torch.compiler.assume_constant_result  # asked once when compiling, not in the graph
+def constant_when_compiled(fn):  # noqa: ANN001, ANN201 (any function)
+    """``torch.compiler.assume_constant_result(fn)`` without its import of torch._dynamo,
+    which takes about a second: every capsnet command would pay it at start-up, compiled or
+    not. It sets the mark torch.compile reads when it traces (tests/test_routing_kernel.py
+    checks that it is the same mark)."""
+    fn._dynamo_marked_constant = True
+    return fn
+
+
+@constant_when_compiled  # asked once when compiling, not in the graph
 @functools.cache  # and once per shape in eager mode, not at every forward
 def triton_takes(out_caps: int, out_dim: int) -> bool:
     """Whether Triton is installed (every CUDA build of torch brings it) and its kernels hold
@@ -83,7 +92,7 @@ def _triton():  # noqa: ANN202 (a module)
     return routing_triton
 
 
-@torch.compiler.assume_constant_result  # asked once when compiling, not in the graph
+@constant_when_compiled  # asked once when compiling, not in the graph
 def available(out_caps: int, out_dim: int, in_dim: int) -> bool:
     """Whether the kernel builds for these shapes."""
     return library(out_caps, out_dim, in_dim) is not None
