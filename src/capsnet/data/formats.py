@@ -13,7 +13,6 @@ import math
 import tarfile
 
 import numpy as np
-import scipy.io
 
 from ..errors import CapsNetError, reading
 from ..utils.memory import check_memory
@@ -109,6 +108,8 @@ def read_svhn_mat(files: dict[str, bytes], source: str) -> dict[str, np.ndarray]
 
 
 def _svhn_part(data: bytes, where: str) -> tuple[np.ndarray, np.ndarray]:
+    import scipy.io  # 0.15 s that every command would pay at start-up
+
     with reading(where, "SVHN .mat file"):
         declared = {name: (shape, kind) for name, shape, kind in scipy.io.whosmat(io.BytesIO(data))}
         count = _svhn_count(declared, where)
