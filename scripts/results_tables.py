@@ -82,7 +82,12 @@ def count(value: Any) -> str:
 
 
 def ratio(part: Any, whole: Any) -> str:
-    return MISSING if part is None or not whole else f"{part / whole:.2f}x"
+    return MISSING if part is None or not whole else times(part / whole)
+
+
+def times(value: float) -> str:
+    """``0.86x``; under 0.1 with two significant digits (``0.0017x``), never ``0.00x``."""
+    return f"{value:.2f}x" if value >= 0.1 else f"{value:.2g}x"
 
 
 def duration(seconds: Any) -> str:
@@ -308,7 +313,7 @@ def convolutions_ratio(name: str, run: Run, benches: list[Run]) -> str:
                     for s in found if s.get("date", "") == newest)
     if not ratios:
         return "not measured"
-    low, high = f"{ratios[0]:.2f}x", f"{ratios[-1]:.2f}x"
+    low, high = times(ratios[0]), times(ratios[-1])
     return low if low == high else f"{low} to {high}"
 
 
