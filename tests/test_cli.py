@@ -621,3 +621,13 @@ def test_an_older_run_finds_its_relative_data_set_beside_it(
     assert (f"{runs[1]}: the run's data set folder data/tiny was not found (tried "
             f"{other}/data/tiny, {project}/runs/data/tiny, {project}/data/tiny); give --dataset"
             in err), err
+
+
+def test_a_command_starts_without_the_compiler_or_the_mat_reader() -> None:
+    """torch._dynamo (about a second to import) loads only when a model is compiled and
+    scipy.io only when an SVHN file is read, not at every command's start."""
+    code = ("import sys, capsnet.cli, capsnet.nn.routing_kernel, capsnet.training.trainer, "
+            "capsnet.data.formats; print(sorted({'torch._dynamo', 'scipy.io'} & set(sys.modules)))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         check=True).stdout
+    assert out.strip() == "[]"

@@ -2,9 +2,6 @@
 
 from __future__ import annotations
 
-import subprocess
-import sys
-
 import pytest
 import torch
 from torch import Tensor
@@ -156,13 +153,3 @@ def test_the_constant_mark_is_torch_compilers_own() -> None:
 
     assert constant_when_compiled(ours) is ours
     assert vars(ours) == vars(torch.compiler.assume_constant_result(torchs)) != {}
-
-
-def test_a_capsnet_command_starts_without_torch_dynamo() -> None:
-    """The compiler's front end (about a second to import) loads only when a model is
-    compiled, not at every command's start."""
-    code = ("import sys, capsnet.cli, capsnet.nn.routing_kernel, capsnet.training.trainer; "
-            "print('torch._dynamo' in sys.modules)")
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
-                         check=True).stdout
-    assert out.strip() == "False"
