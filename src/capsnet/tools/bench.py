@@ -24,12 +24,10 @@ from typing import Any, Callable
 import torch
 
 from ..errors import CapsNetError
-from ..nn.em_routing import spread_loss
-from ..nn.losses import capsule_loss, reconstruction_loss
 from ..nn.model import CapsNet
 from ..nn.registry import MODELS, model_config
 from ..training.config import TrainConfig, make_config
-from ..training.task import Classification
+from ..training.task import Classification, network_loss
 from ..training.trainer import Trainer, make_optimizer
 from ..utils.device import autocast, compile_options, device_name
 from ..utils.memory import FLOAT, capsnet_image_bytes, capsnet_state_bytes, check_memory
@@ -74,17 +72,6 @@ def rates_in_turns(model_step: Callable[[], Any], floor_step: Callable[[], Any],
     return batch / statistics.median(model_times), batch / statistics.median(floor_times)
 
 
-def model_loss(out: Any, images: torch.Tensor, labels: torch.Tensor, kind: str) -> torch.Tensor:
-    """The loss that trains a network of loss ``kind`` (see capsnet.nn.registry)."""
-    if kind == "spread":  # with the reconstruction, which is zero without a decoder
-        recon = reconstruction_loss(out.reconstructions.float(), images)
-        return spread_loss(out.lengths.float(), labels, SPREAD_MARGIN) \
-            + RECONSTRUCTION_WEIGHT * recon
-    loss, _, _ = capsule_loss(out.lengths.float(), out.reconstructions.float(), images, labels,
-                              RECONSTRUCTION_WEIGHT)
-    return loss
-
-
 def floor_loss(out: torch.Tensor | tuple[torch.Tensor, ...]) -> torch.Tensor:
     """The mean square of the floor's output, or the sum of its outputs' (EM's two): a loss
     that reaches every weight of the floor."""
@@ -99,7 +86,8 @@ def train_step(model: torch.nn.Module, optimizer: torch.optim.Optimizer, images:
     or with ``labels=None`` of its floor alone (see :func:`floor_loss`)."""
     with autocast(images.device, precision):
         value = (floor_loss(model(images)) if labels is None else
-                 model_loss(model(images, labels), images, labels, loss))
+                 network_loss(model(images, labels), images, labels, loss,
+                              SPREAD_MARGIN, RECONSTRUCTION_WEIGHT))
     optimizer.zero_grad(set_to_none=True)
     value.backward()
     optimizer.step()

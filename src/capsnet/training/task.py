@@ -108,6 +108,21 @@ class Task:
         return {"class_names": list(self.class_names), "prepare": self.prepare}
 
 
+def network_loss(out: Any, images: Tensor, labels: Tensor, kind: str, spread_margin: float,
+                 reconstruction_weight: float, reduction: str = "sum",
+                 margin_form: str = "paper") -> Tensor:
+    """The loss that trains a network of loss ``kind`` (capsnet.nn.registry): the margin loss
+    plus the reconstruction, or the spread loss at ``spread_margin`` plus the reconstruction
+    (zero without a decoder)."""
+    if kind == "spread":
+        recon = reconstruction_loss(out.reconstructions.float(), images, reduction)
+        return spread_loss(out.lengths.float(), labels, spread_margin) \
+            + reconstruction_weight * recon
+    loss, _, _ = capsule_loss(out.lengths.float(), out.reconstructions.float(), images, labels,
+                              reconstruction_weight, reduction, margin_form)
+    return loss
+
+
 class Classification(Task):
     """A CapsNet learning the classes of images.
 
@@ -189,15 +204,9 @@ class Classification(Task):
             self.margin = spread_margin(step, total_steps)
 
     def loss(self, out: Any, images: Tensor, labels: Tensor) -> Tensor:
-        if self.loss_kind == "spread":
-            recon = reconstruction_loss(out.reconstructions.float(), images,
-                                        self.config.reconstruction_reduction)
-            return (spread_loss(out.lengths.float(), labels, self.margin)
-                    + self.config.reconstruction_weight * recon)
-        loss, _, _ = capsule_loss(out.lengths.float(), out.reconstructions.float(), images,
-                                  labels, self.config.reconstruction_weight,
-                                  self.config.reconstruction_reduction, self.config.margin_loss)
-        return loss
+        return network_loss(out, images, labels, self.loss_kind, self.margin,
+                            self.config.reconstruction_weight,
+                            self.config.reconstruction_reduction, self.config.margin_loss)
 
     def step(self, model: nn.Module, batch: tuple[Tensor, Tensor]) -> Step:
         images, labels = batch
