@@ -13,6 +13,7 @@ from capsnet.cli import build_parser
 from capsnet.nn.model import CapsNetConfig
 from capsnet.nn.registry import ARCHITECTURES
 from capsnet.training.config import (PRESETS, TrainConfig, learning_rate, make_config,
+                                     model_config_for,
                                      model_config_for, resume_config)
 from capsnet.errors import CapsNetError
 from capsnet.utils.settings import training_fields, training_fields_of
@@ -223,6 +224,7 @@ def test_committed_run_records_load_and_build_the_network_they_recorded(record: 
                                 model.num_classes) == model
 
 
-def test_the_shipped_model_config_loads_as_the_notebook_network() -> None:
+def test_the_shipped_model_config_loads_as_the_paper_presets_network() -> None:
     stored = json.loads((REPO / "src/capsnet/pretrained/mnist/config.json").read_text())
-    assert CapsNetConfig.from_dict(stored["model_config"]) == CapsNetConfig()
+    expected = model_config_for(make_config("paper"), 28, 1, 10)
+    assert CapsNetConfig.from_dict(stored["model_config"]) == expected
