@@ -5,7 +5,8 @@ device has it) but for the changes its name lists. The forms are stepped in turn
 model's two convolutions alone (with backward and Adam, in the form's precision), so that a
 busy machine slows all alike; each form's ratio to the convolutions is printed.
 
-    python scripts/ab.py [--device cpu|cuda] [--train-batch N] [--infer-batch N] TURNS FORM...
+    python scripts/ab.py [--device cpu|cuda] [--network NAME] [--train-batch N]
+                         [--infer-batch N] TURNS FORM...
 
 FORM is ``default`` or changes joined by ``+``:
     eager          not compiled
@@ -14,27 +15,33 @@ FORM is ``default`` or changes joined by ``+``:
     layout         inductor's layout optimization on (torch's default; capsnet turns it off
                    on a CPU)
     plain-adam     Adam one operation per weight at a time (torch's default on a CPU)
-    torch-routing  routing in torch, not in the fused operator (CAPSNET_ROUTING_KERNEL=off)
+    torch-routing  routing in torch, not in the fused operators (the model is made with
+                   CAPSNET_ROUTING_KERNEL=off)
     groups=M/G     on a CPU, route in torch in at most G groups of at least M examples
                    (capsnet's: 8/16; 1000000/1 routes the whole batch at once)
 
     python scripts/ab.py 25 default layout plain-adam layout+plain-adam
     python scripts/ab.py --device cuda --train-batch 128 --infer-batch 1024 50 \
         default torch-routing graphs graphs+torch-routing
-Defaults: batch 64 and 256 on a CPU (2 threads), 128 and 1024 on a GPU.
+    python scripts/ab.py --network em-capsnet-small --train-batch 16 --infer-batch 64 5 \
+        eager eager+torch-routing default
+Defaults: the network `capsnet` (any name of capsnet.nn.registry.MODELS, with 3 routing
+iterations where it iterates), batch 64 and 256 on a CPU (2 threads), 128 and 1024 on a GPU.
 """
 
 from __future__ import annotations
 
 import argparse
+import os
 import statistics
 from typing import Callable
 
 import torch
 
 import capsnet.nn.layers as layers
-from capsnet.nn.model import CapsNet, CapsNetConfig
-from capsnet.tools.bench import timed, train_step
+from capsnet.nn.registry import MODELS
+from capsnet.nn.routing_kernel import SWITCH
+from capsnet.tools.bench import bench_config, timed, train_step
 from capsnet.training.trainer import make_optimizer
 from capsnet.utils.device import autocast, compile_options
 
@@ -44,7 +51,7 @@ CHANGES = {"eager", "graphs", "bf16", "layout", "plain-adam", "torch-routing"}
 class Form:
     """The model, its optimizer, precision and routing groups, as FORM's changes make them."""
 
-    def __init__(self, name: str, device: torch.device) -> None:
+    def __init__(self, name: str, device: torch.device, network: str) -> None:
         changes = set() if name == "default" else set(name.split("+"))
         groups = next((c for c in changes if c.startswith("groups=")), "groups=8/16")
         smallest, most = groups.removeprefix("groups=").split("/")
@@ -54,9 +61,9 @@ class Form:
             raise SystemExit(f"unknown change(s) {', '.join(sorted(unknown))} in form {name!r}")
         self.device = device
         self.precision = "bf16" if "bf16" in changes else "fp32"
+        os.environ[SWITCH] = "off" if "torch-routing" in changes else "on"  # read by layers
         torch.manual_seed(0)
-        self.model = CapsNet(CapsNetConfig(routing_iterations=3)).to(device)
-        self.model.digits.fused = "torch-routing" not in changes
+        self.model = build(network, device)
         if "eager" not in changes:
             options = compile_options(device, cuda_graphs="graphs" in changes)
             if "layout" in changes:
@@ -71,20 +78,25 @@ class Form:
         return timed(lambda: step(self), self.device)
 
 
-def main(device: torch.device, train_batch: int, infer_batch: int, turns: int,
+def build(network: str, device: torch.device) -> torch.nn.Module:
+    return MODELS[network].model(bench_config(network, None)).to(device)
+
+
+def main(device: torch.device, network: str, train_batch: int, infer_batch: int, turns: int,
          names: list[str]) -> None:
     if device.type == "cpu":
         torch.set_num_threads(2)
     images = torch.rand(train_batch, 1, 28, 28, device=device)
     labels = torch.randint(0, 10, (train_batch,), device=device)
     test_images = torch.rand(infer_batch, 1, 28, 28, device=device)
-    forms = {name: Form(name, device) for name in names}
+    forms = {name: Form(name, device, network) for name in names}
+    os.environ[SWITCH] = "on"
     torch.manual_seed(0)
-    convs = CapsNet(CapsNetConfig(routing_iterations=3)).to(device).convolutions()
+    convs = build(network, device).convolutions()
     convs_adam = make_optimizer(convs.parameters(), 1e-3, device)
 
     def train(form: Form) -> None:
-        train_step(form.model, form.adam, images, labels, form.precision)
+        train_step(form.model, form.adam, images, labels, form.precision, MODELS[network].loss)
 
     def train_convs(precision: str) -> None:
         train_step(convs, convs_adam, images, None, precision)
@@ -116,6 +128,7 @@ def main(device: torch.device, train_batch: int, infer_batch: int, turns: int,
 def parse() -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
+    parser.add_argument("--network", choices=sorted(MODELS), default="capsnet")
     parser.add_argument("--train-batch", type=int)
     parser.add_argument("--infer-batch", type=int)
     parser.add_argument("turns", type=int)
@@ -129,5 +142,5 @@ def parse() -> argparse.Namespace:
 
 if __name__ == "__main__":
     options = parse()
-    main(torch.device(options.device), options.train_batch, options.infer_batch, options.turns,
-         options.forms)
+    main(torch.device(options.device), options.network, options.train_batch,
+         options.infer_batch, options.turns, options.forms)

@@ -13,7 +13,6 @@ from capsnet.cli import build_parser
 from capsnet.nn.model import CapsNetConfig
 from capsnet.nn.registry import ARCHITECTURES
 from capsnet.training.config import (PRESETS, TrainConfig, learning_rate, make_config,
-                                     model_config_for,
                                      model_config_for, resume_config)
 from capsnet.errors import CapsNetError
 from capsnet.utils.settings import training_fields, training_fields_of

@@ -42,6 +42,11 @@ Where the defaults come from:
   implementations differ (yl-1993: none; www0wwwjs1: a reconstruction loss).
   ``decoder_hidden=(512, 1024)`` adds CapsNet's decoder on the class poses.
 
+On a CPU in float32, the convolutional capsule layers make their votes inside the fused
+operators of :mod:`capsnet.nn.em_kernel` (as :class:`WindowVotes`) instead of storing them;
+elsewhere, and in layers made with ``CAPSNET_ROUTING_KERNEL=off`` (or ``fused = False``),
+routing runs in torch alone.
+
 Shapes use these names: ``batch``; ``height, width`` of a capsule grid; ``types`` of
 capsules at each position; ``windows`` (output positions) and ``inputs`` (input capsules in
 one window) in routing; ``outputs`` (output capsule types); 16 = a flattened 4x4 pose.
@@ -51,7 +56,8 @@ from __future__ import annotations
 
 import math
 from dataclasses import asdict, dataclass
-from typing import Any
+from functools import partial
+from typing import Any, Callable
 
 import torch
 from torch import Tensor, nn
@@ -59,7 +65,9 @@ import torch.nn.functional as F
 
 from ..utils.device import check_fits_in_memory
 from ..utils.settings import check_settings, setting, settings_from_dict
+from . import em_kernel
 from .base import CapsNetOutput, CapsuleModel
+from .routing_kernel import enabled
 from .layers import decoder_parameter_count, reconstruction_decoder
 
 POSE = 4  # a pose is a 4x4 matrix
@@ -168,13 +176,29 @@ class EMCapsNetConfig:
 # --- EM routing ---------------------------------------------------------------------------
 
 
-def em_routing(votes: Tensor, activations: Tensor, beta_u: Tensor, beta_a: Tensor,
-               iterations: int, inverse_temperature: float, children: Tensor | None = None,
-               num_children: int = 0) -> tuple[Tensor, Tensor]:
+@dataclass(frozen=True)
+class WindowVotes:
+    """The votes V = M W of convolutional capsules, left unmade: the fused CPU operators of
+    :mod:`capsnet.nn.em_kernel` make each where they use it. ``poses`` ``(batch, windows,
+    inputs, 16)``: M, each window's input poses; ``weight`` ``(inputs, outputs, 16)``: W."""
+
+    poses: Tensor
+    weight: Tensor
+
+    @property
+    def routing_shape(self) -> tuple[int, int, int, int]:
+        """``(batch, windows, outputs, inputs)``"""
+        return (*self.poses.shape[:2], self.weight.shape[1], self.poses.shape[2])
+
+
+def em_routing(votes: Tensor | WindowVotes, activations: Tensor, beta_u: Tensor,
+               beta_a: Tensor, iterations: int, inverse_temperature: float,
+               children: Tensor | None = None, num_children: int = 0) -> tuple[Tensor, Tensor]:
     """EM routing (the paper's Procedure 1) from input to output capsules, in windows.
 
     ``votes`` ``(batch, windows, inputs, outputs, 16)``: V_ij, the vote of input capsule i
-    for output capsule j of its window; ``activations`` ``(batch, windows, inputs)``: a_i;
+    for output capsule j of its window, or the same as :class:`WindowVotes`;
+    ``activations`` ``(batch, windows, inputs)``: a_i;
     ``beta_u``, ``beta_a`` ``(outputs,)``: the learned costs of each output capsule type.
     ``children`` ``(windows, inputs)``: which of ``num_children`` input capsules each entry is,
     where windows overlap (convolutional capsules); an input capsule's assignments then sum
@@ -186,44 +210,67 @@ def em_routing(votes: Tensor, activations: Tensor, beta_u: Tensor, beta_a: Tenso
     every iteration ("We do not use stop gradient", the authors on OpenReview). Give float32
     or float64 tensors.
     """
-    # Outputs before inputs from here on: the sums over inputs then need no copies of votes.
-    votes = votes.transpose(2, 3).contiguous()  # (batch, windows, outputs, inputs, 16)
+    if isinstance(votes, WindowVotes):
+        shape = votes.routing_shape
+    else:  # outputs before inputs from here on: the sums over inputs then copy no votes
+        votes = votes.transpose(2, 3).contiguous()  # (batch, windows, outputs, inputs, 16)
+        shape = votes.shape[:-1]
     # R_ij = 1 / (number of output capsules i reaches)
-    assignments = assign(votes.new_zeros(votes.shape[:-1]), children, num_children)
+    assignments = assign(activations.new_zeros(shape), children, num_children)
     for iteration in range(iterations):
         lambda_ = inverse_temperature * (1 - TEMPERATURE_DECAY ** (iteration + 1))
         weights = assignments * activations[:, :, None]  # (batch, windows, outputs, inputs)
-        mean, variance, logits, squared = m_step(weights, votes, beta_u, beta_a, lambda_)
+        mean, variance, logits, deviations = m_step(weights, votes, beta_u, beta_a, lambda_)
         if iteration < iterations - 1:  # the last E-step would change nothing returned
-            assignments = e_step(squared, variance, logits, children, num_children)
+            assignments = e_step(deviations, variance, logits, children, num_children)
     return mean, torch.sigmoid(logits)
 
 
-def m_step(weights: Tensor, votes: Tensor, beta_u: Tensor, beta_a: Tensor,
-           inverse_temperature: float) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+def m_step(weights: Tensor, votes: Tensor | WindowVotes, beta_u: Tensor, beta_a: Tensor,
+           inverse_temperature: float) -> tuple[Tensor, Tensor, Tensor, Deviations]:
     """Fit each output capsule's Gaussian to the votes ``(batch, windows, outputs, inputs,
-    16)`` weighted by ``weights`` R_ij * a_i ``(batch, windows, outputs, inputs)``.
+    16)`` (or :class:`WindowVotes`) weighted by ``weights`` R_ij * a_i ``(batch, windows,
+    outputs, inputs)``.
 
     Returns its mean and variance ``(batch, windows, outputs, 16)``, its activation logit
     ``lambda * (beta_a - sum_h cost_h)`` with ``cost_h = (beta_u + log sigma_h) * sum_i R_ij``
-    ``(batch, windows, outputs)``, and the squared deviations of the votes from the mean.
+    ``(batch, windows, outputs)``, and the votes' :data:`Deviations` from the mean.
     """
     mass = weights.sum(dim=-1)  # (batch, windows, outputs): the data assigned to each output
     share = weights / (mass[..., None] + EPSILON)  # (batch, windows, outputs, inputs)
-    mean = torch.einsum("nwoi,nwoih->nwoh", share, votes)  # (batch, windows, outputs, 16)
-    squared = (votes - mean[:, :, :, None]).square()  # (batch, windows, outputs, inputs, 16)
-    variance = torch.einsum("nwoi,nwoih->nwoh", share, squared) + VARIANCE_EPSILON
+    mean, spread, deviations = moments(votes, share)
+    variance = spread + VARIANCE_EPSILON
     # cost_h (batch, windows, outputs, 16), with log sigma = log(variance) / 2
     cost = (beta_u[:, None] + 0.5 * variance.log()) * mass[..., None]
-    return mean, variance, inverse_temperature * (beta_a - cost.sum(dim=-1)), squared
+    return mean, variance, inverse_temperature * (beta_a - cost.sum(dim=-1)), deviations
 
 
-def e_step(squared: Tensor, variance: Tensor, logits: Tensor, children: Tensor | None,
-           num_children: int) -> Tensor:
+# Scaled squared deviations of the votes from their output's mean: given a scale per pose
+# element (batch, windows, outputs, 16), sum_h (V_ih - mean_h)^2 scale_h for every vote,
+# (batch, windows, outputs, inputs).
+Deviations = Callable[[Tensor], Tensor]
+
+
+def moments(votes: Tensor | WindowVotes, share: Tensor) -> tuple[Tensor, Tensor, Deviations]:
+    """The weighted mean ``sum_i share_i V_i`` and spread ``sum_i share_i (V_i - mean)^2``
+    of the votes for each output ``(batch, windows, outputs, 16)``, and their
+    :data:`Deviations` from that mean: by the fused CPU operators for :class:`WindowVotes`,
+    else in torch, where the squared deviations are made once for both."""
+    if isinstance(votes, WindowVotes):
+        mean, spread = em_kernel.moments(votes.poses, votes.weight, share)
+        return mean, spread, partial(em_kernel.deviations, votes.poses, votes.weight, mean)
+    mean = torch.einsum("nwoi,nwoih->nwoh", share, votes)  # (batch, windows, outputs, 16)
+    squared = (votes - mean[:, :, :, None]).square()  # (batch, windows, outputs, inputs, 16)
+    spread = torch.einsum("nwoi,nwoih->nwoh", share, squared)
+    return mean, spread, partial(torch.einsum, "nwoih,nwoh->nwoi", squared)
+
+
+def e_step(deviations: Deviations, variance: Tensor, logits: Tensor,
+           children: Tensor | None, num_children: int) -> Tensor:
     """New assignments R_ij proportional to a_j p_j(V_ij), in log space: log a_j is the
     logsigmoid of the activation ``logits``, and log p_j the log-density of output j's
-    Gaussian, from the ``squared`` deviations and the ``variance`` of :func:`m_step`."""
-    scaled = torch.einsum("nwoih,nwoh->nwoi", squared, variance.reciprocal())
+    Gaussian, from the votes' ``deviations`` and the ``variance`` of :func:`m_step`."""
+    scaled = deviations(variance.reciprocal())  # (batch, windows, outputs, inputs)
     log_normaliser = torch.log(2 * math.pi * variance).sum(dim=-1)  # (batch, windows, outputs)
     log_density = -0.5 * (scaled + log_normaliser[..., None])  # (batch, windows, outputs, inputs)
     return assign(F.logsigmoid(logits)[..., None] + log_density, children, num_children)
@@ -310,6 +357,7 @@ class ConvMatrixCapsules(MatrixCapsules):
         super().__init__((kernel * kernel, in_types, out_types), out_types, iterations,
                          inverse_temperature, init_std)
         self.kernel, self.stride = kernel, stride
+        self.fused = enabled()  # False: route in torch alone (see capsnet.nn.em_kernel)
 
     def output_grid(self, height: int, width: int) -> tuple[int, int]:
         return ((height - self.kernel) // self.stride + 1,
@@ -326,15 +374,21 @@ class ConvMatrixCapsules(MatrixCapsules):
         col = left[None, :, None, None] + offsets[None, None, None, :]  # (1, cols, 1, kernel)
         return (row * width + col).view(rows * cols, self.kernel ** 2)
 
-    def votes(self, poses: Tensor, positions: Tensor) -> Tensor:
+    def votes(self, poses: Tensor, positions: Tensor) -> Tensor | WindowVotes:
         """V = M W for the input ``poses`` at ``positions`` (see :meth:`window_positions`):
         ``(batch, windows, kernel * kernel * in_types, out_types, 16)``, inputs ordered
-        (kernel row, kernel column, type)."""
-        windows = poses.flatten(1, 2)[:, positions]  # (batch, windows, k*k, in_types, 4, 4)
-        votes = torch.einsum("nwkipq,kioqr->nwokipr", windows, self.weight)
+        (kernel row, kernel column, type); as :class:`WindowVotes` where the fused CPU
+        operators take them."""
+        # (batch, windows, k*k*in_types, 16) and (k*k*in_types, out_types, 16)
+        windows = poses.flatten(1, 2)[:, positions].flatten(2, 3).flatten(-2)
+        weight = self.weight.flatten(0, 1).flatten(-2)
+        if self.fused and em_kernel.supports(windows, weight):
+            return WindowVotes(windows, weight)
+        votes = torch.einsum("nwipq,ioqr->nwoipr", windows.unflatten(-1, (POSE, POSE)),
+                             self.weight.flatten(0, 1))
         # Stored outputs first, as em_routing works on them:
         # (batch, windows, out_types, k*k*in_types, 16), returned transposed.
-        return votes.reshape(*votes.shape[:3], -1, POSE_SIZE).transpose(2, 3)
+        return votes.flatten(-2).transpose(2, 3)
 
     def forward(self, poses: Tensor, activations: Tensor) -> tuple[Tensor, Tensor]:
         with torch.autocast(poses.device.type, enabled=False):
@@ -456,6 +510,11 @@ class EMCapsNet(CapsuleModel, nn.Module):
         """This model's floor in ``capsnet bench``, sharing its weights: conv1 with its ReLU,
         then the primary capsules' pose and activation 1x1 convolutions (their two outputs)."""
         return nn.Sequential(self.conv1, nn.ReLU(), self.primary)
+
+    def routes_in_kernel(self, device: torch.device) -> bool:
+        weight = self.caps1.weight.flatten(0, 1).flatten(-2)
+        return self.caps1.fused and em_kernel.supports(weight.new_empty(1, 1, weight.shape[0], POSE_SIZE,
+                                                   device=device), weight.to(device))
 
     def reconstruct(self, class_poses: Tensor, classes: Tensor) -> Tensor:
         """Decode the pose of ``classes`` ``(batch,)`` from ``class_poses`` (the others zeroed):

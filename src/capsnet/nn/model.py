@@ -178,6 +178,10 @@ class CapsNet(CapsuleModel, nn.Module):
         capsules' convolution, each with a ReLU."""
         return nn.Sequential(self.conv1, nn.ReLU(), self.primary.conv, nn.ReLU())
 
+    def routes_in_kernel(self, device: torch.device) -> bool:
+        u = torch.empty(1, self.config.primary_caps, self.config.primary_dim, device=device)
+        return self.digits.in_kernel(u)
+
 
 def capsnet_mnist(pretrained: bool = True, **config: Any) -> CapsNet:
     """The MNIST CapsNet: the trained model shipped with capsnet, or (``pretrained=False``) a

@@ -17,29 +17,22 @@ GPU they need Triton, which comes with every CUDA build of torch.
 
 from __future__ import annotations
 
-import _ctypes  # dlclose: ctypes itself never unloads a library
 import ctypes
 import functools
-import hashlib
 import importlib.util
 import os
-import shutil
-import subprocess
-import tempfile
-import warnings
 from pathlib import Path
 
 import torch
 from torch import Tensor
 
 from ..errors import CapsNetError
-from ..utils.files import cache_root
+from . import cbuild
+from .cbuild import pointer
 
 SOURCE = Path(__file__).with_name("routing_kernel.c")
 EPSILON = 1e-7  # inside squash's square root (layers.squash uses it too)
 LANES = 16  # input capsules the kernel's gradient loops take at a time
-ISA_FLAGS = {"AVX512": ["-mavx512f", "-mavx512dq", "-mavx512bw", "-mavx512vl", "-mavx2", "-mfma"],
-             "AVX2": ["-mavx2", "-mfma"]}
 SWITCH = "CAPSNET_ROUTING_KERNEL"
 SWITCH_VALUES = {"on": True, "1": True, "true": True, "off": False, "0": False, "false": False}
 
@@ -98,75 +91,18 @@ def available(out_caps: int, out_dim: int, in_dim: int) -> bool:
     return library(out_caps, out_dim, in_dim) is not None
 
 
-def _compile(flags: list[str], libraries: list[str], target: Path) -> str | None:
-    """Build the kernel into ``target``; what went wrong when it fails."""
-    compiler = os.environ.get("CC") or shutil.which("gcc") or shutil.which("cc")
-    if compiler is None:
-        return "no C compiler found (set CC)"
-    try:
-        target.parent.mkdir(parents=True, exist_ok=True)
-        with tempfile.TemporaryDirectory(dir=target.parent) as scratch:
-            built = Path(scratch) / target.name
-            run = subprocess.run([compiler, *flags, str(SOURCE), "-o", str(built), *libraries],
-                                 capture_output=True, text=True)
-            if run.returncode != 0:
-                return (run.stderr.strip().splitlines() or ["failed"])[-1]
-            os.replace(built, target)  # whole or not at all, for processes building at once
-    except OSError as exc:
-        return f"{exc.filename or compiler}: {exc.strerror or exc}"
-    return None
-
-
-def builds(out_caps: int, out_dim: int, in_dim: int) -> list[tuple[list[str], list[str], Path]]:
+def builds(out_caps: int, out_dim: int, in_dim: int) -> list[cbuild.Build]:
     """The ways to build the kernel for these capsule shapes and this CPU, best first: its
     compiler flags, libraries and cached file (named by a hash of the source and flags)."""
-    isa = torch.backends.cpu.get_cpu_capability()
-    flags = ["-O3", "-shared", "-fPIC", "-fopenmp", "-fno-math-errno", "-fno-trapping-math",
-             "-fassociative-math", "-fno-signed-zeros", *ISA_FLAGS.get(isa, []),
-             f"-DOUT_CAPS={out_caps}", f"-DOUT_DIM={out_dim}", f"-DIN_DIM={in_dim}"]
-    source = SOURCE.read_bytes()
-    found = []
-    # glibc's vector expf (libmvec) where the system has it, else the scalar one
-    for extra, libraries in ((["-DVECTOR_EXP"], ["-lmvec", "-lm"]), ([], ["-lm"])):
-        key = hashlib.sha256(source + " ".join(flags + extra + libraries).encode()).hexdigest()
-        target = cache_root() / "kernels" / f"routing-{isa.lower()}-{key[:16]}.so"
-        found.append((flags + extra, libraries, target))
-    return found
+    return cbuild.builds(SOURCE, "routing", [f"-DOUT_CAPS={out_caps}", f"-DOUT_DIM={out_dim}",
+                                             f"-DIN_DIM={in_dim}"])
 
 
 @functools.cache
 def library(out_caps: int, out_dim: int, in_dim: int) -> ctypes.CDLL | None:
     """The kernel for these capsule shapes and this CPU, built on first use; None (with a
     warning) when it cannot be built or loaded."""
-    error = ""
-    try:
-        candidates = builds(out_caps, out_dim, in_dim)
-    except CapsNetError as exc:  # no cache folder to build in (a bad HOME): route in torch
-        candidates, error = [], str(exc)
-    for flags, libraries, target in candidates:
-        lib, error = _load(target) if target.exists() else (None, "")
-        if lib is None:  # not built yet, or left broken (an earlier compiler's): built once
-            error = _compile(flags, libraries, target) or ""
-            if not error:
-                lib, error = _load(target)
-        if lib is not None:
-            return lib
-    warnings.warn(f"capsnet: routing runs in torch, its CPU kernel did not build ({error})",
-                  stacklevel=2)
-    return None
-
-
-def _load(target: Path) -> tuple[ctypes.CDLL | None, str]:
-    """The kernel library in ``target`` with its functions declared, or None and why not."""
-    try:
-        lib = ctypes.CDLL(str(target))
-    except OSError as exc:
-        return None, str(exc)
-    try:
-        return _declare(lib), ""
-    except AttributeError as exc:  # a library, but without the kernel's functions
-        _ctypes.dlclose(lib._handle)  # else loading the rebuilt file would return this one
-        return None, str(exc)
+    return cbuild.load(SOURCE, lambda: builds(out_caps, out_dim, in_dim), _declare, "routing")
 
 
 def _declare(lib: ctypes.CDLL) -> ctypes.CDLL:
@@ -179,10 +115,6 @@ def _declare(lib: ctypes.CDLL) -> ctypes.CDLL:
     lib.routing_backward.argtypes = [pointer] * 5 + [i64, i64, i32, f32, i32] + [pointer] * 8
     lib.routing_forward.restype = lib.routing_backward.restype = None
     return lib
-
-
-def _pointer(tensor: Tensor) -> ctypes.c_void_p:
-    return ctypes.c_void_p(tensor.data_ptr())
 
 
 @torch.library.custom_op("capsnet::route", mutates_args=())
@@ -201,10 +133,10 @@ def route(u: Tensor, weight: Tensor, bias: Tensor | None, iterations: int, leaky
     lib, threads = library(out_caps, out_dim, in_dim), torch.get_num_threads()
     scratch = u.new_empty(threads, lib.routing_forward_scratch(in_caps))
     v, coupling, s, weight_t = _outputs(u, weight, bias, iterations, leaky, keep)
-    bias_pointer = None if bias is None else _pointer(bias)
-    lib.routing_forward(_pointer(u), _pointer(weight), bias_pointer, batch, in_caps,
-                        iterations, int(leaky), int(keep), EPSILON, threads, _pointer(scratch),
-                        _pointer(weight_t), _pointer(v), _pointer(coupling), _pointer(s))
+    bias_pointer = None if bias is None else pointer(bias)
+    lib.routing_forward(pointer(u), pointer(weight), bias_pointer, batch, in_caps,
+                        iterations, int(leaky), int(keep), EPSILON, threads, pointer(scratch),
+                        pointer(weight_t), pointer(v), pointer(coupling), pointer(s))
     return v, coupling, s, weight_t
 
 
@@ -242,11 +174,11 @@ def route_backward(grad_v: Tensor, u: Tensor, weight_t: Tensor, coupling: Tensor
     u_t, grad_u_t = u.new_empty(batch, in_dim, in_caps), u.new_empty(batch, in_dim, in_caps)
     grad_u = torch.empty_like(u)
     grad_weight = u.new_empty(in_caps, out_caps, out_dim, in_dim)
-    lib.routing_backward(_pointer(u), _pointer(weight_t), _pointer(grad_v), _pointer(coupling),
-                         _pointer(s), batch, in_caps, iterations, EPSILON, threads,
-                         _pointer(scratch), _pointer(grad_s), _pointer(grad_logits),
-                         _pointer(v_all), _pointer(u_t), _pointer(grad_u_t), _pointer(grad_u),
-                         _pointer(grad_weight))
+    lib.routing_backward(pointer(u), pointer(weight_t), pointer(grad_v), pointer(coupling),
+                         pointer(s), batch, in_caps, iterations, EPSILON, threads,
+                         pointer(scratch), pointer(grad_s), pointer(grad_logits),
+                         pointer(v_all), pointer(u_t), pointer(grad_u_t), pointer(grad_u),
+                         pointer(grad_weight))
     return grad_u, grad_weight, grad_s
 
 

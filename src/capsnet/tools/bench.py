@@ -24,7 +24,6 @@ from typing import Any, Callable
 import torch
 
 from ..errors import CapsNetError
-from ..nn.model import CapsNet
 from ..nn.registry import MODELS, model_config
 from ..training.config import TrainConfig, make_config
 from ..training.task import Classification, network_loss
@@ -118,12 +117,9 @@ def bench_config(network: str, routing_iterations: int | None) -> Any:
 
 
 def routing(model: torch.nn.Module, device: torch.device) -> str:
-    """Where the model routes: ``"kernel"`` (capsnet's CPU kernel, for dynamic routing
-    only) or ``"torch"``."""
-    if not isinstance(model, CapsNet):
-        return "torch"
-    u = torch.empty(1, model.config.primary_caps, model.config.primary_dim, device=device)
-    return "kernel" if model.digits.in_kernel(u) else "torch"
+    """Where the model routes: ``"kernel"`` (one of capsnet's fused operators) or
+    ``"torch"``."""
+    return "kernel" if model.routes_in_kernel(device) else "torch"
 
 
 def steps(device: torch.device, precision: str, compile_model: bool, network: str, config: Any,

@@ -1,0 +1,104 @@
+"""Building and loading the library's C kernels (``routing_kernel.c``, ``em_kernel.c``):
+with the system's C compiler (``$CC``, else gcc or cc; torch.compile needs one on a CPU
+too), once per source, CPU kind and set of compile-time sizes, into
+``$XDG_CACHE_HOME/capsnet/kernels``. A cached library that does not load or lacks the
+kernel's functions is built again; when none builds, the caller routes in torch."""
+
+from __future__ import annotations
+
+import _ctypes  # dlclose: ctypes itself never unloads a library
+import ctypes
+import hashlib
+import os
+import shutil
+import subprocess
+import tempfile
+import warnings
+from pathlib import Path
+from typing import Callable
+
+import torch
+
+from ..errors import CapsNetError
+from ..utils.files import cache_root
+
+ISA_FLAGS = {"AVX512": ["-mavx512f", "-mavx512dq", "-mavx512bw", "-mavx512vl", "-mavx2", "-mfma"],
+             "AVX2": ["-mavx2", "-mfma"]}
+
+Build = tuple[list[str], list[str], Path]  # compiler flags, libraries, cached file
+
+
+def builds(source: Path, name: str, defines: list[str]) -> list[Build]:
+    """The ways to build ``source`` for this CPU with ``defines``, best first; each cached
+    file is named by ``name``, the CPU kind and a hash of the source and flags."""
+    isa = torch.backends.cpu.get_cpu_capability()
+    flags = ["-O3", "-shared", "-fPIC", "-fopenmp", "-fno-math-errno", "-fno-trapping-math",
+             "-fassociative-math", "-fno-signed-zeros", *ISA_FLAGS.get(isa, []), *defines]
+    text = source.read_bytes()
+    found = []
+    # glibc's vector expf (libmvec) where the system has it, else the scalar one
+    for extra, libraries in ((["-DVECTOR_EXP"], ["-lmvec", "-lm"]), ([], ["-lm"])):
+        key = hashlib.sha256(text + " ".join(flags + extra + libraries).encode()).hexdigest()
+        target = cache_root() / "kernels" / f"{name}-{isa.lower()}-{key[:16]}.so"
+        found.append((flags + extra, libraries, target))
+    return found
+
+
+def load(source: Path, candidates: Callable[[], list[Build]],
+         declare: Callable[[ctypes.CDLL], ctypes.CDLL], what: str) -> ctypes.CDLL | None:
+    """The first of the ``candidates`` builds of ``source`` that loads with the functions
+    ``declare`` names, built on first use; None, with a warning that ``what`` runs in torch,
+    when none does."""
+    error = ""
+    try:
+        found = candidates()
+    except CapsNetError as exc:  # no cache folder to build in (a bad HOME): route in torch
+        found, error = [], str(exc)
+    for flags, libraries, target in found:
+        lib, error = _load(target, declare) if target.exists() else (None, "")
+        if lib is None:  # not built yet, or left broken (an earlier compiler's): built once
+            error = _compile(source, flags, libraries, target) or ""
+            if not error:
+                lib, error = _load(target, declare)
+        if lib is not None:
+            return lib
+    warnings.warn(f"capsnet: {what} runs in torch, its CPU kernel did not build ({error})",
+                  stacklevel=3)
+    return None
+
+
+def _compile(source: Path, flags: list[str], libraries: list[str], target: Path) -> str | None:
+    """Build ``source`` into ``target``; what went wrong when it fails."""
+    compiler = os.environ.get("CC") or shutil.which("gcc") or shutil.which("cc")
+    if compiler is None:
+        return "no C compiler found (set CC)"
+    try:
+        target.parent.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryDirectory(dir=target.parent) as scratch:
+            built = Path(scratch) / target.name
+            run = subprocess.run([compiler, *flags, str(source), "-o", str(built), *libraries],
+                                 capture_output=True, text=True)
+            if run.returncode != 0:
+                return (run.stderr.strip().splitlines() or ["failed"])[-1]
+            os.replace(built, target)  # whole or not at all, for processes building at once
+    except OSError as exc:
+        return f"{exc.filename or compiler}: {exc.strerror or exc}"
+    return None
+
+
+def _load(target: Path, declare: Callable[[ctypes.CDLL], ctypes.CDLL]
+          ) -> tuple[ctypes.CDLL | None, str]:
+    """The library in ``target`` with its functions declared, or None and why not."""
+    try:
+        lib = ctypes.CDLL(str(target))
+    except OSError as exc:
+        return None, str(exc)
+    try:
+        return declare(lib), ""
+    except AttributeError as exc:  # a library, but without the kernel's functions
+        _ctypes.dlclose(lib._handle)  # else loading the rebuilt file would return this one
+        return None, str(exc)
+
+
+def pointer(tensor: torch.Tensor) -> ctypes.c_void_p:
+    return ctypes.c_void_p(tensor.data_ptr())

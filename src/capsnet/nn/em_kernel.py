@@ -1,0 +1,199 @@
+"""The vote-sized parts of EM routing as fused CPU operators, forward and backward
+(``em_kernel.c``), for convolutional matrix capsules.
+
+EM routing is memory-bound: torch writes the votes V = M W of the paper's ConvCaps1 (5.3
+million floats an image) and reads them several times an iteration and again in backward.
+The two operators here make each vote where it is used, one image's window at a time, while
+that window's poses and the layer's weights are in the core's cache, and never store one:
+
+* :func:`moments`, the M-step's weighted mean and spread of the votes for every output
+  capsule, and
+* :func:`deviations`, the E-step's squared deviations of every vote from its output's mean,
+  scaled per pose element.
+
+Everything smaller than the votes (assignments, costs, activations) stays in torch, which
+also differentiates it; the operators' own backward passes are written out and checked
+against torch by tests/test_em_kernel.py. The kernel is built as the dynamic routing's
+(:mod:`capsnet.nn.cbuild`); a layer made with ``CAPSNET_ROUTING_KERNEL=off`` routes in torch.
+
+Shapes: ``poses`` ``(batch, windows, inputs, 16)``, each window's input poses; ``weight``
+``(inputs, outputs, 16)``; ``share`` ``(batch, windows, outputs, inputs)``; means, spreads
+and their inverses ``(batch, windows, outputs, 16)``.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import functools
+from pathlib import Path
+
+import torch
+from torch import Tensor
+
+from . import cbuild
+from .cbuild import pointer
+from .routing_kernel import constant_when_compiled
+
+SOURCE = Path(__file__).with_name("em_kernel.c")
+
+
+def _declare(lib: ctypes.CDLL) -> ctypes.CDLL:
+    p, i64, i32 = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int
+    lib.em_scratch.argtypes, lib.em_scratch.restype = [i64, i64, i32], i64
+    lib.em_moments.argtypes = [p] * 3 + [i64] * 3 + [i32] + [p] * 3
+    lib.em_moments_backward.argtypes = [p] * 6 + [i64] * 3 + [i32] + [p] * 3
+    lib.em_deviations.argtypes = [p] * 4 + [i64] * 3 + [i32, p]
+    lib.em_deviations_backward.argtypes = [p] * 5 + [i64] * 3 + [i32] + [p] * 4
+    for name in ("em_moments", "em_moments_backward", "em_deviations",
+                 "em_deviations_backward"):
+        getattr(lib, name).restype = None
+    return lib
+
+
+@functools.cache
+def library() -> ctypes.CDLL | None:
+    """The kernel for this CPU, built on first use; None (with a warning) when it cannot be
+    built or loaded."""
+    return cbuild.load(SOURCE, lambda: cbuild.builds(SOURCE, "em", []), _declare, "EM routing")
+
+
+@constant_when_compiled  # asked once when compiling, not in the graph
+def available() -> bool:
+    return library() is not None
+
+
+def supports(poses: Tensor, weight: Tensor) -> bool:
+    """Whether votes of ``poses`` and ``weight`` can be routed by the fused operators: float32
+    on a CPU, with the kernel built."""
+    return (poses.device.type == "cpu" and poses.dtype == weight.dtype == torch.float32
+            and poses.shape[0] > 0 and available())
+
+
+def _sizes(poses: Tensor, weight: Tensor) -> tuple[int, int, int, int]:
+    """Blocks (batch x windows), inputs, outputs and threads."""
+    return (poses.shape[0] * poses.shape[1], poses.shape[2], weight.shape[1],
+            torch.get_num_threads())
+
+
+def _scratch(poses: Tensor, weight: Tensor, weight_grad: bool) -> Tensor:
+    """Each thread's buffers; zeros, as the weight gradients are sums (and a thread that
+    OpenMP does not start leaves its own as they are)."""
+    _, inputs, outputs, threads = _sizes(poses, weight)
+    return poses.new_zeros(threads, library().em_scratch(inputs, outputs, int(weight_grad)))
+
+
+def _weight_grad(scratch: Tensor, weight: Tensor) -> Tensor:
+    """The sum of the threads' weight gradients, kept after each thread's votes buffer."""
+    inputs = weight.shape[0]
+    return scratch[:, inputs * 16:].sum(dim=0).view_as(weight)
+
+
+# --- the M-step's moments ---------------------------------------------------------------------
+
+
+@torch.library.custom_op("capsnet::em_moments", mutates_args=())
+def moments(poses: Tensor, weight: Tensor, share: Tensor) -> tuple[Tensor, Tensor]:
+    """``mean = sum_i share_i V_i`` and ``spread = sum_i share_i (V_i - mean)^2`` for every
+    output capsule of every window, ``(batch, windows, outputs, 16)`` each."""
+    poses, weight, share = poses.contiguous(), weight.contiguous(), share.contiguous()
+    blocks, inputs, outputs, threads = _sizes(poses, weight)
+    mean, spread = _moments_outputs(poses, weight, share)
+    scratch = _scratch(poses, weight, False)  # kept alive here: the call gets its address
+    library().em_moments(pointer(poses), pointer(weight), pointer(share), blocks, inputs,
+                         outputs, threads, pointer(scratch), pointer(mean), pointer(spread))
+    return mean, spread
+
+
+@moments.register_fake
+def _moments_outputs(poses: Tensor, weight: Tensor, share: Tensor) -> tuple[Tensor, Tensor]:
+    shape = (*share.shape[:3], 16)
+    return poses.new_empty(shape), poses.new_empty(shape)
+
+
+@torch.library.custom_op("capsnet::em_moments_backward", mutates_args=())
+def moments_backward(poses: Tensor, weight: Tensor, share: Tensor, mean: Tensor,
+                     grad_mean: Tensor, grad_spread: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """The gradients of :func:`moments`' poses, weight and share."""
+    poses, weight, share = poses.contiguous(), weight.contiguous(), share.contiguous()
+    grad_mean, grad_spread = grad_mean.contiguous(), grad_spread.contiguous()
+    blocks, inputs, outputs, threads = _sizes(poses, weight)
+    scratch = _scratch(poses, weight, True)
+    mean, grad_poses, grad_share = mean.contiguous(), torch.empty_like(poses), torch.empty_like(share)
+    library().em_moments_backward(pointer(poses), pointer(weight), pointer(share),
+                                  pointer(mean), pointer(grad_mean),
+                                  pointer(grad_spread), blocks, inputs, outputs, threads,
+                                  pointer(scratch), pointer(grad_poses), pointer(grad_share))
+    return grad_poses, _weight_grad(scratch, weight), grad_share
+
+
+@moments_backward.register_fake
+def _(poses: Tensor, weight: Tensor, share: Tensor, mean: Tensor, grad_mean: Tensor,
+      grad_spread: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    return torch.empty_like(poses), torch.empty_like(weight), torch.empty_like(share)
+
+
+def _save_moments(ctx, inputs, output) -> None:  # noqa: ANN001 (torch's signature)
+    ctx.save_for_backward(*inputs, output[0])
+
+
+def _moments_grad(ctx, grad_mean, grad_spread):  # noqa: ANN001, ANN202 (torch's signature)
+    return moments_backward(*ctx.saved_tensors, grad_mean, grad_spread)
+
+
+moments.register_autograd(_moments_grad, setup_context=_save_moments)
+
+
+# --- the E-step's deviations ------------------------------------------------------------------
+
+
+@torch.library.custom_op("capsnet::em_deviations", mutates_args=())
+def deviations(poses: Tensor, weight: Tensor, mean: Tensor, inverse: Tensor) -> Tensor:
+    """``sum_h (V_ih - mean_h)^2 inverse_h`` for every vote, ``(batch, windows, outputs,
+    inputs)``: the squared deviations scaled by the inverse of each output's variance."""
+    poses, weight = poses.contiguous(), weight.contiguous()
+    mean, inverse = mean.contiguous(), inverse.contiguous()
+    blocks, inputs, outputs, threads = _sizes(poses, weight)
+    scaled = _deviations_output(poses, weight, mean, inverse)
+    library().em_deviations(pointer(poses), pointer(weight), pointer(mean), pointer(inverse),
+                            blocks, inputs, outputs, threads, pointer(scaled))
+    return scaled
+
+
+@deviations.register_fake
+def _deviations_output(poses: Tensor, weight: Tensor, mean: Tensor, inverse: Tensor) -> Tensor:
+    return poses.new_empty(*mean.shape[:3], poses.shape[2])
+
+
+@torch.library.custom_op("capsnet::em_deviations_backward", mutates_args=())
+def deviations_backward(poses: Tensor, weight: Tensor, mean: Tensor, inverse: Tensor,
+                        grad_scaled: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """The gradients of :func:`deviations`' poses, weight, mean and inverse."""
+    poses, weight = poses.contiguous(), weight.contiguous()
+    mean, inverse, grad_scaled = mean.contiguous(), inverse.contiguous(), grad_scaled.contiguous()
+    blocks, inputs, outputs, threads = _sizes(poses, weight)
+    scratch = _scratch(poses, weight, True)
+    grad_poses, grad_mean, grad_inverse = (torch.empty_like(poses), torch.empty_like(mean),
+                                           torch.empty_like(inverse))
+    library().em_deviations_backward(pointer(poses), pointer(weight), pointer(mean),
+                                     pointer(inverse), pointer(grad_scaled), blocks, inputs,
+                                     outputs, threads, pointer(scratch), pointer(grad_poses),
+                                     pointer(grad_mean), pointer(grad_inverse))
+    return grad_poses, _weight_grad(scratch, weight), grad_mean, grad_inverse
+
+
+@deviations_backward.register_fake
+def _(poses: Tensor, weight: Tensor, mean: Tensor, inverse: Tensor, grad_scaled: Tensor
+      ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    return (torch.empty_like(poses), torch.empty_like(weight), torch.empty_like(mean),
+            torch.empty_like(inverse))
+
+
+def _save_deviations(ctx, inputs, output) -> None:  # noqa: ANN001 (torch's signature)
+    ctx.save_for_backward(*inputs)
+
+
+def _deviations_grad(ctx, grad_scaled):  # noqa: ANN001, ANN202 (torch's signature)
+    return deviations_backward(*ctx.saved_tensors, grad_scaled)
+
+
+deviations.register_autograd(_deviations_grad, setup_context=_save_deviations)

@@ -1,0 +1,213 @@
+"""The fused EM routing operators (capsnet.nn.em_kernel) against torch: each operator's
+values and gradients in double precision, the convolutional capsule layer and the whole
+network with the kernel on and off, the weight gradient summed over threads, the operators'
+registration (opcheck, torch.compile), and routing in torch where the kernel cannot be
+built."""
+
+from __future__ import annotations
+
+import warnings
+from pathlib import Path
+
+import pytest
+import torch
+from torch import Tensor
+
+from capsnet.nn import em_kernel
+from capsnet.nn.em_routing import ConvMatrixCapsules, EMCapsNet, EMCapsNetConfig, spread_loss
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+# (batch, windows, inputs, outputs): small and odd ones, and the small network's ConvCaps1
+SHAPES = [(2, 3, 7, 5), (1, 4, 72, 16), (3, 2, 45, 7)]
+
+
+def operator_inputs(shape: tuple[int, int, int, int], seed: int = 0) -> list[Tensor]:
+    """Poses, weight, share (each row summing to a number in [0.3, 1], so that the spread's
+    path through the mean counts) and an inverse variance."""
+    batch, windows, inputs, outputs = shape
+    g = torch.Generator().manual_seed(seed)
+    poses = torch.randn(batch, windows, inputs, 16, generator=g)
+    weight = torch.randn(inputs, outputs, 16, generator=g)
+    share = torch.rand(batch, windows, outputs, inputs, generator=g)
+    share = share / share.sum(dim=-1, keepdim=True) * (0.3 + 0.7 * share[..., :1])
+    inverse = torch.rand(batch, windows, outputs, 16, generator=g) + 0.5
+    return [poses, weight, share, inverse]
+
+
+def torch_votes(poses: Tensor, weight: Tensor) -> Tensor:
+    """(batch, windows, outputs, inputs, 16), made and stored."""
+    return torch.einsum("nwipq,ioqr->nwoipr", poses.unflatten(-1, (4, 4)),
+                        weight.unflatten(-1, (4, 4))).flatten(-2)
+
+
+def torch_moments(poses: Tensor, weight: Tensor, share: Tensor) -> tuple[Tensor, Tensor]:
+    votes = torch_votes(poses, weight)
+    mean = torch.einsum("nwoi,nwoih->nwoh", share, votes)
+    spread = torch.einsum("nwoi,nwoih->nwoh", share, (votes - mean[..., None, :]).square())
+    return mean, spread
+
+
+def torch_deviations(poses: Tensor, weight: Tensor, mean: Tensor, inverse: Tensor) -> Tensor:
+    squared = (torch_votes(poses, weight) - mean[..., None, :]).square()
+    return torch.einsum("nwoih,nwoh->nwoi", squared, inverse)
+
+
+def values_and_gradients(function, inputs: list[Tensor]) -> list[Tensor]:  # noqa: ANN001
+    """The outputs of ``function`` and the gradients of every input for a fixed weighting of
+    the outputs."""
+    inputs = [t.clone().requires_grad_() for t in inputs]
+    outputs = function(*inputs)
+    outputs = outputs if isinstance(outputs, tuple) else (outputs,)
+    scalar = sum((out * torch.linspace(-1, 2, out.numel(), dtype=out.dtype).view_as(out)).sum()
+                 for out in outputs)
+    return [*outputs, *torch.autograd.grad(scalar, inputs)]
+
+
+def assert_agree(got: list[Tensor], expected: list[Tensor], names: tuple[str, ...]) -> None:
+    """float32 sums in another order against float64: agreement to float32's rounding."""
+    for name, a, b in zip(names, got, expected, strict=True):
+        assert a.shape == b.shape, name
+        scale = b.abs().max().item()
+        assert scale > 0, name
+        torch.testing.assert_close(a.double(), b.double(), rtol=1e-4, atol=1e-5 * scale,
+                                   msg=name)
+
+
+@pytest.mark.parametrize("shape", SHAPES)
+def test_moments_agree_with_torch_in_double_precision(shape: tuple[int, ...]) -> None:
+    poses, weight, share, _ = operator_inputs(shape)
+    got = values_and_gradients(em_kernel.moments, [poses, weight, share])
+    expected = values_and_gradients(torch_moments, [poses.double(), weight.double(),
+                                                    share.double()])
+    assert_agree(got, expected, ("mean", "spread", "grad poses", "grad weight", "grad share"))
+
+
+@pytest.mark.parametrize("shape", SHAPES)
+def test_deviations_agree_with_torch_in_double_precision(shape: tuple[int, ...]) -> None:
+    poses, weight, share, inverse = operator_inputs(shape)
+    mean = torch_moments(poses, weight, share)[0]
+    got = values_and_gradients(em_kernel.deviations, [poses, weight, mean, inverse])
+    expected = values_and_gradients(torch_deviations, [t.double() for t in
+                                                       (poses, weight, mean, inverse)])
+    assert_agree(got, expected, ("scaled", "grad poses", "grad weight", "grad mean",
+                                 "grad inverse"))
+
+
+def test_the_weight_gradient_is_the_sum_over_every_thread() -> None:
+    inputs = operator_inputs((4, 5, 18, 6), seed=1)
+    alone = values_and_gradients(em_kernel.moments, inputs[:3])
+    torch.set_num_threads(2)  # the one_thread fixture puts it back
+    shared = values_and_gradients(em_kernel.moments, inputs[:3])
+    for a, b in zip(alone, shared, strict=True):
+        torch.testing.assert_close(a, b)
+
+
+def test_the_operators_pass_torchs_checks() -> None:
+    poses, weight, share, inverse = [t.requires_grad_() for t in operator_inputs((2, 3, 7, 5))]
+    mean = torch_moments(poses, weight, share)[0].detach().requires_grad_()
+    torch.library.opcheck(em_kernel.moments, (poses, weight, share))
+    torch.library.opcheck(em_kernel.deviations, (poses, weight, mean, inverse))
+
+
+# --- the layers, with the kernel and without ---------------------------------------------------
+
+
+def conv_layer_run(kernel: bool, monkeypatch: pytest.MonkeyPatch) -> list[Tensor]:
+    """A ConvMatrixCapsules layer's outputs and every gradient, the kernel on or off."""
+    monkeypatch.setenv("CAPSNET_ROUTING_KERNEL", "on" if kernel else "off")
+    torch.manual_seed(0)
+    layer = ConvMatrixCapsules(5, 7, 3, 2, iterations=3, inverse_temperature=0.01,
+                               init_std=1.0)
+    poses = torch.randn(3, 9, 9, 5, 4, 4, requires_grad=True)
+    activations = torch.rand(3, 9, 9, 5, requires_grad=True)
+    mean, out_activations = layer(poses, activations)
+    weighting = torch.linspace(-1, 1, mean.numel()).view_as(mean)
+    scalar = (mean * weighting).sum() + 3 * out_activations.sum()
+    leaves = [poses, activations, layer.weight, layer.beta_u, layer.beta_a]
+    return [mean, out_activations, *torch.autograd.grad(scalar, leaves)]
+
+
+def test_convolutional_capsules_route_the_same_with_the_kernel(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    calls = []
+    moments = em_kernel.moments
+    monkeypatch.setattr(em_kernel, "moments", lambda *a: calls.append(1) or moments(*a))
+    fused = conv_layer_run(True, monkeypatch)
+    assert len(calls) == 3, "the kernel did not route each iteration"
+    plain = conv_layer_run(False, monkeypatch)
+    assert len(calls) == 3
+    assert_agree(fused, plain, ("mean", "activations", "grad poses", "grad activations",
+                                "grad weight", "grad beta_u", "grad beta_a"))
+
+
+def network_gradients(model: EMCapsNet, images: Tensor, labels: Tensor) -> list[Tensor]:
+    model.zero_grad()
+    out = model(images, labels)
+    spread_loss(out.lengths, labels, 0.5).backward()
+    return [out.lengths.detach()] + [p.grad.clone() for p in model.parameters()]
+
+
+def test_the_network_learns_as_in_double_precision_with_the_kernel() -> None:
+    """Three EM layers amplify float32's rounding (float32 in torch is about 5e-5 of each
+    gradient's largest element from float64 here, the kernel 2e-4): both are held to 1e-3 of
+    it, far below what a wrong term in a gradient gives."""
+    torch.manual_seed(0)
+    model = EMCapsNet(EMCapsNetConfig(conv1_channels=8, primary_types=4, caps1_types=4,
+                                      caps2_types=3))
+    images, labels = torch.rand(4, 1, 28, 28), torch.tensor([0, 3, 7, 9])
+    calls = []
+    moments = em_kernel.moments
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(em_kernel, "moments", lambda *a: calls.append(1) or moments(*a))
+        fused = network_gradients(model, images, labels)
+    assert len(calls) == 6  # ConvCaps1 and ConvCaps2, 3 iterations each
+    reference = network_gradients(model.double(), images.double(), labels)
+    names = ("lengths", *(name for name, _ in model.named_parameters()))
+    for name, a, b in zip(names, fused, reference, strict=True):
+        scale = b.abs().max().item()
+        torch.testing.assert_close(a.double(), b, rtol=1e-3, atol=1e-3 * scale, msg=name)
+
+
+@pytest.mark.slow  # a compile, about half a minute
+def test_a_compiled_layer_calls_the_operators_and_agrees(monkeypatch: pytest.MonkeyPatch
+                                                         ) -> None:
+    torch.manual_seed(0)
+    layer = ConvMatrixCapsules(4, 3, 3, 2, iterations=2, inverse_temperature=0.01,
+                               init_std=1.0)
+    poses, activations = torch.randn(2, 7, 7, 4, 4, 4), torch.rand(2, 7, 7, 4)
+    eager = layer(poses, activations)
+    compiled = torch.compile(layer, fullgraph=True)(poses, activations)
+    for a, b in zip(compiled, eager, strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
+
+
+def test_without_a_kernel_em_routing_runs_in_torch(tmp_path: Path,
+                                                   monkeypatch: pytest.MonkeyPatch) -> None:
+    (tmp_path / "cache").write_text("not a folder")
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    em_kernel.library.cache_clear()
+    try:
+        with pytest.warns(UserWarning, match="EM routing runs in torch, its CPU kernel did not"):
+            assert em_kernel.library() is None
+        monkeypatch.setattr(em_kernel, "moments", lambda *a: pytest.fail("the kernel ran"))
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")  # warned once, not at every forward
+            layer = ConvMatrixCapsules(2, 3, 3, 1, iterations=2, inverse_temperature=0.01,
+                                       init_std=1.0)
+            mean, _ = layer(torch.randn(1, 4, 4, 2, 4, 4), torch.rand(1, 4, 4, 2))
+        assert mean.shape == (1, 2, 2, 3, 4, 4)
+    finally:
+        em_kernel.library.cache_clear()
+
+
+def test_bench_names_where_each_network_routes(monkeypatch: pytest.MonkeyPatch) -> None:
+    from capsnet.nn.efficient import EfficientCapsNet
+    from capsnet.tools.bench import routing
+
+    cpu = torch.device("cpu")
+    em = EMCapsNet(EMCapsNetConfig.small())
+    assert routing(em, cpu) == "kernel" and routing(EfficientCapsNet(), cpu) == "torch"
+    assert routing(em.double(), cpu) == "torch"  # the kernel takes float32
+    monkeypatch.setenv("CAPSNET_ROUTING_KERNEL", "off")
+    assert routing(EMCapsNet(EMCapsNetConfig.small()), cpu) == "torch"
