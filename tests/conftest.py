@@ -74,6 +74,22 @@ def write_dataset(folder: Path, n_train: int = 240, n_test: int = 60, size: int 
     return folder
 
 
+@pytest.fixture(scope="module")
+def module_tmp(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Callable[[str], Path]]:
+    """``module_tmp(name)``: a new folder for a module's fixtures, removed with all it holds
+    when the module's tests are done: a module's trainings leave gigabytes of checkpoints,
+    which would otherwise stay on disk until the whole suite ends."""
+    made: list[Path] = []
+
+    def make(name: str) -> Path:
+        made.append(tmp_path_factory.mktemp(name))
+        return made[-1]
+
+    yield make
+    for folder in made:
+        shutil.rmtree(folder, ignore_errors=True)
+
+
 @pytest.fixture(scope="session")
 def tiny_dataset(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """Folder with 240 training and 60 test images of 10 easy classes, as raw IDX files.

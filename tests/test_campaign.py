@@ -11,6 +11,7 @@ import sys
 import tarfile
 import time
 from pathlib import Path
+from typing import Callable
 
 import pytest
 import torch
@@ -31,10 +32,10 @@ GROUPS = [[*TRAIN[1:5], "multimnist-s0", "affnist-s0"], [*TRAIN[5:], "multimnist
 
 
 @pytest.fixture(scope="module")
-def tiny_campaign(tiny_dataset: Path, tmp_path_factory: pytest.TempPathFactory
+def tiny_campaign(tiny_dataset: Path, module_tmp: Callable[[str], Path]
                   ) -> tuple[Path, Path, subprocess.CompletedProcess]:
     """``gpu_campaign.sh tiny`` on the synthetic data set: (output folder, archive, result)."""
-    tmp = tmp_path_factory.mktemp("campaign")
+    tmp = module_tmp("campaign")
     out, archive = tmp / "out", tmp / "returned" / "tiny.tar.gz"
     env = {**os.environ, "CAMPAIGN_DATA": str(tiny_dataset), "PYTHON": sys.executable}
     result = subprocess.run(["bash", str(CAMPAIGN), "tiny", str(out), str(archive)], env=env,

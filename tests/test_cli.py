@@ -19,7 +19,7 @@ import threading
 import time
 from contextlib import contextmanager, redirect_stderr, redirect_stdout
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator
 
 import numpy as np
 import pytest
@@ -112,9 +112,9 @@ def train_args(dataset: Path) -> list[str]:
 
 
 @pytest.fixture(scope="module")
-def run28(tiny_dataset: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+def run28(tiny_dataset: Path, module_tmp: Callable[[str], Path]) -> Path:
     """A 1-epoch run (2 steps) on the 28x28 tiny data set."""
-    run_dir = tmp_path_factory.mktemp("cli") / "run28"
+    run_dir = module_tmp("cli") / "run28"
     code, out, err = cli(*train_args(tiny_dataset), "--run-dir", run_dir)
     assert code == 0, err
     assert "test accuracy" in out and f"summary: {run_dir / 'summary.json'}" in out
@@ -122,9 +122,9 @@ def run28(tiny_dataset: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 @pytest.fixture(scope="module")
-def small_dataset(tmp_path_factory: pytest.TempPathFactory) -> Path:
+def small_dataset(module_tmp: Callable[[str], Path]) -> Path:
     """64 training (24 used, 40 validation) and 20 test images of 20x20 pixels."""
-    return write_dataset(tmp_path_factory.mktemp("small") / "small20", n_train=64, n_test=20,
+    return write_dataset(module_tmp("small") / "small20", n_train=64, n_test=20,
                          size=20)
 
 
@@ -136,9 +136,9 @@ def exact_args(dataset: Path) -> list[str]:
 
 
 @pytest.fixture(scope="module")
-def reference(small_dataset: Path, tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
+def reference(small_dataset: Path, module_tmp: Callable[[str], Path]) -> dict[str, Any]:
     """last.pt of the uninterrupted run that interrupted-and-resumed runs must reproduce."""
-    run_dir = tmp_path_factory.mktemp("reference") / "run"
+    run_dir = module_tmp("reference") / "run"
     with torch_settings():
         code, _, err = cli("train", *exact_args(small_dataset), "--no-progress",
                            "--run-dir", run_dir)

@@ -8,6 +8,7 @@ import subprocess
 import sys
 import textwrap
 from pathlib import Path
+from typing import Callable
 
 import pytest
 import torch
@@ -36,9 +37,9 @@ def test_rank_shards_partition_each_global_batch() -> None:
 
 
 @pytest.fixture(scope="module")
-def runs(tiny_dataset: Path, tmp_path_factory: pytest.TempPathFactory) -> dict[int, Path]:
+def runs(tiny_dataset: Path, module_tmp: Callable[[str], Path]) -> dict[int, Path]:
     """The same training with 1 process and with 2 processes of half the batch each."""
-    root = tmp_path_factory.mktemp("dist")
+    root = module_tmp("dist")
     result = {}
     for nproc in (1, 2):
         run_dir = root / f"np{nproc}"

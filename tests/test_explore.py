@@ -14,7 +14,7 @@ import socket
 import struct
 import threading
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator
 
 import numpy as np
 import pytest
@@ -49,9 +49,9 @@ needs_browser = pytest.mark.skipif(BROWSER_MISSING is not None,
 # -- fixtures -------------------------------------------------------------------------------
 
 @pytest.fixture(scope="module")
-def checkpoint(tmp_path_factory: pytest.TempPathFactory, tiny_dataset: Path) -> Path:
+def checkpoint(module_tmp: Callable[[str], Path], tiny_dataset: Path) -> Path:
     """A model trained to 100% on the tiny data set (about 15 s)."""
-    run_dir = tmp_path_factory.mktemp("explore-run")
+    run_dir = module_tmp("explore-run")
     config = make_config("paper", dataset=str(tiny_dataset), epochs=3, batch_size=32,
                          val_size=40, device="cpu", max_shift=0)
     summary = train(config, run_dir, show_progress=False)
@@ -76,13 +76,13 @@ def server(checkpoint: Path, tiny_dataset: Path) -> Iterator[ExploreServer]:
 
 
 @pytest.fixture(scope="module")
-def shapes(tmp_path_factory: pytest.TempPathFactory) -> Path:
+def shapes(module_tmp: Callable[[str], Path]) -> Path:
     """Colour images of three shapes in class folders, with train/, val/ and test/."""
-    return write_shapes(tmp_path_factory.mktemp("shapes"), {"train": 3, "val": 2, "test": 3})
+    return write_shapes(module_tmp("shapes"), {"train": 3, "val": 2, "test": 3})
 
 
 @pytest.fixture(scope="module")
-def shapes_server(tmp_path_factory: pytest.TempPathFactory, shapes: Path
+def shapes_server(module_tmp: Callable[[str], Path], shapes: Path
                   ) -> Iterator[ExploreServer]:
     """An untrained colour model of the shapes, prepared by resizing, with its test images:
     no capsule reaches 0.5 for any image, and every reconstruction is red."""
@@ -91,14 +91,14 @@ def shapes_server(tmp_path_factory: pytest.TempPathFactory, shapes: Path
     model.class_names, model.prepare = SHAPES, "resize"
     with torch.no_grad():  # reconstructions in red, where an untrained decoder gives gray
         model.decoder[-2].bias.copy_(torch.tensor([2.0, -2.0, -2.0]).repeat_interleave(24 * 24))
-    folder = model.save_pretrained(tmp_path_factory.mktemp("shapes-model") / "shapes-model")
+    folder = model.save_pretrained(module_tmp("shapes-model") / "shapes-model")
     yield from serve(make_server(folder, "127.0.0.1", 0, dataset=str(shapes)))
 
 
 @pytest.fixture(scope="module")
-def server_without_data(checkpoint: Path, tmp_path_factory: pytest.TempPathFactory
+def server_without_data(checkpoint: Path, module_tmp: Callable[[str], Path]
                         ) -> Iterator[ExploreServer]:
-    missing = tmp_path_factory.mktemp("no-data") / "missing"
+    missing = module_tmp("no-data") / "missing"
     yield from serve(make_server(checkpoint, "127.0.0.1", 0, dataset=str(missing)))
 
 

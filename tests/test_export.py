@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 from pathlib import Path
+from typing import Callable
 
 import pytest
 import torch
@@ -60,8 +61,8 @@ def run_cli(capsys: pytest.CaptureFixture[str], *argv: object) -> tuple[int, str
 
 
 @pytest.fixture(scope="module")
-def small(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, CapsNet]:
-    return make_checkpoint(tmp_path_factory.mktemp("small"), SMALL)
+def small(module_tmp: Callable[[str], Path]) -> tuple[Path, CapsNet]:
+    return make_checkpoint(module_tmp("small"), SMALL)
 
 
 # -- ONNX -------------------------------------------------------------------------------

@@ -50,8 +50,8 @@ def write_shapes(root: Path, per_class: dict[str, int], seed: int = 0) -> Path:
 
 
 @pytest.fixture(scope="module")
-def shapes(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return write_shapes(tmp_path_factory.mktemp("shapes"), {"train": 40, "test": 8})
+def shapes(module_tmp: Callable[[str], Path]) -> Path:
+    return write_shapes(module_tmp("shapes"), {"train": 40, "test": 8})
 
 
 def test_class_folders_are_read_resized_and_named(shapes: Path) -> None:

@@ -55,9 +55,9 @@ def relabel(folder: Path, labels: Callable[[np.ndarray], np.ndarray]) -> None:
 
 
 @pytest.fixture(scope="module")
-def workspace(tmp_path_factory: pytest.TempPathFactory) -> Path:
+def workspace(module_tmp: Callable[[str], Path]) -> Path:
     """A folder holding a trained run and every hostile input."""
-    w = tmp_path_factory.mktemp("hostile")
+    w = module_tmp("hostile")
     data = write_dataset(w / "data")
     assert main(["train", "--preset", "seed", "--dataset", str(data), *TRAIN,
                  "--run-dir", str(w / "run")]) == 0

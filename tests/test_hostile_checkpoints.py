@@ -397,10 +397,10 @@ def test_save_pretrained_refuses_to_replace_what_is_not_its_file(
 # -- the real command -------------------------------------------------------------------------
 
 @pytest.fixture(scope="module")
-def workspace(tmp_path_factory: pytest.TempPathFactory) -> Path:
+def workspace(module_tmp: Callable[[str], Path]) -> Path:
     """A trained run, copies of it with hostile optimizer states, and hostile
     save_pretrained folders."""
-    w = tmp_path_factory.mktemp("hostile-checkpoints")
+    w = module_tmp("hostile-checkpoints")
     data = write_dataset(w / "data")
     assert main(["train", "--preset", "seed", "--dataset", str(data), *TRAIN,
                  "--run-dir", str(w / "run")]) == 0

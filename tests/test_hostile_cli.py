@@ -19,7 +19,7 @@ import threading
 import time
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Iterator
+from typing import Callable, Iterator
 
 import numpy as np
 import pytest
@@ -59,11 +59,11 @@ def one_line(lines: list[str], text: str) -> None:
 
 
 @pytest.fixture(scope="module")
-def image(tmp_path_factory: pytest.TempPathFactory) -> Path:
+def image(module_tmp: Callable[[str], Path]) -> Path:
     """A 28x28 PNG of a bar, for the shipped MNIST model."""
     pixels = np.zeros((28, 28), np.uint8)
     pixels[5:22, 12:15] = 255
-    path = tmp_path_factory.mktemp("hostile-cli") / "bar.png"
+    path = module_tmp("hostile-cli") / "bar.png"
     Image.fromarray(pixels).save(path)
     return path
 
@@ -188,9 +188,9 @@ def kernel_cache(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Pa
 
 
 @pytest.fixture(scope="module")
-def foreign_library(tmp_path_factory: pytest.TempPathFactory) -> Path:
+def foreign_library(module_tmp: Callable[[str], Path]) -> Path:
     """A shared library that loads but holds none of the kernel's functions."""
-    folder = tmp_path_factory.mktemp("foreign")
+    folder = module_tmp("foreign")
     (folder / "foreign.c").write_text("int unrelated(void) { return 42; }\n")
     subprocess.run([COMPILER, "-shared", "-fPIC", str(folder / "foreign.c"), "-o",
                     str(folder / "foreign.so")], check=True, timeout=TIMEOUT)

@@ -82,9 +82,9 @@ def refused_in_a_process(args: list[str | Path], expected: str) -> None:
 
 
 @pytest.fixture(scope="module")
-def trained(tiny_dataset: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+def trained(tiny_dataset: Path, module_tmp: Callable[[str], Path]) -> Path:
     """A finished 1-epoch run of a small model."""
-    run_dir = tmp_path_factory.mktemp("hostile-files") / "run"
+    run_dir = module_tmp("hostile-files") / "run"
     code, _, err = cli(*train_args(tiny_dataset), *SMALL, "--run-dir", run_dir)
     assert code == 0, err
     return run_dir

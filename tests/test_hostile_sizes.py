@@ -8,6 +8,7 @@ import gzip
 import os
 import re
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 import pytest
@@ -320,8 +321,8 @@ def test_images_that_would_not_fit_at_the_chosen_size_are_refused_before_reading
 # -- the real command ----------------------------------------------------------------------
 
 @pytest.fixture(scope="module")
-def workspace(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    w = tmp_path_factory.mktemp("sizes")
+def workspace(module_tmp: Callable[[str], Path]) -> Path:
+    w = module_tmp("sizes")
     write_classes(w / "shapes", ["circle", "square"], per_class=6)
     for name, make in (("zwj", lambda r: write_classes(r, ["a", "b\u200dc"])),
                        ("tab", lambda r: write_classes(r, ["a", "b\tc"])),

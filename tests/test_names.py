@@ -11,7 +11,7 @@ import re
 import shutil
 from pathlib import Path
 from types import SimpleNamespace
-from typing import Any
+from typing import Any, Callable
 
 import numpy as np
 import pytest
@@ -35,14 +35,14 @@ LONG_NAME = "a_circle_of_a_very_long_name"  # 28 characters
 
 
 @pytest.fixture(scope="module")
-def shapes(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return write_shapes(tmp_path_factory.mktemp("shapes"), {"train": 20, "test": 4})
+def shapes(module_tmp: Callable[[str], Path]) -> Path:
+    return write_shapes(module_tmp("shapes"), {"train": 20, "test": 4})
 
 
 @pytest.fixture(scope="module")
-def shapes_run(shapes: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+def shapes_run(shapes: Path, module_tmp: Callable[[str], Path]) -> Path:
     """A run of a colour model of the three shapes, trained for one epoch (a few seconds)."""
-    run_dir = tmp_path_factory.mktemp("shapes-run")
+    run_dir = module_tmp("shapes-run")
     config = make_config("seed", dataset=str(shapes), epochs=1, batch_size=12, val_size=6,
                          image_size=SIZE, device="cpu")
     train(config, run_dir, show_progress=False)

@@ -27,7 +27,7 @@ import shlex
 import time
 from contextlib import redirect_stderr, redirect_stdout
 from pathlib import Path
-from typing import Iterator
+from typing import Callable, Iterator
 
 import numpy as np
 import pytest
@@ -126,8 +126,8 @@ def write_image(path: Path, array: np.ndarray) -> None:
 
 
 @pytest.fixture(scope="module")
-def workspace(tmp_path_factory: pytest.TempPathFactory, tiny_dataset: Path) -> Iterator[Path]:
-    folder = tmp_path_factory.mktemp("readme")
+def workspace(module_tmp: Callable[[str], Path], tiny_dataset: Path) -> Iterator[Path]:
+    folder = module_tmp("readme")
     images, labels = synthetic_digits(40, seed=3)
     for i, name in enumerate(("digit.png", "photo.jpg", "photo1.jpg", "photo2.png",
                               "array.npy")):

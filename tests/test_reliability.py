@@ -32,7 +32,7 @@ import time
 import zipfile
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator
 
 import numpy as np
 import pytest
@@ -107,8 +107,8 @@ def tiny_payload(seed: int = 0) -> dict[str, Any]:
 
 
 @pytest.fixture(scope="module")
-def tiny_checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    path = tmp_path_factory.mktemp("tiny-ckpt") / "tiny.pt"
+def tiny_checkpoint(module_tmp: Callable[[str], Path]) -> Path:
+    path = module_tmp("tiny-ckpt") / "tiny.pt"
     save_checkpoint(path, tiny_payload())
     return path
 
@@ -471,9 +471,9 @@ def completed_epochs(run_dir: Path) -> int:
 
 
 @pytest.fixture(scope="module")
-def reference_run(tiny_dataset: Path, tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
+def reference_run(tiny_dataset: Path, module_tmp: Callable[[str], Path]) -> dict[str, Any]:
     """An uninterrupted run in a real process, and when it wrote each last.pt."""
-    root = tmp_path_factory.mktemp("reliability-reference")
+    root = module_tmp("reliability-reference")
     run_dir = root / "run"
     result = watch_training([*train_args(tiny_dataset), "--run-dir", str(run_dir)], run_dir,
                             root / "snapshots")
@@ -735,13 +735,13 @@ def test_bad_data_files(name: str, tiny_dataset: Path, tmp_path: Path, capsys) -
 
 
 @pytest.fixture(scope="module")
-def untrained_checkpoint(tiny_dataset: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+def untrained_checkpoint(tiny_dataset: Path, module_tmp: Callable[[str], Path]) -> Path:
     """A resumable checkpoint of a fresh 28x28 ten-class CapsNet for the tiny data set."""
     torch.manual_seed(0)
     model = CapsNet(CapsNetConfig(routing_iterations=3))
     config = make_config("paper", dataset=str(tiny_dataset), val_size=10, device="cpu",
                          batch_size=8, train_limit=16, epochs=2)
-    path = tmp_path_factory.mktemp("untrained") / "run" / "last.pt"
+    path = module_tmp("untrained") / "run" / "last.pt"
     save_checkpoint(path, {"model_config": model.config.to_dict(), "train_config": config.to_dict(),
                            "model": model.state_dict(),
                            "optimizer": torch.optim.Adam(model.parameters()).state_dict(),

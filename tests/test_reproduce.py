@@ -9,6 +9,7 @@ import os
 import subprocess
 import sys
 from pathlib import Path
+from typing import Callable
 
 import pytest
 import torch
@@ -35,10 +36,10 @@ def reproduce(*args: str | Path) -> subprocess.CompletedProcess:
 
 
 @pytest.fixture(scope="module")
-def tiny(tiny_dataset: Path, tmp_path_factory: pytest.TempPathFactory
+def tiny(tiny_dataset: Path, module_tmp: Callable[[str], Path]
          ) -> tuple[Path, subprocess.CompletedProcess]:
     """The tiny reproduction on the synthetic data set: (output folder, result)."""
-    out = tmp_path_factory.mktemp("reproduce") / "out"
+    out = module_tmp("reproduce") / "out"
     return out, reproduce("--budget", "20m", "--out", out, "--tiny", tiny_dataset)
 
 

@@ -10,7 +10,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
-from typing import Iterator
+from typing import Callable, Iterator
 
 import pytest
 
@@ -24,9 +24,9 @@ KEYS = {"run_dir", "state", "pid", "epoch", "epochs", "step", "steps", "last_val
 
 
 @pytest.fixture(scope="module")
-def finished(tiny_dataset: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+def finished(tiny_dataset: Path, module_tmp: Callable[[str], Path]) -> Path:
     """A 1-epoch tiny run (2 steps)."""
-    run_dir = tmp_path_factory.mktemp("status") / "finished"
+    run_dir = module_tmp("status") / "finished"
     code, _, err = cli(*train_args(tiny_dataset), "--run-dir", run_dir)
     assert code == 0, err
     return run_dir

@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import re
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 import pytest
@@ -45,8 +46,8 @@ def per_class(part: tuple[np.ndarray, np.ndarray], classes: int = 3) -> list[int
 
 
 @pytest.fixture(scope="module")
-def unbalanced(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return write_classes(tmp_path_factory.mktemp("unbalanced"), UNBALANCED)
+def unbalanced(module_tmp: Callable[[str], Path]) -> Path:
+    return write_classes(module_tmp("unbalanced"), UNBALANCED)
 
 
 def test_by_default_val_and_test_take_a_tenth_of_each_class(unbalanced: Path) -> None:
