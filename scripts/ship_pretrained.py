@@ -19,7 +19,8 @@ import torch
 from capsnet import CapsNet
 from capsnet.training.checkpoint import load_checkpoint, load_model
 from capsnet.training.config import TrainConfig, splits_for
-from capsnet.training.evaluate import evaluate
+from capsnet.data.none_images import none_images, pool_size
+from capsnet.training.evaluate import evaluate, none_rate
 from capsnet.utils.device import device_name
 from capsnet.utils.files import write_json
 
@@ -41,17 +42,24 @@ def main() -> None:
                     batch_size=config.eval_batch_size,
                     reconstruction_weight=config.reconstruction_weight,
                     reduction=config.reconstruction_reduction, margin_form=config.margin_loss)
+    # the images of no class a run with --none-fraction is tested on (drawn apart from its
+    # training ones), measured for any model
+    size, channels = shipped.config.image_size, shipped.config.in_channels
+    unseen = none_images(pool_size(size, channels), size, channels, seed=(config.seed, 1),
+                         prepared=shipped.prepare == "mnist")
     summary = json.loads((args.run_dir / "summary.json").read_text())
     summary["shipped"] = {
         "weights": "float16", "test_accuracy": test.accuracy, "test_loss": test.loss,
         "test_errors": test.total - round(test.accuracy * test.total),
+        "test_none_rate": none_rate(shipped, unseen, batch_size=config.eval_batch_size),
         "epoch": load_checkpoint(args.run_dir / "best.pt")["progress"]["epoch"],
         "measured_on": device_name(torch.device("cpu")), "date": time.strftime("%Y-%m-%d"),
         "command": f"python scripts/ship_pretrained.py {args.run_dir} {args.name}"}
     write_json(folder / "summary.json", summary)
     size = (folder / "model.safetensors").stat().st_size
     print(f"{folder}: {size / 1e6:.1f} MB; shipped weights: test accuracy {test.accuracy:.2%} "
-          f"(run's float32 best.pt: {summary['test_accuracy']:.2%})")
+          f"(run's float32 best.pt: {summary['test_accuracy']:.2%}); answers none for "
+          f"{summary['shipped']['test_none_rate']:.1%} of {len(unseen)} images of no class")
 
 
 if __name__ == "__main__":

@@ -230,6 +230,9 @@ def run_experiment(args: argparse.Namespace) -> int:
     if config.augment != "shift":
         raise CapsNetError(f"experiment {args.experiment} places and shifts its digits itself; "
                            f"--augment {config.augment} is for capsnet train")
+    if config.none_fraction:
+        raise CapsNetError(f"experiment {args.experiment} has no images of no class; "
+                           f"--none-fraction is for capsnet train")
     default = Path("runs") / f"{args.experiment}-{Path(config.dataset).name}"
     run_dir = run_folder(args, config, default)
     with Run(run_dir).training_here(new=args.resume is None):

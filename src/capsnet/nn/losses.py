@@ -12,6 +12,7 @@ Reduction = Literal["sum", "mean"]
 MarginForm = Literal["paper", "official"]
 REDUCTIONS = ("sum", "mean")
 MARGIN_FORMS = ("paper", "official")
+NO_CLASS = -1  # the label of an image of none of the classes
 
 
 def margin_loss(lengths: Tensor, targets: Tensor, m_plus: float = 0.9, m_minus: float = 0.1,
@@ -40,27 +41,39 @@ def margin_loss(lengths: Tensor, targets: Tensor, m_plus: float = 0.9, m_minus: 
 
 
 def reconstruction_loss(reconstructions: Tensor, images: Tensor,
-                        reduction: Reduction = "sum") -> Tensor:
+                        reduction: Reduction = "sum", rows: Tensor | None = None) -> Tensor:
     """Squared error between decoder output and input, averaged over the batch.
 
     ``reduction="sum"`` sums over the pixels of an image, as the paper and its official
     code do; ``reduction="mean"`` averages over them, as the notebook does, which is
-    ``pixels`` (784 for MNIST) times weaker at the same weight.
+    ``pixels`` (784 for MNIST) times weaker at the same weight. ``rows`` ``(batch,)`` bool:
+    only those images count (an image of no class has nothing to reconstruct).
     """
+    if reduction not in REDUCTIONS:
+        raise ValueError(f"reduction must be 'sum' or 'mean', got {reduction!r}")
     if reconstructions.numel() == 0:  # a model without a decoder
         return reconstructions.new_zeros(())
     per_pixel = (reconstructions.flatten(1) - images.flatten(1)).square()  # (batch, pixels)
-    if reduction == "sum":
-        return per_pixel.sum(dim=1).mean()
-    if reduction == "mean":
-        return per_pixel.mean()
-    raise ValueError(f"reduction must be 'sum' or 'mean', got {reduction!r}")
+    if rows is None:
+        return per_pixel.sum(dim=1).mean() if reduction == "sum" else per_pixel.mean()
+    per_image = per_pixel.sum(dim=1) if reduction == "sum" else per_pixel.mean(dim=1)
+    return (per_image * rows).sum() / rows.sum().clamp(min=1)
 
 
 def capsule_loss(lengths: Tensor, reconstructions: Tensor, images: Tensor, targets: Tensor,
                  reconstruction_weight: float = 0.0005, reduction: Reduction = "sum",
-                 margin_form: MarginForm = "paper") -> tuple[Tensor, Tensor, Tensor]:
-    """Total loss ``margin + weight * reconstruction``; returns (total, margin, reconstruction)."""
+                 margin_form: MarginForm = "paper", rows: Tensor | None = None
+                 ) -> tuple[Tensor, Tensor, Tensor]:
+    """Total loss ``margin + weight * reconstruction``; returns (total, margin, reconstruction).
+    ``targets`` as :func:`margin_loss` takes them; ``rows`` as :func:`reconstruction_loss`."""
     margin = margin_loss(lengths, targets, form=margin_form)
-    recon = reconstruction_loss(reconstructions, images, reduction)
+    recon = reconstruction_loss(reconstructions, images, reduction, rows)
     return margin + reconstruction_weight * recon, margin, recon
+
+
+def with_no_class(labels: Tensor, classes: int) -> tuple[Tensor, Tensor]:
+    """Class indices where :data:`NO_CLASS` marks an image of none of the classes, as the
+    margin loss's presence matrix ``(batch, classes)`` (a row of zeros: every capsule
+    absent) and the rows that have something to reconstruct ``(batch,)``."""
+    rows = labels != NO_CLASS
+    return F.one_hot(labels.clamp(min=0), classes) * rows[:, None], rows

@@ -71,6 +71,12 @@ class TrainConfig:
                            "(under 30 degrees), shifts within the frame, squeezes and erased "
                            "4x4 patches, in place of --max-shift", choices=AUGMENTS,
                            before="shift")
+    none_fraction: float = setting(0.0, "add this share of the batch size to each training "
+                                   "batch as images of no class (noise and flat grey, as they "
+                                   "come and as predict prepares such photos), every capsule's target "
+                                   "absent, so that the model answers none for them (0: off; "
+                                   "the training accuracy counts a none answer to one as right)",
+                                   min=0, max=1, before=0.0)
     crop: int = setting(0, "train on random crop x crop windows, evaluate on the centre one "
                         "(0: whole images)", min=0, max=4096)
     margin_loss: str = setting("paper", "paper: eq. 4; official: the official code's "
@@ -122,6 +128,9 @@ class TrainConfig:
                                f"of the learning rate must not exceed it")
         if self.cuda_graphs and self.device == "cpu":
             raise CapsNetError("--cuda-graphs needs a CUDA device, not --device cpu")
+        if self.none_fraction and MODELS[self.network].loss == "spread":
+            raise CapsNetError(f"--none-fraction needs the margin loss; {self.network}'s spread "
+                               f"loss has no answer for an image of no class")
         if self.cuda_graphs and MODELS[self.network].loss == "spread":
             raise CapsNetError(f"--cuda-graphs cannot replay {self.network}'s spread loss, "
                                f"whose margin changes every step")

@@ -11,8 +11,10 @@ from torch import Tensor, nn
 from tqdm import tqdm
 
 from ..data.batching import Source, batches, source_length
+from ..data.splits import Split
 from ..nn.losses import capsule_loss
 from ..nn.model import CapsNet
+from ..nn.prediction import PRESENT
 from ..utils.device import autocast
 from ..utils.distributed import World, all_reduce_sum
 from ..utils.memory import capsnet_image_bytes, check_memory
@@ -105,3 +107,21 @@ def evaluate(model: CapsNet, source: Source, *, batch_size: int = 500,
     loss, margin, recon = (sums["losses"] / max(n, 1)).tolist()
     accuracy = confusion.diagonal().sum().item() / max(n, 1)
     return Evaluation(loss, margin, recon, accuracy, n, confusion)
+
+
+def none_rate(model: nn.Module, images: Tensor, *, batch_size: int = 500,
+              device: torch.device | str = "cpu", precision: str = "fp32",
+              world: World = World()) -> float:
+    """The share of ``images`` (uint8 ``(n, C, H, W)``, of none of the model's classes) that
+    the model answers "none": no capsule reaches :data:`~capsnet.nn.prediction.PRESENT`."""
+    unlabelled = Split(images, torch.zeros(len(images), dtype=torch.long))
+
+    def measure(model: nn.Module, batch: tuple[Tensor, Tensor]) -> dict[str, Tensor]:
+        lengths = model(batch[0]).lengths
+        return {"none": (lengths.max(dim=1).values < PRESENT).sum(),
+                "images": torch.tensor(len(lengths), device=lengths.device)}
+
+    sums = accumulate(model, batches(unlabelled, batch_size, device=torch.device(device),
+                                     rank=world.rank, world_size=world.world_size, whole=True),
+                      measure, device=torch.device(device), precision=precision, world=world)
+    return int(sums["none"]) / max(int(sums["images"]), 1)

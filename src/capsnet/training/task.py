@@ -16,16 +16,18 @@ import torch
 from torch import Tensor, nn
 
 from ..data.batching import Source, batches, example_shape, num_batches
+from ..data.none_images import none_images, pool_size
 from ..data.splits import Split, Splits
 from ..errors import CapsNetError
 from ..nn.em_routing import spread_loss, spread_margin
-from ..nn.losses import capsule_loss, reconstruction_loss
+from ..nn.losses import NO_CLASS, capsule_loss, reconstruction_loss, with_no_class
 from ..nn.registry import MODELS
 from ..nn.model import CapsNetConfig
+from ..nn.prediction import PRESENT
 from ..utils.distributed import World
 from .checkpoint import ARCHITECTURES
 from .config import TrainConfig, model_config_for, splits_for
-from .evaluate import Evaluation, evaluate
+from .evaluate import Evaluation, evaluate, none_rate
 
 
 SPREAD_MARGIN_START = spread_margin(0, 1)
@@ -110,16 +112,18 @@ class Task:
 
 def network_loss(out: Any, images: Tensor, labels: Tensor, kind: str, spread_margin: float,
                  reconstruction_weight: float, reduction: str = "sum",
-                 margin_form: str = "paper") -> Tensor:
+                 margin_form: str = "paper", no_class: bool = False) -> Tensor:
     """The loss that trains a network of loss ``kind`` (capsnet.nn.registry): the margin loss
     plus the reconstruction, or the spread loss at ``spread_margin`` plus the reconstruction
-    (zero without a decoder)."""
+    (zero without a decoder). ``no_class``: ``labels`` may hold ``NO_CLASS``."""
     if kind == "spread":
         recon = reconstruction_loss(out.reconstructions.float(), images, reduction)
         return spread_loss(out.lengths.float(), labels, spread_margin) \
             + reconstruction_weight * recon
-    loss, _, _ = capsule_loss(out.lengths.float(), out.reconstructions.float(), images, labels,
-                              reconstruction_weight, reduction, margin_form)
+    targets, rows = (with_no_class(labels, out.lengths.shape[1]) if no_class
+                     else (labels, None))
+    loss, _, _ = capsule_loss(out.lengths.float(), out.reconstructions.float(), images, targets,
+                              reconstruction_weight, reduction, margin_form, rows)
     return loss
 
 
@@ -149,6 +153,11 @@ class Classification(Task):
             raise CapsNetError(f"--crop {config.crop} is larger than the {height}x{height} images")
         self.image_size, self.in_channels = config.crop or height, channels
         self.margin = SPREAD_MARGIN_START
+        # images of no class, drawn into every training batch (--none-fraction)
+        self.none_pool = (none_images(pool_size(self.image_size, channels), self.image_size,
+                                      channels, seed=(config.seed, 0),
+                                      prepared=prepare == "mnist")
+                          if config.none_fraction else None)
 
     @classmethod
     def from_config(cls, config: TrainConfig, data_dir: str | None = None) -> "Classification":
@@ -188,16 +197,37 @@ class Classification(Task):
             self.train, self.val, self.test_set = (
                 s.to(device) if isinstance(s, Split) else s
                 for s in (self.train, self.val, self.test_set))
+            if self.none_pool is not None:
+                self.none_pool = self.none_pool.to(device)
 
     def num_batches(self, world: World) -> int:
         return num_batches(len(self.train), self.config.batch_size, world.world_size)
 
     def batches(self, seed: int, start: int, device: torch.device, world: World
                 ) -> Iterable[tuple[Tensor, Tensor]]:
-        return batches(self.train, self.config.batch_size, seed=seed,
-                       max_shift=self.config.max_shift, augment=self.config.augment,
-                       crop=self.config.crop, start=start, device=device, rank=world.rank,
-                       world_size=world.world_size)
+        labelled = batches(self.train, self.config.batch_size, seed=seed,
+                           max_shift=self.config.max_shift, augment=self.config.augment,
+                           crop=self.config.crop, start=start, device=device, rank=world.rank,
+                           world_size=world.world_size)
+        if self.none_pool is None:
+            return labelled
+        return self.with_none_images(labelled, seed, start, device, world)
+
+    def with_none_images(self, labelled: Iterable[tuple[Tensor, Tensor]], seed: int, start: int,
+                         device: torch.device, world: World) -> Iterable[tuple[Tensor, Tensor]]:
+        """Each batch with images of no class (label ``NO_CLASS``) after its own: which ones
+        is drawn for the whole pass from ``seed``, as the order is, so a resumed pass adds
+        the same ones."""
+        per_rank = max(1, round(self.config.batch_size // world.world_size
+                                * self.config.none_fraction))
+        generator = torch.Generator().manual_seed(seed)
+        picks = torch.randint(len(self.none_pool), (self.num_batches(world), world.world_size,
+                                                    per_rank), generator=generator)
+        no_class = torch.full((per_rank,), NO_CLASS, device=device)
+        for index, (images, labels) in enumerate(labelled, start=start):
+            extra = self.none_pool[picks[index, world.rank].to(self.none_pool.device)]
+            extra = extra.to(device, non_blocking=True).float().div_(255.0)
+            yield torch.cat([images, extra]), torch.cat([labels, no_class])
 
     def schedule(self, step: int, total_steps: int) -> None:
         if self.loss_kind == "spread":  # the paper: from 0.2 up to 0.9 during training
@@ -206,13 +236,19 @@ class Classification(Task):
     def loss(self, out: Any, images: Tensor, labels: Tensor) -> Tensor:
         return network_loss(out, images, labels, self.loss_kind, self.margin,
                             self.config.reconstruction_weight,
-                            self.config.reconstruction_reduction, self.config.margin_loss)
+                            self.config.reconstruction_reduction, self.config.margin_loss,
+                            no_class=self.none_pool is not None)
 
     def step(self, model: nn.Module, batch: tuple[Tensor, Tensor]) -> Step:
         images, labels = batch
-        out = model(images, labels)
-        return Step(self.loss(out, images, labels), (out.predictions == labels).sum(),
-                    len(labels))
+        if self.none_pool is None:
+            out = model(images, labels)
+            return Step(self.loss(out, images, labels), (out.predictions == labels).sum(),
+                        len(labels))
+        out = model(images, labels.clamp(min=0))  # what no-class rows reconstruct is not used
+        answered_none = out.lengths.max(dim=1).values < PRESENT
+        correct = torch.where(labels == NO_CLASS, answered_none, out.predictions == labels)
+        return Step(self.loss(out, images, labels), correct.sum(), len(labels))
 
     def evaluation(self, model: nn.Module, source: Source, device: torch.device,
                    world: World) -> Evaluation:
@@ -229,7 +265,14 @@ class Classification(Task):
 
     def test(self, model: nn.Module, device: torch.device, world: World) -> dict[str, Any]:
         result = self.evaluation(model, self.test_set, device, world)
-        return {"test_accuracy": result.accuracy, "test_loss": result.loss}
+        figures = {"test_accuracy": result.accuracy, "test_loss": result.loss}
+        if self.none_pool is not None:  # images of no class the run never trained on
+            unseen = none_images(len(self.none_pool), self.image_size, self.in_channels,
+                                 seed=(self.config.seed, 1), prepared=self.prepare == "mnist")
+            figures["test_none_rate"] = none_rate(
+                model, unseen, batch_size=self.config.eval_batch_size, device=device,
+                precision=self.config.precision, world=world)
+        return figures
 
 
 def check_fits(config: Any, dataset: str, image_size: int, in_channels: int,
