@@ -194,8 +194,21 @@ def recipe_name(run: Run) -> str:
     parts = [run.train.get("preset", MISSING)]
     parts += [f"{k} {v}" for k, v in changed(run).items()]
     if run.config.get("init_from"):
-        parts.append("continued from a trained checkpoint")
+        parts.append(f"continued from {started_from(run)}")
     return ", ".join(map(str, parts))
+
+
+def started_from(run: Run) -> str:
+    """The record of the run whose checkpoint ``run`` started from (``--init-from``), as a
+    link, or "a trained checkpoint" when no record beside it holds that checkpoint."""
+    init_from = Path(run.config["init_from"])
+    for folder in sorted(run.folder.parent.iterdir()):
+        summary = folder / "summary.json"
+        if folder != run.folder and summary.is_file():
+            checkpoint = read_json(summary).get("checkpoint")
+            if checkpoint is not None and Path(checkpoint) == init_from:
+                return link(Run(folder))
+    return "a trained checkpoint"
 
 
 def training_table(runs: list[Run]) -> str:

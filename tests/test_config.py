@@ -223,6 +223,7 @@ def test_committed_run_records_load_and_build_the_network_they_recorded(record: 
                                 model.num_classes) == model
 
 
-def test_the_shipped_model_config_loads_as_the_notebook_network() -> None:
+def test_the_shipped_model_config_loads_as_the_paper_presets_network() -> None:
     stored = json.loads((REPO / "src/capsnet/pretrained/mnist/config.json").read_text())
-    assert CapsNetConfig.from_dict(stored["model_config"]) == CapsNetConfig()
+    expected = model_config_for(make_config("paper"), 28, 1, 10)
+    assert CapsNetConfig.from_dict(stored["model_config"]) == expected

@@ -78,7 +78,9 @@ def test_export_writes_what_save_pretrained_writes(tmp_path: Path) -> None:
 
 def test_the_shipped_mnist_model() -> None:
     model = CapsNet.from_pretrained("mnist")
-    assert count_parameters(model) == 8_215_568 and model.class_names == tuple("0123456789")
+    # The paper preset's network: the notebook's 8,215,568 and the routing bias (10 x 16)
+    assert count_parameters(model) == 8_215_728 and model.config.routing_bias
+    assert model.class_names == tuple("0123456789")
     size = (REPO / "src/capsnet/pretrained/mnist/model.safetensors").stat().st_size
     assert size <= 17e6
     summary = json.loads((REPO / "src/capsnet/pretrained/mnist/summary.json").read_text())

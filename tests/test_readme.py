@@ -105,8 +105,9 @@ def test_the_readme_lists_every_training_flag() -> None:
 
 def test_the_readme_states_the_shipped_models_own_record() -> None:
     """The paragraph on the shipped model gives what scripts/ship_pretrained.py measured with
-    the weights that ship: their test accuracy and errors, the epoch of the run they are
-    from, and the command, so the README cannot keep a replaced model's numbers."""
+    the weights that ship: their test accuracy and errors, their "none" answers to images of
+    no class, the epoch of the run they are from, and the command, so the README cannot keep
+    a replaced model's numbers."""
     import json
 
     shipped = json.loads((REPO / "src/capsnet/pretrained/mnist/summary.json").read_text())
@@ -114,6 +115,7 @@ def test_the_readme_states_the_shipped_models_own_record() -> None:
     text = README.read_text()
     paragraph = " ".join(text[text.index("The package ships"):].split("\n\n")[0].split())
     for fact in (f"**{shipped['test_accuracy']:.2%}**", f"{shipped['test_errors']} errors",
+                 f"{shipped['test_none_rate']:.1%}",
                  f"`best.pt` of epoch {shipped['epoch']}", f"`{shipped['command']}`"):
         assert fact in paragraph, fact
 
