@@ -19,7 +19,7 @@ import torch
 from capsnet import CapsNet
 from capsnet.training.checkpoint import load_checkpoint, load_model
 from capsnet.training.config import TrainConfig, splits_for
-from capsnet.data.none_images import none_images, pool_size
+from capsnet.data.none_images import run_pool
 from capsnet.training.evaluate import evaluate, none_rate
 from capsnet.utils.device import device_name
 from capsnet.utils.files import write_json
@@ -44,9 +44,8 @@ def main() -> None:
                     reduction=config.reconstruction_reduction, margin_form=config.margin_loss)
     # the images of no class a run with --none-fraction is tested on (drawn apart from its
     # training ones), measured for any model
-    size, channels = shipped.config.image_size, shipped.config.in_channels
-    unseen = none_images(pool_size(size, channels), size, channels, seed=(config.seed, 1),
-                         prepared=shipped.prepare == "mnist")
+    unseen = run_pool(shipped.config.image_size, shipped.config.in_channels, config.seed,
+                      shipped.prepare == "mnist", "test")
     summary = json.loads((args.run_dir / "summary.json").read_text())
     summary["shipped"] = {
         "weights": "float16", "test_accuracy": test.accuracy, "test_loss": test.loss,

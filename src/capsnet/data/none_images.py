@@ -62,3 +62,11 @@ def none_images(count: int, size: int, channels: int, seed: int | tuple[int, ...
                 pass
         images[index] = np.rint(plane * 255)
     return torch.from_numpy(images)
+
+
+def run_pool(size: int, channels: int, seed: int, prepared: bool, part: str) -> Tensor:
+    """A run's pool of images of no class: those its batches draw from (``part="train"``), or
+    those its test measures (``"test"``), drawn apart from them; both fixed by the run's
+    ``seed``."""
+    return none_images(pool_size(size, channels), size, channels,
+                       seed=(seed, ("train", "test").index(part)), prepared=prepared)

@@ -16,7 +16,7 @@ import torch
 from torch import Tensor, nn
 
 from ..data.batching import Source, batches, example_shape, num_batches
-from ..data.none_images import none_images, pool_size
+from ..data.none_images import run_pool
 from ..data.splits import Split, Splits
 from ..errors import CapsNetError
 from ..nn.em_routing import spread_loss, spread_margin
@@ -154,10 +154,8 @@ class Classification(Task):
         self.image_size, self.in_channels = config.crop or height, channels
         self.margin = SPREAD_MARGIN_START
         # images of no class, drawn into every training batch (--none-fraction)
-        self.none_pool = (none_images(pool_size(self.image_size, channels), self.image_size,
-                                      channels, seed=(config.seed, 0),
-                                      prepared=prepare == "mnist")
-                          if config.none_fraction else None)
+        self.none_pool = (run_pool(self.image_size, channels, config.seed, prepare == "mnist",
+                                   "train") if config.none_fraction else None)
 
     @classmethod
     def from_config(cls, config: TrainConfig, data_dir: str | None = None) -> "Classification":
@@ -223,9 +221,10 @@ class Classification(Task):
         generator = torch.Generator().manual_seed(seed)
         picks = torch.randint(len(self.none_pool), (self.num_batches(world), world.world_size,
                                                     per_rank), generator=generator)
+        picks = picks[:, world.rank].to(self.none_pool.device)  # (batches, per_rank)
         no_class = torch.full((per_rank,), NO_CLASS, device=device)
         for index, (images, labels) in enumerate(labelled, start=start):
-            extra = self.none_pool[picks[index, world.rank].to(self.none_pool.device)]
+            extra = self.none_pool[picks[index]]
             extra = extra.to(device, non_blocking=True).float().div_(255.0)
             yield torch.cat([images, extra]), torch.cat([labels, no_class])
 
@@ -267,8 +266,8 @@ class Classification(Task):
         result = self.evaluation(model, self.test_set, device, world)
         figures = {"test_accuracy": result.accuracy, "test_loss": result.loss}
         if self.none_pool is not None:  # images of no class the run never trained on
-            unseen = none_images(len(self.none_pool), self.image_size, self.in_channels,
-                                 seed=(self.config.seed, 1), prepared=self.prepare == "mnist")
+            unseen = run_pool(self.image_size, self.in_channels, self.config.seed,
+                              self.prepare == "mnist", "test")
             figures["test_none_rate"] = none_rate(
                 model, unseen, batch_size=self.config.eval_batch_size, device=device,
                 precision=self.config.precision, world=world)
