@@ -33,7 +33,7 @@ NOTEBOOK = {
     "reconstruction_weight": 0.0005, "margin_loss": "paper", "init": "glorot",
     "primary_style": "notebook", "routing_bias": False, "leaky_routing": False,
     "primary_maps": 32, "crop": 0, "val_size": 0, "val_split": "first", "train_limit": 0,
-    "augment": "shift", "lr_min": 0.0, "none_fraction": 0.0,
+    "augment": "shift", "lr_min": 0.0, "none_fraction": 0.0, "ema_decay": 0.0,
 }  # val_size 0: the data set's default, read_data_sets' 5,000 on MNIST
 
 # The paper, and the official code where the paper is silent.
@@ -43,7 +43,7 @@ PAPER = {
     "reconstruction_weight": 0.0005, "margin_loss": "paper", "init": "official",
     "primary_style": "official", "routing_bias": True, "leaky_routing": False,
     "primary_maps": 32, "crop": 0, "val_size": 0, "val_split": "first", "train_limit": 0,
-    "augment": "shift", "lr_min": 0.0, "none_fraction": 0.0,
+    "augment": "shift", "lr_min": 0.0, "none_fraction": 0.0, "ema_decay": 0.0,
 }
 
 # The notebook's network and losses for one epoch, bf16 where the CPU has AMX: 99% on a CPU.

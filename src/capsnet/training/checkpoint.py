@@ -19,7 +19,8 @@ from ..errors import CapsNetError
 from ..nn.baseline import ARCHITECTURE as CNN, BaselineCNN, BaselineConfig
 from ..nn.model import CapsNet, CapsNetConfig
 from ..nn.registry import ARCHITECTURES as CAPSULE_NETWORKS
-from ..nn.pretrained import Stored, built, checkpoint_of, dtype_name, outline, read_model
+from ..nn.pretrained import (Stored, built, check_fits, checkpoint_of, dtype_name, outline,
+                             read_model)
 from ..utils.checkpoint_file import read_checkpoint
 # The trainer and the tests import these from here:
 from ..utils.checkpoint_file import FORMAT, VERSION, save_checkpoint, state_digest  # noqa: F401
@@ -100,6 +101,8 @@ def stored_parameters(payload: dict[str, Any], path: str | os.PathLike
         raise CapsNetError(f"{path}: unknown architecture {short(architecture)}")
     model_class, config_class = ARCHITECTURES[architecture]
     model = outline(model_class, config_class, payload["model_config"], payload["model"], str(path))
+    if "training_weights" in payload:
+        check_fits(model.state_dict(), payload["training_weights"], f"{path}: training_weights")
     return list(model.named_parameters())
 
 

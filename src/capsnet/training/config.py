@@ -64,6 +64,11 @@ class TrainConfig:
                             "most --lr", min=0, lt=1, before=0.0)
     warmup_steps: int = setting(0, "raise the learning rate linearly over the first N steps",
                                 min=0, max=10_000_000)
+    ema_decay: float = setting(0.0, "keep an exponential moving average of the weights, "
+                               "moving 1 - this towards them after every step (e.g. 0.999); "
+                               "validation, best.pt and the test use the average, and the "
+                               "checkpoints keep the trained weights too, to resume from (0: "
+                               "off)", min=0, lt=1, before=0.0)
     max_shift: int = setting(2, "random shift of each training image, in pixels, each axis "
                              "(0: none; unused with --augment efficient)", min=0, max=8)
     augment: str = setting("shift", "training images' augmentation: shift: --max-shift "

@@ -22,6 +22,7 @@ from ..errors import CapsNetError
 from ..utils.device import (autocast, compile_options, device_name, resolve_device,
                             resolved_precision)
 from ..utils.distributed import all_reduce_sum, any_rank, init_world, per_rank_batch, shutdown
+from .average import WeightAverage
 from .checkpoint import Progress, load_checkpoint, model_from_checkpoint, progress_of
 from .config import COMPILE_AFTER_STEPS, TrainConfig, epoch_seed, learning_rate, resume_config
 from .graphs import GraphedStep, check_graphs_possible, set_learning_rate
@@ -177,11 +178,15 @@ class Trainer:
         self.progress = Progress(best=-math.inf if task.higher_is_better else math.inf,
                                  init_from=str(self.init_from) if self.init_from else None)
         start = payload or (load_checkpoint(self.init_from) if self.init_from else None)
+        source = f"--resume {self.run.folder}" if payload else f"--init-from {self.init_from}"
+        if payload is not None and config.ema_decay and "training_weights" not in payload:
+            raise CapsNetError(f"{source}: {self.run.checkpoint(from_best)} has no "
+                               f"training_weights beside the averaged ones, so training cannot "
+                               f"resume from it")
         with self.rng.active():  # the weights are the first draws of the run's stream
             self.model = task.build_model()
             if start is not None:
-                self.model = self.model_from(start, f"--resume {self.run.folder}" if payload
-                                             else f"--init-from {self.init_from}")
+                self.model = self.model_from(trained_weights(start), source)
         if payload is not None:
             self.progress = progress_of(payload, self.run.checkpoint(from_best))
             self.rng.restore(payload.get("rng_state"), str(self.run.folder))
@@ -191,6 +196,11 @@ class Trainer:
         self.optimizer = make_optimizer(self.model.parameters(), config.lr, self.device,
                                         start.get("optimizer") if start is not None else None,
                                         capturable=config.cuda_graphs)
+        # Built once the weights are on the device, before compiling: the average holds
+        # views of them. A resumed run continues its own average.
+        self.average = (WeightAverage(self.model, config.ema_decay,
+                                      payload["model"] if payload is not None else None)
+                        if config.ema_decay else None)
         self.log: MetricsLog | None = None  # set while fit() runs
         self.first_step_seconds: float | None = None
         self.first_step_images = 0
@@ -231,10 +241,18 @@ class Trainer:
 
     # -- checkpoints ---------------------------------------------------------------------
 
+    @property
+    def evaluated_model(self) -> torch.nn.Module:
+        """What validation measures and checkpoints keep as the model: the weights'
+        average with ``ema_decay``, else the trained weights."""
+        return self.model if self.average is None else self.average.model
+
     def payload(self) -> dict[str, Any]:
+        averaged = {} if self.average is None else {"training_weights": self.model.state_dict()}
         return {"architecture": self.task.architecture,
                 "model_config": self.model.config.to_dict(), "train_config": self.config.to_dict(),
-                "task": self.task.describe(), **self.task.labels(), "model": self.model.state_dict(),
+                "task": self.task.describe(), **self.task.labels(),
+                "model": self.evaluated_model.state_dict(), **averaged,
                 "optimizer": self.optimizer.state_dict(), "progress": self.progress.to_dict(),
                 "rng_state": self.rng.cpu_state()}
 
@@ -250,6 +268,8 @@ class Trainer:
         set_learning_rate(self.optimizer, learning_rate(self.config, self.progress.step))
         self.task.schedule(self.progress.step, self.total_steps)
         step = (self.graphed or self.optimize)(batch)
+        if self.average is not None:
+            self.average.update()
         self.progress.step += 1
         return step
 
@@ -414,7 +434,7 @@ class Trainer:
         return value > best if self.task.higher_is_better else value < best
 
     def end_epoch(self, epoch: int, stats: dict[str, float]) -> None:
-        val = self.task.validate(self.model, self.device, self.world)
+        val = self.task.validate(self.evaluated_model, self.device, self.world)
         improved = self.improves(val[self.task.best_metric])
         progress = self.progress
         # val_accuracy: what stop_at compares, also after a resume
@@ -488,6 +508,14 @@ class CurvePoints:
                                "lr": learning_rate(trainer.config, step - 1),
                                "train_loss": loss_sum / n_steps,
                                "train_accuracy": n_correct / max(n_seen, 1)})
+
+
+def trained_weights(payload: dict[str, Any]) -> dict[str, Any]:
+    """A checkpoint with the weights training continues from as its model: those of the
+    optimiser (``training_weights``) where the model holds their average."""
+    if "training_weights" not in payload:
+        return payload
+    return {**payload, "model": payload["training_weights"]}
 
 
 def steady_rate(images: int, seconds: float) -> float | None:

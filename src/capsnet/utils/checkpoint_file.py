@@ -210,14 +210,18 @@ def check_structure(payload: dict[str, Any], path: Path, resumable: bool = False
     for key in ("model_config", "model"):
         if not isinstance(payload.get(key), dict):
             raise CapsNetError(f"{path}: checkpoint has no {key}")
-    model = payload["model"]
-    if not model:
+    if not payload["model"]:
         raise CapsNetError(f"{path}: checkpoint has no weights")
-    for name, tensor in model.items():
-        if not isinstance(name, str) or not isinstance(tensor, torch.Tensor):
-            raise CapsNetError(f"{path}: model entry {str(name)[:80]!r} is not a named tensor")
-        if (tensor.is_floating_point() or tensor.is_complex()) and not bool(torch.isfinite(tensor).all()):
-            raise CapsNetError(f"{path}: weight {name} holds NaN or infinite values")
+    if "training_weights" in payload and not isinstance(payload["training_weights"], dict):
+        raise CapsNetError(f"{path}: checkpoint's training_weights is not a dict")
+    # model: the weights to use (a run's average, with --ema-decay); training_weights: then
+    # the trained ones, which training resumes from
+    for key in ("model", "training_weights"):
+        for name, tensor in payload.get(key, {}).items():
+            if not isinstance(name, str) or not isinstance(tensor, torch.Tensor):
+                raise CapsNetError(f"{path}: {key} entry {str(name)[:80]!r} is not a named tensor")
+            if (tensor.is_floating_point() or tensor.is_complex()) and not bool(torch.isfinite(tensor).all()):
+                raise CapsNetError(f"{path}: {key} weight {name} holds NaN or infinite values")
     required = ("train_config", "optimizer", "progress") if resumable else ()
     for key in ("train_config", "optimizer", "progress"):
         if key not in payload:

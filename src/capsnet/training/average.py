@@ -1,0 +1,41 @@
+"""An exponential moving average of a model's weights (Polyak averaging, as torchvision's
+``--model-ema`` and timm's ``ModelEma``): after every optimiser step each floating-point
+weight and buffer of the average moves ``1 - decay`` of the way to the trained one, and
+integer buffers (batch norm's step count) are copied. The average is often a little more
+accurate than the weights of the last step, and costs one model's memory.
+"""
+
+from __future__ import annotations
+
+import copy
+
+import torch
+from torch import nn
+
+
+class WeightAverage:
+    """The average of ``model``'s weights, itself a model (``.model``, in eval mode) that
+    starts as a copy of ``model``, or of ``state`` (a state dict) when given."""
+
+    def __init__(self, model: nn.Module, decay: float,
+                 state: dict[str, torch.Tensor] | None = None) -> None:
+        if not 0 < decay < 1:
+            raise ValueError(f"decay must be in (0, 1), got {decay}")
+        self.decay = decay
+        self.model = copy.deepcopy(model).eval().requires_grad_(False)
+        if state is not None:
+            self.model.load_state_dict(state)
+        # Detached views of both models' weights: in-place updates reach the weights
+        pairs = list(zip(self.model.state_dict().values(), model.state_dict().values(),
+                         strict=True))
+        self.floats = [pair for pair in pairs if pair[0].is_floating_point()]
+        self.counts = [pair for pair in pairs if not pair[0].is_floating_point()]
+
+    @torch.no_grad()
+    def update(self) -> None:
+        """Move the average towards the model's weights as they are after a step."""
+        if self.floats:
+            torch._foreach_lerp_([a for a, _ in self.floats], [w for _, w in self.floats],
+                                 1 - self.decay)
+        for average, weight in self.counts:
+            average.copy_(weight)
