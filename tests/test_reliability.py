@@ -472,25 +472,39 @@ def completed_epochs(run_dir: Path) -> int:
 
 @pytest.fixture(scope="module")
 def reference_run(tiny_dataset: Path, module_tmp: Callable[[str], Path]) -> dict[str, Any]:
-    """An uninterrupted run in a real process, and when it wrote each last.pt."""
+    """An uninterrupted run in a real process, when it wrote each last.pt, and its first
+    epoch's best.pt (``first_best``, as a kill right after writing it leaves it)."""
     root = module_tmp("reliability-reference")
     run_dir = root / "run"
     result = watch_training([*train_args(tiny_dataset), "--run-dir", str(run_dir)], run_dir,
                             root / "snapshots")
     assert result.returncode == 0, result.stderr
+    first_best = next(p for p in result.snapshots if p.name.endswith("best.pt"))
+    shutil.copy2(first_best, root / "first-best.pt")
     verify_snapshots(result)
     saves = result.last_saves  # all 3, unless this process was starved of CPU for a while
     assert saves and completed_epochs(run_dir) == EPOCHS
     per_epoch = ((saves[-1] - saves[0]) / (len(saves) - 1) if len(saves) > 1
                  else (result.seconds - saves[0]) / EPOCHS)
     return {"dir": run_dir, "seconds": result.seconds, "first_save": saves[0],
-            "per_epoch": per_epoch}
+            "per_epoch": per_epoch, "first_best": root / "first-best.pt"}
 
 
 def metrics(run_dir: Path) -> list[tuple]:
     lines = (run_dir / "metrics.jsonl").read_text().splitlines()
     return [tuple(json.loads(line)[k] for k in ("epoch", "step", "train_loss", "val_loss",
                                                 "val_accuracy", "improved")) for line in lines]
+
+
+def continuing(run_dir: Path) -> list[str]:
+    """What a user runs after a kill: resume from last.pt; from best.pt when the kill came
+    between the first epoch's best.pt and last.pt (training refuses to start over it); else
+    the same new run."""
+    if (run_dir / "last.pt").exists():
+        return ["--resume", str(run_dir)]
+    if (run_dir / "best.pt").exists():
+        return ["--resume", str(run_dir), "--from-best"]
+    return ["--run-dir", str(run_dir)]
 
 
 def kill_and_resume(rng: random.Random, reference_run: dict[str, Any], tiny_dataset: Path,
@@ -512,7 +526,7 @@ def kill_and_resume(rng: random.Random, reference_run: dict[str, Any], tiny_data
         # however fast the machine is against the timings.
         startup = max(0.5, first_save - per_epoch)
         delay = startup + rng.uniform(0.02, 1.0) * (EPOCHS - done) * per_epoch
-        where = ["--resume", str(run_dir)] if (run_dir / "last.pt").exists() else ["--run-dir", str(run_dir)]
+        where = continuing(run_dir)
         temporaries = set(run_dir.glob(".*.pt.*.tmp"))
         result = watch_training([*train_args(tiny_dataset), *where], run_dir, snapshots, delay,
                                 kill_at_save=1)
@@ -532,7 +546,7 @@ def kill_and_resume(rng: random.Random, reference_run: dict[str, Any], tiny_data
                       "epochs_after": done, "mid_write": mid_write,
                       "saves_seen": len(result.snapshots)})
     if final is None:
-        where = ["--resume", str(run_dir)] if (run_dir / "last.pt").exists() else ["--run-dir", str(run_dir)]
+        where = continuing(run_dir)
         final = watch_training([*train_args(tiny_dataset), *where], run_dir, snapshots)
         verified += verify_snapshots(final)
     return kills, verified, final
@@ -566,6 +580,26 @@ def test_sigkill_at_random_moments_then_resume_gives_identical_weights(
     assert (summary["test_loss"], summary["test_accuracy"]) == (expected["test_loss"],
                                                                 expected["test_accuracy"])
     assert not list(run_dir.glob(".*.pt.*.tmp"))  # killed writers' temporaries were removed
+
+
+def test_a_run_killed_between_its_first_best_and_last_resumes_from_best_exactly(
+        reference_run: dict[str, Any], tiny_dataset: Path, tmp_path: Path) -> None:
+    """Only the first epoch's best.pt on disk: a new run is refused over it, and --resume
+    --from-best ends as the uninterrupted run."""
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    shutil.copy2(reference_run["first_best"], run_dir / "best.pt")
+    again = watch_training([*train_args(tiny_dataset), "--run-dir", str(run_dir)], run_dir,
+                           tmp_path / "snapshots")
+    assert again.returncode == 2 and "--from-best" in again.stderr
+    final = watch_training([*train_args(tiny_dataset), *continuing(run_dir)], run_dir,
+                           tmp_path / "snapshots")
+    assert final.returncode == 0, final.stderr
+    for name in ("last.pt", "best.pt"):
+        mine, theirs = load_checkpoint(run_dir / name), load_checkpoint(reference_run["dir"] / name)
+        for payload in (mine, theirs):
+            payload["progress"].pop("wall_seconds")  # all else is the same
+        assert state_digest(mine) == state_digest(theirs), name
 
 
 # -- training stops cleanly ---------------------------------------------------------------
