@@ -199,14 +199,15 @@ def recipe_name(run: Run) -> str:
 
 
 def started_from(run: Run) -> str:
-    """The record of the run whose checkpoint ``run`` started from (``--init-from``), as a
-    link, or "a trained checkpoint" when no record beside it holds that checkpoint."""
+    """The record of the run whose checkpoint ``run`` started from (``--init-from``: its
+    best.pt or last.pt), as a link, or "a trained checkpoint" when no record beside it is of
+    the run folder that checkpoint is in."""
     init_from = Path(run.config["init_from"])
     for folder in sorted(run.folder.parent.iterdir()):
         summary = folder / "summary.json"
         if folder != run.folder and summary.is_file():
             checkpoint = read_json(summary).get("checkpoint")
-            if checkpoint is not None and Path(checkpoint) == init_from:
+            if checkpoint is not None and Path(checkpoint).parent == init_from.parent:
                 return link(Run(folder))
     return "a trained checkpoint"
 

@@ -199,3 +199,24 @@ def test_a_field_a_record_lacks_shows_as_not_recorded(tmp_path: Path) -> None:
     row = next(line for line in (docs / "RESULTS.md").read_text().splitlines()
                if "runs/bare" in line)
     assert row.count("not recorded") == 8 and "90.00%" in row
+
+
+@pytest.mark.parametrize("checkpoint, shown", [
+    ("runs/first/best.pt", "continued from [runs/base](runs/base)"),
+    ("runs/first/last.pt", "continued from [runs/base](runs/base)"),
+    ("runs/elsewhere/best.pt", "continued from a trained checkpoint"),
+])
+def test_a_continued_run_links_the_record_of_the_run_it_started_from(
+        tmp_path: Path, checkpoint: str, shown: str) -> None:
+    docs = copy_docs(tmp_path)
+    for name, config, summary in (
+            ("base", {"train": {"epochs": 3}}, {"checkpoint": "runs/first/best.pt"}),
+            ("continued", {"train": {"epochs": 2}, "init_from": checkpoint}, {})):
+        folder = docs / "runs" / name
+        folder.mkdir()
+        (folder / "config.json").write_text(json.dumps(config))
+        (folder / "summary.json").write_text(json.dumps({"test_accuracy": 0.9, **summary}))
+    assert tables(docs).returncode == 0
+    row = next(line for line in (docs / "RESULTS.md").read_text().splitlines()
+               if "[runs/continued]" in line)
+    assert shown in row
