@@ -28,14 +28,14 @@ class WeightAverage:
         # Detached views of both models' weights: in-place updates reach the weights
         pairs = list(zip(self.model.state_dict().values(), model.state_dict().values(),
                          strict=True))
-        self.floats = [pair for pair in pairs if pair[0].is_floating_point()]
-        self.counts = [pair for pair in pairs if not pair[0].is_floating_point()]
+        self.averages = [a for a, _ in pairs if a.is_floating_point()]
+        self.weights = [w for a, w in pairs if a.is_floating_point()]
+        self.counts = [(a, w) for a, w in pairs if not a.is_floating_point()]
 
     @torch.no_grad()
     def update(self) -> None:
         """Move the average towards the model's weights as they are after a step."""
-        if self.floats:
-            torch._foreach_lerp_([a for a, _ in self.floats], [w for _, w in self.floats],
-                                 1 - self.decay)
+        if self.averages:
+            torch._foreach_lerp_(self.averages, self.weights, 1 - self.decay)
         for average, weight in self.counts:
             average.copy_(weight)
