@@ -118,6 +118,23 @@ def test_batches_that_fit_pass_and_the_evaluation_batch_is_capped_by_validation(
     assert model_config_for(config, 28, 1, 10).num_classes == 10
 
 
+def test_the_weight_average_and_the_images_of_no_class_are_counted(memory_of) -> None:
+    config = make_config("paper", batch_size=64, eval_batch_size=16)
+    model = model_config_for(config, 28, 1, 10)
+    plain = capsnet_state_bytes(model, True) + 64 * capsnet_image_bytes(model, True)
+    memory_of(plain)  # exactly what the plain run needs
+    model_config_for(config, 28, 1, 10)
+    with pytest.raises(CapsNetError, match=r"^a training batch of 64 1x28x28 images would "
+                                           r"need .*; lower --batch-size$"):
+        model_config_for(make_config("paper", batch_size=64, eval_batch_size=16,
+                                     ema_decay=0.999), 28, 1, 10)
+    with pytest.raises(CapsNetError, match=r"^a training batch of 64 1x28x28 images and 8 of "
+                                           r"no class would need .*; lower --batch-size$"):
+        model_config_for(make_config("paper", batch_size=64, eval_batch_size=16,
+                                     none_fraction=0.125), 28, 1, 10)
+    assert capsnet_state_bytes(model, True, averaged=True) == 20 * model.parameter_count
+
+
 def test_each_rank_needs_only_its_share_of_the_batch(memory_of,
                                                      monkeypatch: pytest.MonkeyPatch) -> None:
     memory_of(300 * MiB)

@@ -250,23 +250,26 @@ def model_config_for(config: TrainConfig, image_size: int, in_channels: int,
 
 def check_training_memory(config: TrainConfig, model: CapsNetConfig) -> None:
     """Refuse, before anything is allocated, training a model of these sizes as ``config``
-    says when its weights, their gradients and Adam's moments, with a training batch or an
-    evaluation batch (each rank's share under torchrun), would not fit in the memory of the
-    device it would run on."""
+    says when its weights, their gradients, Adam's moments and the weight average
+    (``--ema-decay``), with a training batch (its images of no class too) or an evaluation
+    batch (each rank's share under torchrun), would not fit in the memory of the device it
+    would run on."""
     device = "cuda" if config.device != "cpu" and torch.cuda.is_available() else "cpu"
     ranks = int(os.environ.get("WORLD_SIZE", "1"))
-    state = capsnet_state_bytes(model, training=True)
+    state = capsnet_state_bytes(model, training=True, averaged=bool(config.ema_decay))
     images = f"{model.in_channels}x{model.image_size}x{model.image_size} images"
     check_memory(state, f"training a CapsNet for {images} and {model.num_classes} classes "
                  f"({model.parameter_count:,} parameters)", "train on smaller images "
                  "(--image-size, --crop) or with fewer --primary-maps", device)
-    batches = (("training", "--batch-size", config.batch_size),
-               ("evaluation", "--eval-batch-size",
-                min(config.eval_batch_size, config.val_size or config.eval_batch_size)))
-    for kind, flag, batch in batches:
+    eval_batch = min(config.eval_batch_size, config.val_size or config.eval_batch_size)
+    for kind, flag, batch in (("training", "--batch-size", config.batch_size),
+                              ("evaluation", "--eval-batch-size", eval_batch)):
         share = -(-batch // ranks)
-        check_memory(state + share * capsnet_image_bytes(model, kind == "training"),
-                     f"a {kind} batch of {share:,} {images}", f"lower {flag}", device)
+        no_class = (max(1, round(share * config.none_fraction))  # as the task adds them
+                    if kind == "training" and config.none_fraction else 0)
+        rows = f"{share:,} {images}" + (f" and {no_class:,} of no class" if no_class else "")
+        check_memory(state + (share + no_class) * capsnet_image_bytes(model, kind == "training"),
+                     f"a {kind} batch of {rows}", f"lower {flag}", device)
 
 
 def learning_rate(config: TrainConfig, step: int) -> float:

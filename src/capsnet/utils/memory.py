@@ -83,7 +83,8 @@ def capsnet_image_bytes(config: Any, training: bool) -> int:
     return int(MARGIN * FLOAT * floats)
 
 
-def capsnet_state_bytes(config: Any, training: bool) -> int:
-    """Bytes of a CapsNet's parameters: the weights, and while training their gradients and
-    Adam's moments too."""
-    return FLOAT * config.parameter_count * (TRAINING_STATE if training else 1)
+def capsnet_state_bytes(config: Any, training: bool, averaged: bool = False) -> int:
+    """Bytes of a CapsNet's parameters: the weights, while training their gradients and
+    Adam's moments too, and with ``averaged`` a moving average's copy of the weights."""
+    floats = (TRAINING_STATE if training else 1) + averaged
+    return FLOAT * config.parameter_count * floats
