@@ -185,8 +185,10 @@ def changed(run: Run) -> dict[str, Any]:
 
 def effective(settings: dict[str, Any]) -> dict[str, Any]:
     """``settings`` with ``val_size`` 0 (the data set's default) as the number it stands for
-    on the named data sets every record trained on."""
-    return {**settings, "val_size": settings["val_size"] or DEFAULT_VAL_SIZE}
+    on the named data sets every record trained on, and ``ema_warmup`` only where there is
+    an average to warm up."""
+    return {**settings, "val_size": settings["val_size"] or DEFAULT_VAL_SIZE,
+            "ema_warmup": settings["ema_warmup"] if settings["ema_decay"] else None}
 
 
 def recipe_name(run: Run) -> str:

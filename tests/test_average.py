@@ -1,5 +1,6 @@
 """The weights' moving average (--ema-decay, capsnet.training.average): the update by hand,
-training itself untouched by it, what the checkpoints keep, exact resume, and refusals."""
+its warmup, training itself untouched by it, what the checkpoints keep, exact resume, and
+refusals."""
 
 from __future__ import annotations
 
@@ -14,6 +15,7 @@ from torch import nn
 from capsnet.cli import main
 from capsnet.training.average import WeightAverage
 from capsnet.training.checkpoint import load_checkpoint, save_checkpoint
+from capsnet.training.config import TrainConfig, make_config
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -29,7 +31,7 @@ def test_an_update_moves_each_weight_part_of_the_way_and_copies_counts() -> None
         model[0].weight.add_(1.0)
         model[1].running_mean.fill_(2.0)
     model[1].num_batches_tracked.fill_(7)
-    average.update()
+    average.update(0)
     after = average.model.state_dict()
     for name, weight in model.state_dict().items():
         if weight.is_floating_point():
@@ -40,6 +42,26 @@ def test_an_update_moves_each_weight_part_of_the_way_and_copies_counts() -> None
     assert not torch.equal(after["0.weight"], model[0].weight)
     assert not average.model.training and not any(p.requires_grad
                                                   for p in average.model.parameters())
+
+
+def test_the_warmup_lowers_the_decay_of_the_first_steps_only() -> None:
+    torch.manual_seed(0)
+    model = nn.Linear(3, 2)
+    average = WeightAverage(model, 0.999, warmup=True)
+    assert [average.decay_at(t) for t in (0, 1, 90)] == [0.1, 2 / 11, 0.91]
+    assert average.decay_at(9_000) == average.decay_at(10**6) == 0.999
+    assert WeightAverage(model, 0.999).decay_at(0) == 0.999
+    before = model.weight.detach().clone()
+    with torch.no_grad():
+        model.weight.add_(1.0)
+    average.update(0)
+    torch.testing.assert_close(average.model.weight, before + 0.9)
+
+
+def test_a_stored_config_from_before_the_warmup_resumes_without_it() -> None:
+    stored = {k: v for k, v in make_config("paper", ema_decay=0.999).to_dict().items()
+              if k != "ema_warmup"}
+    assert make_config("paper").ema_warmup and not TrainConfig.from_dict(stored).ema_warmup
 
 
 def test_an_average_starts_from_a_given_state_and_refuses_a_decay_outside_0_1() -> None:
@@ -94,19 +116,21 @@ def test_the_average_leaves_training_as_it_was(runs: dict[str, Path]) -> None:
     assert plain["progress"]["step"] == averaged["progress"]["step"] == 4
 
 
+@pytest.mark.parametrize("warmup, decay", [("--ema-warmup", 0.1), ("--no-ema-warmup", DECAY)])
 def test_one_step_from_known_weights_gives_the_average_by_hand(
-        runs: dict[str, Path], tiny_dataset: Path, tmp_path: Path, capsys) -> None:
+        runs: dict[str, Path], tiny_dataset: Path, tmp_path: Path, capsys, warmup: str,
+        decay: float) -> None:
     start = load_checkpoint(runs["plain"] / "last.pt")["model"]
     args = tiny_args(tiny_dataset, tmp_path / "run", 1)
     args[args.index("--train-limit") + 1] = 8  # one step
-    code, _, err = cli([*args, "--init-from", runs["plain"] / "last.pt", "--ema-decay", DECAY],
-                      capsys)
+    code, _, err = cli([*args, "--init-from", runs["plain"] / "last.pt", "--ema-decay", DECAY,
+                        warmup], capsys)
     assert code == 0, err
     saved = load_checkpoint(tmp_path / "run" / "last.pt")
     for name, first in start.items():
         trained = saved["training_weights"][name]
         if first.is_floating_point():
-            torch.testing.assert_close(saved["model"][name], torch.lerp(first, trained, 1 - DECAY),
+            torch.testing.assert_close(saved["model"][name], torch.lerp(first, trained, 1 - decay),
                                        msg=name)
 
 

@@ -34,6 +34,7 @@ NOTEBOOK = {
     "primary_style": "notebook", "routing_bias": False, "leaky_routing": False,
     "primary_maps": 32, "crop": 0, "val_size": 0, "val_split": "first", "train_limit": 0,
     "augment": "shift", "lr_min": 0.0, "none_fraction": 0.0, "ema_decay": 0.0,
+    "ema_warmup": True,
 }  # val_size 0: the data set's default, read_data_sets' 5,000 on MNIST
 
 # The paper, and the official code where the paper is silent.
@@ -44,6 +45,7 @@ PAPER = {
     "primary_style": "official", "routing_bias": True, "leaky_routing": False,
     "primary_maps": 32, "crop": 0, "val_size": 0, "val_split": "first", "train_limit": 0,
     "augment": "shift", "lr_min": 0.0, "none_fraction": 0.0, "ema_decay": 0.0,
+    "ema_warmup": True,
 }
 
 # The notebook's network and losses for one epoch, bf16 where the CPU has AMX: 99% on a CPU.

@@ -69,6 +69,10 @@ class TrainConfig:
                                "validation, best.pt and the test use the average, and the "
                                "checkpoints keep the trained weights too, to resume from (0: "
                                "off)", min=0, lt=1, before=0.0)
+    ema_warmup: bool = setting(True, "with --ema-decay, raise the average's decay over the "
+                               "first steps as min(decay, (1 + step) / (10 + step)), so that "
+                               "the average soon leaves the initial weights behind",
+                               before=False)
     max_shift: int = setting(2, "random shift of each training image, in pixels, each axis "
                              "(0: none; unused with --augment efficient)", min=0, max=8)
     augment: str = setting("shift", "training images' augmentation: shift: --max-shift "

@@ -199,7 +199,8 @@ class Trainer:
         # Built once the weights are on the device, before compiling: the average holds
         # views of them. A resumed run continues its own average.
         self.average = (WeightAverage(self.model, config.ema_decay,
-                                      payload["model"] if payload is not None else None)
+                                      payload["model"] if payload is not None else None,
+                                      warmup=config.ema_warmup)
                         if config.ema_decay else None)
         self.log: MetricsLog | None = None  # set while fit() runs
         self.first_step_seconds: float | None = None
@@ -269,7 +270,7 @@ class Trainer:
         self.task.schedule(self.progress.step, self.total_steps)
         step = (self.graphed or self.optimize)(batch)
         if self.average is not None:
-            self.average.update()
+            self.average.update(self.progress.step)
         self.progress.step += 1
         return step
 
