@@ -147,20 +147,38 @@ def test_resume_continues_the_average_exactly(runs: dict[str, Path], tiny_datase
             assert torch.equal(mine[key][name], weight), (key, name)
 
 
-def test_the_best_checkpoint_holds_the_average_that_validation_measured(
-        runs: dict[str, Path], capsys) -> None:
-    code, out, err = cli(["evaluate", runs["averaged"], "--split", "val", "--json"], capsys)
+def assert_validation_measured_best(run_dir: Path, capsys: pytest.CaptureFixture,
+                                    rel: float = 1e-5) -> None:
+    """The run's best.pt, evaluated on the validation set, gives its best epoch's numbers
+    (the loss to ``rel``: evaluate runs eagerly)."""
+    code, out, err = cli(["evaluate", run_dir, "--split", "val", "--json"], capsys)
     assert code == 0, err
     measured = json.loads(out)
-    epochs = [json.loads(line) for line in (runs["averaged"] / "metrics.jsonl").open()
+    epochs = [json.loads(line) for line in (run_dir / "metrics.jsonl").open()
               if '"val_loss"' in line]
     best = next(e for e in reversed(epochs) if e["improved"])
     assert measured["accuracy"] == best["val_accuracy"]
-    assert measured["loss"] == pytest.approx(best["val_loss"], rel=1e-5)
+    assert measured["loss"] == pytest.approx(best["val_loss"], rel=rel)
+
+
+def test_the_best_checkpoint_holds_the_average_that_validation_measured(
+        runs: dict[str, Path], capsys) -> None:
+    assert_validation_measured_best(runs["averaged"], capsys)
     summary = json.loads((runs["averaged"] / "summary.json").read_text())
     code, out, err = cli(["evaluate", runs["averaged"], "--json"], capsys)
     assert code == 0, err
     assert json.loads(out)["accuracy"] == summary["test_accuracy"]
+
+
+@pytest.mark.slow
+def test_a_compiled_run_validates_the_average_it_keeps(tiny_dataset: Path, tmp_path: Path,
+                                                       capsys) -> None:
+    """The compiled average sees the weights its updates write in place."""
+    run_dir = tmp_path / "run"
+    code, _, err = cli([*tiny_args(tiny_dataset, run_dir, 2), "--ema-decay", DECAY,
+                        "--compile", "on"], capsys)
+    assert code == 0, err
+    assert_validation_measured_best(run_dir, capsys, rel=1e-4)
 
 
 def assert_one_line(code: int, err: str, needle: str) -> None:

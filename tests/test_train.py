@@ -237,9 +237,13 @@ def test_auto_compiles_runs_long_enough_to_pay_for_it(tiny_dataset: Path, tmp_pa
                                                       epochs: int, compile_setting: str,
                                                       compiled: bool) -> None:
     # 200 training images at batch 1: 200 steps an epoch; auto compiles from 500 steps on.
-    config = tiny_config(tiny_dataset, epochs=epochs, batch_size=1, compile=compile_setting)
+    config = tiny_config(tiny_dataset, epochs=epochs, batch_size=1, compile=compile_setting,
+                         ema_decay=0.999)
     trainer = Trainer(Classification.from_config(config), tmp_path / "run", show_progress=False)
     assert trainer.compiled is compiled
+    # the weights' average, which validation measures, is compiled with the model
+    for model in (trainer.model, trainer.average.model):
+        assert (model._compiled_call_impl is not None) is compiled
 
 
 def test_the_training_curve_has_a_point_every_log_every_steps(tiny_dataset: Path, tmp_path: Path,

@@ -207,7 +207,8 @@ class Trainer:
         self.first_step_images = 0
         self.compiled = self.should_compile()
         if self.compiled:  # in place: the weights and the state-dict keys stay as they are
-            self.model.compile(options=compile_options(self.device))
+            for model in (self.model, self.evaluated_model):  # the average validates
+                model.compile(options=compile_options(self.device))
         self.step_model = self.model
         if self.world.distributed:
             self.step_model = torch.nn.parallel.DistributedDataParallel(
