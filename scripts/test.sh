@@ -7,5 +7,5 @@ bash scripts/setup.sh test
 export PLAYWRIGHT_SKIP_BROWSER_DOWNLOAD=1
 # One worker per core (pytest-xdist), each taking whole files: a file's module fixtures (its
 # tiny trainings) are made once, and the many short capsnet processes of the hostile-input
-# tests overlap.
-.venv/bin/python -m pytest -q -n auto --dist loadfile "$@"
+# tests overlap. The 25 slowest are listed at the end.
+.venv/bin/python -m pytest -q -n auto --dist loadfile --durations=25 "$@"
