@@ -207,9 +207,10 @@ class Trainer:
         self.first_step_images = 0
         self.compiled = self.should_compile()
         if self.compiled:  # in place: the weights and the state-dict keys stay as they are
-            self.model.compile(options=compile_options(self.device))
+            options = compile_options(self.device)
+            self.model.compile(options=options)
             if self.average is not None:  # what validation measures
-                self.average.model.compile(options=compile_options(self.device))
+                self.average.model.compile(options=options)
         self.step_model = self.model
         if self.world.distributed:
             self.step_model = torch.nn.parallel.DistributedDataParallel(
