@@ -220,3 +220,33 @@ def test_a_continued_run_links_the_record_of_the_run_it_started_from(
     row = next(line for line in (docs / "RESULTS.md").read_text().splitlines()
                if "[runs/continued]" in line)
     assert shown in row
+
+
+def test_a_training_run_is_compared_with_benches_of_its_own_routing_iterations(
+        tmp_path: Path) -> None:
+    docs = copy_docs(tmp_path)
+    device = "cpu (Test CPU, 2 threads)"
+    bench = {"network": "em-capsnet-small", "device": device, "precision": "fp32",
+             "compile": True, "date": "2026-01-01", "convs_train_images_per_s": 1000.0,
+             "infer_images_per_s": 1.0}
+
+    def record(name: str, summary: dict, config: dict | None = None) -> None:
+        folder = docs / "runs" / name
+        folder.mkdir()
+        (folder / "summary.json").write_text(json.dumps(summary))
+        if config is not None:
+            (folder / "config.json").write_text(json.dumps(config))
+
+    def ratio() -> str:
+        assert tables(docs).returncode == 0
+        row = next(line for line in (docs / "RESULTS.md").read_text().splitlines()
+                   if line.startswith("| `em-capsnet-small`") and "[runs/em-two]" in line)
+        return row.split(" | ")[8]
+
+    record("em-two", {"test_accuracy": 0.9, "device": device, "precision": "fp32",
+                      "compiled": True, "train_images_per_s": 100.0},
+           {"train": {"network": "em-capsnet-small", "routing_iterations": 2}})
+    record("bench-three", {**bench, "routing_iterations": 3, "train_images_per_s": 50.0})
+    assert ratio() == "not measured"
+    record("bench-two", {**bench, "routing_iterations": 2, "train_images_per_s": 80.0})
+    assert ratio() == "0.08x"

@@ -24,7 +24,8 @@ Where the defaults come from:
   with 68K parameters (68,754 here). Public implementations train the small one on MNIST
   too (yl-1993/Matrix-Capsules-EM-PyTorch, 99.1% with 2 iterations), and IBM's
   (IBM/matrix-capsules-with-em-routing) uses it by default on smallNORB.
-* 3 EM iterations: the paper ("normally 3").
+* 3 EM iterations: the paper ("normally 3"); the ``em`` training preset routes with 2,
+  which learn much faster (docs/PRESETS.md).
 * lambda: iteration t (from 0) uses ``inverse_temperature * (1 - 0.95 ** (t + 1))`` with
   ``inverse_temperature = 0.01``: the authors' answer on OpenReview, quoted in IBM's
   em_routing.py.
