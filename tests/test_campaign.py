@@ -212,10 +212,7 @@ def test_a_continued_run_links_the_record_of_the_run_it_started_from(
     for name, config, summary in (
             ("base", {"train": {"epochs": 3}}, {"checkpoint": "runs/first/best.pt"}),
             ("continued", {"train": {"epochs": 2}, "init_from": checkpoint}, {})):
-        folder = docs / "runs" / name
-        folder.mkdir()
-        (folder / "config.json").write_text(json.dumps(config))
-        (folder / "summary.json").write_text(json.dumps({"test_accuracy": 0.9, **summary}))
+        write_record(docs, name, {"test_accuracy": 0.9, **summary}, config)
     assert tables(docs).returncode == 0
     row = next(line for line in (docs / "RESULTS.md").read_text().splitlines()
                if "[runs/continued]" in line)
@@ -230,23 +227,26 @@ def test_a_training_run_is_compared_with_benches_of_its_own_routing_iterations(
              "compile": True, "date": "2026-01-01", "convs_train_images_per_s": 1000.0,
              "infer_images_per_s": 1.0}
 
-    def record(name: str, summary: dict, config: dict | None = None) -> None:
-        folder = docs / "runs" / name
-        folder.mkdir()
-        (folder / "summary.json").write_text(json.dumps(summary))
-        if config is not None:
-            (folder / "config.json").write_text(json.dumps(config))
-
     def ratio() -> str:
         assert tables(docs).returncode == 0
         row = next(line for line in (docs / "RESULTS.md").read_text().splitlines()
                    if line.startswith("| `em-capsnet-small`") and "[runs/em-two]" in line)
         return row.split(" | ")[8]
 
-    record("em-two", {"test_accuracy": 0.9, "device": device, "precision": "fp32",
-                      "compiled": True, "train_images_per_s": 100.0},
-           {"train": {"network": "em-capsnet-small", "routing_iterations": 2}})
-    record("bench-three", {**bench, "routing_iterations": 3, "train_images_per_s": 50.0})
+    write_record(docs, "em-two", {"test_accuracy": 0.9, "device": device, "precision": "fp32",
+                                  "compiled": True, "train_images_per_s": 100.0},
+                 {"train": {"network": "em-capsnet-small", "routing_iterations": 2}})
+    write_record(docs, "bench-three",
+                 {**bench, "routing_iterations": 3, "train_images_per_s": 50.0})
     assert ratio() == "not measured"
-    record("bench-two", {**bench, "routing_iterations": 2, "train_images_per_s": 80.0})
+    write_record(docs, "bench-two", {**bench, "routing_iterations": 2, "train_images_per_s": 80.0})
     assert ratio() == "0.08x"
+
+
+def write_record(docs: Path, name: str, summary: dict, config: dict | None = None) -> None:
+    """A run record ``docs/runs/name``: its summary.json and, when given, its config.json."""
+    folder = docs / "runs" / name
+    folder.mkdir()
+    (folder / "summary.json").write_text(json.dumps(summary))
+    if config is not None:
+        (folder / "config.json").write_text(json.dumps(config))
