@@ -18,7 +18,8 @@ from capsnet.nn.em_routing import ConvMatrixCapsules, EMCapsNet, EMCapsNetConfig
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
-# (batch, windows, inputs, outputs): small and odd ones, and the small network's ConvCaps1
+# (batch, windows, inputs, outputs): small and odd ones (inputs below, above and not a
+# multiple of the 32 votes the deviations make at a time), and the small network's ConvCaps1
 SHAPES = [(2, 3, 7, 5), (1, 4, 72, 16), (3, 2, 45, 7)]
 
 
