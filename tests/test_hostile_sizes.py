@@ -20,6 +20,7 @@ from capsnet.cli import main
 from capsnet.data import Split, load_splits, read_idx
 from capsnet.data.idx import read_limited
 from capsnet.errors import CapsNetError
+from capsnet.nn import em_kernel
 from capsnet.nn.model import CapsNet, CapsNetConfig
 from capsnet.tools.bench import benchmark
 from capsnet.tools.figures import draw_figures
@@ -116,6 +117,24 @@ def test_batches_that_fit_pass_and_the_evaluation_batch_is_capped_by_validation(
     memory_of(300 * MiB)
     config = make_config("paper", batch_size=16, eval_batch_size=500, val_size=20)
     assert model_config_for(config, 28, 1, 10).num_classes == 10
+
+
+def test_em_routing_on_a_cpu_is_counted_without_the_votes_its_kernel_never_keeps(
+        memory_of, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The em preset's network (the paper's) with its evaluation batch of 500 fits in 16 GiB
+    where the CPU kernel routes, and is refused before training where torch routes, which
+    keeps every vote."""
+    if not em_kernel.available():
+        pytest.skip("needs the EM kernel, which needs a C compiler")
+    memory_of(16 * GiB)
+    config = make_config("em")
+    model = model_config_for(config, 28, 1, 10)
+    assert capsnet_image_bytes(model, True, "cpu") < capsnet_image_bytes(model, True, "cuda") / 4
+    assert capsnet_image_bytes(model, False, "cpu") < capsnet_image_bytes(model, False, "cuda") / 4
+    monkeypatch.setenv("CAPSNET_ROUTING_KERNEL", "off")
+    with pytest.raises(CapsNetError, match=r"^an evaluation batch of 500 1x28x28 images would "
+                                           r"need .*; lower --eval-batch-size$"):
+        model_config_for(config, 28, 1, 10)
 
 
 def test_the_weight_average_and_the_images_of_no_class_are_counted(memory_of) -> None:

@@ -26,6 +26,7 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass
 from typing import Any
 
+import torch
 from torch import Tensor, nn
 
 from ..errors import CapsNetError
@@ -84,10 +85,10 @@ class BaselineConfig:
             size //= 2
         return size
 
-    def activation_floats(self, training: bool) -> int:
+    def activation_floats(self, training: bool, device: torch.device | None = None) -> int:
         """Floats of activations one image needs (an upper bound, for memory estimates):
         every feature map at full image size (ReLU's copy too while training) and the dense
-        layers."""
+        layers; the same on any ``device``."""
         features = sum(self.conv_channels) * self.image_size ** 2
         return (2 if training else 1) * features + sum(self.hidden) + self.image_size ** 2 \
             * self.in_channels

@@ -160,9 +160,10 @@ class EfficientCapsNetConfig:
                                           self.decoder_hidden, self.image_pixels)
         return self.classifier_parameter_count + decoder
 
-    def activation_floats(self, training: bool) -> int:
+    def activation_floats(self, training: bool, device: torch.device | None = None) -> int:
         """Floats of activations one image needs (an upper bound, for memory estimates):
-        every feature map at full image size, û, and the decoder's layers."""
+        every feature map at full image size, û, and the decoder's layers; the same on any
+        ``device``."""
         features = sum(self.conv_channels) * self.image_size ** 2
         u_hat = self.primary_caps * self.num_classes * self.digit_dim
         decoder = sum(self.decoder_hidden) + self.image_pixels

@@ -160,9 +160,10 @@ def check_request(device: torch.device, config: Any, train_batch: int, infer_bat
     check_value("--repeats", repeats, int, {"min": 1, "max": MAX_REPEATS})
     state = capsnet_state_bytes(config, training=True)
     inputs = FLOAT * config.image_pixels * train_batch  # kept while inference is timed
-    check_memory(state + inputs + train_batch * capsnet_image_bytes(config, training=True),
+    training, inference = (capsnet_image_bytes(config, kind, device) for kind in (True, False))
+    check_memory(state + inputs + train_batch * training,
                  f"a training batch of {train_batch:,} images", "lower --train-batch", device)
-    check_memory(state + inputs + infer_batch * capsnet_image_bytes(config, training=False),
+    check_memory(state + inputs + infer_batch * inference,
                  f"an inference batch of {infer_batch:,} images", "lower --infer-batch", device)
 
 

@@ -241,22 +241,24 @@ class ModelSizes(CapsNetConfig):
 
 def model_config_for(config: TrainConfig, image_size: int, in_channels: int,
                      num_classes: int) -> Any:
-    """The config of ``config.network`` on data of this shape. A CapsNet has the architecture
-    ``config`` chose (CapsNetConfig's ``train=`` fields) and is refused when training it
-    would not fit in memory (see :func:`check_training_memory`); another model has its
-    variant's values and, where it routes iteratively, ``routing_iterations``."""
+    """The config of ``config.network`` on data of this shape, refused when training it would
+    not fit in memory (see :func:`check_training_memory`). A CapsNet has the architecture
+    ``config`` chose (CapsNetConfig's ``train=`` fields); another model has its variant's
+    values and, where it routes iteratively, ``routing_iterations``."""
     shape = dict(image_size=image_size, in_channels=in_channels, num_classes=num_classes)
     if config.network != "capsnet":
         entry = MODELS[config.network]
         if "routing_iterations" in {f.name for f in fields(entry.config)}:
             shape["routing_iterations"] = config.routing_iterations
-        return model_config(config.network, **shape)
+        model = model_config(config.network, **shape)
+        check_training_memory(config, model)
+        return model
     chosen = {f.name: getattr(config, f.name) for f in training_fields(CapsNetConfig)}
     check_training_memory(config, ModelSizes(**shape, **chosen))
     return CapsNetConfig(**shape, **chosen)
 
 
-def check_training_memory(config: TrainConfig, model: CapsNetConfig) -> None:
+def check_training_memory(config: TrainConfig, model: Any) -> None:
     """Refuse, before anything is allocated, training a model of these sizes as ``config``
     says when its weights, their gradients, Adam's moments and the weight average
     (``--ema-decay``), with a training batch (its images of no class too) or an evaluation
@@ -270,14 +272,15 @@ def check_training_memory(config: TrainConfig, model: CapsNetConfig) -> None:
                  f"({model.parameter_count:,} parameters)", "train on smaller images "
                  "(--image-size, --crop) or with fewer --primary-maps", device)
     eval_batch = min(config.eval_batch_size, config.val_size or config.eval_batch_size)
-    for kind, flag, batch in (("training", "--batch-size", config.batch_size),
-                              ("evaluation", "--eval-batch-size", eval_batch)):
+    for training, what, flag, batch in ((True, "a training", "--batch-size", config.batch_size),
+                                        (False, "an evaluation", "--eval-batch-size", eval_batch)):
         share = -(-batch // ranks)
         no_class = (max(1, round(share * config.none_fraction))  # as the task adds them
-                    if kind == "training" and config.none_fraction else 0)
+                    if training and config.none_fraction else 0)
         rows = f"{share:,} {images}" + (f" and {no_class:,} of no class" if no_class else "")
-        check_memory(state + (share + no_class) * capsnet_image_bytes(model, kind == "training"),
-                     f"a {kind} batch of {rows}", f"lower {flag}", device)
+        per_image = capsnet_image_bytes(model, training, device)
+        check_memory(state + (share + no_class) * per_image, f"{what} batch of {rows}",
+                     f"lower {flag}", device)
 
 
 def learning_rate(config: TrainConfig, step: int) -> float:

@@ -82,7 +82,7 @@ def evaluate(model: CapsNet, source: Source, *, batch_size: int = 500,
     classes = model.config.num_classes
     share = -(-source_length(source) // world.world_size)  # the images of rank 0, the most
     batch_size = max(1, min(batch_size, share))
-    check_memory(batch_size * capsnet_image_bytes(model.config, training=False),
+    check_memory(batch_size * capsnet_image_bytes(model.config, training=False, device=device),
                  f"an evaluation batch of {batch_size:,} images", f"lower {batch_flag}", device)
 
     def measure(model: nn.Module, batch: tuple[Tensor, Tensor]) -> dict[str, Tensor]:

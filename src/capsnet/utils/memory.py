@@ -61,13 +61,14 @@ def check_memory(needed: int, what: str, advice: str,
                            f"of memory {where}; {advice}")
 
 
-def capsnet_image_bytes(config: Any, training: bool) -> int:
-    """Bytes of activations one image takes in a CapsNet of ``config`` (a CapsNetConfig):
-    what a training step keeps for its backward pass, or the largest set of tensors alive at
-    once in inference. Other capsule networks' configs give their own count
-    (``activation_floats``)."""
+def capsnet_image_bytes(config: Any, training: bool, device: torch.device | str = "cpu") -> int:
+    """Bytes of activations one image takes in a CapsNet of ``config`` (a CapsNetConfig) on
+    ``device``: what a training step keeps for its backward pass, or the largest set of
+    tensors alive at once in inference. Other capsule networks' configs give their own count
+    (``activation_floats``), which may depend on the device (EM routing's CPU kernel keeps
+    no votes); a CapsNet's is torch's routing's, an upper bound where its kernel runs."""
     if hasattr(config, "activation_floats"):
-        return int(MARGIN * FLOAT * config.activation_floats(training))
+        return int(MARGIN * FLOAT * config.activation_floats(training, torch.device(device)))
     conv1 = config.conv1_channels * (config.image_size - config.conv1_kernel + 1) ** 2
     primary = config.primary_caps * config.primary_dim
     predictions = config.primary_caps * config.num_classes * config.digit_dim  # u_hat
