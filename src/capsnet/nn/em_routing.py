@@ -170,8 +170,8 @@ class EMCapsNetConfig:
             # training at 2 iterations and 13 at 3, 2.5 to 4.5 in inference.
             window_poses = (caps1 ** 2 * window * self.primary_types
                             + caps2 ** 2 * window * self.caps1_types) * POSE_SIZE
-            fused = 5 * self.routing_iterations + 4 if training else 6
-            layers = fused * routes + 2 * window_poses
+            kernel_copies = 5 * self.routing_iterations + 4 if training else 6
+            layers = kernel_copies * routes + 2 * window_poses
         else:
             layers = copies * routes * POSE_SIZE
         return layers + copies * class_votes + 2 * features + sum(self.decoder_hidden or ())
