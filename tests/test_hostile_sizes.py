@@ -99,6 +99,14 @@ def test_a_model_too_large_for_the_chosen_image_size_is_refused_before_any_image
         make_config("paper", dataset=str(shapes), image_size=4096)
 
 
+
+def test_another_network_too_large_is_refused_by_its_name_without_capsnet_flags(
+        shapes: Path, memory_of) -> None:
+    memory_of(16 * GiB)
+    with pytest.raises(CapsNetError, match=r"^training efficient-capsnet for 1x1024x1024 "
+                                           r"images .* \(--image-size, --crop\)$"):
+        make_config("efficient", dataset=str(shapes), image_size=1024)
+
 @pytest.mark.parametrize("batch, eval_batch, flag", [
     (128, 16, "--batch-size"),
     (16, 500, "--eval-batch-size"),

@@ -268,9 +268,11 @@ def check_training_memory(config: TrainConfig, model: Any) -> None:
     ranks = int(os.environ.get("WORLD_SIZE", "1"))
     state = capsnet_state_bytes(model, training=True, averaged=bool(config.ema_decay))
     images = f"{model.in_channels}x{model.image_size}x{model.image_size} images"
-    check_memory(state, f"training a CapsNet for {images} and {model.num_classes} classes "
-                 f"({model.parameter_count:,} parameters)", "train on smaller images "
-                 "(--image-size, --crop) or with fewer --primary-maps", device)
+    network = "a CapsNet" if config.network == "capsnet" else config.network
+    smaller = ("train on smaller images (--image-size, --crop)"
+               + (" or with fewer --primary-maps" if config.network == "capsnet" else ""))
+    check_memory(state, f"training {network} for {images} and {model.num_classes} classes "
+                 f"({model.parameter_count:,} parameters)", smaller, device)
     eval_batch = min(config.eval_batch_size, config.val_size or config.eval_batch_size)
     for training, what, flag, batch in ((True, "a training", "--batch-size", config.batch_size),
                                         (False, "an evaluation", "--eval-batch-size", eval_batch)):
