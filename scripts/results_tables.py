@@ -16,18 +16,24 @@ import difflib
 import json
 import re
 import sys
+from dataclasses import fields
 from pathlib import Path
 from typing import Any, Callable
 
 import torch
 
 from capsnet.data.splits import DEFAULT_VAL_SIZE
-from capsnet.nn.registry import ARCHITECTURES
+from capsnet.nn.model import CapsNetConfig
+from capsnet.nn.registry import ARCHITECTURES, MODELS
 from capsnet.training.config import TrainConfig, make_config
 from capsnet.training.status import duration as spoken_duration
+from capsnet.utils.settings import training_fields
 
 DOCS = Path(__file__).resolve().parent.parent / "docs"
 MISSING = "not recorded"
+# Training settings that only some networks of the registry have (declared in their configs).
+NETWORK_FIELDS = {f.name for entry in MODELS.values() if entry.config is not CapsNetConfig
+                  for f in training_fields(entry.config)}
 DATASET_NAMES = {"mnist": "MNIST", "fashion-mnist": "Fashion-MNIST"}
 
 
@@ -185,10 +191,12 @@ def changed(run: Run) -> dict[str, Any]:
 
 def effective(settings: dict[str, Any]) -> dict[str, Any]:
     """``settings`` with ``val_size`` 0 (the data set's default) as the number it stands for
-    on the named data sets every record trained on, and ``ema_warmup`` only where there is
-    an average to warm up."""
+    on the named data sets every record trained on, ``ema_warmup`` only where there is an
+    average to warm up, and another network's fields (``beta_a_units``) only on it."""
+    declared = {f.name for f in fields(MODELS[settings["network"]].config)}
     return {**settings, "val_size": settings["val_size"] or DEFAULT_VAL_SIZE,
-            "ema_warmup": settings["ema_warmup"] if settings["ema_decay"] else None}
+            "ema_warmup": settings["ema_warmup"] if settings["ema_decay"] else None,
+            **{name: None for name in NETWORK_FIELDS - declared}}
 
 
 def recipe_name(run: Run) -> str:

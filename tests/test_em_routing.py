@@ -180,7 +180,7 @@ def test_convolutional_capsules_match_the_loops() -> None:
             children.append([(y, x, t) for y, x, _, t in window])
     votes = torch.stack(votes, dim=1).flatten(-2)  # (batch, windows, 18, 3, 16)
     expected = reference_routing(votes, torch.stack(window_activations, dim=1), layer.beta_u,
-                                 layer.beta_a, 3, 0.5, children)
+                                 layer.beta_a * layer.beta_a_scale, 3, 0.5, children)
     got = (out_poses.flatten(1, 2).flatten(-2), out_activations.flatten(1, 2))
     assert_matches(got, expected, [poses, activations, layer.weight, layer.beta_u, layer.beta_a])
 
@@ -224,10 +224,33 @@ def test_class_capsules_match_the_loops() -> None:
                                           for c in range(3)], dim=1))
     votes = torch.stack(votes, dim=1).flatten(-2)[:, None]  # (batch, 1, 12, 3, 16)
     expected = reference_routing(votes, activations.flatten(1)[:, None], layer.beta_u,
-                                 layer.beta_a, 3, 0.5)
+                                 layer.beta_a * layer.beta_a_scale, 3, 0.5)
     assert_matches((class_poses[:, None], class_activations[:, None]), expected,
                    [poses, activations, layer.weight, layer.beta_u, layer.beta_a])
 
+
+@pytest.mark.parametrize("units, moved", [("logit", 1.0), ("paper", 0.01 * (1 - 0.95))])
+def test_a_unit_of_beta_a_moves_the_activation_logit_by_its_units(units: str,
+                                                                   moved: float) -> None:
+    """With one iteration the activation logit is lambda (beta_a - cost), lambda = 0.01 x
+    0.05: in logit units one more beta_a is one more logit, in the paper's, 5e-4."""
+    torch.manual_seed(2)
+    layer = ClassMatrixCapsules(2, 3, image_size=20, iterations=1, inverse_temperature=0.01,
+                                init_std=0.5, beta_a_units=units).double()
+    poses = torch.randn(2, 2, 3, 2, 4, 4, dtype=torch.float64)
+    activations = torch.rand(2, 2, 3, 2, dtype=torch.float64)
+    before = torch.logit(layer(poses, activations)[1])
+    with torch.no_grad():
+        layer.beta_a += 1
+    after = torch.logit(layer(poses, activations)[1])
+    torch.testing.assert_close(after - before, torch.full_like(before, moved))
+
+
+def test_a_stored_config_from_before_beta_a_units_keeps_the_papers_units() -> None:
+    stored = EMCapsNetConfig.small().to_dict()
+    del stored["beta_a_units"]
+    assert EMCapsNetConfig.from_dict(stored).beta_a_units == "paper"
+    assert EMCapsNetConfig.small().beta_a_units == "logit"
 
 def test_primary_capsules_cut_channels_into_poses_and_activations() -> None:
     layer = PrimaryMatrixCapsules(in_channels=3, types=2).double()

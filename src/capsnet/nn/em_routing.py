@@ -30,7 +30,11 @@ Where the defaults come from:
   ``inverse_temperature = 0.01``: the authors' answer on OpenReview, quoted in IBM's
   em_routing.py.
 * beta_u and beta_a: one of each per output capsule type (the authors on OpenReview, cited in
-  yl-1993's model/capsules.py), starting at zero.
+  yl-1993's model/capsules.py), starting at zero. beta_a is learned in units of the last
+  iteration's activation logit (``beta_a_units``): as written, lambda (about 1e-3) scales
+  it down so far that an optimiser moving it by its learning rate a step leaves every
+  activation near 0.5 for thousands of steps, and the spread loss with it at a floor. IBM's
+  implementation starts beta_a near -1000 (so lambda beta_a is near -1) for the same reason.
 * Transformation matrices: truncated normal, std 1, as IBM's and
   www0wwwjs1/Matrix-Capsules-EM-Tensorflow's implementations.
 * conv1 pads by 2 ("same"), 28x28 -> 14x14, as yl-1993 and IBM; the paper does not say.
@@ -108,6 +112,11 @@ class EMCapsNetConfig:
                                          "(1 - 0.95^(t+1)) (the authors: 0.01)", gt=0, max=1e6)
     weight_init_std: float = setting(1.0, "standard deviation of the transformation matrices "
                                      "(truncated normal)", gt=0, max=100)
+    beta_a_units: str = setting(
+        "logit", "EM routing: what a learned beta_a counts. logit: the last iteration's "
+        "activation logit (beta_a enters lambda (beta_a - cost) divided by that iteration's "
+        "lambda); paper: beta_a as written, which a lambda near 1e-3 leaves almost still",
+        choices=("logit", "paper"), before="paper", train="logit")
     decoder_hidden: tuple[int, ...] | None = setting(
         None, "hidden layers of a decoder that reconstructs the image from the masked class "
         "poses (CapsNet's: 512 1024); none: no decoder", min=1, max=65_536, max_len=16)
@@ -339,10 +348,15 @@ class MatrixCapsules(nn.Module):
     too: its sums of squares and logs of variances are beyond bfloat16's 8-bit mantissa."""
 
     def __init__(self, shape: tuple[int, ...], out_types: int, iterations: int,
-                 inverse_temperature: float, init_std: float) -> None:
+                 inverse_temperature: float, init_std: float, beta_a_units: str) -> None:
         super().__init__()
         self.iterations = iterations
         self.inverse_temperature = inverse_temperature
+        # lambda is about 1e-3, so a beta_a the optimiser moves by its learning rate a step
+        # would take thousands of steps to move an activation: learned in units of the last
+        # iteration's logit instead, it moves as any bias does (the function is the same).
+        last_lambda = inverse_temperature * (1 - TEMPERATURE_DECAY ** iterations)
+        self.beta_a_scale = 1 / last_lambda if beta_a_units == "logit" else 1.0
         self.weight = nn.Parameter(torch.empty(*shape, POSE, POSE))
         nn.init.trunc_normal_(self.weight, std=init_std, a=-2 * init_std, b=2 * init_std)
         self.beta_u = nn.Parameter(torch.zeros(out_types))
@@ -351,8 +365,8 @@ class MatrixCapsules(nn.Module):
     def route(self, votes: Tensor, activations: Tensor, children: Tensor | None = None,
               num_children: int = 0) -> tuple[Tensor, Tensor]:
         """:func:`em_routing` with this layer's betas and settings."""
-        return em_routing(votes, activations, self.beta_u, self.beta_a, self.iterations,
-                          self.inverse_temperature, children, num_children)
+        return em_routing(votes, activations, self.beta_u, self.beta_a * self.beta_a_scale,
+                          self.iterations, self.inverse_temperature, children, num_children)
 
 
 class ConvMatrixCapsules(MatrixCapsules):
@@ -367,9 +381,10 @@ class ConvMatrixCapsules(MatrixCapsules):
     """
 
     def __init__(self, in_types: int, out_types: int, kernel: int, stride: int,
-                 iterations: int, inverse_temperature: float, init_std: float) -> None:
+                 iterations: int, inverse_temperature: float, init_std: float,
+                 beta_a_units: str = "logit") -> None:
         super().__init__((kernel * kernel, in_types, out_types), out_types, iterations,
-                         inverse_temperature, init_std)
+                         inverse_temperature, init_std, beta_a_units)
         self.kernel, self.stride = kernel, stride
         self.fused = enabled()  # False: route in torch alone (see capsnet.nn.em_kernel)
 
@@ -444,9 +459,10 @@ class ClassMatrixCapsules(MatrixCapsules):
     """
 
     def __init__(self, in_types: int, classes: int, image_size: int, iterations: int,
-                 inverse_temperature: float, init_std: float) -> None:
+                 inverse_temperature: float, init_std: float,
+                 beta_a_units: str = "logit") -> None:
         super().__init__((in_types, classes), classes, iterations, inverse_temperature,
-                         init_std)
+                         init_std, beta_a_units)
         self.image_size = image_size
 
     def coordinates(self, height: int, width: int, like: Tensor) -> Tensor:
@@ -497,7 +513,8 @@ class EMCapsNet(CapsuleModel, nn.Module):
         self.class_names = tuple(str(i) for i in range(config.num_classes))
         self.prepare = "mnist"
         routing = {"iterations": config.routing_iterations, "init_std": config.weight_init_std,
-                   "inverse_temperature": config.inverse_temperature}
+                   "inverse_temperature": config.inverse_temperature,
+                   "beta_a_units": config.beta_a_units}
         self.conv1 = nn.Conv2d(config.in_channels, config.conv1_channels, CONV1_KERNEL,
                                CONV1_STRIDE, padding=CONV1_KERNEL // 2)
         self.primary = PrimaryMatrixCapsules(config.conv1_channels, config.primary_types)

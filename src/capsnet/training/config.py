@@ -21,6 +21,7 @@ from ..data.folders import DEFAULT_SIZE, class_names_of, is_class_folder_data_se
 from ..data.splits import Splits, load_splits, recorded_dataset
 from ..errors import CapsNetError
 from ..nn.losses import MARGIN_FORMS, REDUCTIONS
+from ..nn.em_routing import EMCapsNetConfig
 from ..nn.model import CapsNetConfig
 from ..nn.registry import MODELS, model_config
 from ..utils.memory import capsnet_image_bytes, capsnet_state_bytes, check_memory
@@ -37,11 +38,13 @@ MAX_SEED = 2**32 - 1
 
 
 @dataclass(frozen=True)
+@training_fields_of(EMCapsNetConfig)
 @training_fields_of(CapsNetConfig)
 class TrainConfig:
     """Everything a training run depends on, apart from where its files go. The model's
     architecture fields a run chooses (``routing_iterations``, ``init``, ...) are declared in
-    :class:`~capsnet.nn.model.CapsNetConfig` (``train=``) and come after these."""
+    :class:`~capsnet.nn.model.CapsNetConfig` and
+    :class:`~capsnet.nn.em_routing.EMCapsNetConfig` (``train=``) and come after these."""
 
     preset: str = setting("paper", "the preset these settings started from",
                           choices=PRESET_NAMES, flag=False)
@@ -244,12 +247,15 @@ def model_config_for(config: TrainConfig, image_size: int, in_channels: int,
     """The config of ``config.network`` on data of this shape, refused when training it would
     not fit in memory (see :func:`check_training_memory`). A CapsNet has the architecture
     ``config`` chose (CapsNetConfig's ``train=`` fields); another model has its variant's
-    values and, where it routes iteratively, ``routing_iterations``."""
+    values, ``routing_iterations`` where it routes iteratively, and the training fields its
+    config declares (``train=``)."""
     shape = dict(image_size=image_size, in_channels=in_channels, num_classes=num_classes)
     if config.network != "capsnet":
-        entry = MODELS[config.network]
-        if "routing_iterations" in {f.name for f in fields(entry.config)}:
-            shape["routing_iterations"] = config.routing_iterations
+        model_fields = MODELS[config.network].config
+        chosen = [f.name for f in training_fields(model_fields)]
+        if "routing_iterations" in {f.name for f in fields(model_fields)}:
+            chosen.append("routing_iterations")
+        shape.update({name: getattr(config, name) for name in chosen})
         model = model_config(config.network, **shape)
         check_training_memory(config, model)
         return model
