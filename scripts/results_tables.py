@@ -117,13 +117,31 @@ def epochs(run: Run) -> str:
 
 
 def training_images(run: Run) -> str:
-    """Images trained on, from the metrics log: each epoch's images/s times its seconds."""
+    """Images trained on, from the metrics log: the sum of its epochs' images."""
     def cell(model: str, _: dict[str, Any]) -> str:
         records = run.metrics(model)
-        if not records or any("images_per_s" not in r for r in records):
+        if not records or any("images" not in r and "images_per_s" not in r for r in records):
             return MISSING
-        return count(sum(round(r["images_per_s"] * r["epoch_seconds"]) for r in records))
+        return count(sum(epoch_images(records)))
     return per_model(run, cell)
+
+
+def epoch_images(records: list[dict[str, Any]]) -> list[int]:
+    """Each epoch's training images: its record's ``images``; in records from before they had
+    them, its images/s times its seconds, which for an epoch resumed part way count only
+    the last part: such an epoch counts as many as the run's epoch of as many steps that
+    had most (every epoch of as many steps trains as many images)."""
+    if all("images" in r for r in records):
+        return [r["images"] for r in records]
+    timed = [round(r["images_per_s"] * r["epoch_seconds"]) for r in records]
+    if any("step" not in r for r in records):
+        return timed
+    steps = [r["step"] - before for r, before in
+             zip(records, [0] + [r["step"] for r in records[:-1]])]
+    most: dict[int, int] = {}
+    for n, images in zip(steps, timed):
+        most[n] = max(most.get(n, 0), images)
+    return [most[n] for n in steps]
 
 
 def wall_seconds(run: Run) -> float | None:

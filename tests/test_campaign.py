@@ -243,6 +243,29 @@ def test_a_training_run_is_compared_with_benches_of_its_own_routing_iterations(
     assert ratio() == "0.08x"
 
 
+@pytest.mark.parametrize("epochs, shown", [
+    # records that count each epoch's images
+    ([{"step": 10, "images": 80}, {"step": 20, "images": 80}], "160"),
+    # older ones: images/s times seconds, which for epoch 2 (resumed part way) is its end alone
+    ([{"step": 10, "images_per_s": 8.0, "epoch_seconds": 10.0},
+      {"step": 20, "images_per_s": 10.0, "epoch_seconds": 3.0},
+      {"step": 25, "images_per_s": 5.0, "epoch_seconds": 4.0}], "180"),
+])
+def test_training_images_count_a_resumed_epoch_whole(tmp_path: Path, epochs: list[dict],
+                                                    shown: str) -> None:
+    docs = copy_docs(tmp_path)
+    write_record(docs, "resumed", {"test_accuracy": 0.9, "epochs": len(epochs)},
+                 {"train": {"epochs": len(epochs)}})
+    curve_point = {"step": 5, "epoch": 0.5, "train_loss": 1.0}
+    lines = [curve_point] + [{"epoch": n, **r} for n, r in enumerate(epochs, start=1)]
+    (docs / "runs" / "resumed" / "metrics.jsonl").write_text(
+        "".join(json.dumps(line) + "\n" for line in lines))
+    assert tables(docs).returncode == 0
+    rows = [line.split(" | ") for line in (docs / "RESULTS.md").read_text().splitlines()
+            if "[runs/resumed]" in line]
+    assert rows[0][3] == shown  # the first table: training runs
+
+
 def write_record(docs: Path, name: str, summary: dict, config: dict | None = None) -> None:
     """A run record ``docs/runs/name``: its summary.json and, when given, its config.json."""
     folder = docs / "runs" / name

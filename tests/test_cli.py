@@ -280,6 +280,8 @@ def test_ctrl_c_in_the_last_step_of_an_epoch_resumes_exactly(
     assert same_progress(final, reference)
     records = read_metrics(run_dir)  # strict JSON: no NaN for an epoch cut at its end
     assert [r["epoch"] for r in records] == [1, 2]
+    # epoch 2 counts its step before Ctrl-C: 24 images, as epoch 1
+    assert [r["images"] for r in records] == [24, 24]
     assert all(np.isfinite(r["train_loss"]) and r["train_accuracy"] >= 0 for r in records)
 
 

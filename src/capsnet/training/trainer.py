@@ -287,8 +287,8 @@ class Trainer:
         return step._replace(loss=step.loss.detach())
 
     def train_epoch(self, epoch: int, stop: threading.Event) -> dict[str, float]:
-        """Train one epoch from ``progress.batch``; returns the epoch's loss and accuracy
-        (a resumed epoch's included) and the images and seconds of this call."""
+        """Train one epoch from ``progress.batch``; returns the epoch's loss, accuracy and
+        images (a resumed epoch's included) and the images and seconds of this call."""
         n_batches = self.task.num_batches(self.world)
         progress = self.progress
         start = progress.batch
@@ -341,7 +341,8 @@ class Trainer:
                               torch.tensor(float(new_images), device=self.device)])
         loss_sum, n_correct, n_seen, n_steps, n_new = all_reduce_sum(totals, self.world).tolist()
         return {"loss": loss_sum / n_steps if n_steps else math.nan,
-                "accuracy": n_correct / max(n_seen, 1), "images": int(n_new), "seconds": seconds}
+                "accuracy": n_correct / max(n_seen, 1), "epoch_images": int(n_seen),
+                "images": int(n_new), "seconds": seconds}
 
     def timed_first_step(self, batch: Any) -> Step:
         """The first step of this call, timed on its own: it holds the compilation."""
@@ -449,6 +450,7 @@ class Trainer:
                   "lr": learning_rate(self.config, progress.step),
                   "train_loss": stats["loss"], "train_accuracy": stats["accuracy"],
                   **{f"val_{name}": value for name, value in val.items()},
+                  "images": stats["epoch_images"],  # the rate is this call's only
                   "images_per_s": stats["images"] / max(stats["seconds"], 1e-9),
                   "epoch_seconds": stats["seconds"], "wall_seconds": self.wall_seconds(),
                   "improved": improved}
