@@ -25,7 +25,8 @@ MODEL_FIELDS = {"primary_maps", "routing_iterations", "primary_style", "routing_
 HOW = {"dataset": "mnist", "network": "capsnet", "seed": 0, "device": "auto", "precision": "fp32", "compile": "auto",
        "cuda_graphs": False, "deterministic": False, "eval_batch_size": 500, "time_limit": 0.0,
        "stop_at": 0.0, "log_every": 50, "image_size": 0, "channels": 0,
-       "beta_a_units": "logit"}  # how EM networks learn beta_a; the others have none
+       "beta_a_units": "logit",  # how EM networks learn beta_a; the others have none
+       "cost_scale": "paper"}  # EM networks' routing cost; the others have none
 
 # The tutorial notebook and the TensorFlow helper it calls (read_data_sets).
 NOTEBOOK = {

@@ -29,10 +29,12 @@ def generator(seed: int) -> torch.Generator:
 
 def reference_routing(votes: Tensor, activations: Tensor, beta_u: Tensor, beta_a: Tensor,
                       iterations: int, inverse_temperature: float,
-                      children: list[list[object]] | None = None) -> tuple[Tensor, Tensor]:
+                      children: list[list[object]] | None = None,
+                      cost_scale: float = 1.0) -> tuple[Tensor, Tensor]:
     """The paper's Procedure 1 with a loop over every input and output capsule, in probability
     space. Shapes as em_routing's; ``children[w][i]`` names the input capsule of entry (w, i)
-    (entries with the same name are one capsule, in several windows)."""
+    (entries with the same name are one capsule, in several windows); ``cost_scale``
+    multiplies the cost in the activation."""
     batch, windows, inputs, outputs, _ = votes.shape
     entries = [(w, i) for w in range(windows) for i in range(inputs)]
     child = {(w, i): (w, i) if children is None else children[w][i] for w, i in entries}
@@ -55,7 +57,7 @@ def reference_routing(votes: Tensor, activations: Tensor, beta_u: Tensor, beta_a
                               for i in range(inputs)) / (mass + EPSILON) + VARIANCE_EPSILON
                     cost = (beta_u[j] + torch.log(torch.sqrt(var))) * mass
                     mean[w, j], variance[w, j] = mu, var
-                    a[w, j] = torch.sigmoid(lam * (beta_a[j] - cost.sum()))
+                    a[w, j] = torch.sigmoid(lam * (beta_a[j] - cost_scale * cost.sum()))
             if t == iterations - 1:
                 break
             ap = {}  # E-step: a_j p_j(V_ij), then normalised over all that input's outputs
@@ -154,10 +156,16 @@ def test_window_positions_are_the_inputs_each_window_covers() -> None:
     assert positions.tolist() == expected
 
 
-def test_convolutional_capsules_match_the_loops() -> None:
+# A cost scale of 100 outputs / inputs, with lambda as much smaller: activations away from 0
+# and 1, where the test sees them.
+@pytest.mark.parametrize("cost_scale, factor, lambda_", [
+    ("paper", 1.0, 0.5), ("outputs-per-input", 100 * 3 / 18, 0.03)])
+def test_convolutional_capsules_match_the_loops(cost_scale: str, factor: float,
+                                                lambda_: float) -> None:
     torch.manual_seed(0)
     layer = ConvMatrixCapsules(2, 3, kernel=3, stride=2, iterations=3,
-                               inverse_temperature=0.5, init_std=0.5).double()
+                               inverse_temperature=lambda_, init_std=0.5,
+                               cost_scale=cost_scale).double()
     torch.nn.init.normal_(layer.beta_u)
     torch.nn.init.normal_(layer.beta_a)
     g = generator(3)
@@ -180,7 +188,8 @@ def test_convolutional_capsules_match_the_loops() -> None:
             children.append([(y, x, t) for y, x, _, t in window])
     votes = torch.stack(votes, dim=1).flatten(-2)  # (batch, windows, 18, 3, 16)
     expected = reference_routing(votes, torch.stack(window_activations, dim=1), layer.beta_u,
-                                 layer.beta_a * layer.beta_a_scale, 3, 0.5, children)
+                                 layer.beta_a * layer.beta_a_scale, 3, lambda_, children,
+                                 factor)
     got = (out_poses.flatten(1, 2).flatten(-2), out_activations.flatten(1, 2))
     assert_matches(got, expected, [poses, activations, layer.weight, layer.beta_u, layer.beta_a])
 
@@ -201,10 +210,12 @@ def test_coordinate_addition_adds_the_scaled_receptive_field_centres() -> None:
     torch.testing.assert_close(votes, expected)
 
 
-def test_class_capsules_match_the_loops() -> None:
+@pytest.mark.parametrize("cost_scale, factor, lambda_", [
+    ("paper", 1.0, 0.5), ("outputs-per-input", 100 * 3 / 12, 0.02)])
+def test_class_capsules_match_the_loops(cost_scale: str, factor: float, lambda_: float) -> None:
     torch.manual_seed(1)
-    layer = ClassMatrixCapsules(2, 3, image_size=20, iterations=3, inverse_temperature=0.5,
-                                init_std=0.5).double()
+    layer = ClassMatrixCapsules(2, 3, image_size=20, iterations=3, inverse_temperature=lambda_,
+                                init_std=0.5, cost_scale=cost_scale).double()
     torch.nn.init.normal_(layer.beta_u)
     torch.nn.init.normal_(layer.beta_a)
     g = generator(4)
@@ -224,7 +235,7 @@ def test_class_capsules_match_the_loops() -> None:
                                           for c in range(3)], dim=1))
     votes = torch.stack(votes, dim=1).flatten(-2)[:, None]  # (batch, 1, 12, 3, 16)
     expected = reference_routing(votes, activations.flatten(1)[:, None], layer.beta_u,
-                                 layer.beta_a * layer.beta_a_scale, 3, 0.5)
+                                 layer.beta_a * layer.beta_a_scale, 3, lambda_, None, factor)
     assert_matches((class_poses[:, None], class_activations[:, None]), expected,
                    [poses, activations, layer.weight, layer.beta_u, layer.beta_a])
 

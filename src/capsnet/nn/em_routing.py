@@ -86,6 +86,10 @@ EPSILON = 1e-8
 # and the log-density and the cost divide by it and take its log.
 VARIANCE_EPSILON = 1e-4
 SMALL = {"conv1_channels": 64, "primary_types": 8, "caps1_types": 16, "caps2_types": 16}
+COST_SCALES = ("paper", "outputs-per-input")
+# outputs-per-input: lambda = 0.01 was tuned with the cost scaled by 100 outputs / inputs
+# (IBM's em_routing.py), which makes lambda times the scale outputs / inputs.
+COST_SCALE_PER_INPUT = 100.0
 
 
 @dataclass(frozen=True)
@@ -117,6 +121,12 @@ class EMCapsNetConfig:
         "activation logit (beta_a enters lambda (beta_a - cost) divided by that iteration's "
         "lambda); paper: beta_a as written, which a lambda near 1e-3 leaves almost still",
         choices=("logit", "paper"), before="paper", train="logit")
+    cost_scale: str = setting(
+        "paper", "EM routing: what multiplies each output capsule's cost in its activation. "
+        "paper: 1; outputs-per-input: 100 x outputs / inputs of a window, so that class "
+        "capsules, each gathering the votes of a whole grid, weigh cost as convolutional "
+        "ones do (IBM/matrix-capsules-with-em-routing)", choices=COST_SCALES,
+        before="paper", train="paper")
     decoder_hidden: tuple[int, ...] | None = setting(
         None, "hidden layers of a decoder that reconstructs the image from the masked class "
         "poses (CapsNet's: 512 1024); none: no decoder", min=1, max=65_536, max_len=16)
@@ -216,7 +226,8 @@ class WindowVotes:
 
 def em_routing(votes: Tensor | WindowVotes, activations: Tensor, beta_u: Tensor,
                beta_a: Tensor, iterations: int, inverse_temperature: float,
-               children: Tensor | None = None, num_children: int = 0) -> tuple[Tensor, Tensor]:
+               children: Tensor | None = None, num_children: int = 0,
+               cost_scale: float = 1.0) -> tuple[Tensor, Tensor]:
     """EM routing (the paper's Procedure 1) from input to output capsules, in windows.
 
     ``votes`` ``(batch, windows, inputs, outputs, 16)``: V_ij, the vote of input capsule i
@@ -226,38 +237,48 @@ def em_routing(votes: Tensor | WindowVotes, activations: Tensor, beta_u: Tensor,
     ``children`` ``(windows, inputs)``: which of ``num_children`` input capsules each entry is,
     where windows overlap (convolutional capsules); an input capsule's assignments then sum
     to one over every output capsule of every window that holds it. None: every entry is an
-    input capsule of its own.
+    input capsule of its own. ``cost_scale`` multiplies the cost in the activation.
 
     Returns the means ``(batch, windows, outputs, 16)``, the output poses, and the
     activations ``(batch, windows, outputs)`` of the last M-step. Gradients flow through
     every iteration ("We do not use stop gradient", the authors on OpenReview). Give float32
     or float64 tensors.
     """
-    if isinstance(votes, WindowVotes):
-        shape = votes.routing_shape
-    else:  # outputs before inputs from here on: the sums over inputs then copy no votes
+    shape = routing_shape(votes)
+    if not isinstance(votes, WindowVotes):
+        # outputs before inputs from here on: the sums over inputs then copy no votes
         votes = votes.transpose(2, 3).contiguous()  # (batch, windows, outputs, inputs, 16)
-        shape = votes.shape[:-1]
     # R_ij = 1 / (number of output capsules i reaches)
     assignments = assign(activations.new_zeros(shape), children, num_children)
     for iteration in range(iterations):
         lambda_ = inverse_temperature * (1 - TEMPERATURE_DECAY ** (iteration + 1))
         weights = assignments * activations[:, :, None]  # (batch, windows, outputs, inputs)
-        mean, variance, logits, deviations = m_step(weights, votes, beta_u, beta_a, lambda_)
+        mean, variance, logits, deviations = m_step(weights, votes, beta_u, beta_a, lambda_,
+                                                    cost_scale)
         if iteration < iterations - 1:  # the last E-step would change nothing returned
             assignments = e_step(deviations, variance, logits, children, num_children)
     return mean, torch.sigmoid(logits)
 
 
+def routing_shape(votes: Tensor | WindowVotes) -> tuple[int, int, int, int]:
+    """``(batch, windows, outputs, inputs)`` of :func:`em_routing`'s ``votes``."""
+    if isinstance(votes, WindowVotes):
+        return votes.routing_shape
+    batch, windows, inputs, outputs, _ = votes.shape
+    return batch, windows, outputs, inputs
+
+
 def m_step(weights: Tensor, votes: Tensor | WindowVotes, beta_u: Tensor, beta_a: Tensor,
-           inverse_temperature: float) -> tuple[Tensor, Tensor, Tensor, Deviations]:
+           inverse_temperature: float, cost_scale: float = 1.0
+           ) -> tuple[Tensor, Tensor, Tensor, Deviations]:
     """Fit each output capsule's Gaussian to the votes ``(batch, windows, outputs, inputs,
     16)`` (or :class:`WindowVotes`) weighted by ``weights`` R_ij * a_i ``(batch, windows,
     outputs, inputs)``.
 
     Returns its mean and variance ``(batch, windows, outputs, 16)``, its activation logit
-    ``lambda * (beta_a - sum_h cost_h)`` with ``cost_h = (beta_u + log sigma_h) * sum_i R_ij``
-    ``(batch, windows, outputs)``, and the votes' :data:`Deviations` from the mean.
+    ``lambda * (beta_a - cost_scale * sum_h cost_h)`` with
+    ``cost_h = (beta_u + log sigma_h) * sum_i R_ij`` ``(batch, windows, outputs)``, and the
+    votes' :data:`Deviations` from the mean.
     """
     mass = weights.sum(dim=-1)  # (batch, windows, outputs): the data assigned to each output
     share = weights / (mass[..., None] + EPSILON)  # (batch, windows, outputs, inputs)
@@ -265,7 +286,8 @@ def m_step(weights: Tensor, votes: Tensor | WindowVotes, beta_u: Tensor, beta_a:
     variance = spread + VARIANCE_EPSILON
     # cost_h (batch, windows, outputs, 16), with log sigma = log(variance) / 2
     cost = (beta_u[:, None] + 0.5 * variance.log()) * mass[..., None]
-    return mean, variance, inverse_temperature * (beta_a - cost.sum(dim=-1)), deviations
+    return (mean, variance, inverse_temperature * (beta_a - cost_scale * cost.sum(dim=-1)),
+            deviations)
 
 
 # Scaled squared deviations of the votes from their output's mean: given a scale per pose
@@ -348,10 +370,12 @@ class MatrixCapsules(nn.Module):
     too: its sums of squares and logs of variances are beyond bfloat16's 8-bit mantissa."""
 
     def __init__(self, shape: tuple[int, ...], out_types: int, iterations: int,
-                 inverse_temperature: float, init_std: float, beta_a_units: str) -> None:
+                 inverse_temperature: float, init_std: float, beta_a_units: str = "logit",
+                 cost_scale: str = "paper") -> None:
         super().__init__()
         self.iterations = iterations
         self.inverse_temperature = inverse_temperature
+        self.cost_per_input = cost_scale == "outputs-per-input"
         # lambda is about 1e-3, so a beta_a the optimiser moves by its learning rate a step
         # would take thousands of steps to move an activation: learned in units of the last
         # iteration's logit instead, it moves as any bias does (the function is the same).
@@ -365,8 +389,13 @@ class MatrixCapsules(nn.Module):
     def route(self, votes: Tensor, activations: Tensor, children: Tensor | None = None,
               num_children: int = 0) -> tuple[Tensor, Tensor]:
         """:func:`em_routing` with this layer's betas and settings."""
+        cost_scale = 1.0
+        if self.cost_per_input:
+            _, _, outputs, inputs = routing_shape(votes)
+            cost_scale = COST_SCALE_PER_INPUT * outputs / inputs
         return em_routing(votes, activations, self.beta_u, self.beta_a * self.beta_a_scale,
-                          self.iterations, self.inverse_temperature, children, num_children)
+                          self.iterations, self.inverse_temperature, children, num_children,
+                          cost_scale)
 
 
 class ConvMatrixCapsules(MatrixCapsules):
@@ -381,10 +410,9 @@ class ConvMatrixCapsules(MatrixCapsules):
     """
 
     def __init__(self, in_types: int, out_types: int, kernel: int, stride: int,
-                 iterations: int, inverse_temperature: float, init_std: float,
-                 beta_a_units: str = "logit") -> None:
-        super().__init__((kernel * kernel, in_types, out_types), out_types, iterations,
-                         inverse_temperature, init_std, beta_a_units)
+                 **routing: Any) -> None:
+        """``routing``: :class:`MatrixCapsules`' settings, from ``iterations`` on."""
+        super().__init__((kernel * kernel, in_types, out_types), out_types, **routing)
         self.kernel, self.stride = kernel, stride
         self.fused = enabled()  # False: route in torch alone (see capsnet.nn.em_kernel)
 
@@ -458,11 +486,9 @@ class ClassMatrixCapsules(MatrixCapsules):
     activations ``(batch, classes)``.
     """
 
-    def __init__(self, in_types: int, classes: int, image_size: int, iterations: int,
-                 inverse_temperature: float, init_std: float,
-                 beta_a_units: str = "logit") -> None:
-        super().__init__((in_types, classes), classes, iterations, inverse_temperature,
-                         init_std, beta_a_units)
+    def __init__(self, in_types: int, classes: int, image_size: int, **routing: Any) -> None:
+        """``routing``: :class:`MatrixCapsules`' settings, from ``iterations`` on."""
+        super().__init__((in_types, classes), classes, **routing)
         self.image_size = image_size
 
     def coordinates(self, height: int, width: int, like: Tensor) -> Tensor:
@@ -514,7 +540,7 @@ class EMCapsNet(CapsuleModel, nn.Module):
         self.prepare = "mnist"
         routing = {"iterations": config.routing_iterations, "init_std": config.weight_init_std,
                    "inverse_temperature": config.inverse_temperature,
-                   "beta_a_units": config.beta_a_units}
+                   "beta_a_units": config.beta_a_units, "cost_scale": config.cost_scale}
         self.conv1 = nn.Conv2d(config.in_channels, config.conv1_channels, CONV1_KERNEL,
                                CONV1_STRIDE, padding=CONV1_KERNEL // 2)
         self.primary = PrimaryMatrixCapsules(config.conv1_channels, config.primary_types)
