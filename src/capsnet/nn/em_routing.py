@@ -40,8 +40,9 @@ Where the defaults come from:
 * conv1 pads by 2 ("same"), 28x28 -> 14x14, as yl-1993 and IBM; the paper does not say.
 * Convolutional capsules: an input capsule's assignments sum to one over every output capsule
   of every window that holds it, not window by window (the paper, section 4; Gritzman,
-  arXiv:1907.00652, pitfall 3). The paper's cost is used as it is: no rescaling of the class
-  layer's cost by its number of inputs (Gritzman's pitfall 2, not in the paper).
+  arXiv:1907.00652, pitfall 3). The paper's cost is used as it is by default: no rescaling
+  of a layer's cost by its number of inputs (Gritzman's pitfall 2, not in the paper), which
+  ``cost_scale="outputs-per-input"`` adds as IBM's implementation does.
 * No decoder by default: for smallNORB the authors used a weight decay of 2e-7 "rather than
   the reconstruction loss" (OpenReview, quoted in IBM's models.py); public MNIST
   implementations differ (yl-1993: none; www0wwwjs1: a reconstruction loss).
