@@ -113,6 +113,25 @@ def test_status_of_a_run_in_progress(finished: Path, tmp_path: Path, capsnet_lik
                                      f"or stop it with kill -INT {capsnet_like}\n")
 
 
+def test_status_counts_the_steps_of_an_epoch_in_progress(finished: Path, tmp_path: Path,
+                                                          capsnet_like: int) -> None:
+    """The training curve's last point is the latest step a run has logged: past its last
+    epoch's end, status gives that step, not the epoch's."""
+    run_dir = unfinished_copy(finished, tmp_path / "part")
+    with (run_dir / "metrics.jsonl").open("a") as f:
+        f.write(json.dumps({"step": 3, "epoch": 1.5, "lr": 1e-3, "train_loss": 0.2}) + "\n")
+    Run(run_dir).pid_file.write_text(f"{capsnet_like}\n")
+    code, out, _ = status(run_dir)
+    assert code == 0 and out.startswith(f"{run_dir}: running (process {capsnet_like}), "
+                                        "epoch 1 of 3, step 3 of 6\n")
+    shown = status_json(run_dir)
+    assert (shown["epoch"], shown["step"], shown["steps"]) == (1, 3, 6)
+    with (run_dir / "metrics.jsonl").open("a") as f:  # a fraction no steps an epoch give
+        f.write(json.dumps({"step": 4, "epoch": 5e-324}) + "\n")
+    shown = status_json(run_dir)
+    assert (shown["step"], shown["steps"]) == (4, None)
+
+
 def test_one_model_of_an_experiment_is_run_and_resumed_from_the_experiment(
         finished: Path, tmp_path: Path, capsnet_like: int) -> None:
     experiment = tmp_path / "affnist"

@@ -41,7 +41,7 @@ def status_lines(s: dict[str, Any]) -> list[str]:
     """The status in a few lines for a person."""
     state = f"running (process {s['pid']})" if s["state"] == "running" else s["state"]
     head = f"{s['run_dir']}: {state}, epoch {of(s['epoch'], s['epochs'])}"
-    head += f", step {of(s['step'], s['steps'])}" if s["epoch"] else ""
+    head += f", step {of(s['step'], s['steps'])}" if s["step"] else ""
     if s["test_accuracy"] is not None:
         head += f"; test accuracy {percent(s['test_accuracy'])}"
     lines = [head]

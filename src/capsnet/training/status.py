@@ -117,8 +117,9 @@ def run_status(run_dir: Path, now: float | None = None) -> dict[str, Any]:
     epoch = last.get("epoch", 0)
     finished = pid is None and summary is not None and number(summary, "epochs") == epoch
     state = "running" if pid is not None else "finished" if finished else "stopped"
+    latest = latest_step(last, run.read_metrics(curve=True)[0])
     status = {"run_dir": str(run_dir), "state": state, "pid": pid, "epoch": epoch,
-              "epochs": settings.epochs if settings else None, "step": last.get("step", 0),
+              "epochs": settings.epochs if settings else None, "step": latest.get("step", 0),
               **accuracies(records),
               "train_images_per_s": number(summary if finished else last,
                                            "train_images_per_s" if finished else "images_per_s"),
@@ -127,8 +128,7 @@ def run_status(run_dir: Path, now: float | None = None) -> dict[str, Any]:
               "test_accuracy": number(summary, "test_accuracy") if finished else None,
               "cut_short": text(summary, "cut_short") if finished else None,
               "skipped_metrics_lines": skipped}
-    status["steps"] = (round(status["step"] / epoch * status["epochs"])
-                       if epoch and status["epochs"] else None)
+    status["steps"] = total_steps(latest, status["epochs"])
     started = mtime(home.pid_file) if pid is not None else None  # this call's start
     status.update(timing(records, summary if finished else None, settings, now, started,
                          mtime(run.metrics_file)))
@@ -138,6 +138,22 @@ def run_status(run_dir: Path, now: float | None = None) -> dict[str, Any]:
     status["log"] = str(log) if log.is_file() else None
     status["last_log_line"] = last_line(log) if state == "stopped" and log.is_file() else None
     return status
+
+
+def latest_step(last: dict[str, Any], points: list[dict[str, Any]]) -> dict[str, Any]:
+    """The record of the run's latest step: the training curve's last point where it is past
+    the last epoch's end (an epoch in progress, or stopped part way), else that epoch's
+    record. A point's ``epoch`` is a fraction, its step over the steps of an epoch."""
+    point = points[-1] if points else {}
+    return point if point.get("step", 0) > last.get("step", 0) else last
+
+
+def total_steps(latest: dict[str, Any], epochs: int | None) -> int | None:
+    """The run's steps in all, from the steps an epoch of ``latest``'s record; None where
+    that record does not tell them."""
+    epoch = latest.get("epoch")
+    steps = latest.get("step", 0) / epoch * epochs if epoch and epochs else None
+    return round(steps) if finite(steps) else None
 
 
 def accuracies(records: list[dict[str, Any]]) -> dict[str, Any]:
