@@ -13,13 +13,12 @@ import pytest
 import torch
 from torch import Tensor
 
-from capsnet.nn import em_kernel
+from capsnet.nn import cbuild, em_kernel
 from capsnet.nn.em_routing import ConvMatrixCapsules, EMCapsNet, EMCapsNetConfig, spread_loss
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
-# (batch, windows, inputs, outputs): small and odd ones (inputs below, above and not a
-# multiple of the 32 votes the deviations make at a time), and the small network's ConvCaps1
+# (batch, windows, inputs, outputs): small and odd ones, and the small network's ConvCaps1
 SHAPES = [(2, 3, 7, 5), (1, 4, 72, 16), (3, 2, 45, 7)]
 
 
@@ -93,6 +92,28 @@ def test_deviations_agree_with_torch_in_double_precision(shape: tuple[int, ...])
                                                        (poses, weight, mean, inverse)])
     assert_agree(got, expected, ("scaled", "grad poses", "grad weight", "grad mean",
                                  "grad inverse"))
+
+
+@pytest.mark.parametrize("isa", ["AVX512", "AVX2", "DEFAULT"])
+def test_every_instruction_sets_build_agrees_with_torch(isa: str, tmp_path: Path,
+                                                       monkeypatch: pytest.MonkeyPatch) -> None:
+    """The kernel's vector code has a path for AVX-512 and a generic one, which the build for
+    this CPU alone would leave untested."""
+    if isa == "AVX512" and torch.backends.cpu.get_cpu_capability() != "AVX512":
+        pytest.skip("this CPU has no AVX-512")
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
+    built = cbuild.load(em_kernel.SOURCE, lambda: cbuild.builds(em_kernel.SOURCE, "em", [], isa),
+                        em_kernel._declare, "EM routing")
+    assert built is not None
+    monkeypatch.setattr(em_kernel, "library", lambda: built)
+    poses, weight, share, inverse = operator_inputs((2, 3, 11, 6), seed=2)
+    mean = torch_moments(poses, weight, share)[0]
+    for operator, reference, inputs in (
+            (em_kernel.moments, torch_moments, [poses, weight, share]),
+            (em_kernel.deviations, torch_deviations, [poses, weight, mean, inverse])):
+        got = values_and_gradients(operator, inputs)
+        expected = values_and_gradients(reference, [t.double() for t in inputs])
+        assert_agree(got, expected, tuple(map(str, range(len(got)))))
 
 
 def test_the_weight_gradient_is_the_sum_over_every_thread() -> None:

@@ -28,10 +28,11 @@ ISA_FLAGS = {"AVX512": ["-mavx512f", "-mavx512dq", "-mavx512bw", "-mavx512vl", "
 Build = tuple[list[str], list[str], Path]  # compiler flags, libraries, cached file
 
 
-def builds(source: Path, name: str, defines: list[str]) -> list[Build]:
-    """The ways to build ``source`` for this CPU with ``defines``, best first; each cached
-    file is named by ``name``, the CPU kind and a hash of the source and flags."""
-    isa = torch.backends.cpu.get_cpu_capability()
+def builds(source: Path, name: str, defines: list[str], isa: str | None = None) -> list[Build]:
+    """The ways to build ``source`` with ``defines`` for the instruction set ``isa`` (this
+    CPU's by default; a name torch's ``get_cpu_capability`` gives), best first; each cached
+    file is named by ``name``, the instruction set and a hash of the source and flags."""
+    isa = isa or torch.backends.cpu.get_cpu_capability()
     flags = ["-O3", "-shared", "-fPIC", "-fopenmp", "-fno-math-errno", "-fno-trapping-math",
              "-fassociative-math", "-fno-signed-zeros", *ISA_FLAGS.get(isa, []), *defines]
     text = source.read_bytes()

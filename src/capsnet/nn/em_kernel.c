@@ -3,78 +3,151 @@
    Convolutional matrix capsules make a vote V = M W (4x4 matrices, row-major, 16 floats)
    for every (window, output type, input) of every image: 5.3 million floats an image in
    the paper's ConvCaps1, which torch would write and read many times an iteration. Here a
-   "block" is one image's window: its input poses (inputs x 16 floats) and the weights
-   (inputs x outputs x 16) stay in the core's cache, and each vote is made again where it is
-   used, kept only in a buffer of one block's votes for one output. Making the votes and
-   using them are separate loops, each simple for the compiler's vectoriser: gcc 12 made
-   code up to 5x slower of one loop doing both. Blocks run in parallel; the
-   weights' gradient is summed in a buffer of each thread's, which the caller adds up.
+   "block" is one image's window, taken one input capsule at a time: its pose, spread over
+   registers once, makes its votes for every output type from the weights (inputs x outputs
+   x 16, in the core's cache), and each vote is used where it is made and never stored;
+   where a vote is needed twice, it is made twice. Per-output sums of a block (outputs x 16)
+   stay in the first-level cache. Blocks run in parallel; the weights' gradient is summed in
+   a buffer of each thread's, which the caller adds up.
 
    Shapes, with B blocks, I inputs, O outputs and 16 = a pose:
-     poses (B, I, 16), weight (I, O, 16), share (B, O, I), mean and spread (B, O, 16),
-     inverse (B, O, 16), scaled (B, O, I). */
+     poses (B, I, 16), weight (I, O, 16), weight_t (I, O, 16) the same matrices transposed,
+     share (B, O, I), mean and spread (B, O, 16), inverse (B, O, 16), scaled (B, O, I). */
 
 #include <stdint.h>
 #include <string.h>
 #include <omp.h>
 
 #define POSE 16
-#define CHUNK 32  /* votes the deviations make at a time, on the stack */
 
-/* v = m w */
-static inline void vote(const float *restrict m, const float *restrict w, float *restrict v) {
-    for (int p = 0; p < 4; p++)
-        for (int r = 0; r < 4; r++)
-            v[4 * p + r] = m[4 * p] * w[r] + m[4 * p + 1] * w[4 + r]
-                         + m[4 * p + 2] * w[8 + r] + m[4 * p + 3] * w[12 + r];
+/* A pose as one vector of 16 floats (GCC's vector extension: one AVX-512 register, two AVX2
+   ones, four SSE ones), read and written with memcpy as poses need not be aligned. Each 4x4
+   product below is four multiply-adds of whole vectors whose lanes are permuted so that
+   lane (a, b) holds the terms of element (a, b); every index is a lane, 4 row + column. */
+typedef float pose_t __attribute__((vector_size(POSE * sizeof(float))));
+typedef int32_t lanes_t __attribute__((vector_size(POSE * sizeof(int32_t))));
+
+#define LANES(f) {f(0, 0), f(0, 1), f(0, 2), f(0, 3), f(1, 0), f(1, 1), f(1, 2), f(1, 3), \
+                  f(2, 0), f(2, 1), f(2, 2), f(2, 3), f(3, 0), f(3, 1), f(3, 2), f(3, 3)}
+/* lane (a, b) of the result takes lane ... of the source: */
+#define ROW(k) LANES(ROW_##k)            /* (k, b): row k, in every row */
+#define COLUMN(k) LANES(COLUMN_##k)      /* (a, k): element k of the same row */
+#define ROW_T(k) LANES(ROW_T_##k)        /* (k, a): row k as a column */
+#define ROW_0(a, b) (b)
+#define ROW_1(a, b) (4 + (b))
+#define ROW_2(a, b) (8 + (b))
+#define ROW_3(a, b) (12 + (b))
+#define COLUMN_0(a, b) (4 * (a))
+#define COLUMN_1(a, b) (4 * (a) + 1)
+#define COLUMN_2(a, b) (4 * (a) + 2)
+#define COLUMN_3(a, b) (4 * (a) + 3)
+#define ROW_T_0(a, b) (a)
+#define ROW_T_1(a, b) (4 + (a))
+#define ROW_T_2(a, b) (8 + (a))
+#define ROW_T_3(a, b) (12 + (a))
+
+static inline pose_t load(const float *p) {
+    pose_t v;
+    memcpy(&v, p, sizeof v);
+    return v;
 }
 
-/* The gradients of v = m w: gm += gv w^T, gw += m^T gv. */
-static inline void vote_backward(const float *restrict m, const float *restrict w,
-                                 const float *restrict gv, float *restrict gm,
-                                 float *restrict gw) {
-    for (int p = 0; p < 4; p++)
-        for (int q = 0; q < 4; q++)
-            gm[4 * p + q] += gv[4 * p] * w[4 * q] + gv[4 * p + 1] * w[4 * q + 1]
-                           + gv[4 * p + 2] * w[4 * q + 2] + gv[4 * p + 3] * w[4 * q + 3];
-    for (int q = 0; q < 4; q++)
-        for (int r = 0; r < 4; r++)
-            gw[4 * q + r] += m[q] * gv[r] + m[4 + q] * gv[4 + r]
-                           + m[8 + q] * gv[8 + r] + m[12 + q] * gv[12 + r];
+static inline void store(float *p, pose_t v) { memcpy(p, &v, sizeof v); }
+
+static inline float total(pose_t v) {
+    float sum = 0;
+    for (int h = 0; h < POSE; h++) sum += v[h];
+    return sum;
 }
 
-/* Floats of scratch one thread needs: a block's votes for one output, and with
-   weight_grad its own weight gradient. */
-int64_t em_scratch(int64_t inputs, int64_t outputs, int weight_grad) {
-    return inputs * POSE + (weight_grad ? inputs * outputs * POSE : 0);
+/* Row k of a pose in every row (lane (a, b): element (k, b)), read from memory: with AVX-512
+   a broadcast load, which leaves the shuffle unit to the other products. */
+#ifdef __AVX512F__
+#include <immintrin.h>
+
+static inline pose_t row(const float *p, int k) {
+    return (pose_t)_mm512_broadcast_f32x4(_mm_loadu_ps(p + 4 * k));
+}
+#else
+static const lanes_t ROWS[4] = {ROW(0), ROW(1), ROW(2), ROW(3)};
+
+static inline pose_t row(const float *p, int k) { return __builtin_shuffle(load(p), ROWS[k]); }
+#endif
+
+/* An input capsule's pose m spread for the products below, once for all its outputs:
+   column[k] has m(a, k) in lane (a, b), row_t[k] has m(k, a). */
+typedef struct { pose_t column[4], row_t[4]; } spread_t;
+
+static inline spread_t spread_pose(const float *p) {
+    const pose_t m = load(p);
+    return (spread_t){
+        {__builtin_shuffle(m, (lanes_t)COLUMN(0)), __builtin_shuffle(m, (lanes_t)COLUMN(1)),
+         __builtin_shuffle(m, (lanes_t)COLUMN(2)), __builtin_shuffle(m, (lanes_t)COLUMN(3))},
+        {__builtin_shuffle(m, (lanes_t)ROW_T(0)), __builtin_shuffle(m, (lanes_t)ROW_T(1)),
+         __builtin_shuffle(m, (lanes_t)ROW_T(2)), __builtin_shuffle(m, (lanes_t)ROW_T(3))}};
+}
+
+/* The vote m w: (a, b) = sum_k m(a, k) w(k, b). */
+static inline pose_t vote(const spread_t *m, const float *w) {
+    return m->column[0] * row(w, 0) + m->column[1] * row(w, 1)
+         + m->column[2] * row(w, 2) + m->column[3] * row(w, 3);
+}
+
+/* The gradient of m from that of a vote, g w^T: (a, b) = sum_k g(a, k) w(b, k) = sum_k
+   g(a, k) w_t(k, b). */
+static inline pose_t vote_grad_pose(pose_t g, const float *w_t) {
+    return __builtin_shuffle(g, (lanes_t)COLUMN(0)) * row(w_t, 0)
+         + __builtin_shuffle(g, (lanes_t)COLUMN(1)) * row(w_t, 1)
+         + __builtin_shuffle(g, (lanes_t)COLUMN(2)) * row(w_t, 2)
+         + __builtin_shuffle(g, (lanes_t)COLUMN(3)) * row(w_t, 3);
+}
+
+/* The gradient of w, m^T g: (a, b) = sum_k m(k, a) g(k, b). */
+static inline pose_t vote_grad_weight(const spread_t *m, pose_t g) {
+    return m->row_t[0] * __builtin_shuffle(g, (lanes_t)ROW(0))
+         + m->row_t[1] * __builtin_shuffle(g, (lanes_t)ROW(1))
+         + m->row_t[2] * __builtin_shuffle(g, (lanes_t)ROW(2))
+         + m->row_t[3] * __builtin_shuffle(g, (lanes_t)ROW(3));
+}
+
+static inline void add(float *p, pose_t v) { store(p, load(p) + v); }
+
+/* Floats of scratch one backward thread needs: its weight gradient and a block's sums for
+   each output. */
+int64_t em_scratch(int64_t inputs, int64_t outputs) {
+    return (inputs + 1) * outputs * POSE;
+}
+
+/* For every output of a block, the sum over its inputs of share_i d_i, or with squared of
+   share_i d_i^2, where d_i = V_i - mean: the spread, and the spread's path through the mean
+   in backward. */
+static void deviation_sums(const float *poses, const float *weight, const float *share,
+                           const float *mean, int64_t inputs, int64_t outputs, int squared,
+                           float *sums) {
+    memset(sums, 0, sizeof(float) * outputs * POSE);
+    for (int64_t i = 0; i < inputs; i++) {
+        const spread_t m = spread_pose(poses + i * POSE);
+        for (int64_t o = 0; o < outputs; o++) {
+            const pose_t d = vote(&m, weight + (i * outputs + o) * POSE) - load(mean + o * POSE);
+            add(sums + o * POSE, share[o * inputs + i] * (squared ? d * d : d));
+        }
+    }
 }
 
 /* The M-step's moments: mean = sum_i share_i V_i, spread = sum_i share_i (V_i - mean)^2. */
 void em_moments(const float *poses, const float *weight, const float *share, int64_t blocks,
-                int64_t inputs, int64_t outputs, int threads, float *scratch, float *mean,
-                float *spread) {
-    #pragma omp parallel num_threads(threads)
-    {
-        float *votes = scratch + omp_get_thread_num() * em_scratch(inputs, outputs, 0);
-        #pragma omp for schedule(static)
-        for (int64_t b = 0; b < blocks; b++) {
-            const float *m = poses + b * inputs * POSE;
-            for (int64_t o = 0; o < outputs; o++) {
-                const float *s = share + (b * outputs + o) * inputs;
-                float mu[POSE] = {0}, var[POSE] = {0};
-                for (int64_t i = 0; i < inputs; i++)
-                    vote(m + i * POSE, weight + (i * outputs + o) * POSE, votes + i * POSE);
-                for (int64_t i = 0; i < inputs; i++)
-                    for (int h = 0; h < POSE; h++) mu[h] += s[i] * votes[i * POSE + h];
-                for (int64_t i = 0; i < inputs; i++)
-                    for (int h = 0; h < POSE; h++) {
-                        float d = votes[i * POSE + h] - mu[h];
-                        var[h] += s[i] * d * d;
-                    }
-                memcpy(mean + (b * outputs + o) * POSE, mu, sizeof mu);
-                memcpy(spread + (b * outputs + o) * POSE, var, sizeof var);
-            }
+                int64_t inputs, int64_t outputs, int threads, float *mean, float *spread) {
+    #pragma omp parallel for num_threads(threads) schedule(static)
+    for (int64_t b = 0; b < blocks; b++) {
+        const float *s = share + b * outputs * inputs;
+        float *mu = mean + b * outputs * POSE, *var = spread + b * outputs * POSE;
+        memset(mu, 0, sizeof(float) * outputs * POSE);
+        for (int64_t i = 0; i < inputs; i++) {
+            const spread_t m = spread_pose(poses + (b * inputs + i) * POSE);
+            for (int64_t o = 0; o < outputs; o++)
+                add(mu + o * POSE, s[o * inputs + i] * vote(&m, weight + (i * outputs + o) * POSE));
         }
+        deviation_sums(poses + b * inputs * POSE, weight, s, mu, inputs, outputs, 1, var);
     }
 }
 
@@ -83,43 +156,36 @@ void em_moments(const float *poses, const float *weight, const float *share, int
    through the mean adds -2 D g_spread to g_mean; then
    g_share_i = sum_h g_mean_h V_ih + g_spread_h d_ih^2 and
    g_V_i = share_i (g_mean + 2 g_spread d_i). */
-void em_moments_backward(const float *poses, const float *weight, const float *share,
-                         const float *mean, const float *grad_mean, const float *grad_spread,
-                         int64_t blocks, int64_t inputs, int64_t outputs, int threads,
-                         float *scratch, float *grad_poses, float *grad_share) {
+void em_moments_backward(const float *poses, const float *weight, const float *weight_t,
+                         const float *share, const float *mean, const float *grad_mean,
+                         const float *grad_spread, int64_t blocks, int64_t inputs,
+                         int64_t outputs, int threads, float *scratch, float *grad_poses,
+                         float *grad_share) {
     #pragma omp parallel num_threads(threads)
     {
-        float *votes = scratch + omp_get_thread_num() * em_scratch(inputs, outputs, 1);
-        float *grad_weight = votes + inputs * POSE;  /* zeros from the caller */
+        float *grad_weight = scratch + omp_get_thread_num() * em_scratch(inputs, outputs);
+        float *gmu = grad_weight + inputs * outputs * POSE;  /* D, then g_mean */
         #pragma omp for schedule(static)
         for (int64_t b = 0; b < blocks; b++) {
-            const float *m = poses + b * inputs * POSE;
-            float *gm = grad_poses + b * inputs * POSE;
-            memset(gm, 0, sizeof(float) * inputs * POSE);
-            for (int64_t o = 0; o < outputs; o++) {
-                const int64_t bo = b * outputs + o;
-                const float *s = share + bo * inputs, *mu = mean + bo * POSE;
-                const float *gvar = grad_spread + bo * POSE;
-                float deviation[POSE] = {0}, gmu[POSE];
-                for (int64_t i = 0; i < inputs; i++)
-                    vote(m + i * POSE, weight + (i * outputs + o) * POSE, votes + i * POSE);
-                for (int64_t i = 0; i < inputs; i++)
-                    for (int h = 0; h < POSE; h++)
-                        deviation[h] += s[i] * (votes[i * POSE + h] - mu[h]);
-                for (int h = 0; h < POSE; h++)
-                    gmu[h] = grad_mean[bo * POSE + h] - 2 * gvar[h] * deviation[h];
-                for (int64_t i = 0; i < inputs; i++) {
-                    const float *v = votes + i * POSE;
-                    float gv[POSE], gs = 0;
-                    for (int h = 0; h < POSE; h++) {
-                        float d = v[h] - mu[h];
-                        gs += gmu[h] * v[h] + gvar[h] * d * d;
-                        gv[h] = s[i] * (gmu[h] + 2 * gvar[h] * d);
-                    }
-                    grad_share[bo * inputs + i] = gs;
-                    vote_backward(m + i * POSE, weight + (i * outputs + o) * POSE, gv,
-                                  gm + i * POSE, grad_weight + (i * outputs + o) * POSE);
+            const float *s = share + b * outputs * inputs, *mu = mean + b * outputs * POSE;
+            const float *gvar = grad_spread + b * outputs * POSE;
+            deviation_sums(poses + b * inputs * POSE, weight, s, mu, inputs, outputs, 0, gmu);
+            for (int64_t o = 0; o < outputs; o++)
+                store(gmu + o * POSE, load(grad_mean + (b * outputs + o) * POSE)
+                                      - 2 * load(gvar + o * POSE) * load(gmu + o * POSE));
+            for (int64_t i = 0; i < inputs; i++) {
+                const spread_t m = spread_pose(poses + (b * inputs + i) * POSE);
+                pose_t gm = {0};
+                for (int64_t o = 0; o < outputs; o++) {
+                    const int64_t io = (i * outputs + o) * POSE;
+                    const pose_t v = vote(&m, weight + io), d = v - load(mu + o * POSE);
+                    const pose_t g_mean = load(gmu + o * POSE), g_spread = load(gvar + o * POSE);
+                    grad_share[(b * outputs + o) * inputs + i] = total(g_mean * v + g_spread * d * d);
+                    const pose_t gv = s[o * inputs + i] * (g_mean + 2 * g_spread * d);
+                    gm += vote_grad_pose(gv, weight_t + io);
+                    add(grad_weight + io, vote_grad_weight(&m, gv));
                 }
+                store(grad_poses + (b * inputs + i) * POSE, gm);
             }
         }
     }
@@ -131,24 +197,12 @@ void em_deviations(const float *poses, const float *weight, const float *mean,
                    int threads, float *scaled) {
     #pragma omp parallel for num_threads(threads) schedule(static)
     for (int64_t b = 0; b < blocks; b++) {
-        const float *m = poses + b * inputs * POSE;
-        for (int64_t o = 0; o < outputs; o++) {
-            const int64_t bo = b * outputs + o;
-            const float *mu = mean + bo * POSE, *u = inverse + bo * POSE;
-            for (int64_t start = 0; start < inputs; start += CHUNK) {
-                const int64_t n = inputs - start < CHUNK ? inputs - start : CHUNK;
-                float v[CHUNK * POSE];
-                for (int64_t i = 0; i < n; i++)
-                    vote(m + (start + i) * POSE, weight + ((start + i) * outputs + o) * POSE,
-                         v + i * POSE);
-                for (int64_t i = 0; i < n; i++) {
-                    float sum = 0;
-                    for (int h = 0; h < POSE; h++) {
-                        float d = v[i * POSE + h] - mu[h];
-                        sum += d * d * u[h];
-                    }
-                    scaled[bo * inputs + start + i] = sum;
-                }
+        const float *mu = mean + b * outputs * POSE, *u = inverse + b * outputs * POSE;
+        for (int64_t i = 0; i < inputs; i++) {
+            const spread_t m = spread_pose(poses + (b * inputs + i) * POSE);
+            for (int64_t o = 0; o < outputs; o++) {
+                const pose_t d = vote(&m, weight + (i * outputs + o) * POSE) - load(mu + o * POSE);
+                scaled[(b * outputs + o) * inputs + i] = total(d * d * load(u + o * POSE));
             }
         }
     }
@@ -157,40 +211,35 @@ void em_deviations(const float *poses, const float *weight, const float *mean,
 /* From the gradient of scaled, those of poses, mean, inverse and (into each thread's
    scratch) weight: g_V_i = 2 g_i d_i inverse, g_mean = -sum_i g_V_i,
    g_inverse = sum_i g_i d_i^2. */
-void em_deviations_backward(const float *poses, const float *weight, const float *mean,
-                            const float *inverse, const float *grad_scaled, int64_t blocks,
-                            int64_t inputs, int64_t outputs, int threads, float *scratch,
-                            float *grad_poses, float *grad_mean, float *grad_inverse) {
+void em_deviations_backward(const float *poses, const float *weight, const float *weight_t,
+                            const float *mean, const float *inverse, const float *grad_scaled,
+                            int64_t blocks, int64_t inputs, int64_t outputs, int threads,
+                            float *scratch, float *grad_poses, float *grad_mean,
+                            float *grad_inverse) {
     #pragma omp parallel num_threads(threads)
     {
-        float *votes = scratch + omp_get_thread_num() * em_scratch(inputs, outputs, 1);
-        float *grad_weight = votes + inputs * POSE;  /* zeros from the caller */
+        float *grad_weight = scratch + omp_get_thread_num() * em_scratch(inputs, outputs);
         #pragma omp for schedule(static)
         for (int64_t b = 0; b < blocks; b++) {
-            const float *m = poses + b * inputs * POSE;
-            float *gm = grad_poses + b * inputs * POSE;
-            memset(gm, 0, sizeof(float) * inputs * POSE);
-            for (int64_t o = 0; o < outputs; o++) {
-                const int64_t bo = b * outputs + o;
-                const float *mu = mean + bo * POSE, *u = inverse + bo * POSE;
-                float gmu[POSE] = {0}, gu[POSE] = {0};
-                for (int64_t i = 0; i < inputs; i++)
-                    vote(m + i * POSE, weight + (i * outputs + o) * POSE, votes + i * POSE);
-                for (int64_t i = 0; i < inputs; i++) {
-                    float gv[POSE];
-                    const float *v = votes + i * POSE;
-                    const float g = grad_scaled[bo * inputs + i];
-                    for (int h = 0; h < POSE; h++) {
-                        float d = v[h] - mu[h];
-                        gv[h] = 2 * g * d * u[h];
-                        gmu[h] -= gv[h];
-                        gu[h] += g * d * d;
-                    }
-                    vote_backward(m + i * POSE, weight + (i * outputs + o) * POSE, gv,
-                                  gm + i * POSE, grad_weight + (i * outputs + o) * POSE);
+            const float *mu = mean + b * outputs * POSE, *u = inverse + b * outputs * POSE;
+            const float *g = grad_scaled + b * outputs * inputs;
+            float *gmu = grad_mean + b * outputs * POSE, *gu = grad_inverse + b * outputs * POSE;
+            memset(gmu, 0, sizeof(float) * outputs * POSE);
+            memset(gu, 0, sizeof(float) * outputs * POSE);
+            for (int64_t i = 0; i < inputs; i++) {
+                const spread_t m = spread_pose(poses + (b * inputs + i) * POSE);
+                pose_t gm = {0};
+                for (int64_t o = 0; o < outputs; o++) {
+                    const int64_t io = (i * outputs + o) * POSE;
+                    const pose_t d = vote(&m, weight + io) - load(mu + o * POSE);
+                    const float g_i = g[o * inputs + i];
+                    const pose_t gv = 2 * g_i * d * load(u + o * POSE);
+                    add(gmu + o * POSE, -gv);
+                    add(gu + o * POSE, g_i * d * d);
+                    gm += vote_grad_pose(gv, weight_t + io);
+                    add(grad_weight + io, vote_grad_weight(&m, gv));
                 }
-                memcpy(grad_mean + bo * POSE, gmu, sizeof gmu);
-                memcpy(grad_inverse + bo * POSE, gu, sizeof gu);
+                store(grad_poses + (b * inputs + i) * POSE, gm);
             }
         }
     }

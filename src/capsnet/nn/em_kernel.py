@@ -39,11 +39,11 @@ SOURCE = Path(__file__).with_name("em_kernel.c")
 
 def _declare(lib: ctypes.CDLL) -> ctypes.CDLL:
     p, i64, i32 = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int
-    lib.em_scratch.argtypes, lib.em_scratch.restype = [i64, i64, i32], i64
-    lib.em_moments.argtypes = [p] * 3 + [i64] * 3 + [i32] + [p] * 3
-    lib.em_moments_backward.argtypes = [p] * 6 + [i64] * 3 + [i32] + [p] * 3
+    lib.em_scratch.argtypes, lib.em_scratch.restype = [i64, i64], i64
+    lib.em_moments.argtypes = [p] * 3 + [i64] * 3 + [i32] + [p] * 2
+    lib.em_moments_backward.argtypes = [p] * 7 + [i64] * 3 + [i32] + [p] * 3
     lib.em_deviations.argtypes = [p] * 4 + [i64] * 3 + [i32, p]
-    lib.em_deviations_backward.argtypes = [p] * 5 + [i64] * 3 + [i32] + [p] * 4
+    lib.em_deviations_backward.argtypes = [p] * 6 + [i64] * 3 + [i32] + [p] * 4
     for name in ("em_moments", "em_moments_backward", "em_deviations",
                  "em_deviations_backward"):
         getattr(lib, name).restype = None
@@ -75,17 +75,22 @@ def _sizes(poses: Tensor, weight: Tensor) -> tuple[int, int, int, int]:
             torch.get_num_threads())
 
 
-def _scratch(poses: Tensor, weight: Tensor, weight_grad: bool) -> Tensor:
-    """Each thread's buffers; zeros, as the weight gradients are sums (and a thread that
-    OpenMP does not start leaves its own as they are)."""
+def _scratch(poses: Tensor, weight: Tensor) -> Tensor:
+    """Each backward thread's buffers; zeros, as the weight gradients are sums (and a thread
+    that OpenMP does not start leaves its own as they are)."""
     _, inputs, outputs, threads = _sizes(poses, weight)
-    return poses.new_zeros(threads, library().em_scratch(inputs, outputs, int(weight_grad)))
+    return poses.new_zeros(threads, library().em_scratch(inputs, outputs))
 
 
 def _weight_grad(scratch: Tensor, weight: Tensor) -> Tensor:
-    """The sum of the threads' weight gradients, kept after each thread's votes buffer."""
-    inputs = weight.shape[0]
-    return scratch[:, inputs * 16:].sum(dim=0).view_as(weight)
+    """The sum of the threads' weight gradients, kept first in each thread's buffers."""
+    return scratch[:, :weight.numel()].sum(dim=0).view_as(weight)
+
+
+def _transposed(weight: Tensor) -> Tensor:
+    """Each 4x4 matrix of ``weight`` ``(inputs, outputs, 16)`` transposed: the backward
+    passes read W^T by rows."""
+    return weight.unflatten(-1, (4, 4)).transpose(-1, -2).flatten(-2).contiguous()
 
 
 # --- the M-step's moments ---------------------------------------------------------------------
@@ -98,9 +103,8 @@ def moments(poses: Tensor, weight: Tensor, share: Tensor) -> tuple[Tensor, Tenso
     poses, weight, share = poses.contiguous(), weight.contiguous(), share.contiguous()
     blocks, inputs, outputs, threads = _sizes(poses, weight)
     mean, spread = _moments_outputs(poses, weight, share)
-    scratch = _scratch(poses, weight, False)  # kept alive here: the call gets its address
     library().em_moments(pointer(poses), pointer(weight), pointer(share), blocks, inputs,
-                         outputs, threads, pointer(scratch), pointer(mean), pointer(spread))
+                         outputs, threads, pointer(mean), pointer(spread))
     return mean, spread
 
 
@@ -117,10 +121,11 @@ def moments_backward(poses: Tensor, weight: Tensor, share: Tensor, mean: Tensor,
     poses, weight, share = poses.contiguous(), weight.contiguous(), share.contiguous()
     grad_mean, grad_spread = grad_mean.contiguous(), grad_spread.contiguous()
     blocks, inputs, outputs, threads = _sizes(poses, weight)
-    scratch = _scratch(poses, weight, True)
+    # kept alive here while the call uses their addresses
+    scratch, weight_t = _scratch(poses, weight), _transposed(weight)
     mean, grad_poses, grad_share = mean.contiguous(), torch.empty_like(poses), torch.empty_like(share)
-    library().em_moments_backward(pointer(poses), pointer(weight), pointer(share),
-                                  pointer(mean), pointer(grad_mean),
+    library().em_moments_backward(pointer(poses), pointer(weight), pointer(weight_t),
+                                  pointer(share), pointer(mean), pointer(grad_mean),
                                   pointer(grad_spread), blocks, inputs, outputs, threads,
                                   pointer(scratch), pointer(grad_poses), pointer(grad_share))
     return grad_poses, _weight_grad(scratch, weight), grad_share
@@ -171,11 +176,12 @@ def deviations_backward(poses: Tensor, weight: Tensor, mean: Tensor, inverse: Te
     poses, weight = poses.contiguous(), weight.contiguous()
     mean, inverse, grad_scaled = mean.contiguous(), inverse.contiguous(), grad_scaled.contiguous()
     blocks, inputs, outputs, threads = _sizes(poses, weight)
-    scratch = _scratch(poses, weight, True)
+    scratch, weight_t = _scratch(poses, weight), _transposed(weight)
     grad_poses, grad_mean, grad_inverse = (torch.empty_like(poses), torch.empty_like(mean),
                                            torch.empty_like(inverse))
-    library().em_deviations_backward(pointer(poses), pointer(weight), pointer(mean),
-                                     pointer(inverse), pointer(grad_scaled), blocks, inputs,
+    library().em_deviations_backward(pointer(poses), pointer(weight), pointer(weight_t),
+                                     pointer(mean), pointer(inverse), pointer(grad_scaled),
+                                     blocks, inputs,
                                      outputs, threads, pointer(scratch), pointer(grad_poses),
                                      pointer(grad_mean), pointer(grad_inverse))
     return grad_poses, _weight_grad(scratch, weight), grad_mean, grad_inverse
