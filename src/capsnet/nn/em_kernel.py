@@ -62,11 +62,16 @@ def available() -> bool:
     return library() is not None
 
 
+def runs_on(device: torch.device) -> bool:
+    """Whether the fused operators run on ``device``: a CPU, with the kernel built."""
+    return device.type == "cpu" and available()
+
+
 def supports(poses: Tensor, weight: Tensor) -> bool:
     """Whether votes of ``poses`` and ``weight`` can be routed by the fused operators: float32
-    on a CPU, with the kernel built."""
-    return (poses.device.type == "cpu" and poses.dtype == weight.dtype == torch.float32
-            and poses.shape[0] > 0 and available())
+    where they run."""
+    return (poses.dtype == weight.dtype == torch.float32 and poses.shape[0] > 0
+            and runs_on(poses.device))
 
 
 def _sizes(poses: Tensor, weight: Tensor) -> tuple[int, int, int, int]:

@@ -185,7 +185,7 @@ class EMCapsNetConfig:
         class_votes = caps2 ** 2 * self.caps2_types * self.num_classes * POSE_SIZE
         features = self.conv1_channels * primary ** 2 + self.image_pixels
         copies = 2 * self.routing_iterations + 2 if training else 3
-        if device is not None and device.type == "cpu" and enabled() and em_kernel.available():
+        if device is not None and enabled() and em_kernel.runs_on(device):
             # Measured by scripts/measure_memory.py: about 12 routing-sized copies while
             # training at 2 iterations and 13 at 3, 2.5 to 4.5 in inference.
             window_poses = (caps1 ** 2 * window * self.primary_types
@@ -570,9 +570,10 @@ class EMCapsNet(CapsuleModel, nn.Module):
         return nn.Sequential(self.conv1, nn.ReLU(), self.primary)
 
     def routes_in_kernel(self, device: torch.device) -> bool:
-        weight = self.caps1.weight.flatten(0, 1).flatten(-2)
-        return self.caps1.fused and em_kernel.supports(weight.new_empty(1, 1, weight.shape[0], POSE_SIZE,
-                                                   device=device), weight.to(device))
+        """Whether the convolutional capsule layers route in the fused operators on
+        ``device``, which take float32."""
+        return (self.caps1.fused and self.caps1.weight.dtype == torch.float32
+                and em_kernel.runs_on(device))
 
     def reconstruct(self, class_poses: Tensor, classes: Tensor) -> Tensor:
         """Decode the pose of ``classes`` ``(batch,)`` from ``class_poses`` (the others zeroed):
