@@ -118,22 +118,6 @@ int64_t em_scratch(int64_t inputs, int64_t outputs) {
     return (inputs + 1) * outputs * POSE;
 }
 
-/* For every output of a block, the sum over its inputs of share_i d_i, or with squared of
-   share_i d_i^2, where d_i = V_i - mean: the spread, and the spread's path through the mean
-   in backward. */
-static void deviation_sums(const float *poses, const float *weight, const float *share,
-                           const float *mean, int64_t inputs, int64_t outputs, int squared,
-                           float *sums) {
-    memset(sums, 0, sizeof(float) * outputs * POSE);
-    for (int64_t i = 0; i < inputs; i++) {
-        const spread_t m = spread_pose(poses + i * POSE);
-        for (int64_t o = 0; o < outputs; o++) {
-            const pose_t d = vote(&m, weight + (i * outputs + o) * POSE) - load(mean + o * POSE);
-            add(sums + o * POSE, share[o * inputs + i] * (squared ? d * d : d));
-        }
-    }
-}
-
 /* The M-step's moments: mean = sum_i share_i V_i, spread = sum_i share_i (V_i - mean)^2. */
 void em_moments(const float *poses, const float *weight, const float *share, int64_t blocks,
                 int64_t inputs, int64_t outputs, int threads, float *mean, float *spread) {
@@ -147,13 +131,21 @@ void em_moments(const float *poses, const float *weight, const float *share, int
             for (int64_t o = 0; o < outputs; o++)
                 add(mu + o * POSE, s[o * inputs + i] * vote(&m, weight + (i * outputs + o) * POSE));
         }
-        deviation_sums(poses + b * inputs * POSE, weight, s, mu, inputs, outputs, 1, var);
+        memset(var, 0, sizeof(float) * outputs * POSE);
+        for (int64_t i = 0; i < inputs; i++) {
+            const spread_t m = spread_pose(poses + (b * inputs + i) * POSE);
+            for (int64_t o = 0; o < outputs; o++) {
+                const pose_t d = vote(&m, weight + (i * outputs + o) * POSE) - load(mu + o * POSE);
+                add(var + o * POSE, s[o * inputs + i] * d * d);
+            }
+        }
     }
 }
 
 /* From the gradients of mean and spread, those of poses, share and (into each thread's
-   scratch) weight. With d_i = V_i - mean and D = sum_i share_i d_i, the spread's path
-   through the mean adds -2 D g_spread to g_mean; then
+   scratch) weight. With d_i = V_i - mean, the spread's path through the mean adds
+   -2 D g_spread to g_mean, where D = sum_i share_i d_i = mean (1 - sum_i share_i) (as
+   mean = sum_i share_i V_i), so no vote is made for it; then
    g_share_i = sum_h g_mean_h V_ih + g_spread_h d_ih^2 and
    g_V_i = share_i (g_mean + 2 g_spread d_i). */
 void em_moments_backward(const float *poses, const float *weight, const float *weight_t,
@@ -164,15 +156,17 @@ void em_moments_backward(const float *poses, const float *weight, const float *w
     #pragma omp parallel num_threads(threads)
     {
         float *grad_weight = scratch + omp_get_thread_num() * em_scratch(inputs, outputs);
-        float *gmu = grad_weight + inputs * outputs * POSE;  /* D, then g_mean */
+        float *gmu = grad_weight + inputs * outputs * POSE;  /* g_mean */
         #pragma omp for schedule(static)
         for (int64_t b = 0; b < blocks; b++) {
             const float *s = share + b * outputs * inputs, *mu = mean + b * outputs * POSE;
             const float *gvar = grad_spread + b * outputs * POSE;
-            deviation_sums(poses + b * inputs * POSE, weight, s, mu, inputs, outputs, 0, gmu);
-            for (int64_t o = 0; o < outputs; o++)
+            for (int64_t o = 0; o < outputs; o++) {
+                float unshared = 1;
+                for (int64_t i = 0; i < inputs; i++) unshared -= s[o * inputs + i];
                 store(gmu + o * POSE, load(grad_mean + (b * outputs + o) * POSE)
-                                      - 2 * load(gvar + o * POSE) * load(gmu + o * POSE));
+                                      - 2 * unshared * load(gvar + o * POSE) * load(mu + o * POSE));
+            }
             for (int64_t i = 0; i < inputs; i++) {
                 const spread_t m = spread_pose(poses + (b * inputs + i) * POSE);
                 pose_t gm = {0};

@@ -122,7 +122,8 @@ def _moments_outputs(poses: Tensor, weight: Tensor, share: Tensor) -> tuple[Tens
 @torch.library.custom_op("capsnet::em_moments_backward", mutates_args=())
 def moments_backward(poses: Tensor, weight: Tensor, share: Tensor, mean: Tensor,
                      grad_mean: Tensor, grad_spread: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-    """The gradients of :func:`moments`' poses, weight and share."""
+    """The gradients of :func:`moments`' poses, weight and share; ``mean`` is the mean it
+    returned, which the gradient of the spread through the mean is made from."""
     poses, weight, share = poses.contiguous(), weight.contiguous(), share.contiguous()
     grad_mean, grad_spread = grad_mean.contiguous(), grad_spread.contiguous()
     blocks, inputs, outputs, threads = _sizes(poses, weight)
