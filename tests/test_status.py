@@ -132,6 +132,20 @@ def test_status_counts_the_steps_of_an_epoch_in_progress(finished: Path, tmp_pat
     assert (shown["step"], shown["steps"]) == (4, None)
 
 
+def test_the_wall_time_of_a_running_call_counts_from_its_last_epoch(
+        finished: Path, tmp_path: Path, capsnet_like: int) -> None:
+    """The training curve's points, written through an epoch, leave the time the last epoch
+    ended (its record's unix_time) where it was."""
+    run_dir = unfinished_copy(finished, tmp_path / "timed")
+    metrics = run_dir / "metrics.jsonl"
+    epoch = json.loads(metrics.read_text().splitlines()[-1])
+    epoch.update(wall_seconds=500.0, unix_time=time.time() - 600)
+    metrics.write_text(json.dumps(epoch) + "\n" + json.dumps({"step": 3, "epoch": 1.5}) + "\n")
+    Run(run_dir).pid_file.write_text(f"{capsnet_like}\n")
+    os.utime(Run(run_dir).pid_file, (time.time() - 1000,) * 2)  # the call began before
+    assert 1099 <= status_json(run_dir)["wall_seconds"] <= 1130
+
+
 def test_one_model_of_an_experiment_is_run_and_resumed_from_the_experiment(
         finished: Path, tmp_path: Path, capsnet_like: int) -> None:
     experiment = tmp_path / "affnist"

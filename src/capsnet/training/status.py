@@ -130,8 +130,10 @@ def run_status(run_dir: Path, now: float | None = None) -> dict[str, Any]:
               "skipped_metrics_lines": skipped}
     status["steps"] = total_steps(latest, status["epochs"])
     started = mtime(home.pid_file) if pid is not None else None  # this call's start
+    # when the last epoch's record was written; older records lack the time: their file's
+    written = (number(last, "unix_time") or mtime(run.metrics_file)) if records else None
     status.update(timing(records, summary if finished else None, settings, now, started,
-                         mtime(run.metrics_file)))
+                         written))
     status["resume_command"] = (resume_command(home.folder, config)
                                 if state != "running" and unfinished(status) else None)
     log = home.log_file
@@ -187,7 +189,7 @@ def timing(records: list[dict[str, Any]], summary: dict[str, Any] | None,
     left = ((settings.epochs - last["epoch"]) * per_epoch
             if per_epoch is not None and settings else None)
     if started is not None:
-        current = now - max(started, written or started)
+        current = max(now - max(started, written or started), 0.0)
         wall += current
         if left is not None:
             left = max(left - current, 0.0)

@@ -453,6 +453,7 @@ class Trainer:
                   "images": stats["epoch_images"],  # the rate is this call's only
                   "images_per_s": stats["images"] / max(stats["seconds"], 1e-9),
                   "epoch_seconds": stats["seconds"], "wall_seconds": self.wall_seconds(),
+                  "unix_time": time.time(),  # when written: status times the epoch after it
                   "improved": improved}
         if self.log is not None:
             self.log.write(record)
