@@ -7,6 +7,7 @@ built."""
 from __future__ import annotations
 
 import warnings
+from functools import partial
 from pathlib import Path
 
 import pytest
@@ -14,7 +15,8 @@ import torch
 from torch import Tensor
 
 from capsnet.nn import cbuild, em_kernel
-from capsnet.nn.em_routing import ConvMatrixCapsules, EMCapsNet, EMCapsNetConfig, spread_loss
+from capsnet.nn.em_routing import (EPSILON, ConvMatrixCapsules, EMCapsNet, EMCapsNetConfig,
+                                   spread_loss)
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -23,16 +25,15 @@ SHAPES = [(2, 3, 7, 5), (1, 4, 72, 16), (3, 2, 45, 7)]
 
 
 def operator_inputs(shape: tuple[int, int, int, int], seed: int = 0) -> list[Tensor]:
-    """Poses, weight, share (each row summing to a number in [0.3, 1], so that the spread's
-    path through the mean counts) and an inverse variance."""
+    """Poses, weight, weights (the data assigned to each output, R_ij a_i) and an inverse
+    variance."""
     batch, windows, inputs, outputs = shape
     g = torch.Generator().manual_seed(seed)
     poses = torch.randn(batch, windows, inputs, 16, generator=g)
     weight = torch.randn(inputs, outputs, 16, generator=g)
-    share = torch.rand(batch, windows, outputs, inputs, generator=g)
-    share = share / share.sum(dim=-1, keepdim=True) * (0.3 + 0.7 * share[..., :1])
+    weights = torch.rand(batch, windows, outputs, inputs, generator=g)
     inverse = torch.rand(batch, windows, outputs, 16, generator=g) + 0.5
-    return [poses, weight, share, inverse]
+    return [poses, weight, weights, inverse]
 
 
 def torch_votes(poses: Tensor, weight: Tensor) -> Tensor:
@@ -41,11 +42,18 @@ def torch_votes(poses: Tensor, weight: Tensor) -> Tensor:
                         weight.unflatten(-1, (4, 4))).flatten(-2)
 
 
-def torch_moments(poses: Tensor, weight: Tensor, share: Tensor) -> tuple[Tensor, Tensor]:
+def torch_moments(poses: Tensor, weight: Tensor, weights: Tensor, epsilon: float = EPSILON
+                  ) -> tuple[Tensor, ...]:
     votes = torch_votes(poses, weight)
+    mass = weights.sum(dim=-1)
+    share = weights / (mass[..., None] + epsilon)
     mean = torch.einsum("nwoi,nwoih->nwoh", share, votes)
     spread = torch.einsum("nwoi,nwoih->nwoh", share, (votes - mean[..., None, :]).square())
-    return mean, spread
+    return mean, spread, mass
+
+
+def kernel_moments(poses: Tensor, weight: Tensor, weights: Tensor) -> tuple[Tensor, ...]:
+    return em_kernel.moments(poses, weight, weights, EPSILON)
 
 
 def torch_deviations(poses: Tensor, weight: Tensor, mean: Tensor, inverse: Tensor) -> Tensor:
@@ -74,19 +82,24 @@ def assert_agree(got: list[Tensor], expected: list[Tensor], names: tuple[str, ..
                                    msg=name)
 
 
+# epsilon 1: shares that sum to well under one, so the spread's path through the mean counts
+@pytest.mark.parametrize("epsilon", [EPSILON, 1.0])
 @pytest.mark.parametrize("shape", SHAPES)
-def test_moments_agree_with_torch_in_double_precision(shape: tuple[int, ...]) -> None:
-    poses, weight, share, _ = operator_inputs(shape)
-    got = values_and_gradients(em_kernel.moments, [poses, weight, share])
-    expected = values_and_gradients(torch_moments, [poses.double(), weight.double(),
-                                                    share.double()])
-    assert_agree(got, expected, ("mean", "spread", "grad poses", "grad weight", "grad share"))
+def test_moments_agree_with_torch_in_double_precision(shape: tuple[int, ...], epsilon: float
+                                                      ) -> None:
+    poses, weight, weights, _ = operator_inputs(shape)
+    got = values_and_gradients(partial(em_kernel.moments, epsilon=epsilon),
+                               [poses, weight, weights])
+    expected = values_and_gradients(partial(torch_moments, epsilon=epsilon),
+                                    [poses.double(), weight.double(), weights.double()])
+    assert_agree(got, expected, ("mean", "spread", "mass", "grad poses", "grad weight",
+                                 "grad weights"))
 
 
 @pytest.mark.parametrize("shape", SHAPES)
 def test_deviations_agree_with_torch_in_double_precision(shape: tuple[int, ...]) -> None:
-    poses, weight, share, inverse = operator_inputs(shape)
-    mean = torch_moments(poses, weight, share)[0]
+    poses, weight, weights, inverse = operator_inputs(shape)
+    mean = torch_moments(poses, weight, weights)[0]
     got = values_and_gradients(em_kernel.deviations, [poses, weight, mean, inverse])
     expected = values_and_gradients(torch_deviations, [t.double() for t in
                                                        (poses, weight, mean, inverse)])
@@ -106,10 +119,10 @@ def test_every_instruction_sets_build_agrees_with_torch(isa: str, tmp_path: Path
                         em_kernel._declare, "EM routing")
     assert built is not None
     monkeypatch.setattr(em_kernel, "library", lambda: built)
-    poses, weight, share, inverse = operator_inputs((2, 3, 11, 6), seed=2)
-    mean = torch_moments(poses, weight, share)[0]
+    poses, weight, weights, inverse = operator_inputs((2, 3, 11, 6), seed=2)
+    mean = torch_moments(poses, weight, weights)[0]
     for operator, reference, inputs in (
-            (em_kernel.moments, torch_moments, [poses, weight, share]),
+            (kernel_moments, torch_moments, [poses, weight, weights]),
             (em_kernel.deviations, torch_deviations, [poses, weight, mean, inverse])):
         got = values_and_gradients(operator, inputs)
         expected = values_and_gradients(reference, [t.double() for t in inputs])
@@ -118,17 +131,17 @@ def test_every_instruction_sets_build_agrees_with_torch(isa: str, tmp_path: Path
 
 def test_the_weight_gradient_is_the_sum_over_every_thread() -> None:
     inputs = operator_inputs((4, 5, 18, 6), seed=1)
-    alone = values_and_gradients(em_kernel.moments, inputs[:3])
+    alone = values_and_gradients(kernel_moments, inputs[:3])
     torch.set_num_threads(2)  # the one_thread fixture puts it back
-    shared = values_and_gradients(em_kernel.moments, inputs[:3])
+    shared = values_and_gradients(kernel_moments, inputs[:3])
     for a, b in zip(alone, shared, strict=True):
         torch.testing.assert_close(a, b)
 
 
 def test_the_operators_pass_torchs_checks() -> None:
-    poses, weight, share, inverse = [t.requires_grad_() for t in operator_inputs((2, 3, 7, 5))]
-    mean = torch_moments(poses, weight, share)[0].detach().requires_grad_()
-    torch.library.opcheck(em_kernel.moments, (poses, weight, share))
+    poses, weight, weights, inverse = [t.requires_grad_() for t in operator_inputs((2, 3, 7, 5))]
+    mean = torch_moments(poses, weight, weights)[0].detach().requires_grad_()
+    torch.library.opcheck(em_kernel.moments, (poses, weight, weights, EPSILON))
     torch.library.opcheck(em_kernel.deviations, (poses, weight, mean, inverse))
 
 

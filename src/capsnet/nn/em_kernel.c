@@ -12,7 +12,8 @@
 
    Shapes, with B blocks, I inputs, O outputs and 16 = a pose:
      poses (B, I, 16), weight (I, O, 16), weight_t (I, O, 16) the same matrices transposed,
-     share (B, O, I), mean and spread (B, O, 16), inverse (B, O, 16), scaled (B, O, I). */
+     weights (B, O, I) the data assigned to each output (R_ij a_i), mass (B, O), mean and
+     spread (B, O, 16), inverse (B, O, 16), scaled (B, O, I). */
 
 #include <stdint.h>
 #include <string.h>
@@ -112,55 +113,79 @@ static inline pose_t vote_grad_weight(const spread_t *m, pose_t g) {
 
 static inline void add(float *p, pose_t v) { store(p, load(p) + v); }
 
-/* Floats of scratch one backward thread needs: its weight gradient and a block's sums for
-   each output. */
-int64_t em_scratch(int64_t inputs, int64_t outputs) {
-    return (inputs + 1) * outputs * POSE;
+/* Floats of scratch one thread needs: a block's shares and masses, and in backward its
+   weight gradient and a block's g_mean, kept first. */
+int64_t em_scratch(int64_t inputs, int64_t outputs, int backward) {
+    return (inputs + 1) * outputs + (backward ? (inputs + 1) * outputs * POSE : 0);
 }
 
-/* The M-step's moments: mean = sum_i share_i V_i, spread = sum_i share_i (V_i - mean)^2. */
-void em_moments(const float *poses, const float *weight, const float *share, int64_t blocks,
-                int64_t inputs, int64_t outputs, int threads, float *mean, float *spread) {
-    #pragma omp parallel for num_threads(threads) schedule(static)
-    for (int64_t b = 0; b < blocks; b++) {
-        const float *s = share + b * outputs * inputs;
-        float *mu = mean + b * outputs * POSE, *var = spread + b * outputs * POSE;
-        memset(mu, 0, sizeof(float) * outputs * POSE);
-        for (int64_t i = 0; i < inputs; i++) {
-            const spread_t m = spread_pose(poses + (b * inputs + i) * POSE);
-            for (int64_t o = 0; o < outputs; o++)
-                add(mu + o * POSE, s[o * inputs + i] * vote(&m, weight + (i * outputs + o) * POSE));
-        }
-        memset(var, 0, sizeof(float) * outputs * POSE);
-        for (int64_t i = 0; i < inputs; i++) {
-            const spread_t m = spread_pose(poses + (b * inputs + i) * POSE);
-            for (int64_t o = 0; o < outputs; o++) {
-                const pose_t d = vote(&m, weight + (i * outputs + o) * POSE) - load(mu + o * POSE);
-                add(var + o * POSE, s[o * inputs + i] * d * d);
+/* A block's shares of each output's data, share_oi = w_oi / (mass_o + epsilon) with
+   mass_o = sum_i w_oi, into share (O, I) and mass (O): made here, in the cache, rather than
+   as a tensor of their own. */
+static void shares(const float *w, int64_t inputs, int64_t outputs, float epsilon,
+                   float *share, float *mass) {
+    for (int64_t o = 0; o < outputs; o++) {
+        const float *row = w + o * inputs;
+        float sum = 0;
+        for (int64_t i = 0; i < inputs; i++) sum += row[i];
+        const float scale = 1 / (sum + epsilon);
+        for (int64_t i = 0; i < inputs; i++) share[o * inputs + i] = row[i] * scale;
+        mass[o] = sum;
+    }
+}
+
+/* The M-step's moments of the votes weighted by the shares of weights (B, O, I): mean =
+   sum_i share_i V_i, spread = sum_i share_i (V_i - mean)^2, and each output's mass (B, O). */
+void em_moments(const float *poses, const float *weight, const float *weights, int64_t blocks,
+                int64_t inputs, int64_t outputs, int threads, float epsilon, float *scratch,
+                float *mean, float *spread, float *mass) {
+    #pragma omp parallel num_threads(threads)
+    {
+        float *s = scratch + omp_get_thread_num() * em_scratch(inputs, outputs, 0);
+        #pragma omp for schedule(static)
+        for (int64_t b = 0; b < blocks; b++) {
+            float *mu = mean + b * outputs * POSE, *var = spread + b * outputs * POSE;
+            shares(weights + b * outputs * inputs, inputs, outputs, epsilon, s, mass + b * outputs);
+            memset(mu, 0, sizeof(float) * outputs * POSE);
+            for (int64_t i = 0; i < inputs; i++) {
+                const spread_t m = spread_pose(poses + (b * inputs + i) * POSE);
+                for (int64_t o = 0; o < outputs; o++)
+                    add(mu + o * POSE, s[o * inputs + i] * vote(&m, weight + (i * outputs + o) * POSE));
+            }
+            memset(var, 0, sizeof(float) * outputs * POSE);
+            for (int64_t i = 0; i < inputs; i++) {
+                const spread_t m = spread_pose(poses + (b * inputs + i) * POSE);
+                for (int64_t o = 0; o < outputs; o++) {
+                    const pose_t d = vote(&m, weight + (i * outputs + o) * POSE) - load(mu + o * POSE);
+                    add(var + o * POSE, s[o * inputs + i] * d * d);
+                }
             }
         }
     }
 }
 
-/* From the gradients of mean and spread, those of poses, share and (into each thread's
-   scratch) weight. With d_i = V_i - mean, the spread's path through the mean adds
+/* From the gradients of mean, spread and mass, those of poses, weights and (into each
+   thread's scratch) weight. With d_i = V_i - mean, the spread's path through the mean adds
    -2 D g_spread to g_mean, where D = sum_i share_i d_i = mean (1 - sum_i share_i) (as
    mean = sum_i share_i V_i), so no vote is made for it; then
-   g_share_i = sum_h g_mean_h V_ih + g_spread_h d_ih^2 and
-   g_V_i = share_i (g_mean + 2 g_spread d_i). */
+   g_share_i = sum_h g_mean_h V_ih + g_spread_h d_ih^2,
+   g_V_i = share_i (g_mean + 2 g_spread d_i) and, through the shares and the mass,
+   g_w_i = (g_share_i - sum_k g_share_k share_k) / (mass + epsilon) + g_mass. */
 void em_moments_backward(const float *poses, const float *weight, const float *weight_t,
-                         const float *share, const float *mean, const float *grad_mean,
-                         const float *grad_spread, int64_t blocks, int64_t inputs,
-                         int64_t outputs, int threads, float *scratch, float *grad_poses,
-                         float *grad_share) {
+                         const float *weights, const float *mean, const float *grad_mean,
+                         const float *grad_spread, const float *grad_mass, int64_t blocks,
+                         int64_t inputs, int64_t outputs, int threads, float epsilon,
+                         float *scratch, float *grad_poses, float *grad_weights) {
     #pragma omp parallel num_threads(threads)
     {
-        float *grad_weight = scratch + omp_get_thread_num() * em_scratch(inputs, outputs);
+        float *grad_weight = scratch + omp_get_thread_num() * em_scratch(inputs, outputs, 1);
         float *gmu = grad_weight + inputs * outputs * POSE;  /* g_mean */
+        float *s = gmu + outputs * POSE, *mass = s + outputs * inputs;
         #pragma omp for schedule(static)
         for (int64_t b = 0; b < blocks; b++) {
-            const float *s = share + b * outputs * inputs, *mu = mean + b * outputs * POSE;
-            const float *gvar = grad_spread + b * outputs * POSE;
+            const float *mu = mean + b * outputs * POSE, *gvar = grad_spread + b * outputs * POSE;
+            float *g = grad_weights + b * outputs * inputs;  /* g_share, then g_w */
+            shares(weights + b * outputs * inputs, inputs, outputs, epsilon, s, mass);
             for (int64_t o = 0; o < outputs; o++) {
                 float unshared = 1;
                 for (int64_t i = 0; i < inputs; i++) unshared -= s[o * inputs + i];
@@ -174,12 +199,20 @@ void em_moments_backward(const float *poses, const float *weight, const float *w
                     const int64_t io = (i * outputs + o) * POSE;
                     const pose_t v = vote(&m, weight + io), d = v - load(mu + o * POSE);
                     const pose_t g_mean = load(gmu + o * POSE), g_spread = load(gvar + o * POSE);
-                    grad_share[(b * outputs + o) * inputs + i] = total(g_mean * v + g_spread * d * d);
+                    g[o * inputs + i] = total(g_mean * v + g_spread * d * d);
                     const pose_t gv = s[o * inputs + i] * (g_mean + 2 * g_spread * d);
                     gm += vote_grad_pose(gv, weight_t + io);
                     add(grad_weight + io, vote_grad_weight(&m, gv));
                 }
                 store(grad_poses + (b * inputs + i) * POSE, gm);
+            }
+            for (int64_t o = 0; o < outputs; o++) {
+                float *row = g + o * inputs;
+                const float *share_row = s + o * inputs;
+                float shared = 0;
+                for (int64_t i = 0; i < inputs; i++) shared += row[i] * share_row[i];
+                const float scale = 1 / (mass[o] + epsilon), g_mass = grad_mass[b * outputs + o];
+                for (int64_t i = 0; i < inputs; i++) row[i] = scale * (row[i] - shared) + g_mass;
             }
         }
     }
@@ -212,7 +245,7 @@ void em_deviations_backward(const float *poses, const float *weight, const float
                             float *grad_inverse) {
     #pragma omp parallel num_threads(threads)
     {
-        float *grad_weight = scratch + omp_get_thread_num() * em_scratch(inputs, outputs);
+        float *grad_weight = scratch + omp_get_thread_num() * em_scratch(inputs, outputs, 1);
         #pragma omp for schedule(static)
         for (int64_t b = 0; b < blocks; b++) {
             const float *mu = mean + b * outputs * POSE, *u = inverse + b * outputs * POSE;

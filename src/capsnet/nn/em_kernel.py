@@ -7,7 +7,7 @@ The two operators here make each vote where it is used, one image's window at a 
 that window's poses and the layer's weights are in the core's cache, and never store one:
 
 * :func:`moments`, the M-step's weighted mean and spread of the votes for every output
-  capsule, and
+  capsule, from the data assigned to it (its shares are made inside, per window), and
 * :func:`deviations`, the E-step's squared deviations of every vote from its output's mean,
   scaled per pose element.
 
@@ -17,7 +17,7 @@ against torch by tests/test_em_kernel.py. The kernel is built as the dynamic rou
 (:mod:`capsnet.nn.cbuild`); a layer made with ``CAPSNET_ROUTING_KERNEL=off`` routes in torch.
 
 Shapes: ``poses`` ``(batch, windows, inputs, 16)``, each window's input poses; ``weight``
-``(inputs, outputs, 16)``; ``share`` ``(batch, windows, outputs, inputs)``; means, spreads
+``(inputs, outputs, 16)``; ``weights`` ``(batch, windows, outputs, inputs)``; means, spreads
 and their inverses ``(batch, windows, outputs, 16)``.
 """
 
@@ -39,9 +39,10 @@ SOURCE = Path(__file__).with_name("em_kernel.c")
 
 def _declare(lib: ctypes.CDLL) -> ctypes.CDLL:
     p, i64, i32 = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int
-    lib.em_scratch.argtypes, lib.em_scratch.restype = [i64, i64], i64
-    lib.em_moments.argtypes = [p] * 3 + [i64] * 3 + [i32] + [p] * 2
-    lib.em_moments_backward.argtypes = [p] * 7 + [i64] * 3 + [i32] + [p] * 3
+    f32 = ctypes.c_float
+    lib.em_scratch.argtypes, lib.em_scratch.restype = [i64, i64, i32], i64
+    lib.em_moments.argtypes = [p] * 3 + [i64] * 3 + [i32, f32] + [p] * 4
+    lib.em_moments_backward.argtypes = [p] * 8 + [i64] * 3 + [i32, f32] + [p] * 3
     lib.em_deviations.argtypes = [p] * 4 + [i64] * 3 + [i32, p]
     lib.em_deviations_backward.argtypes = [p] * 6 + [i64] * 3 + [i32] + [p] * 4
     for name in ("em_moments", "em_moments_backward", "em_deviations",
@@ -80,11 +81,11 @@ def _sizes(poses: Tensor, weight: Tensor) -> tuple[int, int, int, int]:
             torch.get_num_threads())
 
 
-def _scratch(poses: Tensor, weight: Tensor) -> Tensor:
-    """Each backward thread's buffers; zeros, as the weight gradients are sums (and a thread
-    that OpenMP does not start leaves its own as they are)."""
+def _scratch(poses: Tensor, weight: Tensor, backward: bool) -> Tensor:
+    """Each thread's buffers; zeros, as the weight gradients are sums (and a thread that
+    OpenMP does not start leaves its own as they are)."""
     _, inputs, outputs, threads = _sizes(poses, weight)
-    return poses.new_zeros(threads, library().em_scratch(inputs, outputs))
+    return poses.new_zeros(threads, library().em_scratch(inputs, outputs, int(backward)))
 
 
 def _weight_grad(scratch: Tensor, weight: Tensor) -> Tensor:
@@ -102,53 +103,65 @@ def _transposed(weight: Tensor) -> Tensor:
 
 
 @torch.library.custom_op("capsnet::em_moments", mutates_args=())
-def moments(poses: Tensor, weight: Tensor, share: Tensor) -> tuple[Tensor, Tensor]:
-    """``mean = sum_i share_i V_i`` and ``spread = sum_i share_i (V_i - mean)^2`` for every
-    output capsule of every window, ``(batch, windows, outputs, 16)`` each."""
-    poses, weight, share = poses.contiguous(), weight.contiguous(), share.contiguous()
+def moments(poses: Tensor, weight: Tensor, weights: Tensor, epsilon: float
+            ) -> tuple[Tensor, Tensor, Tensor]:
+    """The votes' moments under each output capsule's shares of ``weights`` ``(batch,
+    windows, outputs, inputs)`` (the data assigned to it, R_ij a_i): with ``mass = sum_i
+    weights_i`` ``(batch, windows, outputs)`` and ``share_i = weights_i / (mass + epsilon)``,
+    ``mean = sum_i share_i V_i`` and ``spread = sum_i share_i (V_i - mean)^2``, ``(batch,
+    windows, outputs, 16)`` each; returns mean, spread and mass."""
+    poses, weight, weights = poses.contiguous(), weight.contiguous(), weights.contiguous()
     blocks, inputs, outputs, threads = _sizes(poses, weight)
-    mean, spread = _moments_outputs(poses, weight, share)
-    library().em_moments(pointer(poses), pointer(weight), pointer(share), blocks, inputs,
-                         outputs, threads, pointer(mean), pointer(spread))
-    return mean, spread
+    mean, spread, mass = _moments_outputs(poses, weight, weights, epsilon)
+    scratch = _scratch(poses, weight, backward=False)  # alive while the call uses it
+    library().em_moments(pointer(poses), pointer(weight), pointer(weights), blocks, inputs,
+                         outputs, threads, epsilon, pointer(scratch), pointer(mean),
+                         pointer(spread), pointer(mass))
+    return mean, spread, mass
 
 
 @moments.register_fake
-def _moments_outputs(poses: Tensor, weight: Tensor, share: Tensor) -> tuple[Tensor, Tensor]:
-    shape = (*share.shape[:3], 16)
-    return poses.new_empty(shape), poses.new_empty(shape)
+def _moments_outputs(poses: Tensor, weight: Tensor, weights: Tensor, epsilon: float
+                     ) -> tuple[Tensor, Tensor, Tensor]:
+    shape = (*weights.shape[:3], 16)
+    return poses.new_empty(shape), poses.new_empty(shape), poses.new_empty(weights.shape[:3])
 
 
 @torch.library.custom_op("capsnet::em_moments_backward", mutates_args=())
-def moments_backward(poses: Tensor, weight: Tensor, share: Tensor, mean: Tensor,
-                     grad_mean: Tensor, grad_spread: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-    """The gradients of :func:`moments`' poses, weight and share; ``mean`` is the mean it
+def moments_backward(poses: Tensor, weight: Tensor, weights: Tensor, mean: Tensor,
+                     grad_mean: Tensor, grad_spread: Tensor, grad_mass: Tensor, epsilon: float
+                     ) -> tuple[Tensor, Tensor, Tensor]:
+    """The gradients of :func:`moments`' poses, weight and weights; ``mean`` is the mean it
     returned, which the gradient of the spread through the mean is made from."""
-    poses, weight, share = poses.contiguous(), weight.contiguous(), share.contiguous()
-    grad_mean, grad_spread = grad_mean.contiguous(), grad_spread.contiguous()
+    poses, weight, weights = poses.contiguous(), weight.contiguous(), weights.contiguous()
+    grads = [grad.contiguous() for grad in (grad_mean, grad_spread, grad_mass)]
     blocks, inputs, outputs, threads = _sizes(poses, weight)
     # kept alive here while the call uses their addresses
-    scratch, weight_t = _scratch(poses, weight), _transposed(weight)
-    mean, grad_poses, grad_share = mean.contiguous(), torch.empty_like(poses), torch.empty_like(share)
+    scratch, weight_t = _scratch(poses, weight, backward=True), _transposed(weight)
+    mean, grad_poses, grad_weights = (mean.contiguous(), torch.empty_like(poses),
+                                      torch.empty_like(weights))
     library().em_moments_backward(pointer(poses), pointer(weight), pointer(weight_t),
-                                  pointer(share), pointer(mean), pointer(grad_mean),
-                                  pointer(grad_spread), blocks, inputs, outputs, threads,
-                                  pointer(scratch), pointer(grad_poses), pointer(grad_share))
-    return grad_poses, _weight_grad(scratch, weight), grad_share
+                                  pointer(weights), pointer(mean),
+                                  *(pointer(grad) for grad in grads), blocks, inputs, outputs,
+                                  threads, epsilon, pointer(scratch), pointer(grad_poses),
+                                  pointer(grad_weights))
+    return grad_poses, _weight_grad(scratch, weight), grad_weights
 
 
 @moments_backward.register_fake
-def _(poses: Tensor, weight: Tensor, share: Tensor, mean: Tensor, grad_mean: Tensor,
-      grad_spread: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-    return torch.empty_like(poses), torch.empty_like(weight), torch.empty_like(share)
+def _(poses: Tensor, weight: Tensor, weights: Tensor, mean: Tensor, grad_mean: Tensor,
+      grad_spread: Tensor, grad_mass: Tensor, epsilon: float) -> tuple[Tensor, Tensor, Tensor]:
+    return torch.empty_like(poses), torch.empty_like(weight), torch.empty_like(weights)
 
 
 def _save_moments(ctx, inputs, output) -> None:  # noqa: ANN001 (torch's signature)
-    ctx.save_for_backward(*inputs, output[0])
+    ctx.save_for_backward(*inputs[:3], output[0])
+    ctx.epsilon = inputs[3]
 
 
-def _moments_grad(ctx, grad_mean, grad_spread):  # noqa: ANN001, ANN202 (torch's signature)
-    return moments_backward(*ctx.saved_tensors, grad_mean, grad_spread)
+def _moments_grad(ctx, grad_mean, grad_spread, grad_mass):  # noqa: ANN001, ANN202 (torch's)
+    return *moments_backward(*ctx.saved_tensors, grad_mean, grad_spread, grad_mass,
+                             ctx.epsilon), None
 
 
 moments.register_autograd(_moments_grad, setup_context=_save_moments)
@@ -182,7 +195,7 @@ def deviations_backward(poses: Tensor, weight: Tensor, mean: Tensor, inverse: Te
     poses, weight = poses.contiguous(), weight.contiguous()
     mean, inverse, grad_scaled = mean.contiguous(), inverse.contiguous(), grad_scaled.contiguous()
     blocks, inputs, outputs, threads = _sizes(poses, weight)
-    scratch, weight_t = _scratch(poses, weight), _transposed(weight)
+    scratch, weight_t = _scratch(poses, weight, backward=True), _transposed(weight)
     grad_poses, grad_mean, grad_inverse = (torch.empty_like(poses), torch.empty_like(mean),
                                            torch.empty_like(inverse))
     library().em_deviations_backward(pointer(poses), pointer(weight), pointer(weight_t),

@@ -281,9 +281,7 @@ def m_step(weights: Tensor, votes: Tensor | WindowVotes, beta_u: Tensor, beta_a:
     ``cost_h = (beta_u + log sigma_h) * sum_i R_ij`` ``(batch, windows, outputs)``, and the
     votes' :data:`Deviations` from the mean.
     """
-    mass = weights.sum(dim=-1)  # (batch, windows, outputs): the data assigned to each output
-    share = weights / (mass[..., None] + EPSILON)  # (batch, windows, outputs, inputs)
-    mean, spread, deviations = moments(votes, share)
+    mean, spread, mass, deviations = moments(votes, weights)
     variance = spread + VARIANCE_EPSILON
     # cost_h (batch, windows, outputs, 16), with log sigma = log(variance) / 2
     cost = (beta_u[:, None] + 0.5 * variance.log()) * mass[..., None]
@@ -297,18 +295,23 @@ def m_step(weights: Tensor, votes: Tensor | WindowVotes, beta_u: Tensor, beta_a:
 Deviations = Callable[[Tensor], Tensor]
 
 
-def moments(votes: Tensor | WindowVotes, share: Tensor) -> tuple[Tensor, Tensor, Deviations]:
-    """The weighted mean ``sum_i share_i V_i`` and spread ``sum_i share_i (V_i - mean)^2``
-    of the votes for each output ``(batch, windows, outputs, 16)``, and their
-    :data:`Deviations` from that mean: by the fused CPU operators for :class:`WindowVotes`,
-    else in torch, where the squared deviations are made once for both."""
+def moments(votes: Tensor | WindowVotes, weights: Tensor
+            ) -> tuple[Tensor, Tensor, Tensor, Deviations]:
+    """The votes' mean ``sum_i share_i V_i`` and spread ``sum_i share_i (V_i - mean)^2`` for
+    each output ``(batch, windows, outputs, 16)``, where ``share_i`` is the output's share
+    of ``weights``, the data assigned to it; its mass ``sum_i weights_i`` ``(batch, windows,
+    outputs)``; and the votes' :data:`Deviations` from that mean: by the fused CPU operators
+    for :class:`WindowVotes`, else in torch, where the squared deviations are made once for
+    both."""
     if isinstance(votes, WindowVotes):
-        mean, spread = em_kernel.moments(votes.poses, votes.weight, share)
-        return mean, spread, partial(em_kernel.deviations, votes.poses, votes.weight, mean)
+        mean, spread, mass = em_kernel.moments(votes.poses, votes.weight, weights, EPSILON)
+        return mean, spread, mass, partial(em_kernel.deviations, votes.poses, votes.weight, mean)
+    mass = weights.sum(dim=-1)
+    share = weights / (mass[..., None] + EPSILON)  # (batch, windows, outputs, inputs)
     mean = torch.einsum("nwoi,nwoih->nwoh", share, votes)  # (batch, windows, outputs, 16)
     squared = (votes - mean[:, :, :, None]).square()  # (batch, windows, outputs, inputs, 16)
     spread = torch.einsum("nwoi,nwoih->nwoh", share, squared)
-    return mean, spread, partial(torch.einsum, "nwoih,nwoh->nwoi", squared)
+    return mean, spread, mass, partial(torch.einsum, "nwoih,nwoh->nwoi", squared)
 
 
 def e_step(deviations: Deviations, variance: Tensor, logits: Tensor,
