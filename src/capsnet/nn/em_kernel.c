@@ -187,8 +187,7 @@ void em_moments_backward(const float *poses, const float *weight, const float *w
             float *g = grad_weights + b * outputs * inputs;  /* g_share, then g_w */
             shares(weights + b * outputs * inputs, inputs, outputs, epsilon, s, mass);
             for (int64_t o = 0; o < outputs; o++) {
-                float unshared = 1;
-                for (int64_t i = 0; i < inputs; i++) unshared -= s[o * inputs + i];
+                const float unshared = epsilon / (mass[o] + epsilon);  /* 1 - sum_i share_i */
                 store(gmu + o * POSE, load(grad_mean + (b * outputs + o) * POSE)
                                       - 2 * unshared * load(gvar + o * POSE) * load(mu + o * POSE));
             }

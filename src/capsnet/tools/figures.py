@@ -97,9 +97,8 @@ def draw_figures(source: str | os.PathLike, out_dir: str | os.PathLike, *,
         paths.append(save_png(tweak_figure(grid, dim, decoded),
                               out_dir / f"tweak_dim_{dim:02d}.png"))
     run = Run(run_dir or trained.path.parent)
-    records, _ = run.read_metrics()  # torn lines skipped
+    records, points, _ = run.split_metrics()  # torn lines skipped
     if records:
-        points, _ = run.read_metrics(curve=True)
         paths.append(save_png(curves_figure(records, points), out_dir / "curves.png"))
     return paths
 

@@ -226,6 +226,10 @@ class Run:
         points instead), and how many lines were skipped."""
         return read_metrics(self.metrics_file, curve)
 
+    def split_metrics(self) -> tuple[list[dict[str, Any]], list[dict[str, Any]], int]:
+        """metrics.jsonl's per-epoch records, curve points and skipped lines, read once."""
+        return split_metrics(self.metrics_file)
+
     # -- the training process --------------------------------------------------------------
 
     def running_pid(self) -> int | None:
@@ -549,7 +553,14 @@ def is_curve_point(record: dict[str, Any]) -> bool:
 def read_metrics(path: Path, curve: bool = False) -> tuple[list[dict[str, Any]], int]:
     """The per-epoch records of a metrics.jsonl (``curve``: the training curve's points),
     and how many lines were skipped as unreadable."""
-    records, skipped = [], 0
+    epochs, points, skipped = split_metrics(path)
+    return points if curve else epochs, skipped
+
+
+def split_metrics(path: Path) -> tuple[list[dict[str, Any]], list[dict[str, Any]], int]:
+    """A metrics.jsonl read once: its per-epoch records, the training curve's points, and
+    how many lines were skipped as unreadable."""
+    epochs, points, skipped = [], [], 0
     data = read_regular(path, "metrics log", METRICS_LIMIT) or b""
     for line in data.decode(errors="replace").splitlines():
         if not line.strip():
@@ -560,9 +571,9 @@ def read_metrics(path: Path, curve: bool = False) -> tuple[list[dict[str, Any]],
             record = None
         if not usable(record):
             skipped += 1
-        elif is_curve_point(record) == curve:
-            records.append(record)
-    return records, skipped
+        else:
+            (points if is_curve_point(record) else epochs).append(record)
+    return epochs, points, skipped
 
 
 def read_object(path: Path, what: str) -> dict[str, Any] | None:

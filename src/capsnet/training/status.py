@@ -106,7 +106,7 @@ def run_status(run_dir: Path, now: float | None = None) -> dict[str, Any]:
     config = run.read_config()
     settings = training_settings(run, config)
     summary = run.read_summary()
-    records, skipped = run.read_metrics()
+    records, points, skipped = run.split_metrics()
     home = home_run(run, config)
     if home is not run:
         home.check_entries()
@@ -117,7 +117,7 @@ def run_status(run_dir: Path, now: float | None = None) -> dict[str, Any]:
     epoch = last.get("epoch", 0)
     finished = pid is None and summary is not None and number(summary, "epochs") == epoch
     state = "running" if pid is not None else "finished" if finished else "stopped"
-    latest = latest_step(last, run.read_metrics(curve=True)[0])
+    latest = latest_step(last, points)
     status = {"run_dir": str(run_dir), "state": state, "pid": pid, "epoch": epoch,
               "epochs": settings.epochs if settings else None, "step": latest.get("step", 0),
               **accuracies(records),
