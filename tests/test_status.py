@@ -146,6 +146,35 @@ def test_the_wall_time_of_a_running_call_counts_from_its_last_epoch(
     assert 1099 <= status_json(run_dir)["wall_seconds"] <= 1130
 
 
+def test_a_first_epoch_is_timed_by_its_training_curve(finished: Path, tmp_path: Path,
+                                                      capsnet_like: int) -> None:
+    """Before any epoch has ended, the speed and the time left come from the curve points
+    this call wrote: its steps a second between the first and the last, past compilation."""
+    run_dir = unfinished_copy(finished, tmp_path / "first")
+    batch = json.loads((run_dir / "config.json").read_text())["train"]["batch_size"]
+    pid_file = Run(run_dir).pid_file
+    pid_file.write_text(f"{capsnet_like}\n")
+    now = time.time()
+    os.utime(pid_file, (now - 100,) * 2)
+    points = [{"step": 10, "epoch": 0.2, "unix_time": now - 200},  # an earlier call's
+              {"step": 20, "epoch": 0.4, "unix_time": now - 60},
+              {"step": 30, "epoch": 0.5, "unix_time": now - 55}]
+    (run_dir / "metrics.jsonl").write_text("".join(json.dumps(p) + "\n" for p in points))
+    shown = status_json(run_dir)
+    assert (shown["epoch"], shown["step"], shown["steps"]) == (0, 30, 180)
+    assert shown["train_images_per_s"] == pytest.approx(2 * batch, rel=1e-6)
+    assert shown["seconds_left"] == pytest.approx(75, rel=1e-6)  # 150 steps at 2 a second
+    code, out, _ = status(run_dir)
+    assert code == 0 and f"{2 * batch:,} training images/s" in out and "1 min 15 s left" in out
+    # One point of this call times nothing yet; nor do points without their time.
+    (run_dir / "metrics.jsonl").write_text(json.dumps(points[-1]) + "\n")
+    assert status_json(run_dir)["train_images_per_s"] is None
+    (run_dir / "metrics.jsonl").write_text("".join(
+        json.dumps({k: v for k, v in p.items() if k != "unix_time"}) + "\n" for p in points))
+    shown = status_json(run_dir)
+    assert shown["train_images_per_s"] is None and shown["seconds_left"] is None
+
+
 def test_one_model_of_an_experiment_is_run_and_resumed_from_the_experiment(
         finished: Path, tmp_path: Path, capsnet_like: int) -> None:
     experiment = tmp_path / "affnist"

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import time
 from dataclasses import replace
 from pathlib import Path
 
@@ -259,6 +260,8 @@ def test_the_training_curve_has_a_point_every_log_every_steps(tiny_dataset: Path
     for point in points:
         assert point["epoch"] == pytest.approx(point["step"] / steps_per_epoch)
         assert 0 < point["train_accuracy"] <= 1 and point["train_loss"] > 0
+    times = [p["unix_time"] for p in points]  # when written: status's speed in an epoch
+    assert times == sorted(times) and times[-1] <= time.time()
     # the points of an epoch average to its record (every window here is 2 steps of 20)
     if steps_per_epoch % 2 == 0:
         first = [p["train_loss"] for p in points if p["step"] <= steps_per_epoch]

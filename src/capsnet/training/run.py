@@ -519,9 +519,10 @@ class MetricsLog:
         if self.writer is not None:
             group = "epoch" if isinstance(record["epoch"], int) else "steps"
             for key, value in record.items():
-                if key not in ("epoch", "step") and isinstance(value, (int, float)) \
+                if key not in ("epoch", "step", "unix_time") and isinstance(value, (int, float)) \
                         and not isinstance(value, bool):
-                    self.writer.add_scalar(f"{group}/{key}", value, record["step"])
+                    self.writer.add_scalar(f"{group}/{key}", value, record["step"],
+                                           walltime=record.get("unix_time"))
             self.writer.flush()
 
     def close(self) -> None:

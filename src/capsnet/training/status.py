@@ -118,22 +118,28 @@ def run_status(run_dir: Path, now: float | None = None) -> dict[str, Any]:
     finished = pid is None and summary is not None and number(summary, "epochs") == epoch
     state = "running" if pid is not None else "finished" if finished else "stopped"
     latest = latest_step(last, points)
+    started = mtime(home.pid_file) if pid is not None else None  # this call's start
+    # when the last epoch's record was written; older records lack the time: their file's
+    written = (number(last, "unix_time") or mtime(run.metrics_file)) if records else None
+    # the training curve's pace in this call's current epoch: a speed before any epoch ends
+    pace = curve_speed(points, max(started, written or started)) if started else None
+    speed = number(summary if finished else last,
+                   "train_images_per_s" if finished else "images_per_s")
+    if speed is None and pace is not None and settings is not None:
+        speed = pace * settings.batch_size  # the global batch, with torchrun too
     status = {"run_dir": str(run_dir), "state": state, "pid": pid, "epoch": epoch,
               "epochs": settings.epochs if settings else None, "step": latest.get("step", 0),
-              **accuracies(records),
-              "train_images_per_s": number(summary if finished else last,
-                                           "train_images_per_s" if finished else "images_per_s"),
+              **accuracies(records), "train_images_per_s": speed,
               "time_limit": (settings.time_limit or None) if settings else None,
               "stop_at": (settings.stop_at or None) if settings else None,
               "test_accuracy": number(summary, "test_accuracy") if finished else None,
               "cut_short": text(summary, "cut_short") if finished else None,
               "skipped_metrics_lines": skipped}
     status["steps"] = total_steps(latest, status["epochs"])
-    started = mtime(home.pid_file) if pid is not None else None  # this call's start
-    # when the last epoch's record was written; older records lack the time: their file's
-    written = (number(last, "unix_time") or mtime(run.metrics_file)) if records else None
+    first_left = ((status["steps"] - status["step"]) / pace
+                  if pace and not records and status["steps"] is not None else None)
     status.update(timing(records, summary if finished else None, settings, now, started,
-                         written))
+                         written, first_left))
     status["resume_command"] = (resume_command(home.folder, config)
                                 if state != "running" and unfinished(status) else None)
     log = home.log_file
@@ -148,6 +154,17 @@ def latest_step(last: dict[str, Any], points: list[dict[str, Any]]) -> dict[str,
     record. A point's ``epoch`` is a fraction, its step over the steps of an epoch."""
     point = points[-1] if points else {}
     return point if point.get("step", 0) > last.get("step", 0) else last
+
+
+def curve_speed(points: list[dict[str, Any]], since: float) -> float | None:
+    """Steps a second between the first and the last point of the training curve written
+    after ``since`` (the first of them is past the compilation of the first steps); None
+    with fewer than two, or from older points, which lack the time."""
+    timed = [(p["step"], p["unix_time"]) for p in points
+             if number(p, "unix_time") is not None and p["unix_time"] >= since]
+    if len(timed) < 2 or timed[-1][1] <= timed[0][1]:
+        return None
+    return (timed[-1][0] - timed[0][0]) / (timed[-1][1] - timed[0][1])
 
 
 def total_steps(latest: dict[str, Any], epochs: int | None) -> int | None:
@@ -175,11 +192,12 @@ def unfinished(status: dict[str, Any]) -> bool:
 
 def timing(records: list[dict[str, Any]], summary: dict[str, Any] | None,
            settings: TrainConfig | None, now: float, started: float | None,
-           written: float | None) -> dict[str, Any]:
+           written: float | None, first_left: float | None = None) -> dict[str, Any]:
     """Wall time so far and an estimate of the time left: the epochs to go at the average
-    epoch so far, less the current epoch's part; while running (since ``started``; the last
-    epoch ``written``), no further than this call's time limit allows. A stopped run's
-    estimate is what resuming it would take."""
+    epoch so far, less the current epoch's part (before any epoch has ended,
+    ``first_left``, the steps to go at the training curve's pace); while running (since
+    ``started``; the last epoch ``written``), no further than this call's time limit allows.
+    A stopped run's estimate is what resuming it would take."""
     if summary is not None:
         return {"wall_seconds": number(summary, "wall_seconds"), "seconds_left": 0.0}
     last = records[-1] if records else {}
@@ -187,11 +205,11 @@ def timing(records: list[dict[str, Any]], summary: dict[str, Any] | None,
     wall = wall if wall is not None else sum(r.get("epoch_seconds", 0) for r in records)
     per_epoch = wall / last["epoch"] if last else None
     left = ((settings.epochs - last["epoch"]) * per_epoch
-            if per_epoch is not None and settings else None)
+            if per_epoch is not None and settings else first_left)
     if started is not None:
         current = max(now - max(started, written or started), 0.0)
         wall += current
-        if left is not None:
+        if left is not None and per_epoch is not None:
             left = max(left - current, 0.0)
         if settings is not None and settings.time_limit:
             limit_left = max(settings.time_limit - (now - started), 0.0)

@@ -514,7 +514,8 @@ class CurvePoints:
                                "epoch": self.epoch + trainer.progress.batch / self.n_batches,
                                "lr": learning_rate(trainer.config, step - 1),
                                "train_loss": loss_sum / n_steps,
-                               "train_accuracy": n_correct / max(n_seen, 1)})
+                               "train_accuracy": n_correct / max(n_seen, 1),
+                               "unix_time": time.time()})  # status: speed within an epoch
 
 
 def trained_weights(payload: dict[str, Any]) -> dict[str, Any]:
