@@ -121,8 +121,10 @@ def run_status(run_dir: Path, now: float | None = None) -> dict[str, Any]:
     started = mtime(home.pid_file) if pid is not None else None  # this call's start
     # when the last epoch's record was written; older records lack the time: their file's
     written = (number(last, "unix_time") or mtime(run.metrics_file)) if records else None
-    # the training curve's pace in this call's current epoch: a speed before any epoch ends
-    pace = curve_speed(points, max(started, written or started)) if started else None
+    # when this call's current epoch began, and its training curve's pace since then (a
+    # speed before any epoch ends)
+    began = max(started, written or started) if started is not None else None
+    pace = curve_speed(points, began) if began is not None else None
     speed = number(summary if finished else last,
                    "train_images_per_s" if finished else "images_per_s")
     if speed is None and pace is not None and settings is not None:
@@ -139,7 +141,7 @@ def run_status(run_dir: Path, now: float | None = None) -> dict[str, Any]:
     first_left = ((status["steps"] - status["step"]) / pace
                   if pace and not records and status["steps"] is not None else None)
     status.update(timing(records, summary if finished else None, settings, now, started,
-                         written, first_left))
+                         began, first_left))
     status["resume_command"] = (resume_command(home.folder, config)
                                 if state != "running" and unfinished(status) else None)
     log = home.log_file
@@ -192,11 +194,11 @@ def unfinished(status: dict[str, Any]) -> bool:
 
 def timing(records: list[dict[str, Any]], summary: dict[str, Any] | None,
            settings: TrainConfig | None, now: float, started: float | None,
-           written: float | None, first_left: float | None = None) -> dict[str, Any]:
+           began: float | None, first_left: float | None = None) -> dict[str, Any]:
     """Wall time so far and an estimate of the time left: the epochs to go at the average
     epoch so far, less the current epoch's part (before any epoch has ended,
     ``first_left``, the steps to go at the training curve's pace); while running (since
-    ``started``; the last epoch ``written``), no further than this call's time limit allows.
+    ``started``; its current epoch ``began``), no further than this call's time limit allows.
     A stopped run's estimate is what resuming it would take."""
     if summary is not None:
         return {"wall_seconds": number(summary, "wall_seconds"), "seconds_left": 0.0}
@@ -207,7 +209,7 @@ def timing(records: list[dict[str, Any]], summary: dict[str, Any] | None,
     left = ((settings.epochs - last["epoch"]) * per_epoch
             if per_epoch is not None and settings else first_left)
     if started is not None:
-        current = max(now - max(started, written or started), 0.0)
+        current = max(now - (began or started), 0.0)
         wall += current
         if left is not None and per_epoch is not None:
             left = max(left - current, 0.0)
