@@ -25,15 +25,18 @@ SHAPES = [(2, 3, 7, 5), (1, 4, 72, 16), (3, 2, 45, 7)]
 
 
 def operator_inputs(shape: tuple[int, int, int, int], seed: int = 0) -> list[Tensor]:
-    """Poses, weight, weights (the data assigned to each output, R_ij a_i) and an inverse
-    variance."""
+    """Poses, weight, assignment logits, their normalisers, activations, an inverse variance
+    and a bias (the rest of the E-step's log)."""
     batch, windows, inputs, outputs = shape
     g = torch.Generator().manual_seed(seed)
     poses = torch.randn(batch, windows, inputs, 16, generator=g)
     weight = torch.randn(inputs, outputs, 16, generator=g)
-    weights = torch.rand(batch, windows, outputs, inputs, generator=g)
+    logits = torch.randn(batch, windows, outputs, inputs, generator=g)
+    log_total = torch.rand(batch, windows, inputs, generator=g)
+    activations = torch.rand(batch, windows, inputs, generator=g)
     inverse = torch.rand(batch, windows, outputs, 16, generator=g) + 0.5
-    return [poses, weight, weights, inverse]
+    bias = torch.randn(batch, windows, outputs, generator=g)
+    return [poses, weight, logits, log_total, activations, inverse, bias]
 
 
 def torch_votes(poses: Tensor, weight: Tensor) -> Tensor:
@@ -42,9 +45,12 @@ def torch_votes(poses: Tensor, weight: Tensor) -> Tensor:
                         weight.unflatten(-1, (4, 4))).flatten(-2)
 
 
-def torch_moments(poses: Tensor, weight: Tensor, weights: Tensor, epsilon: float = EPSILON
-                  ) -> tuple[Tensor, ...]:
+def torch_moments(poses: Tensor, weight: Tensor, logits: Tensor | None, log_total: Tensor,
+                  activations: Tensor, epsilon: float = EPSILON) -> tuple[Tensor, ...]:
     votes = torch_votes(poses, weight)
+    zeros = log_total.new_zeros(votes.shape[:4])
+    assignments = ((zeros if logits is None else logits) - log_total[:, :, None]).exp()
+    weights = assignments * activations[:, :, None]
     mass = weights.sum(dim=-1)
     share = weights / (mass[..., None] + epsilon)
     mean = torch.einsum("nwoi,nwoih->nwoh", share, votes)
@@ -52,13 +58,23 @@ def torch_moments(poses: Tensor, weight: Tensor, weights: Tensor, epsilon: float
     return mean, spread, mass
 
 
-def kernel_moments(poses: Tensor, weight: Tensor, weights: Tensor) -> tuple[Tensor, ...]:
-    return em_kernel.moments(poses, weight, weights, EPSILON)
+def kernel_moments(poses: Tensor, weight: Tensor, logits: Tensor | None, log_total: Tensor,
+                   activations: Tensor) -> tuple[Tensor, ...]:
+    return em_kernel.moments(poses, weight, logits, log_total, activations, EPSILON)
 
 
-def torch_deviations(poses: Tensor, weight: Tensor, mean: Tensor, inverse: Tensor) -> Tensor:
+def torch_assignment_logits(poses: Tensor, weight: Tensor, mean: Tensor, inverse: Tensor,
+                            bias: Tensor) -> tuple[Tensor, Tensor]:
     squared = (torch_votes(poses, weight) - mean[..., None, :]).square()
-    return torch.einsum("nwoih,nwoh->nwoi", squared, inverse)
+    logits = bias[..., None] - 0.5 * torch.einsum("nwoih,nwoh->nwoi", squared, inverse)
+    return logits, logits.logsumexp(dim=2)
+
+
+def e_step_inputs(shape: tuple[int, int, int, int], seed: int = 0) -> list[Tensor]:
+    """Poses, weight, a mean (of the moments), an inverse variance and a bias."""
+    poses, weight, logits, log_total, activations, inverse, bias = operator_inputs(shape, seed)
+    mean = torch_moments(poses, weight, logits, log_total, activations)[0]
+    return [poses, weight, mean, inverse, bias]
 
 
 def values_and_gradients(function, inputs: list[Tensor]) -> list[Tensor]:  # noqa: ANN001
@@ -82,67 +98,83 @@ def assert_agree(got: list[Tensor], expected: list[Tensor], names: tuple[str, ..
                                    msg=name)
 
 
+MOMENTS_OUT = ("mean", "spread", "mass", "grad poses", "grad weight")
+
+
 # epsilon 1: shares that sum to well under one, so the spread's path through the mean counts
 @pytest.mark.parametrize("epsilon", [EPSILON, 1.0])
 @pytest.mark.parametrize("shape", SHAPES)
 def test_moments_agree_with_torch_in_double_precision(shape: tuple[int, ...], epsilon: float
                                                       ) -> None:
-    poses, weight, weights, _ = operator_inputs(shape)
-    got = values_and_gradients(partial(em_kernel.moments, epsilon=epsilon),
-                               [poses, weight, weights])
+    inputs = operator_inputs(shape)[:5]
+    got = values_and_gradients(partial(em_kernel.moments, epsilon=epsilon), inputs)
     expected = values_and_gradients(partial(torch_moments, epsilon=epsilon),
-                                    [poses.double(), weight.double(), weights.double()])
-    assert_agree(got, expected, ("mean", "spread", "mass", "grad poses", "grad weight",
-                                 "grad weights"))
+                                     [t.double() for t in inputs])
+    assert_agree(got, expected, (*MOMENTS_OUT, "grad logits", "grad log_total",
+                                 "grad activations"))
+
+
+def test_moments_of_equal_logits_agree_with_torch() -> None:
+    """The first M-step's: no logits, every assignment of an input capsule the same."""
+    poses, weight, _, log_total, activations = operator_inputs((2, 3, 7, 5), seed=3)[:5]
+    inputs = [poses, weight, log_total, activations]
+
+    def without_logits(function):  # noqa: ANN001, ANN202
+        return lambda poses, weight, *rest: function(poses, weight, None, *rest)
+
+    got = values_and_gradients(without_logits(kernel_moments), inputs)
+    expected = values_and_gradients(without_logits(torch_moments), [t.double() for t in inputs])
+    assert_agree(got, expected, (*MOMENTS_OUT, "grad log_total", "grad activations"))
 
 
 @pytest.mark.parametrize("shape", SHAPES)
-def test_deviations_agree_with_torch_in_double_precision(shape: tuple[int, ...]) -> None:
-    poses, weight, weights, inverse = operator_inputs(shape)
-    mean = torch_moments(poses, weight, weights)[0]
-    got = values_and_gradients(em_kernel.deviations, [poses, weight, mean, inverse])
-    expected = values_and_gradients(torch_deviations, [t.double() for t in
-                                                       (poses, weight, mean, inverse)])
-    assert_agree(got, expected, ("scaled", "grad poses", "grad weight", "grad mean",
-                                 "grad inverse"))
+def test_assignment_logits_agree_with_torch_in_double_precision(shape: tuple[int, ...]) -> None:
+    inputs = e_step_inputs(shape)
+    got = values_and_gradients(em_kernel.assignment_logits, inputs)
+    expected = values_and_gradients(torch_assignment_logits, [t.double() for t in inputs])
+    assert_agree(got, expected, ("logits", "lse", "grad poses", "grad weight", "grad mean",
+                                 "grad inverse", "grad bias"))
 
 
 @pytest.mark.parametrize("isa", ["AVX512", "AVX2", "DEFAULT"])
-def test_every_instruction_sets_build_agrees_with_torch(isa: str, tmp_path: Path,
+@pytest.mark.parametrize("vector_exp", [True, False])
+def test_every_instruction_sets_build_agrees_with_torch(isa: str, vector_exp: bool,
+                                                       tmp_path: Path,
                                                        monkeypatch: pytest.MonkeyPatch) -> None:
-    """The kernel's vector code has a path for AVX-512 and a generic one, which the build for
-    this CPU alone would leave untested."""
+    """The kernel's vector code has a path for AVX-512 and a generic one, and its exp()
+    glibc's vector one or the plain one, which the build for this CPU alone would leave
+    untested."""
     if isa == "AVX512" and torch.backends.cpu.get_cpu_capability() != "AVX512":
         pytest.skip("this CPU has no AVX-512")
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
-    built = cbuild.load(em_kernel.SOURCE, lambda: cbuild.builds(em_kernel.SOURCE, "em", [], isa),
-                        em_kernel._declare, "EM routing")
+    builds = cbuild.builds(em_kernel.SOURCE, "em", [], isa)[0 if vector_exp else 1:]
+    built = cbuild.load(em_kernel.SOURCE, lambda: builds, em_kernel._declare, "EM routing")
     assert built is not None
     monkeypatch.setattr(em_kernel, "library", lambda: built)
-    poses, weight, weights, inverse = operator_inputs((2, 3, 11, 6), seed=2)
-    mean = torch_moments(poses, weight, weights)[0]
-    for operator, reference, inputs in (
-            (kernel_moments, torch_moments, [poses, weight, weights]),
-            (em_kernel.deviations, torch_deviations, [poses, weight, mean, inverse])):
-        got = values_and_gradients(operator, inputs)
-        expected = values_and_gradients(reference, [t.double() for t in inputs])
+    inputs = operator_inputs((2, 3, 11, 6), seed=2)
+    for operator, reference, given in ((kernel_moments, torch_moments, inputs[:5]),
+                                       (em_kernel.assignment_logits, torch_assignment_logits,
+                                        e_step_inputs((2, 3, 11, 6), seed=2))):
+        got = values_and_gradients(operator, given)
+        expected = values_and_gradients(reference, [t.double() for t in given])
         assert_agree(got, expected, tuple(map(str, range(len(got)))))
 
 
 def test_the_weight_gradient_is_the_sum_over_every_thread() -> None:
-    inputs = operator_inputs((4, 5, 18, 6), seed=1)
-    alone = values_and_gradients(kernel_moments, inputs[:3])
+    inputs = operator_inputs((4, 5, 18, 6), seed=1)[:5]
+    alone = values_and_gradients(kernel_moments, inputs)
     torch.set_num_threads(2)  # the one_thread fixture puts it back
-    shared = values_and_gradients(kernel_moments, inputs[:3])
+    shared = values_and_gradients(kernel_moments, inputs)
     for a, b in zip(alone, shared, strict=True):
         torch.testing.assert_close(a, b)
 
 
 def test_the_operators_pass_torchs_checks() -> None:
-    poses, weight, weights, inverse = [t.requires_grad_() for t in operator_inputs((2, 3, 7, 5))]
-    mean = torch_moments(poses, weight, weights)[0].detach().requires_grad_()
-    torch.library.opcheck(em_kernel.moments, (poses, weight, weights, EPSILON))
-    torch.library.opcheck(em_kernel.deviations, (poses, weight, mean, inverse))
+    inputs = [t.requires_grad_() for t in operator_inputs((2, 3, 7, 5))]
+    torch.library.opcheck(em_kernel.moments, (*inputs[:5], EPSILON))
+    torch.library.opcheck(em_kernel.moments, (*inputs[:2], None, *inputs[3:5], EPSILON))
+    torch.library.opcheck(em_kernel.assignment_logits,
+                          [t.detach().requires_grad_() for t in e_step_inputs((2, 3, 7, 5))])
 
 
 # --- the layers, with the kernel and without ---------------------------------------------------

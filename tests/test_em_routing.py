@@ -13,7 +13,7 @@ from torch import Tensor
 from capsnet.errors import CapsNetError
 from capsnet.nn.em_routing import (EPSILON, VARIANCE_EPSILON, ClassMatrixCapsules,
                                    ConvMatrixCapsules, EMCapsNet, EMCapsNetConfig,
-                                   PrimaryMatrixCapsules, assign, em_routing,
+                                   PrimaryMatrixCapsules, em_routing, log_totals,
                                    receptive_field_centres, spread_loss, spread_margin)
 from capsnet.nn.model import count_parameters
 
@@ -135,7 +135,8 @@ def test_assignments_of_a_capsule_sum_to_one_however_large_the_logits() -> None:
     children = torch.tensor([[0, 1, 2], [1, 2, 3]])  # (windows, inputs)
     logits = torch.randn(2, 2, 5, 3, dtype=torch.float64, generator=generator(2)) * 1000
     logits[0, 1] -= 5000  # one window far below the other: exp() of it alone underflows
-    assignments = assign(logits, children, 4)  # (batch, windows, outputs, inputs)
+    log_total = log_totals(logits.logsumexp(dim=2), children, 4)  # (batch, windows, inputs)
+    assignments = (logits - log_total[:, :, None]).exp()  # (batch, windows, outputs, inputs)
     assert torch.isfinite(assignments).all()
     per_capsule = torch.zeros(2, 4, dtype=torch.float64)
     per_capsule.index_add_(1, children.flatten(), assignments.sum(dim=2).flatten(1))

@@ -12,12 +12,20 @@
 
    Shapes, with B blocks, I inputs, O outputs and 16 = a pose:
      poses (B, I, 16), weight (I, O, 16), weight_t (I, O, 16) the same matrices transposed,
-     weights (B, O, I) the data assigned to each output (R_ij a_i), mass (B, O), mean and
-     spread (B, O, 16), inverse (B, O, 16), scaled (B, O, I). */
+     activations (B, I), assignment logits log_p (B, O, I) and their normalisers log_total
+     (B, I) (the assignments are R_oi = exp(log_p_oi - log_total_i), the data assigned to an
+     output w_oi = R_oi a_i), mass and bias (B, O), mean, spread and inverse (B, O, 16),
+     the E-step's log-sum-exp over outputs lse (B, I). */
 
 #include <stdint.h>
+#include <math.h>
 #include <string.h>
 #include <omp.h>
+
+#ifdef VECTOR_EXP /* glibc's vector expf (libmvec), so that the loops of exp vectorize */
+#pragma omp declare simd notinbranch
+float expf(float);
+#endif
 
 #define POSE 16
 
@@ -113,39 +121,52 @@ static inline pose_t vote_grad_weight(const spread_t *m, pose_t g) {
 
 static inline void add(float *p, pose_t v) { store(p, load(p) + v); }
 
-/* Floats of scratch one thread needs: a block's shares and masses, and in backward its
-   weight gradient and a block's g_mean, kept first. */
+/* Floats of scratch one thread needs: a block's assignments and shares (or, for the
+   assignment logits, a row of inputs); in backward also its weight gradient, kept first,
+   a block's g_mean, a gradient for each (output, input) and the masses. */
 int64_t em_scratch(int64_t inputs, int64_t outputs, int backward) {
-    return (inputs + 1) * outputs + (backward ? (inputs + 1) * outputs * POSE : 0);
+    return 2 * inputs * outputs
+           + (backward ? (inputs + 1) * outputs * POSE + inputs * outputs + outputs : 0);
 }
 
-/* A block's shares of each output's data, share_oi = w_oi / (mass_o + epsilon) with
-   mass_o = sum_i w_oi, into share (O, I) and mass (O): made here, in the cache, rather than
-   as a tensor of their own. */
-static void shares(const float *w, int64_t inputs, int64_t outputs, float epsilon,
-                   float *share, float *mass) {
+/* A block's assignments R_oi = exp(log_p_oi - log_total_i) (log_p NULL: zeros), into r (O, I),
+   and the shares of each output's data w_oi = R_oi a_i, share_oi = w_oi / (mass_o + epsilon)
+   with mass_o = sum_i w_oi, into share (O, I) and mass (O): made here, in the cache, rather
+   than as tensors of their own. */
+static void assignments(const float *log_p, const float *log_total, const float *a,
+                        int64_t inputs, int64_t outputs, float epsilon, float *r, float *share,
+                        float *mass) {
     for (int64_t o = 0; o < outputs; o++) {
-        const float *row = w + o * inputs;
+        const float *z = log_p ? log_p + o * inputs : NULL;
+        for (int64_t i = 0; i < inputs; i++)
+            r[o * inputs + i] = expf((z ? z[i] : 0) - log_total[i]);
+    }
+    for (int64_t o = 0; o < outputs; o++) {
+        const float *row = r + o * inputs;
         float sum = 0;
-        for (int64_t i = 0; i < inputs; i++) sum += row[i];
+        for (int64_t i = 0; i < inputs; i++) sum += row[i] * a[i];
         const float scale = 1 / (sum + epsilon);
-        for (int64_t i = 0; i < inputs; i++) share[o * inputs + i] = row[i] * scale;
+        for (int64_t i = 0; i < inputs; i++) share[o * inputs + i] = row[i] * a[i] * scale;
         mass[o] = sum;
     }
 }
 
-/* The M-step's moments of the votes weighted by the shares of weights (B, O, I): mean =
+/* The M-step's moments of the votes weighted by each output's shares of its data: mean =
    sum_i share_i V_i, spread = sum_i share_i (V_i - mean)^2, and each output's mass (B, O). */
-void em_moments(const float *poses, const float *weight, const float *weights, int64_t blocks,
+void em_moments(const float *poses, const float *weight, const float *log_p,
+                const float *log_total, const float *activations, int64_t blocks,
                 int64_t inputs, int64_t outputs, int threads, float epsilon, float *scratch,
                 float *mean, float *spread, float *mass) {
     #pragma omp parallel num_threads(threads)
     {
-        float *s = scratch + omp_get_thread_num() * em_scratch(inputs, outputs, 0);
+        float *r = scratch + omp_get_thread_num() * em_scratch(inputs, outputs, 0);
+        float *s = r + outputs * inputs;
         #pragma omp for schedule(static)
         for (int64_t b = 0; b < blocks; b++) {
             float *mu = mean + b * outputs * POSE, *var = spread + b * outputs * POSE;
-            shares(weights + b * outputs * inputs, inputs, outputs, epsilon, s, mass + b * outputs);
+            assignments(log_p ? log_p + b * outputs * inputs : NULL, log_total + b * inputs,
+                        activations + b * inputs, inputs, outputs, epsilon, r, s,
+                        mass + b * outputs);
             memset(mu, 0, sizeof(float) * outputs * POSE);
             for (int64_t i = 0; i < inputs; i++) {
                 const spread_t m = spread_pose(poses + (b * inputs + i) * POSE);
@@ -164,28 +185,34 @@ void em_moments(const float *poses, const float *weight, const float *weights, i
     }
 }
 
-/* From the gradients of mean, spread and mass, those of poses, weights and (into each
-   thread's scratch) weight. With d_i = V_i - mean, the spread's path through the mean adds
-   -2 D g_spread to g_mean, where D = sum_i share_i d_i = mean (1 - sum_i share_i) (as
-   mean = sum_i share_i V_i), so no vote is made for it; then
+/* From the gradients of mean, spread and mass, those of poses, log_p (when given), log_total,
+   activations and (into each thread's scratch) weight. With d_i = V_i - mean, the spread's
+   path through the mean adds -2 D g_spread to g_mean, where D = sum_i share_i d_i =
+   mean (1 - sum_i share_i) (as mean = sum_i share_i V_i), so no vote is made for it; then
    g_share_i = sum_h g_mean_h V_ih + g_spread_h d_ih^2,
-   g_V_i = share_i (g_mean + 2 g_spread d_i) and, through the shares and the mass,
-   g_w_i = (g_share_i - sum_k g_share_k share_k) / (mass + epsilon) + g_mass. */
+   g_V_i = share_i (g_mean + 2 g_spread d_i), through the shares and the mass
+   g_w_i = (g_share_i - sum_k g_share_k share_k) / (mass + epsilon) + g_mass, and through
+   w_i = a_i exp(log_p_i - log_total_i): g_log_p_i = g_w_i w_i, summed over outputs
+   -g_log_total_i, and g_a_i = sum over outputs of g_w_i R_i. */
 void em_moments_backward(const float *poses, const float *weight, const float *weight_t,
-                         const float *weights, const float *mean, const float *grad_mean,
-                         const float *grad_spread, const float *grad_mass, int64_t blocks,
-                         int64_t inputs, int64_t outputs, int threads, float epsilon,
-                         float *scratch, float *grad_poses, float *grad_weights) {
+                         const float *log_p, const float *log_total, const float *activations,
+                         const float *mean, const float *grad_mean, const float *grad_spread,
+                         const float *grad_mass, int64_t blocks, int64_t inputs,
+                         int64_t outputs, int threads, float epsilon, float *scratch,
+                         float *grad_poses, float *grad_log_p, float *grad_log_total,
+                         float *grad_activations) {
     #pragma omp parallel num_threads(threads)
     {
         float *grad_weight = scratch + omp_get_thread_num() * em_scratch(inputs, outputs, 1);
         float *gmu = grad_weight + inputs * outputs * POSE;  /* g_mean */
-        float *s = gmu + outputs * POSE, *mass = s + outputs * inputs;
+        float *g = gmu + outputs * POSE;  /* g_share, then g_w */
+        float *r = g + outputs * inputs, *s = r + outputs * inputs, *mass = s + outputs * inputs;
         #pragma omp for schedule(static)
         for (int64_t b = 0; b < blocks; b++) {
             const float *mu = mean + b * outputs * POSE, *gvar = grad_spread + b * outputs * POSE;
-            float *g = grad_weights + b * outputs * inputs;  /* g_share, then g_w */
-            shares(weights + b * outputs * inputs, inputs, outputs, epsilon, s, mass);
+            const float *a = activations + b * inputs;
+            assignments(log_p ? log_p + b * outputs * inputs : NULL, log_total + b * inputs, a,
+                        inputs, outputs, epsilon, r, s, mass);
             for (int64_t o = 0; o < outputs; o++) {
                 const float unshared = epsilon / (mass[o] + epsilon);  /* 1 - sum_i share_i */
                 store(gmu + o * POSE, load(grad_mean + (b * outputs + o) * POSE)
@@ -205,51 +232,93 @@ void em_moments_backward(const float *poses, const float *weight, const float *w
                 }
                 store(grad_poses + (b * inputs + i) * POSE, gm);
             }
+            float *g_total = grad_log_total + b * inputs, *g_a = grad_activations + b * inputs;
+            memset(g_total, 0, sizeof(float) * inputs);
+            memset(g_a, 0, sizeof(float) * inputs);
             for (int64_t o = 0; o < outputs; o++) {
-                float *row = g + o * inputs;
-                const float *share_row = s + o * inputs;
+                const float *g_share = g + o * inputs, *r_o = r + o * inputs;
+                const float *share_o = s + o * inputs;
                 float shared = 0;
-                for (int64_t i = 0; i < inputs; i++) shared += row[i] * share_row[i];
+                for (int64_t i = 0; i < inputs; i++) shared += g_share[i] * share_o[i];
                 const float scale = 1 / (mass[o] + epsilon), g_mass = grad_mass[b * outputs + o];
-                for (int64_t i = 0; i < inputs; i++) row[i] = scale * (row[i] - shared) + g_mass;
+                float *g_lp = grad_log_p ? grad_log_p + (b * outputs + o) * inputs : NULL;
+                for (int64_t i = 0; i < inputs; i++) {
+                    const float g_w = scale * (g_share[i] - shared) + g_mass;
+                    const float g_log_p = g_w * r_o[i] * a[i];
+                    if (g_lp) g_lp[i] = g_log_p;
+                    g_total[i] -= g_log_p;
+                    g_a[i] += g_w * r_o[i];
+                }
             }
         }
     }
 }
 
-/* The E-step's squared deviations: scaled_i = sum_h (V_ih - mean_h)^2 inverse_h. */
-void em_deviations(const float *poses, const float *weight, const float *mean,
-                   const float *inverse, int64_t blocks, int64_t inputs, int64_t outputs,
-                   int threads, float *scaled) {
-    #pragma omp parallel for num_threads(threads) schedule(static)
-    for (int64_t b = 0; b < blocks; b++) {
-        const float *mu = mean + b * outputs * POSE, *u = inverse + b * outputs * POSE;
-        for (int64_t i = 0; i < inputs; i++) {
-            const spread_t m = spread_pose(poses + (b * inputs + i) * POSE);
-            for (int64_t o = 0; o < outputs; o++) {
-                const pose_t d = vote(&m, weight + (i * outputs + o) * POSE) - load(mu + o * POSE);
-                scaled[(b * outputs + o) * inputs + i] = total(d * d * load(u + o * POSE));
-            }
-        }
-    }
-}
-
-/* From the gradient of scaled, those of poses, mean, inverse and (into each thread's
-   scratch) weight: g_V_i = 2 g_i d_i inverse, g_mean = -sum_i g_V_i,
-   g_inverse = sum_i g_i d_i^2. */
-void em_deviations_backward(const float *poses, const float *weight, const float *weight_t,
-                            const float *mean, const float *inverse, const float *grad_scaled,
-                            int64_t blocks, int64_t inputs, int64_t outputs, int threads,
-                            float *scratch, float *grad_poses, float *grad_mean,
-                            float *grad_inverse) {
+/* The E-step's assignment logits, log a_j p_j(V_i) = bias - sum_h (V_ih - mean_h)^2 inverse_h
+   / 2 with bias (B, O) the rest of the log (log a_j and the log-density's normaliser), into
+   logits (B, O, I), and for each input their log-sum-exp over the outputs, lse (B, I). */
+void em_assignment_logits(const float *poses, const float *weight, const float *mean,
+                          const float *inverse, const float *bias, int64_t blocks,
+                          int64_t inputs, int64_t outputs, int threads, float *scratch,
+                          float *logits, float *lse) {
     #pragma omp parallel num_threads(threads)
     {
-        float *grad_weight = scratch + omp_get_thread_num() * em_scratch(inputs, outputs, 1);
+        float *peak = scratch + omp_get_thread_num() * em_scratch(inputs, outputs, 0);
         #pragma omp for schedule(static)
         for (int64_t b = 0; b < blocks; b++) {
             const float *mu = mean + b * outputs * POSE, *u = inverse + b * outputs * POSE;
-            const float *g = grad_scaled + b * outputs * inputs;
+            float *z = logits + b * outputs * inputs, *sum = lse + b * inputs;
+            for (int64_t i = 0; i < inputs; i++) {
+                const spread_t m = spread_pose(poses + (b * inputs + i) * POSE);
+                for (int64_t o = 0; o < outputs; o++) {
+                    const pose_t d = vote(&m, weight + (i * outputs + o) * POSE) - load(mu + o * POSE);
+                    z[o * inputs + i] = bias[b * outputs + o] - 0.5f * total(d * d * load(u + o * POSE));
+                }
+            }
+            memcpy(peak, z, sizeof(float) * inputs);
+            for (int64_t o = 1; o < outputs; o++)
+                for (int64_t i = 0; i < inputs; i++)
+                    peak[i] = z[o * inputs + i] > peak[i] ? z[o * inputs + i] : peak[i];
+            memset(sum, 0, sizeof(float) * inputs);
+            for (int64_t o = 0; o < outputs; o++)
+                for (int64_t i = 0; i < inputs; i++) sum[i] += expf(z[o * inputs + i] - peak[i]);
+            for (int64_t i = 0; i < inputs; i++) sum[i] = peak[i] + logf(sum[i]);
+        }
+    }
+}
+
+/* From the gradients of logits and lse, those of poses, mean, inverse, bias and (into each
+   thread's scratch) weight: the logit's whole gradient is
+   g_z_i = g_logits_i + g_lse_i exp(z_i - lse_i), so g_bias = sum_i g_z_i and, with the
+   scaled deviation's gradient g_i = -g_z_i / 2, g_V_i = 2 g_i d_i inverse,
+   g_mean = -sum_i g_V_i and g_inverse = sum_i g_i d_i^2. */
+void em_assignment_logits_backward(const float *poses, const float *weight,
+                                   const float *weight_t, const float *mean,
+                                   const float *inverse, const float *logits, const float *lse,
+                                   const float *grad_logits, const float *grad_lse,
+                                   int64_t blocks, int64_t inputs, int64_t outputs, int threads,
+                                   float *scratch, float *grad_poses, float *grad_mean,
+                                   float *grad_inverse, float *grad_bias) {
+    #pragma omp parallel num_threads(threads)
+    {
+        float *grad_weight = scratch + omp_get_thread_num() * em_scratch(inputs, outputs, 1);
+        float *g = grad_weight + inputs * outputs * POSE;
+        #pragma omp for schedule(static)
+        for (int64_t b = 0; b < blocks; b++) {
+            const float *mu = mean + b * outputs * POSE, *u = inverse + b * outputs * POSE;
+            const float *z = logits + b * outputs * inputs, *g_z = grad_logits + b * outputs * inputs;
+            const float *l = lse + b * inputs, *g_l = grad_lse + b * inputs;
             float *gmu = grad_mean + b * outputs * POSE, *gu = grad_inverse + b * outputs * POSE;
+            for (int64_t o = 0; o < outputs; o++) {
+                float g_bias = 0;
+                for (int64_t i = 0; i < inputs; i++) {
+                    const float share = expf(z[o * inputs + i] - l[i]);  /* of the lse */
+                    const float g_logit = g_z[o * inputs + i] + g_l[i] * share;
+                    g_bias += g_logit;
+                    g[o * inputs + i] = -0.5f * g_logit;
+                }
+                grad_bias[b * outputs + o] = g_bias;
+            }
             memset(gmu, 0, sizeof(float) * outputs * POSE);
             memset(gu, 0, sizeof(float) * outputs * POSE);
             for (int64_t i = 0; i < inputs; i++) {

@@ -7,17 +7,20 @@ The two operators here make each vote where it is used, one image's window at a 
 that window's poses and the layer's weights are in the core's cache, and never store one:
 
 * :func:`moments`, the M-step's weighted mean and spread of the votes for every output
-  capsule, from the data assigned to it (its shares are made inside, per window), and
-* :func:`deviations`, the E-step's squared deviations of every vote from its output's mean,
-  scaled per pose element.
+  capsule, from the data assigned to it (the assignments, from their logits, and each
+  output's shares are made inside, per window), and
+* :func:`assignment_logits`, the E-step's log of each output's activation times the density
+  of each vote, with their log-sum-exp over the outputs.
 
-Everything smaller than the votes (assignments, costs, activations) stays in torch, which
-also differentiates it; the operators' own backward passes are written out and checked
-against torch by tests/test_em_kernel.py. The kernel is built as the dynamic routing's
-(:mod:`capsnet.nn.cbuild`); a layer made with ``CAPSNET_ROUTING_KERNEL=off`` routes in torch.
+Everything smaller than the votes (the assignments' normalisers, costs, activations) stays
+in torch, which also differentiates it; the operators' own backward passes are written out
+and checked against torch by tests/test_em_kernel.py. The kernel is built as the dynamic
+routing's (:mod:`capsnet.nn.cbuild`); a layer made with ``CAPSNET_ROUTING_KERNEL=off``
+routes in torch.
 
 Shapes: ``poses`` ``(batch, windows, inputs, 16)``, each window's input poses; ``weight``
-``(inputs, outputs, 16)``; ``weights`` ``(batch, windows, outputs, inputs)``; means, spreads
+``(inputs, outputs, 16)``; assignment logits ``(batch, windows, outputs, inputs)``;
+activations and the assignments' normalisers ``(batch, windows, inputs)``; means, spreads
 and their inverses ``(batch, windows, outputs, 16)``.
 """
 
@@ -41,12 +44,12 @@ def _declare(lib: ctypes.CDLL) -> ctypes.CDLL:
     p, i64, i32 = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int
     f32 = ctypes.c_float
     lib.em_scratch.argtypes, lib.em_scratch.restype = [i64, i64, i32], i64
-    lib.em_moments.argtypes = [p] * 3 + [i64] * 3 + [i32, f32] + [p] * 4
-    lib.em_moments_backward.argtypes = [p] * 8 + [i64] * 3 + [i32, f32] + [p] * 3
-    lib.em_deviations.argtypes = [p] * 4 + [i64] * 3 + [i32, p]
-    lib.em_deviations_backward.argtypes = [p] * 6 + [i64] * 3 + [i32] + [p] * 4
-    for name in ("em_moments", "em_moments_backward", "em_deviations",
-                 "em_deviations_backward"):
+    lib.em_moments.argtypes = [p] * 5 + [i64] * 3 + [i32, f32] + [p] * 4
+    lib.em_moments_backward.argtypes = [p] * 10 + [i64] * 3 + [i32, f32] + [p] * 5
+    lib.em_assignment_logits.argtypes = [p] * 5 + [i64] * 3 + [i32] + [p] * 3
+    lib.em_assignment_logits_backward.argtypes = [p] * 9 + [i64] * 3 + [i32] + [p] * 5
+    for name in ("em_moments", "em_moments_backward", "em_assignment_logits",
+                 "em_assignment_logits_backward"):
         getattr(lib, name).restype = None
     return lib
 
@@ -93,6 +96,16 @@ def _weight_grad(scratch: Tensor, weight: Tensor) -> Tensor:
     return scratch[:, :weight.numel()].sum(dim=0).view_as(weight)
 
 
+def _contiguous(*tensors: Tensor) -> list[Tensor]:
+    return [t.contiguous() for t in tensors]
+
+
+def _pointer(given: Tensor | None, tensor: Tensor | None = None) -> ctypes.c_void_p | None:
+    """The address of ``tensor`` (by default ``given``) where ``given`` is a tensor, else
+    NULL."""
+    return None if given is None else pointer(given if tensor is None else tensor)
+
+
 def _transposed(weight: Tensor) -> Tensor:
     """Each 4x4 matrix of ``weight`` ``(inputs, outputs, 16)`` transposed: the backward
     passes read W^T by rows."""
@@ -103,122 +116,153 @@ def _transposed(weight: Tensor) -> Tensor:
 
 
 @torch.library.custom_op("capsnet::em_moments", mutates_args=())
-def moments(poses: Tensor, weight: Tensor, weights: Tensor, epsilon: float
-            ) -> tuple[Tensor, Tensor, Tensor]:
-    """The votes' moments under each output capsule's shares of ``weights`` ``(batch,
-    windows, outputs, inputs)`` (the data assigned to it, R_ij a_i): with ``mass = sum_i
-    weights_i`` ``(batch, windows, outputs)`` and ``share_i = weights_i / (mass + epsilon)``,
-    ``mean = sum_i share_i V_i`` and ``spread = sum_i share_i (V_i - mean)^2``, ``(batch,
-    windows, outputs, 16)`` each; returns mean, spread and mass."""
-    poses, weight, weights = poses.contiguous(), weight.contiguous(), weights.contiguous()
+def moments(poses: Tensor, weight: Tensor, logits: Tensor | None, log_total: Tensor,
+            activations: Tensor, epsilon: float) -> tuple[Tensor, Tensor, Tensor]:
+    """The votes' moments under each output capsule's shares of its data. The assignments
+    are ``R = exp(logits - log_total)`` (``logits`` ``(batch, windows, outputs, inputs)``,
+    None: zeros; ``log_total`` ``(batch, windows, inputs)``) and an output's data
+    ``w_i = R_i a_i`` for the ``activations`` a ``(batch, windows, inputs)``; with
+    ``mass = sum_i w_i`` ``(batch, windows, outputs)`` and ``share_i = w_i / (mass +
+    epsilon)``, ``mean = sum_i share_i V_i`` and ``spread = sum_i share_i (V_i - mean)^2``,
+    ``(batch, windows, outputs, 16)`` each; returns mean, spread and mass."""
+    poses, weight, log_total, activations = _contiguous(poses, weight, log_total, activations)
+    logits = None if logits is None else logits.contiguous()
     blocks, inputs, outputs, threads = _sizes(poses, weight)
-    mean, spread, mass = _moments_outputs(poses, weight, weights, epsilon)
+    mean, spread, mass = _moments_outputs(poses, weight, logits, log_total, activations,
+                                          epsilon)
     scratch = _scratch(poses, weight, backward=False)  # alive while the call uses it
-    library().em_moments(pointer(poses), pointer(weight), pointer(weights), blocks, inputs,
-                         outputs, threads, epsilon, pointer(scratch), pointer(mean),
-                         pointer(spread), pointer(mass))
+    library().em_moments(pointer(poses), pointer(weight), _pointer(logits), pointer(log_total),
+                         pointer(activations), blocks, inputs, outputs, threads, epsilon,
+                         pointer(scratch), pointer(mean), pointer(spread), pointer(mass))
     return mean, spread, mass
 
 
 @moments.register_fake
-def _moments_outputs(poses: Tensor, weight: Tensor, weights: Tensor, epsilon: float
-                     ) -> tuple[Tensor, Tensor, Tensor]:
-    shape = (*weights.shape[:3], 16)
-    return poses.new_empty(shape), poses.new_empty(shape), poses.new_empty(weights.shape[:3])
+def _moments_outputs(poses: Tensor, weight: Tensor, logits: Tensor | None, log_total: Tensor,
+                     activations: Tensor, epsilon: float) -> tuple[Tensor, Tensor, Tensor]:
+    shape = (*poses.shape[:2], weight.shape[1])
+    return poses.new_empty(*shape, 16), poses.new_empty(*shape, 16), poses.new_empty(shape)
 
 
 @torch.library.custom_op("capsnet::em_moments_backward", mutates_args=())
-def moments_backward(poses: Tensor, weight: Tensor, weights: Tensor, mean: Tensor,
-                     grad_mean: Tensor, grad_spread: Tensor, grad_mass: Tensor, epsilon: float
-                     ) -> tuple[Tensor, Tensor, Tensor]:
-    """The gradients of :func:`moments`' poses, weight and weights; ``mean`` is the mean it
-    returned, which the gradient of the spread through the mean is made from."""
-    poses, weight, weights = poses.contiguous(), weight.contiguous(), weights.contiguous()
-    grads = [grad.contiguous() for grad in (grad_mean, grad_spread, grad_mass)]
+def moments_backward(poses: Tensor, weight: Tensor, logits: Tensor | None, log_total: Tensor,
+                     activations: Tensor, mean: Tensor, grad_mean: Tensor, grad_spread: Tensor,
+                     grad_mass: Tensor, epsilon: float
+                     ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """The gradients of :func:`moments`' poses, weight, logits (empty without them),
+    log_total and activations; ``mean`` is the mean it returned, which the gradient of the
+    spread through the mean is made from."""
+    poses, weight, log_total, activations, mean, *grads = _contiguous(
+        poses, weight, log_total, activations, mean, grad_mean, grad_spread, grad_mass)
+    logits = None if logits is None else logits.contiguous()
     blocks, inputs, outputs, threads = _sizes(poses, weight)
     # kept alive here while the call uses their addresses
     scratch, weight_t = _scratch(poses, weight, backward=True), _transposed(weight)
-    mean, grad_poses, grad_weights = (mean.contiguous(), torch.empty_like(poses),
-                                      torch.empty_like(weights))
-    library().em_moments_backward(pointer(poses), pointer(weight), pointer(weight_t),
-                                  pointer(weights), pointer(mean),
-                                  *(pointer(grad) for grad in grads), blocks, inputs, outputs,
-                                  threads, epsilon, pointer(scratch), pointer(grad_poses),
-                                  pointer(grad_weights))
-    return grad_poses, _weight_grad(scratch, weight), grad_weights
+    grad_poses, grad_logits, grad_log_total, grad_activations = _moments_grads(
+        poses, weight, logits, log_total, activations)
+    library().em_moments_backward(
+        pointer(poses), pointer(weight), pointer(weight_t), _pointer(logits),
+        pointer(log_total), pointer(activations), pointer(mean),
+        *(pointer(grad) for grad in grads), blocks, inputs, outputs, threads, epsilon,
+        pointer(scratch), pointer(grad_poses), _pointer(logits, grad_logits),
+        pointer(grad_log_total), pointer(grad_activations))
+    return (grad_poses, _weight_grad(scratch, weight), grad_logits, grad_log_total,
+            grad_activations)
+
+
+def _moments_grads(poses: Tensor, weight: Tensor, logits: Tensor | None, log_total: Tensor,
+                   activations: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """Room for the gradients of poses, logits (none without them), log_total and
+    activations."""
+    grad_logits = poses.new_empty(0) if logits is None else torch.empty_like(logits)
+    return (torch.empty_like(poses), grad_logits, torch.empty_like(log_total),
+            torch.empty_like(activations))
 
 
 @moments_backward.register_fake
-def _(poses: Tensor, weight: Tensor, weights: Tensor, mean: Tensor, grad_mean: Tensor,
-      grad_spread: Tensor, grad_mass: Tensor, epsilon: float) -> tuple[Tensor, Tensor, Tensor]:
-    return torch.empty_like(poses), torch.empty_like(weight), torch.empty_like(weights)
+def _(poses: Tensor, weight: Tensor, logits: Tensor | None, log_total: Tensor,
+      activations: Tensor, mean: Tensor, grad_mean: Tensor, grad_spread: Tensor,
+      grad_mass: Tensor, epsilon: float) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+    grad_poses, *rest = _moments_grads(poses, weight, logits, log_total, activations)
+    return grad_poses, torch.empty_like(weight), *rest
 
 
 def _save_moments(ctx, inputs, output) -> None:  # noqa: ANN001 (torch's signature)
-    ctx.save_for_backward(*inputs[:3], output[0])
-    ctx.epsilon = inputs[3]
+    ctx.save_for_backward(*inputs[:5], output[0])
+    ctx.epsilon = inputs[5]
 
 
 def _moments_grad(ctx, grad_mean, grad_spread, grad_mass):  # noqa: ANN001, ANN202 (torch's)
-    return *moments_backward(*ctx.saved_tensors, grad_mean, grad_spread, grad_mass,
-                             ctx.epsilon), None
+    poses, weight, logits, log_total, activations, mean = ctx.saved_tensors
+    grad_poses, grad_weight, grad_logits, *rest = moments_backward(
+        poses, weight, logits, log_total, activations, mean, grad_mean, grad_spread,
+        grad_mass, ctx.epsilon)
+    return grad_poses, grad_weight, None if logits is None else grad_logits, *rest, None
 
 
 moments.register_autograd(_moments_grad, setup_context=_save_moments)
 
 
-# --- the E-step's deviations ------------------------------------------------------------------
+# --- the E-step's assignment logits -----------------------------------------------------------
 
 
-@torch.library.custom_op("capsnet::em_deviations", mutates_args=())
-def deviations(poses: Tensor, weight: Tensor, mean: Tensor, inverse: Tensor) -> Tensor:
-    """``sum_h (V_ih - mean_h)^2 inverse_h`` for every vote, ``(batch, windows, outputs,
-    inputs)``: the squared deviations scaled by the inverse of each output's variance."""
-    poses, weight = poses.contiguous(), weight.contiguous()
-    mean, inverse = mean.contiguous(), inverse.contiguous()
+@torch.library.custom_op("capsnet::em_assignment_logits", mutates_args=())
+def assignment_logits(poses: Tensor, weight: Tensor, mean: Tensor, inverse: Tensor,
+                      bias: Tensor) -> tuple[Tensor, Tensor]:
+    """``bias - sum_h (V_ih - mean_h)^2 inverse_h / 2`` for every vote, ``(batch, windows,
+    outputs, inputs)``: the log of its output's activation times the Gaussian density of the
+    vote, the log-density's normaliser and log a_j in ``bias`` ``(batch, windows, outputs)``
+    and the inverse of the variance in ``inverse`` ``(batch, windows, outputs, 16)``; and
+    their log-sum-exp over the outputs ``(batch, windows, inputs)``."""
+    poses, weight, mean, inverse, bias = _contiguous(poses, weight, mean, inverse, bias)
     blocks, inputs, outputs, threads = _sizes(poses, weight)
-    scaled = _deviations_output(poses, weight, mean, inverse)
-    library().em_deviations(pointer(poses), pointer(weight), pointer(mean), pointer(inverse),
-                            blocks, inputs, outputs, threads, pointer(scaled))
-    return scaled
+    logits, lse = _logits_outputs(poses, weight, mean, inverse, bias)
+    scratch = _scratch(poses, weight, backward=False)
+    library().em_assignment_logits(pointer(poses), pointer(weight), pointer(mean),
+                                   pointer(inverse), pointer(bias), blocks, inputs, outputs,
+                                   threads, pointer(scratch), pointer(logits), pointer(lse))
+    return logits, lse
 
 
-@deviations.register_fake
-def _deviations_output(poses: Tensor, weight: Tensor, mean: Tensor, inverse: Tensor) -> Tensor:
-    return poses.new_empty(*mean.shape[:3], poses.shape[2])
+@assignment_logits.register_fake
+def _logits_outputs(poses: Tensor, weight: Tensor, mean: Tensor, inverse: Tensor, bias: Tensor
+                    ) -> tuple[Tensor, Tensor]:
+    return poses.new_empty(*bias.shape, poses.shape[2]), poses.new_empty(poses.shape[:3])
 
 
-@torch.library.custom_op("capsnet::em_deviations_backward", mutates_args=())
-def deviations_backward(poses: Tensor, weight: Tensor, mean: Tensor, inverse: Tensor,
-                        grad_scaled: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    """The gradients of :func:`deviations`' poses, weight, mean and inverse."""
-    poses, weight = poses.contiguous(), weight.contiguous()
-    mean, inverse, grad_scaled = mean.contiguous(), inverse.contiguous(), grad_scaled.contiguous()
+@torch.library.custom_op("capsnet::em_assignment_logits_backward", mutates_args=())
+def assignment_logits_backward(poses: Tensor, weight: Tensor, mean: Tensor, inverse: Tensor,
+                               logits: Tensor, lse: Tensor, grad_logits: Tensor,
+                               grad_lse: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """The gradients of :func:`assignment_logits`' poses, weight, mean, inverse and bias;
+    ``logits`` and ``lse`` are what it returned."""
+    tensors = _contiguous(poses, weight, mean, inverse, logits, lse, grad_logits, grad_lse)
     blocks, inputs, outputs, threads = _sizes(poses, weight)
     scratch, weight_t = _scratch(poses, weight, backward=True), _transposed(weight)
     grad_poses, grad_mean, grad_inverse = (torch.empty_like(poses), torch.empty_like(mean),
                                            torch.empty_like(inverse))
-    library().em_deviations_backward(pointer(poses), pointer(weight), pointer(weight_t),
-                                     pointer(mean), pointer(inverse), pointer(grad_scaled),
-                                     blocks, inputs,
-                                     outputs, threads, pointer(scratch), pointer(grad_poses),
-                                     pointer(grad_mean), pointer(grad_inverse))
-    return grad_poses, _weight_grad(scratch, weight), grad_mean, grad_inverse
+    grad_bias = poses.new_empty(mean.shape[:3])
+    library().em_assignment_logits_backward(
+        *(pointer(t) for t in tensors[:2]), pointer(weight_t),
+        *(pointer(t) for t in tensors[2:]), blocks, inputs, outputs, threads, pointer(scratch),
+        pointer(grad_poses), pointer(grad_mean), pointer(grad_inverse), pointer(grad_bias))
+    return grad_poses, _weight_grad(scratch, weight), grad_mean, grad_inverse, grad_bias
 
 
-@deviations_backward.register_fake
-def _(poses: Tensor, weight: Tensor, mean: Tensor, inverse: Tensor, grad_scaled: Tensor
-      ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+@assignment_logits_backward.register_fake
+def _(poses: Tensor, weight: Tensor, mean: Tensor, inverse: Tensor, logits: Tensor,
+      lse: Tensor, grad_logits: Tensor, grad_lse: Tensor
+      ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
     return (torch.empty_like(poses), torch.empty_like(weight), torch.empty_like(mean),
-            torch.empty_like(inverse))
+            torch.empty_like(inverse), poses.new_empty(mean.shape[:3]))
 
 
-def _save_deviations(ctx, inputs, output) -> None:  # noqa: ANN001 (torch's signature)
-    ctx.save_for_backward(*inputs)
+def _save_logits(ctx, inputs, output) -> None:  # noqa: ANN001 (torch's signature)
+    ctx.save_for_backward(*inputs[:4], *output)
 
 
-def _deviations_grad(ctx, grad_scaled):  # noqa: ANN001, ANN202 (torch's signature)
-    return deviations_backward(*ctx.saved_tensors, grad_scaled)
+def _logits_grad(ctx, grad_logits, grad_lse):  # noqa: ANN001, ANN202 (torch's signature)
+    return assignment_logits_backward(*ctx.saved_tensors, grad_logits, grad_lse)
 
 
-deviations.register_autograd(_deviations_grad, setup_context=_save_deviations)
+assignment_logits.register_autograd(_logits_grad, setup_context=_save_logits)

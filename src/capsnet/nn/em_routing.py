@@ -186,11 +186,11 @@ class EMCapsNetConfig:
         features = self.conv1_channels * primary ** 2 + self.image_pixels
         copies = 2 * self.routing_iterations + 2 if training else 3
         if device is not None and enabled() and em_kernel.runs_on(device):
-            # Measured by scripts/measure_memory.py: about 12 routing-sized copies while
-            # training at 2 iterations and 13 at 3, 2.5 to 4.5 in inference.
+            # Measured by scripts/measure_memory.py: about 5 routing-sized copies while
+            # training at 2 iterations and 7 at 3, under 2 in inference.
             window_poses = (caps1 ** 2 * window * self.primary_types
                             + caps2 ** 2 * window * self.caps1_types) * POSE_SIZE
-            kernel_copies = 5 * self.routing_iterations + 4 if training else 6
+            kernel_copies = 2 * self.routing_iterations + 3 if training else 3
             layers = kernel_copies * routes + 2 * window_poses
         else:
             layers = copies * routes * POSE_SIZE
@@ -245,20 +245,23 @@ def em_routing(votes: Tensor | WindowVotes, activations: Tensor, beta_u: Tensor,
     every iteration ("We do not use stop gradient", the authors on OpenReview). Give float32
     or float64 tensors.
     """
-    shape = routing_shape(votes)
+    batch, windows, outputs, inputs = routing_shape(votes)
     if not isinstance(votes, WindowVotes):
         # outputs before inputs from here on: the sums over inputs then copy no votes
         votes = votes.transpose(2, 3).contiguous()  # (batch, windows, outputs, inputs, 16)
-    # R_ij = 1 / (number of output capsules i reaches)
-    assignments = assign(activations.new_zeros(shape), children, num_children)
+    # The assignments are R_ij = exp(logits_ij - log_total_i); at first all logits are equal
+    # (None) and R_ij = 1 / (number of output capsules i reaches).
+    logits = None
+    log_total = log_totals(activations.new_full((batch, windows, inputs), math.log(outputs)),
+                           children, num_children)
     for iteration in range(iterations):
         lambda_ = inverse_temperature * (1 - TEMPERATURE_DECAY ** (iteration + 1))
-        weights = assignments * activations[:, :, None]  # (batch, windows, outputs, inputs)
-        mean, variance, logits, deviations = m_step(weights, votes, beta_u, beta_a, lambda_,
-                                                    cost_scale)
+        mean, variance, activation_logits, logits_of = m_step(
+            votes, logits, log_total, activations, beta_u, beta_a, lambda_, cost_scale)
         if iteration < iterations - 1:  # the last E-step would change nothing returned
-            assignments = e_step(deviations, variance, logits, children, num_children)
-    return mean, torch.sigmoid(logits)
+            logits, per_window = e_step(logits_of, variance, activation_logits)
+            log_total = log_totals(per_window, children, num_children)
+    return mean, torch.sigmoid(activation_logits)
 
 
 def routing_shape(votes: Tensor | WindowVotes) -> tuple[int, int, int, int]:
@@ -269,78 +272,95 @@ def routing_shape(votes: Tensor | WindowVotes) -> tuple[int, int, int, int]:
     return batch, windows, outputs, inputs
 
 
-def m_step(weights: Tensor, votes: Tensor | WindowVotes, beta_u: Tensor, beta_a: Tensor,
-           inverse_temperature: float, cost_scale: float = 1.0
-           ) -> tuple[Tensor, Tensor, Tensor, Deviations]:
+# The E-step's assignment logits: given the inverse of each output's variance (batch, windows,
+# outputs, 16) and the rest of the log, log a_j and the log-density's normaliser (batch,
+# windows, outputs), log a_j p_j(V_ij) for every vote (batch, windows, outputs, inputs) and
+# their log-sum-exp over the outputs (batch, windows, inputs).
+AssignmentLogits = Callable[[Tensor, Tensor], tuple[Tensor, Tensor]]
+
+
+def m_step(votes: Tensor | WindowVotes, logits: Tensor | None, log_total: Tensor,
+           activations: Tensor, beta_u: Tensor, beta_a: Tensor, inverse_temperature: float,
+           cost_scale: float = 1.0) -> tuple[Tensor, Tensor, Tensor, AssignmentLogits]:
     """Fit each output capsule's Gaussian to the votes ``(batch, windows, outputs, inputs,
-    16)`` (or :class:`WindowVotes`) weighted by ``weights`` R_ij * a_i ``(batch, windows,
-    outputs, inputs)``.
+    16)`` (or :class:`WindowVotes`) weighted by the data assigned to it, R_ij a_i, with the
+    assignments ``R = exp(logits - log_total)`` (see :func:`moments`).
 
     Returns its mean and variance ``(batch, windows, outputs, 16)``, its activation logit
     ``lambda * (beta_a - cost_scale * sum_h cost_h)`` with
-    ``cost_h = (beta_u + log sigma_h) * sum_i R_ij`` ``(batch, windows, outputs)``, and the
-    votes' :data:`Deviations` from the mean.
+    ``cost_h = (beta_u + log sigma_h) * sum_i R_ij a_i`` ``(batch, windows, outputs)``, and
+    the votes' :data:`AssignmentLogits` for that mean.
     """
-    mean, spread, mass, deviations = moments(votes, weights)
+    mean, spread, mass, logits_of = moments(votes, logits, log_total, activations)
     variance = spread + VARIANCE_EPSILON
     # cost_h (batch, windows, outputs, 16), with log sigma = log(variance) / 2
     cost = (beta_u[:, None] + 0.5 * variance.log()) * mass[..., None]
     return (mean, variance, inverse_temperature * (beta_a - cost_scale * cost.sum(dim=-1)),
-            deviations)
+            logits_of)
 
 
-# Scaled squared deviations of the votes from their output's mean: given a scale per pose
-# element (batch, windows, outputs, 16), sum_h (V_ih - mean_h)^2 scale_h for every vote,
-# (batch, windows, outputs, inputs).
-Deviations = Callable[[Tensor], Tensor]
-
-
-def moments(votes: Tensor | WindowVotes, weights: Tensor
-            ) -> tuple[Tensor, Tensor, Tensor, Deviations]:
+def moments(votes: Tensor | WindowVotes, logits: Tensor | None, log_total: Tensor,
+            activations: Tensor) -> tuple[Tensor, Tensor, Tensor, AssignmentLogits]:
     """The votes' mean ``sum_i share_i V_i`` and spread ``sum_i share_i (V_i - mean)^2`` for
-    each output ``(batch, windows, outputs, 16)``, where ``share_i`` is the output's share
-    of ``weights``, the data assigned to it; its mass ``sum_i weights_i`` ``(batch, windows,
-    outputs)``; and the votes' :data:`Deviations` from that mean: by the fused CPU operators
-    for :class:`WindowVotes`, else in torch, where the squared deviations are made once for
-    both."""
+    each output ``(batch, windows, outputs, 16)``, where ``share_i`` is the output's share of
+    its data ``w_i = R_i a_i``, with the assignments ``R = exp(logits - log_total)``
+    (``logits`` ``(batch, windows, outputs, inputs)``, None: all zeros; ``log_total`` and
+    the activations a ``(batch, windows, inputs)``); its mass ``sum_i w_i`` ``(batch,
+    windows, outputs)``; and the votes' :data:`AssignmentLogits` for that mean: by the fused
+    CPU operators for :class:`WindowVotes`, else in torch, where the squared deviations are
+    made once for both."""
     if isinstance(votes, WindowVotes):
-        mean, spread, mass = em_kernel.moments(votes.poses, votes.weight, weights, EPSILON)
-        return mean, spread, mass, partial(em_kernel.deviations, votes.poses, votes.weight, mean)
+        mean, spread, mass = em_kernel.moments(votes.poses, votes.weight, logits, log_total,
+                                               activations, EPSILON)
+        return mean, spread, mass, partial(em_kernel.assignment_logits, votes.poses,
+                                           votes.weight, mean)
+    normalised = -log_total[:, :, None] if logits is None else logits - log_total[:, :, None]
+    # (batch, windows, outputs, inputs)
+    weights = (normalised.exp() * activations[:, :, None]).expand(votes.shape[:4])
     mass = weights.sum(dim=-1)
-    share = weights / (mass[..., None] + EPSILON)  # (batch, windows, outputs, inputs)
+    share = weights / (mass[..., None] + EPSILON)
     mean = torch.einsum("nwoi,nwoih->nwoh", share, votes)  # (batch, windows, outputs, 16)
     squared = (votes - mean[:, :, :, None]).square()  # (batch, windows, outputs, inputs, 16)
     spread = torch.einsum("nwoi,nwoih->nwoh", share, squared)
-    return mean, spread, mass, partial(torch.einsum, "nwoih,nwoh->nwoi", squared)
+    return mean, spread, mass, partial(_assignment_logits, squared)
 
 
-def e_step(deviations: Deviations, variance: Tensor, logits: Tensor,
-           children: Tensor | None, num_children: int) -> Tensor:
-    """New assignments R_ij proportional to a_j p_j(V_ij), in log space: log a_j is the
-    logsigmoid of the activation ``logits``, and log p_j the log-density of output j's
-    Gaussian, from the votes' ``deviations`` and the ``variance`` of :func:`m_step`."""
-    scaled = deviations(variance.reciprocal())  # (batch, windows, outputs, inputs)
+def _assignment_logits(squared: Tensor, inverse: Tensor, bias: Tensor) -> tuple[Tensor, Tensor]:
+    """:data:`AssignmentLogits` from the votes' squared deviations ``(batch, windows,
+    outputs, inputs, 16)``."""
+    scaled = torch.einsum("nwoih,nwoh->nwoi", squared, inverse)
+    logits = bias[..., None] - 0.5 * scaled  # (batch, windows, outputs, inputs)
+    return logits, logits.logsumexp(dim=2)
+
+
+def e_step(logits_of: AssignmentLogits, variance: Tensor, activation_logits: Tensor
+           ) -> tuple[Tensor, Tensor]:
+    """The logits of the new assignments, R_ij proportional to a_j p_j(V_ij) in log space:
+    log a_j is the logsigmoid of the ``activation_logits``, and log p_j the log-density of
+    output j's Gaussian with the ``variance`` of :func:`m_step`. Returns them ``(batch,
+    windows, outputs, inputs)`` and their log-sum-exp over each window's outputs ``(batch,
+    windows, inputs)``."""
     log_normaliser = torch.log(2 * math.pi * variance).sum(dim=-1)  # (batch, windows, outputs)
-    log_density = -0.5 * (scaled + log_normaliser[..., None])  # (batch, windows, outputs, inputs)
-    return assign(F.logsigmoid(logits)[..., None] + log_density, children, num_children)
+    return logits_of(variance.reciprocal(),
+                     F.logsigmoid(activation_logits) - 0.5 * log_normaliser)
 
 
-def assign(logits: Tensor, children: Tensor | None, num_children: int) -> Tensor:
-    """``exp(logits)`` ``(batch, windows, outputs, inputs)`` normalised over all the output
-    capsules each input capsule reaches: a softmax over its window's outputs, or with
-    ``children`` over the outputs of every window that holds it (see :func:`em_routing`)."""
+def log_totals(per_window: Tensor, children: Tensor | None, num_children: int) -> Tensor:
+    """The normaliser of each input capsule's assignments, ``log sum exp(per_window)`` over
+    every window that holds it ``(batch, windows, inputs)``, from ``per_window``, the
+    log-sum-exp of its logits over one window's outputs: with ``children``, over the outputs
+    of every window (see :func:`em_routing`); without, ``per_window`` itself."""
     if children is None:
-        return logits.softmax(dim=2)
-    per_window = logits.logsumexp(dim=2).flatten(1)  # (batch, windows * inputs)
-    index = children.flatten().expand_as(per_window)
+        return per_window
+    flat = per_window.flatten(1)  # (batch, windows * inputs)
+    index = children.flatten().expand_as(flat)
     # Each child's largest term keeps exp() in range; the shift cancels in the result.
     with torch.no_grad():
-        peak = per_window.new_full((per_window.shape[0], num_children), -math.inf)
-        shift = peak.scatter_reduce(1, index, per_window, "amax").gather(1, index)
-    total = per_window.new_zeros(per_window.shape[0], num_children)
-    total = total.scatter_add(1, index, (per_window - shift).exp())  # (batch, num_children)
-    log_total = (total.log().gather(1, index) + shift).view(logits.shape[:2] + logits.shape[3:])
-    return (logits - log_total[:, :, None]).exp()
+        peak = flat.new_full((flat.shape[0], num_children), -math.inf)
+        shift = peak.scatter_reduce(1, index, flat, "amax").gather(1, index)
+    total = flat.new_zeros(flat.shape[0], num_children)
+    total = total.scatter_add(1, index, (flat - shift).exp())  # (batch, num_children)
+    return (total.log().gather(1, index) + shift).view_as(per_window)
 
 
 # --- layers -------------------------------------------------------------------------------
