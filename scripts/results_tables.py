@@ -338,8 +338,9 @@ def hardware_model(device: str | None) -> str | None:
 def convolutions_ratio(name: str, run: Run, benches: list[Run]) -> str:
     """The training rate over its convolutions' in the newest bench records of network
     ``name`` on the hardware of training ``run``, in the run's precision, compile mode and
-    CUDA graphs where it names them, and with its routing iterations where the network
-    iterates: one ratio, or the range of several of that date."""
+    CUDA graphs where it names them, with its routing iterations where the network iterates
+    and the same routing kernel (by its source's hash; records from before they kept it
+    match each other): one ratio, or the range of several of that date."""
     model = hardware_model(run.summary.get("device"))
     iterations = run.train.get("routing_iterations")
     # records from before a setting existed ran without it: no CUDA graphs
@@ -352,6 +353,7 @@ def convolutions_ratio(name: str, run: Run, benches: list[Run]) -> str:
                                        else s.get(key)) == value
                      for key, value in settings.items())
              and s.get("routing_iterations") in (None, iterations)  # None: routes once
+             and s.get("kernel") == run.summary.get("kernel")
              and s.get("train_images_per_s") and s.get("convs_train_images_per_s")]
     newest = max((s.get("date", "") for s in found), default=None)
     ratios = sorted(s["train_images_per_s"] / s["convs_train_images_per_s"]

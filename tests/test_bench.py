@@ -58,6 +58,8 @@ def test_each_rate_comes_with_its_floors_and_their_ratio(name: str, one_thread) 
     result = benchmark(CPU, "fp32", False, None, 2, 2, 0, 1, network=name)
     assert result["network"] == name and result["routing"] in ("kernel", "torch")
     model = MODELS[name].model(model_config(name))
+    assert result["kernel"] == model.routing_kernel(CPU)
+    assert (result["kernel"] is None) == (result["routing"] == "torch")
     assert result["parameters"] == sum(p.numel() for p in model.parameters())
     for kind in ("train", "infer"):
         rate, floor = result[f"{kind}_images_per_s"], result[f"convs_{kind}_images_per_s"]

@@ -219,7 +219,7 @@ def test_a_continued_run_links_the_record_of_the_run_it_started_from(
     assert shown in row
 
 
-def test_a_training_run_is_compared_with_benches_of_its_own_routing_iterations(
+def test_a_training_run_is_compared_with_benches_of_its_own_routing_iterations_and_kernel(
         tmp_path: Path) -> None:
     docs = copy_docs(tmp_path)
     device = "cpu (Test CPU, 2 threads)"
@@ -233,14 +233,22 @@ def test_a_training_run_is_compared_with_benches_of_its_own_routing_iterations(
                    if line.startswith("| `em-capsnet-small`") and "[runs/em-two]" in line)
         return row.split(" | ")[8]
 
-    write_record(docs, "em-two", {"test_accuracy": 0.9, "device": device, "precision": "fp32",
-                                  "compiled": True, "train_images_per_s": 100.0},
-                 {"train": {"network": "em-capsnet-small", "routing_iterations": 2}})
+    run = {"test_accuracy": 0.9, "device": device, "precision": "fp32", "compiled": True,
+           "train_images_per_s": 100.0}
+    config = {"train": {"network": "em-capsnet-small", "routing_iterations": 2}}
+    write_record(docs, "em-two", run, config)
     write_record(docs, "bench-three",
                  {**bench, "routing_iterations": 3, "train_images_per_s": 50.0})
     assert ratio() == "not measured"
     write_record(docs, "bench-two", {**bench, "routing_iterations": 2, "train_images_per_s": 80.0})
     assert ratio() == "0.08x"
+    # a newer kernel's bench speaks for runs of that kernel, not for a run of the older one
+    newer = {**bench, "routing_iterations": 2, "date": "2026-02-01", "kernel": "em_kernel-1"}
+    write_record(docs, "bench-newer", {**newer, "train_images_per_s": 160.0})
+    assert ratio() == "0.08x"
+    (docs / "runs" / "em-two" / "summary.json").write_text(
+        json.dumps({**run, "kernel": "em_kernel-1"}))
+    assert ratio() == "0.16x"
 
 
 @pytest.mark.parametrize("epochs, shown", [

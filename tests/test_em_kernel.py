@@ -6,6 +6,7 @@ built."""
 
 from __future__ import annotations
 
+import re
 import warnings
 from functools import partial
 from pathlib import Path
@@ -268,13 +269,22 @@ def test_without_a_kernel_em_routing_runs_in_torch(tmp_path: Path,
         em_kernel.library.cache_clear()
 
 
-def test_bench_names_where_each_network_routes(monkeypatch: pytest.MonkeyPatch) -> None:
+def test_each_network_names_the_kernel_it_routes_in(tmp_path: Path,
+                                                   monkeypatch: pytest.MonkeyPatch) -> None:
     from capsnet.nn.efficient import EfficientCapsNet
     from capsnet.tools.bench import routing
 
     cpu = torch.device("cpu")
     em = EMCapsNet(EMCapsNetConfig.small())
-    assert routing(em, cpu) == "kernel" and routing(EfficientCapsNet(), cpu) == "torch"
-    assert routing(em.double(), cpu) == "torch"  # the kernel takes float32
+    version = em.routing_kernel(cpu)
+    assert version == cbuild.source_version(em_kernel.SOURCE) and routing(version) == "kernel"
+    assert re.fullmatch(r"em_kernel-[0-9a-f]{12}", version)
+    assert EfficientCapsNet().routing_kernel(cpu) is None and routing(None) == "torch"
+    assert em.double().routing_kernel(cpu) is None  # the kernel takes float32
     monkeypatch.setenv("CAPSNET_ROUTING_KERNEL", "off")
-    assert routing(EMCapsNet(EMCapsNetConfig.small()), cpu) == "torch"
+    assert EMCapsNet(EMCapsNetConfig.small()).routing_kernel(cpu) is None
+    # another source, another version
+    changed = tmp_path / "em_kernel.c"
+    changed.write_text(em_kernel.SOURCE.read_text() + "\n/* changed */\n")
+    assert cbuild.source_version(changed).startswith("em_kernel-")
+    assert cbuild.source_version(changed) != version

@@ -71,6 +71,8 @@ def test_a_run_that_gets_worse_reports_the_test_score_of_best_pt(
                      reconstruction_weight=config.reconstruction_weight,
                      reduction=config.reconstruction_reduction)
     assert summary["test_accuracy"] == again.accuracy
+    # the routing kernel the model ran in, by name and hash, or none (torch)
+    assert summary["kernel"] == model_from_checkpoint(best).routing_kernel(torch.device("cpu"))
 
 
 @pytest.mark.slow

@@ -88,10 +88,11 @@ class CapsuleModel:
         stored = pretrained.read_model(source)
         return pretrained.built(stored, {cls.architecture: (cls, cls.config_class)}).eval()
 
-    def routes_in_kernel(self, device: torch.device) -> bool:
-        """Whether this model routes in one of capsnet's fused operators on ``device`` (see
-        ``capsnet bench``); a model without one routes in torch."""
-        return False
+    def routing_kernel(self, device: torch.device) -> str | None:
+        """The fused CPU operators this model routes in on ``device``, by their source's name
+        and hash (:func:`capsnet.nn.cbuild.source_version`), or None where it routes in
+        torch (see ``capsnet bench``); a model without one routes in torch."""
+        return None
 
     def reconstruct(self, digit_caps: Tensor, classes: Tensor) -> Tensor:
         """Decode the capsule of ``classes`` from ``digit_caps``; others are zeroed.

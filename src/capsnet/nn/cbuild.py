@@ -101,5 +101,11 @@ def _load(target: Path, declare: Callable[[ctypes.CDLL], ctypes.CDLL]
         return None, str(exc)
 
 
+def source_version(source: Path) -> str:
+    """A kernel's name and a hash of its source: which code routed, as bench and training
+    records keep it (``em_kernel-1a2b3c4d5e6f``)."""
+    return f"{source.stem}-{hashlib.sha256(source.read_bytes()).hexdigest()[:12]}"
+
+
 def pointer(tensor: torch.Tensor) -> ctypes.c_void_p:
     return ctypes.c_void_p(tensor.data_ptr())

@@ -72,6 +72,7 @@ import torch.nn.functional as F
 from ..utils.device import check_fits_in_memory
 from ..utils.settings import check_settings, setting, settings_from_dict
 from . import em_kernel
+from .cbuild import source_version
 from .base import CapsNetOutput, CapsuleModel
 from .routing_kernel import enabled
 from .layers import decoder_parameter_count, reconstruction_decoder
@@ -592,11 +593,12 @@ class EMCapsNet(CapsuleModel, nn.Module):
         then the primary capsules' pose and activation 1x1 convolutions (their two outputs)."""
         return nn.Sequential(self.conv1, nn.ReLU(), self.primary)
 
-    def routes_in_kernel(self, device: torch.device) -> bool:
-        """Whether the convolutional capsule layers route in the fused operators on
-        ``device``, which take float32."""
-        return (self.caps1.fused and self.caps1.weight.dtype == torch.float32
-                and em_kernel.runs_on(device))
+    def routing_kernel(self, device: torch.device) -> str | None:
+        """The fused operators' version where the convolutional capsule layers route in them
+        on ``device`` (they take float32), else None."""
+        fused = (self.caps1.fused and self.caps1.weight.dtype == torch.float32
+                 and em_kernel.runs_on(device))
+        return source_version(em_kernel.SOURCE) if fused else None
 
     def reconstruct(self, class_poses: Tensor, classes: Tensor) -> Tensor:
         """Decode the pose of ``classes`` ``(batch,)`` from ``class_poses`` (the others zeroed):

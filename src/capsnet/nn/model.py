@@ -17,6 +17,8 @@ from ..errors import CapsNetError
 from ..utils.device import check_fits_in_memory
 from ..utils.settings import check_settings, setting, settings_from_dict
 from .base import CapsNetOutput, CapsuleModel  # noqa: F401 - CapsNetOutput is public here
+from .cbuild import source_version
+from .routing_kernel import SOURCE as KERNEL_SOURCE
 from .layers import (PRIMARY_STYLES, PrimaryCapsules, RoutingCapsules, decoder_parameter_count,
                      reconstruction_decoder)
 
@@ -178,9 +180,9 @@ class CapsNet(CapsuleModel, nn.Module):
         capsules' convolution, each with a ReLU."""
         return nn.Sequential(self.conv1, nn.ReLU(), self.primary.conv, nn.ReLU())
 
-    def routes_in_kernel(self, device: torch.device) -> bool:
+    def routing_kernel(self, device: torch.device) -> str | None:
         u = torch.empty(1, self.config.primary_caps, self.config.primary_dim, device=device)
-        return self.digits.in_kernel(u)
+        return source_version(KERNEL_SOURCE) if self.digits.in_kernel(u) else None
 
 
 def capsnet_mnist(pretrained: bool = True, **config: Any) -> CapsNet:

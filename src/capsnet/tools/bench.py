@@ -116,17 +116,18 @@ def bench_config(network: str, routing_iterations: int | None) -> Any:
     return model_config(network)
 
 
-def routing(model: torch.nn.Module, device: torch.device) -> str:
-    """Where the model routes: ``"kernel"`` (one of capsnet's fused operators) or
-    ``"torch"``."""
-    return "kernel" if model.routes_in_kernel(device) else "torch"
+def routing(kernel: str | None) -> str:
+    """Where a model routes, from its :meth:`routing_kernel`: ``"kernel"`` (one of capsnet's
+    fused operators) or ``"torch"``."""
+    return "kernel" if kernel else "torch"
 
 
 def steps(device: torch.device, precision: str, compile_model: bool, network: str, config: Any,
           train_batch: int, infer_batch: int, cuda_graphs: bool = False
-          ) -> tuple[dict[str, Callable[[], Any]], str]:
+          ) -> tuple[dict[str, Callable[[], Any]], str | None]:
     """The training and inference steps of ``network`` built from ``config`` and of its
-    convolutions alone, and where it routes (see :func:`routing`); ``cuda_graphs`` compiles
+    convolutions alone, and the fused operators it routes in (None: torch; see
+    :meth:`~capsnet.nn.base.CapsuleModel.routing_kernel`); ``cuda_graphs`` compiles
     in torch's reduce-overhead mode (CUDA graphs on a GPU)."""
     torch.manual_seed(0)
     entry = MODELS[network]
@@ -149,7 +150,7 @@ def steps(device: torch.device, precision: str, compile_model: bool, network: st
 
     return ({"train": train, "train_convs": train_convs,
              "infer": infer_step(model, test_images, precision),
-             "infer_convs": infer_step(convs, test_images, precision)}, routing(model, device))
+             "infer_convs": infer_step(convs, test_images, precision)}, model.routing_kernel(device))
 
 
 def check_request(device: torch.device, config: Any, train_batch: int, infer_batch: int,
@@ -172,7 +173,7 @@ def bench_model(device: torch.device, precision: str, compile_model: bool, netwo
                 cuda_graphs: bool = False) -> dict[str, Any]:
     """Training-step and inference rates of ``network`` built from ``config`` and of its
     floor."""
-    step, routed = steps(device, precision, compile_model, network, config, train_batch,
+    step, kernel = steps(device, precision, compile_model, network, config, train_batch,
                          infer_batch, cuda_graphs)
     first = timed(step["train"], device)  # compiles, if compiled
     if device.type == "cuda":
@@ -185,7 +186,7 @@ def bench_model(device: torch.device, precision: str, compile_model: bool, netwo
                                         warmup, repeats)
     infer, infer_floor = rates_in_turns(step["infer"], step["infer_convs"], infer_batch, device,
                                         warmup, repeats)
-    return {"routing": routed,
+    return {"routing": routing(kernel), "kernel": kernel,
             "train_images_per_s": train, "convs_train_images_per_s": train_floor,
             "train_ratio": train / train_floor, "infer_images_per_s": infer,
             "convs_infer_images_per_s": infer_floor, "infer_ratio": infer / infer_floor,

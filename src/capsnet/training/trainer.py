@@ -477,6 +477,7 @@ class Trainer:
                                                       train_seconds - (self.first_step_seconds or 0))
                                           or steady_rate(train_images, train_seconds)),
                    "compiled": self.compiled, "first_step_seconds": self.first_step_seconds,
+                   "kernel": self.model.routing_kernel(self.device),
                    "cut_short": self.cut_short, "device": device_name(self.device),
                    "precision": resolved_precision(self.device, self.config.precision),
                    "torch": torch.__version__, "cuda": torch.version.cuda,
