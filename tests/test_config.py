@@ -26,7 +26,8 @@ HOW = {"dataset": "mnist", "network": "capsnet", "seed": 0, "device": "auto", "p
        "cuda_graphs": False, "deterministic": False, "eval_batch_size": 500, "time_limit": 0.0,
        "stop_at": 0.0, "log_every": 50, "image_size": 0, "channels": 0,
        "beta_a_units": "logit",  # how EM networks learn beta_a; the others have none
-       "cost_scale": "paper"}  # EM networks' routing cost; the others have none
+       "cost_scale": "paper",  # EM networks' routing cost; the others have none
+       "margin_ramp_epochs": 0}  # the spread loss's margin rises over the whole run
 
 # The tutorial notebook and the TensorFlow helper it calls (read_data_sets).
 NOTEBOOK = {
@@ -137,6 +138,18 @@ def test_resume_may_change_only_how_long_and_where() -> None:
                                            r"--time-limit, --stop-at, --device, --compile, "
                                            r"--cuda-graphs, --log-every may change\)"):
         resume_config(saved, {"batch_size": 64})
+
+
+def test_resuming_a_spread_loss_run_for_other_epochs_keeps_its_margins_ramp() -> None:
+    saved = make_config("em", epochs=12)
+    assert resume_config(saved, {"epochs": 24}).margin_ramp_epochs == 12
+    assert resume_config(saved, {"epochs": 12}).margin_ramp_epochs == 0  # nothing changed
+    ramped = replace(saved, margin_ramp_epochs=5)
+    assert resume_config(ramped, {"epochs": 24}).margin_ramp_epochs == 5
+    assert resume_config(make_config("paper", epochs=12), {"epochs": 24}).margin_ramp_epochs == 0
+    with pytest.raises(CapsNetError, match="--margin-ramp-epochs ramps the spread loss's margin; "
+                                           "capsnet trains with the margin loss"):
+        make_config("paper", margin_ramp_epochs=5)
 
 
 def test_warmup_scales_the_learning_rate_linearly() -> None:

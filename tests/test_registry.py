@@ -3,6 +3,7 @@ its architecture, and loads back the same way from every kind of file."""
 
 from __future__ import annotations
 
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -84,6 +85,12 @@ def test_the_spread_margin_follows_the_optimiser_step(tmp_path: Path) -> None:
     assert task.margin == pytest.approx(0.2)
     task.schedule(2, 4)
     assert task.margin == pytest.approx(spread_margin(2, 4)) == pytest.approx(0.55)
+    # over the first of the two epochs' four steps
+    ramped = Classification(replace(config, margin_ramp_epochs=1), split(16, 0), split(8, 1),
+                            split(8, 2), num_classes=10)
+    for step, margin in ((1, 0.55), (2, 0.9), (3, 0.9)):
+        ramped.schedule(step, 4)
+        assert ramped.margin == pytest.approx(margin)
     margin_task = Classification(make_config("efficient"), split(16, 0), split(8, 1),
                                  split(8, 2), num_classes=10)
     assert margin_task.best_metric == "loss"

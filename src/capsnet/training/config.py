@@ -91,6 +91,10 @@ class TrainConfig:
                                    min=0, max=1, before=0.0)
     crop: int = setting(0, "train on random crop x crop windows, evaluate on the centre one "
                         "(0: whole images)", min=0, max=4096)
+    margin_ramp_epochs: int = setting(
+        0, "spread loss (EM routing): its margin rises from 0.2 to 0.9 over this many epochs "
+        "(0: all of --epochs); --resume with other --epochs keeps the ramp the run began with",
+        min=0, max=100_000)
     margin_loss: str = setting("paper", "paper: eq. 4; official: the official code's "
                                "(half, and a mean over classes)", choices=MARGIN_FORMS)
     reconstruction_reduction: str = setting("sum", "squared error summed over pixels (paper) "
@@ -143,6 +147,9 @@ class TrainConfig:
         if self.none_fraction and MODELS[self.network].loss == "spread":
             raise CapsNetError(f"--none-fraction needs the margin loss; {self.network}'s spread "
                                f"loss has no answer for an image of no class")
+        if self.margin_ramp_epochs and MODELS[self.network].loss != "spread":
+            raise CapsNetError(f"--margin-ramp-epochs ramps the spread loss's margin; "
+                               f"{self.network} trains with the margin loss")
         if self.cuda_graphs and MODELS[self.network].loss == "spread":
             raise CapsNetError(f"--cuda-graphs cannot replay {self.network}'s spread loss, "
                                f"whose margin changes every step")
@@ -219,7 +226,10 @@ def make_config(preset: str = "paper", **overrides: Any) -> TrainConfig:
 def resume_config(saved: TrainConfig, requested: Mapping[str, Any]) -> TrainConfig:
     """The settings of a resumed run: its own, with the ``requested`` values of the fields
     ``--resume`` may change (``epochs``, ``device``, ``compile``); a request that contradicts
-    any other of its settings is refused. ``None`` values are ignored."""
+    any other of its settings is refused. ``None`` values are ignored. A spread-loss run
+    given other epochs keeps its margin's ramp: pinned to the epochs it had, where it ramped
+    over all of them, so that the margin goes on from where it was (and the config says
+    how it rose)."""
     may_change = [f.name for f in fields(TrainConfig) if f.metadata["resume"]]
     changes = {}
     for name, value in requested.items():
@@ -231,6 +241,9 @@ def resume_config(saved: TrainConfig, requested: Mapping[str, Any]) -> TrainConf
                                f"{short(getattr(saved, name))} there, not {short(value)} "
                                f"(only {flags} may change)")
         changes[name] = value
+    if ("epochs" in changes and not saved.margin_ramp_epochs
+            and MODELS[saved.network].loss == "spread"):
+        changes["margin_ramp_epochs"] = saved.epochs
     return replace(saved, **changes)
 
 

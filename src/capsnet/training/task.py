@@ -230,7 +230,8 @@ class Classification(Task):
 
     def schedule(self, step: int, total_steps: int) -> None:
         if self.loss_kind == "spread":  # the paper: from 0.2 up to 0.9 during training
-            self.margin = spread_margin(step, total_steps)
+            ramp_epochs = self.config.margin_ramp_epochs or self.config.epochs
+            self.margin = spread_margin(step, total_steps * ramp_epochs // self.config.epochs)
 
     def loss(self, out: Any, images: Tensor, labels: Tensor) -> Tensor:
         return network_loss(out, images, labels, self.loss_kind, self.margin,
