@@ -161,6 +161,22 @@ def test_every_instruction_sets_build_agrees_with_torch(isa: str, vector_exp: bo
         assert_agree(got, expected, tuple(map(str, range(len(got)))))
 
 
+def strided(t: Tensor) -> Tensor:
+    """The same values, laid out transposed: not contiguous."""
+    return t.transpose(0, -1).contiguous().transpose(0, -1)
+
+
+def test_the_operators_take_tensors_that_are_not_contiguous() -> None:
+    inputs = operator_inputs((2, 3, 7, 5), seed=4)
+    for operator, given in ((kernel_moments, inputs[:5]),
+                            (em_kernel.assignment_logits, e_step_inputs((2, 3, 7, 5), seed=4))):
+        assert not any(strided(t).is_contiguous() for t in given)
+        expected = values_and_gradients(operator, given)
+        got = values_and_gradients(lambda *ts: operator(*map(strided, ts)), given)  # noqa: B023
+        for a, b in zip(got, expected, strict=True):
+            torch.testing.assert_close(a, b)
+
+
 def test_the_weight_gradient_is_the_sum_over_every_thread() -> None:
     inputs = operator_inputs((4, 5, 18, 6), seed=1)[:5]
     alone = values_and_gradients(kernel_moments, inputs)

@@ -100,10 +100,9 @@ def _contiguous(*tensors: Tensor) -> list[Tensor]:
     return [t.contiguous() for t in tensors]
 
 
-def _pointer(given: Tensor | None, tensor: Tensor | None = None) -> ctypes.c_void_p | None:
-    """The address of ``tensor`` (by default ``given``) where ``given`` is a tensor, else
-    NULL."""
-    return None if given is None else pointer(given if tensor is None else tensor)
+def _pointer(tensor: Tensor | None) -> ctypes.c_void_p | None:
+    """The address of ``tensor``; NULL for None."""
+    return None if tensor is None else pointer(tensor)
 
 
 def _transposed(weight: Tensor) -> Tensor:
@@ -164,7 +163,7 @@ def moments_backward(poses: Tensor, weight: Tensor, logits: Tensor | None, log_t
         pointer(poses), pointer(weight), pointer(weight_t), _pointer(logits),
         pointer(log_total), pointer(activations), pointer(mean),
         *(pointer(grad) for grad in grads), blocks, inputs, outputs, threads, epsilon,
-        pointer(scratch), pointer(grad_poses), _pointer(logits, grad_logits),
+        pointer(scratch), pointer(grad_poses), _pointer(None if logits is None else grad_logits),
         pointer(grad_log_total), pointer(grad_activations))
     return (grad_poses, _weight_grad(scratch, weight), grad_logits, grad_log_total,
             grad_activations)
@@ -236,15 +235,16 @@ def assignment_logits_backward(poses: Tensor, weight: Tensor, mean: Tensor, inve
                                grad_lse: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
     """The gradients of :func:`assignment_logits`' poses, weight, mean, inverse and bias;
     ``logits`` and ``lse`` are what it returned."""
-    tensors = _contiguous(poses, weight, mean, inverse, logits, lse, grad_logits, grad_lse)
+    poses, weight, mean, inverse, *given = _contiguous(poses, weight, mean, inverse, logits,
+                                                       lse, grad_logits, grad_lse)
     blocks, inputs, outputs, threads = _sizes(poses, weight)
     scratch, weight_t = _scratch(poses, weight, backward=True), _transposed(weight)
     grad_poses, grad_mean, grad_inverse = (torch.empty_like(poses), torch.empty_like(mean),
                                            torch.empty_like(inverse))
     grad_bias = poses.new_empty(mean.shape[:3])
     library().em_assignment_logits_backward(
-        *(pointer(t) for t in tensors[:2]), pointer(weight_t),
-        *(pointer(t) for t in tensors[2:]), blocks, inputs, outputs, threads, pointer(scratch),
+        pointer(poses), pointer(weight), pointer(weight_t), pointer(mean), pointer(inverse),
+        *map(pointer, given), blocks, inputs, outputs, threads, pointer(scratch),
         pointer(grad_poses), pointer(grad_mean), pointer(grad_inverse), pointer(grad_bias))
     return grad_poses, _weight_grad(scratch, weight), grad_mean, grad_inverse, grad_bias
 
