@@ -19,6 +19,7 @@ import torch
 from tqdm import tqdm
 
 from ..errors import CapsNetError
+from ..nn.base import CapsuleModel
 from ..utils.device import (autocast, compile_options, device_name, resolve_device,
                             resolved_precision)
 from ..utils.distributed import all_reduce_sum, any_rank, init_world, per_rank_batch, shutdown
@@ -466,6 +467,13 @@ class Trainer:
                        f"{stats['accuracy']:.4f} | val {shown}{' (best)' if improved else ''} | "
                        f"{record['images_per_s']:.0f} img/s")
 
+    def routing_kernel(self) -> str | None:
+        """The fused operators the model routed in (see CapsuleModel.routing_kernel); None
+        for torch, and for a model without capsules (an experiment's baseline CNN)."""
+        if isinstance(self.model, CapsuleModel):
+            return self.model.routing_kernel(self.device)
+        return None
+
     def finish(self, wall_seconds: float, train_images: int, train_seconds: float) -> dict[str, Any]:
         if self.world.distributed:
             torch.distributed.barrier()  # best.pt is written by rank 0
@@ -477,7 +485,7 @@ class Trainer:
                                                       train_seconds - (self.first_step_seconds or 0))
                                           or steady_rate(train_images, train_seconds)),
                    "compiled": self.compiled, "first_step_seconds": self.first_step_seconds,
-                   "kernel": self.model.routing_kernel(self.device),
+                   "kernel": self.routing_kernel(),
                    "cut_short": self.cut_short, "device": device_name(self.device),
                    "precision": resolved_precision(self.device, self.config.precision),
                    "torch": torch.__version__, "cuda": torch.version.cuda,
