@@ -376,4 +376,4 @@ def test_explore_allow_host_in_a_real_process() -> None:
     finally:
         process.send_signal(signal.SIGINT)
     code, lines = finished(process)
-    assert code == 0 and lines == ["capsnet explore: stopped"]
+    assert (code, lines) == (0, ["capsnet explore: stopped"])  # on failure, shows stderr too

@@ -274,8 +274,10 @@ class SampleSource:
         self.error: str | None = None
 
     def start(self) -> None:
-        """Begin loading in a daemon thread so the first request does not wait long."""
-        threading.Thread(target=self.load, name="capsnet-explore-data", daemon=True).start()
+        """Begin loading in a thread of its own so the first request does not wait long.
+        Not a daemon: a Ctrl-C during the loading lets it end before the interpreter
+        shuts down, as torch work in a thread still running then can abort the process."""
+        threading.Thread(target=self.load, name="capsnet-explore-data").start()
 
     def load(self) -> None:
         with self.lock:
