@@ -91,7 +91,7 @@ class CapsuleModel:
     def routing_kernel(self, device: torch.device) -> str | None:
         """The fused CPU operators this model routes in on ``device``, by their source's name
         and hash (:func:`capsnet.nn.cbuild.source_version`), or None where it routes in
-        torch (see ``capsnet bench``); a model without one routes in torch."""
+        torch (see ``capsnet bench``), as a model without such operators always does."""
         return None
 
     def reconstruct(self, digit_caps: Tensor, classes: Tensor) -> Tensor:

@@ -150,7 +150,8 @@ def steps(device: torch.device, precision: str, compile_model: bool, network: st
 
     return ({"train": train, "train_convs": train_convs,
              "infer": infer_step(model, test_images, precision),
-             "infer_convs": infer_step(convs, test_images, precision)}, model.routing_kernel(device))
+             "infer_convs": infer_step(convs, test_images, precision)},
+            model.routing_kernel(device))
 
 
 def check_request(device: torch.device, config: Any, train_batch: int, infer_batch: int,
