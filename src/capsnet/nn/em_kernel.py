@@ -96,8 +96,8 @@ def _weight_grad(scratch: Tensor, weight: Tensor) -> Tensor:
     return scratch[:, :weight.numel()].sum(dim=0).view_as(weight)
 
 
-def _contiguous(*tensors: Tensor) -> list[Tensor]:
-    return [t.contiguous() for t in tensors]
+def _contiguous(*tensors: Tensor | None) -> list[Tensor | None]:
+    return [None if t is None else t.contiguous() for t in tensors]
 
 
 def _pointer(tensor: Tensor | None) -> ctypes.c_void_p | None:
@@ -124,8 +124,8 @@ def moments(poses: Tensor, weight: Tensor, logits: Tensor | None, log_total: Ten
     ``mass = sum_i w_i`` ``(batch, windows, outputs)`` and ``share_i = w_i / (mass +
     epsilon)``, ``mean = sum_i share_i V_i`` and ``spread = sum_i share_i (V_i - mean)^2``,
     ``(batch, windows, outputs, 16)`` each; returns mean, spread and mass."""
-    poses, weight, log_total, activations = _contiguous(poses, weight, log_total, activations)
-    logits = None if logits is None else logits.contiguous()
+    poses, weight, logits, log_total, activations = _contiguous(poses, weight, logits,
+                                                                log_total, activations)
     blocks, inputs, outputs, threads = _sizes(poses, weight)
     mean, spread, mass = _moments_outputs(poses, weight, logits, log_total, activations,
                                           epsilon)
@@ -151,9 +151,8 @@ def moments_backward(poses: Tensor, weight: Tensor, logits: Tensor | None, log_t
     """The gradients of :func:`moments`' poses, weight, logits (empty without them),
     log_total and activations; ``mean`` is the mean it returned, which the gradient of the
     spread through the mean is made from."""
-    poses, weight, log_total, activations, mean, *grads = _contiguous(
-        poses, weight, log_total, activations, mean, grad_mean, grad_spread, grad_mass)
-    logits = None if logits is None else logits.contiguous()
+    poses, weight, logits, log_total, activations, mean, *grads = _contiguous(
+        poses, weight, logits, log_total, activations, mean, grad_mean, grad_spread, grad_mass)
     blocks, inputs, outputs, threads = _sizes(poses, weight)
     # kept alive here while the call uses their addresses
     scratch, weight_t = _scratch(poses, weight, backward=True), _transposed(weight)
