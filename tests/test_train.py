@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import json
+import sys
 import time
+import types
 from dataclasses import replace
 from pathlib import Path
 
@@ -277,3 +279,36 @@ def test_a_resume_drops_the_metrics_lines_past_its_checkpoint_step(tmp_path: Pat
     Run(tmp_path).metrics_log(4).close()
     kept = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
     assert kept == lines[:2]
+
+
+class RecordingWriter:
+    """Stands in for TensorBoard's SummaryWriter (an optional extra): keeps what it is given."""
+
+    def __init__(self, log_dir: str) -> None:
+        self.log_dir, self.scalars, self.closed = log_dir, [], False
+
+    def add_scalar(self, tag: str, value: float, step: int, walltime: float | None = None) -> None:
+        self.scalars.append((tag, value, step, walltime))
+
+    def flush(self) -> None:
+        pass
+
+    def close(self) -> None:
+        self.closed = True
+
+
+def test_metrics_are_mirrored_to_tensorboard_when_it_is_installed(tmp_path: Path,
+                                                                   monkeypatch) -> None:
+    fake = types.ModuleType("torch.utils.tensorboard")
+    fake.SummaryWriter = RecordingWriter
+    monkeypatch.setitem(sys.modules, "torch.utils.tensorboard", fake)
+    log = Run(tmp_path).metrics_log(0)
+    log.write({"step": 10, "epoch": 0.5, "train_loss": 0.25, "unix_time": 123.0})
+    log.write({"step": 20, "epoch": 1, "val_accuracy": 0.75, "improved": True, "note": "x"})
+    log.close()
+    writer = log.writer
+    assert writer.log_dir == str(tmp_path / "tensorboard") and writer.closed
+    # curve points and epochs in their own groups, at the global step; flags and text skipped
+    assert writer.scalars == [("steps/train_loss", 0.25, 10, 123.0),
+                              ("epoch/val_accuracy", 0.75, 20, None)]
+    assert len((tmp_path / "metrics.jsonl").read_text().splitlines()) == 2
