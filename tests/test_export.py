@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+from dataclasses import replace
 from pathlib import Path
 from typing import Callable
 
@@ -13,7 +14,10 @@ import torch
 from capsnet.training.checkpoint import save_checkpoint
 from capsnet.cli import main
 from capsnet.errors import CapsNetError
-from capsnet.tools.export import (DEFAULT_OPSET, InferenceWrapper, export_model, load_safetensors)
+from capsnet.tools.export import (DEFAULT_OPSET, FORMATS, InferenceWrapper, export_model,
+                                   load_safetensors)
+from capsnet.nn.efficient import EfficientCapsNet, EfficientCapsNetConfig
+from capsnet.nn.em_routing import EMCapsNet, EMCapsNetConfig
 from capsnet.nn.model import CapsNet, CapsNetConfig
 
 # Measured differences to PyTorch are ~1e-7 (float32 rounding in a different order of
@@ -25,6 +29,20 @@ ATOL = 1e-5
 SMALL = CapsNetConfig(image_size=16, in_channels=2, num_classes=4, conv1_channels=8,
                       conv1_kernel=5, primary_maps=4, primary_dim=4, primary_kernel=5,
                       digit_dim=6, routing_iterations=3, decoder_hidden=(16,))
+
+
+# The other routings, as small and as far from their defaults: Efficient-CapsNet, and EM
+# capsules with 2 iterations, without a decoder (as trained here) and with one.
+EM = EMCapsNetConfig(image_size=16, in_channels=2, num_classes=4, conv1_channels=8,
+                     primary_types=3, caps1_types=4, caps2_types=5, routing_iterations=2)
+OTHERS = {
+    "efficient-capsnet": (EfficientCapsNet, EfficientCapsNetConfig(
+        image_size=16, in_channels=2, num_classes=4, conv_channels=(6, 8), conv_kernels=(5, 3),
+        conv_strides=(1, 2), primary_maps=2, primary_dim=4, primary_kernel=3, digit_dim=6,
+        decoder_hidden=(16,))),
+    "em-capsnet": (EMCapsNet, EM),
+    "em-capsnet with a decoder": (EMCapsNet, replace(EM, decoder_hidden=(16,))),
+}
 
 
 def make_checkpoint(folder: Path, config: CapsNetConfig, seed: int = 0) -> tuple[Path, CapsNet]:
@@ -47,11 +65,16 @@ def reference(model: CapsNet, images: torch.Tensor) -> tuple[torch.Tensor, ...]:
 
 
 def assert_agree(got: tuple, want: tuple[torch.Tensor, ...]) -> None:
-    lengths, predictions, reconstructions = (torch.as_tensor(g) for g in got)
-    assert lengths.shape == want[0].shape and reconstructions.shape == want[2].shape
-    torch.testing.assert_close(lengths, want[0], atol=ATOL, rtol=0)
-    assert torch.equal(predictions, want[1])
-    torch.testing.assert_close(reconstructions, want[2], atol=ATOL, rtol=0)
+    """lengths, predictions and reconstructions (where the model has them) agree."""
+    got = tuple(torch.as_tensor(g) for g in got)
+    assert len(got) == len(want)
+    lengths, predictions, *reconstructions = got
+    want_lengths, want_predictions, *want_rec = want
+    assert lengths.shape == want_lengths.shape
+    torch.testing.assert_close(lengths, want_lengths, atol=ATOL, rtol=0)
+    assert torch.equal(predictions, want_predictions)
+    for rec, want_r in zip(reconstructions, want_rec):
+        torch.testing.assert_close(rec, want_r, atol=ATOL, rtol=0)
 
 
 def run_cli(capsys: pytest.CaptureFixture[str], *argv: object) -> tuple[int, str, str]:
@@ -229,3 +252,37 @@ def test_cli_bad_input_exits_2_with_one_line(small, tmp_path, capsys, make_argv,
     assert err.startswith("capsnet: ") and err.count("\n") == 1 and message in err, err
     assert stdout == ""
     assert sorted(os.listdir(tmp_path)) == ["blocker", "corrupt.pt"]  # nothing written
+
+
+# -- the other routings -----------------------------------------------------------------
+
+@pytest.mark.slow
+@pytest.mark.filterwarnings("ignore:`torch.jit.load` is deprecated:DeprecationWarning")
+@pytest.mark.parametrize("name", OTHERS)
+def test_every_network_exports_to_every_format_and_keeps_its_predictions(
+        name: str, tmp_path: Path, capsys) -> None:
+    pytest.importorskip("onnxscript")
+    ort = pytest.importorskip("onnxruntime")
+    model_class, config = OTHERS[name]
+    torch.manual_seed(0)
+    model = model_class(config).eval()
+    images = images_for(config, 5, seed=4)
+    with torch.no_grad():  # as it runs in capsnet: in the fused operators where it has them
+        out = model(images)
+    names = ["lengths", "predictions"] + (["reconstructions"] if config.decoder_hidden else [])
+    want = (out.lengths, out.predictions, out.reconstructions)[:len(names)]
+    model.save_pretrained(tmp_path / "saved")
+    for fmt in FORMATS:
+        code, stdout, err = run_cli(capsys, "export", tmp_path / "saved", "--format", fmt,
+                                    "--out", tmp_path / f"model.{fmt}")
+        assert code == 0, err
+        assert ("reconstructions" in stdout) == (fmt != "safetensors" and len(names) == 3)
+    session = ort.InferenceSession(str(tmp_path / "model.onnx"),
+                                   providers=["CPUExecutionProvider"])
+    assert [o.name for o in session.get_outputs()] == names
+    assert_agree(session.run(None, {"images": images.numpy()}), want)
+    with torch.no_grad():
+        assert_agree(torch.jit.load(str(tmp_path / "model.torchscript"))(images), want)
+    loaded = load_safetensors(tmp_path / "model.safetensors")
+    assert type(loaded) is model_class and loaded.config == config
+    assert all(torch.equal(loaded.state_dict()[k], v) for k, v in model.state_dict().items())

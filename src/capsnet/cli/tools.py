@@ -304,8 +304,8 @@ def add_export(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("export", help="write the model as ONNX, safetensors or TorchScript",
                        description="Export a trained model for inference. ONNX and "
                        "TorchScript take images (batch, channels, size, size) in [0, 1] and give "
-                       "lengths, predictions and reconstructions; safetensors holds the weights "
-                       "and the model config.")
+                       "the class scores (lengths), predictions and, with a decoder, "
+                       "reconstructions; safetensors holds the weights and the model config.")
     add_model(p)
     p.add_argument("--format", choices=FORMATS, required=True, help="the file format to write")
     p.add_argument("--out", type=Path, required=True, help="file to write")
@@ -326,9 +326,10 @@ def run_export(args: argparse.Namespace) -> int:
     print(f"wrote {result.path} ({kind}, {result.size_bytes / 1e6:.1f} MB)")
     if result.max_abs_diff is not None and result.format != "safetensors":
         d = result.max_abs_diff
+        values = ", ".join(f"{name} {value:.2g}" for name, value in d.items()
+                           if name != "predictions")
         print(f"checked with {result.verified_with} on {VERIFY_BATCH} random images against "
-              f"PyTorch: max abs difference lengths {d['lengths']:.2g}, reconstructions "
-              f"{d['reconstructions']:.2g}; {int(d['predictions'])} predictions differ")
+              f"PyTorch: max abs difference {values}; {int(d['predictions'])} predictions differ")
     elif result.max_abs_diff is not None:
         print("checked: the weights read back identical")
     for note in result.notes:

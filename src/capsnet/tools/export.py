@@ -1,13 +1,16 @@
-"""Export a trained CapsNet for inference outside this package: ONNX, safetensors, TorchScript.
+"""Export a trained capsule network for inference outside this package: ONNX, safetensors,
+TorchScript. Every registered network exports (CapsNet, Efficient-CapsNet, EM capsules).
 
     capsnet export runs/mnist-paper --format onnx --out capsnet.onnx
-    capsnet export mnist --format onnx --out capsnet.onnx      # any model from_pretrained takes
+    capsnet export mnist --format onnx --out capsnet.onnx      # any model load_model takes
 
 ONNX and TorchScript hold :class:`InferenceWrapper`: images ``(batch, channels, size,
-size)`` float32 in [0, 1] -> ``lengths`` ``(batch, classes)`` float32, ``predictions``
-``(batch,)`` int64 and ``reconstructions`` ``(batch, channels, size, size)`` float32, with
-a dynamic batch dimension. The graph is the model's own modules and weights, routing
-einsums included (they export as ONNX ``Einsum``).
+size)`` float32 in [0, 1] -> ``lengths`` ``(batch, classes)`` float32 (the class scores:
+capsule lengths, or an EM network's class activations), ``predictions`` ``(batch,)`` int64
+and, for a model with a decoder, ``reconstructions`` ``(batch, channels, size, size)``
+float32, with a dynamic batch dimension. The graph is the model's own modules and weights,
+routing einsums included (they export as ONNX ``Einsum``); layers that route in fused
+operators route in torch's instead, so the file needs nothing of capsnet to run.
 
 ONNX uses the ``torch.export``-based exporter (``torch.onnx.export(..., dynamo=True)``,
 which needs onnxscript). The TorchScript-based exporter also handles this model, but
@@ -46,32 +49,43 @@ from torch import Tensor, nn
 from ..errors import CapsNetError, error_line
 from ..utils.files import check_replaceable, same_file, write_or_fail
 from ..utils.version import package_version
-from ..nn.model import CapsNet
-from ..nn.pretrained import SHIPPED, WEIGHTS, model_file, weights_bytes
+from ..nn.base import CapsuleModel
+from ..nn.pretrained import SHIPPED, WEIGHTS, architecture_of, model_file, weights_bytes
+from ..nn.registry import load_model
 
 FORMATS = ("onnx", "safetensors", "torchscript")
 DEFAULT_OPSET = 25  # the newest opset the torch.export-based exporter (onnxscript 0.7) converts natively
 MIN_OPSET = 18      # the exporter's own opset; it converts the graph up from there
 INPUT_NAMES = ["images"]
-OUTPUT_NAMES = ["lengths", "predictions", "reconstructions"]
+OUTPUT_NAMES = ("lengths", "predictions", "reconstructions")  # the last: with a decoder
 VERIFY_BATCH = 3      # differs from the tracing batch, so verification also checks the dynamic batch
 VERIFY_TOLERANCE = 1e-4  # refuse an export whose lengths differ from PyTorch's by more
 INSTALL_HINT = "pip install 'capsnet[export]'"
 
 
+def output_names(model: nn.Module) -> tuple[str, ...]:
+    """The exported outputs of ``model``: :data:`OUTPUT_NAMES`, without ``reconstructions``
+    where it has no decoder."""
+    return OUTPUT_NAMES if getattr(model, "decoder", None) is not None else OUTPUT_NAMES[:2]
+
+
 class InferenceWrapper(nn.Module):
-    """The model as exported: ``images -> (lengths, predictions, reconstructions)``.
+    """The model as exported: ``images -> (lengths, predictions[, reconstructions])``, as
+    :func:`output_names` says. The decoder reconstructs the top class (no labels at
+    inference). Layers with fused routing operators (``fused``) route in torch from now on:
+    the exported graph holds torch's operations only."""
 
-    The decoder reconstructs the longest capsule (no labels at inference)."""
-
-    def __init__(self, model: CapsNet) -> None:
+    def __init__(self, model: nn.Module) -> None:
         super().__init__()
         self.model = model
-        model.digits.fused = False  # the exported graph holds torch's operations only
+        self.outputs = len(output_names(model))
+        for module in model.modules():
+            if hasattr(module, "fused"):
+                module.fused = False
 
-    def forward(self, images: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    def forward(self, images: Tensor) -> tuple[Tensor, ...]:
         out = self.model(images)
-        return out.lengths, out.predictions, out.reconstructions
+        return (out.lengths, out.predictions, out.reconstructions)[:self.outputs]
 
 
 @dataclass
@@ -86,7 +100,7 @@ class ExportResult:
     notes: list[str] = field(default_factory=list)
 
 
-def example_images(model: CapsNet, batch: int, seed: int = 0) -> Tensor:
+def example_images(model: nn.Module, batch: int, seed: int = 0) -> Tensor:
     c, s = model.config.in_channels, model.config.image_size
     return torch.rand(batch, c, s, s, generator=torch.Generator().manual_seed(seed))
 
@@ -95,14 +109,14 @@ def capsnet_version() -> str:
     return package_version()
 
 
-def config_json(model: CapsNet) -> str:
+def config_json(model: nn.Module) -> str:
     return json.dumps(model.config.to_dict(), sort_keys=True)
 
 
-def export_model(checkpoint: str | os.PathLike | CapsNet, out: str | os.PathLike, fmt: str,
+def export_model(checkpoint: str | os.PathLike | CapsuleModel, out: str | os.PathLike, fmt: str,
                  *, opset: int | None = None, verify: bool = True) -> ExportResult:
-    """Write the model ``checkpoint`` (a :class:`CapsNet`, or anything
-    :meth:`CapsNet.from_pretrained` takes) to ``out`` in format ``fmt`` (see :data:`FORMATS`).
+    """Write the model ``checkpoint`` (a capsule network of capsnet, or anything
+    :func:`capsnet.load_model` takes) to ``out`` in format ``fmt`` (see :data:`FORMATS`).
 
     Raises :class:`CapsNetError` for an unknown format, a bad checkpoint, a missing
     optional package, an ``out`` that is not a regular file or is the model itself, an
@@ -124,10 +138,10 @@ def export_model(checkpoint: str | os.PathLike | CapsNet, out: str | os.PathLike
         raise CapsNetError(f"could not write {out}: {exc.strerror or exc}") from None
     if not os.access(out.parent, os.W_OK | os.X_OK):
         raise CapsNetError(f"could not write {out}: the folder {out.parent} is not writable")
-    if isinstance(checkpoint, CapsNet):
+    if isinstance(checkpoint, CapsuleModel):
         model = copy.deepcopy(checkpoint).eval()  # leave the caller's model where it is
     else:
-        model = CapsNet.from_pretrained(checkpoint)
+        model = load_model(checkpoint)
     model = model.cpu().float()
     exporter = {"onnx": export_onnx, "safetensors": export_safetensors,
                 "torchscript": export_torchscript}[fmt]
@@ -135,36 +149,40 @@ def export_model(checkpoint: str | os.PathLike | CapsNet, out: str | os.PathLike
     return exporter(model, out, verify=verify, **kwargs)
 
 
-def model_source(checkpoint: str | os.PathLike | CapsNet) -> Path | None:
-    """The file the model ``checkpoint`` is read from (as :meth:`CapsNet.from_pretrained`
-    reads it); None for a model in memory or a source that names no file."""
-    if isinstance(checkpoint, CapsNet):
+def model_source(checkpoint: str | os.PathLike | CapsuleModel) -> Path | None:
+    """The file the model ``checkpoint`` is read from (as :func:`capsnet.load_model` reads
+    it); None for a model in memory or a source that names no file."""
+    if isinstance(checkpoint, CapsuleModel):
         return None
     if isinstance(checkpoint, str) and checkpoint in SHIPPED:
         return Path(str(resources.files("capsnet").joinpath("pretrained", checkpoint, WEIGHTS)))
     try:
         return model_file(Path(checkpoint))
     except CapsNetError:
-        return None  # from_pretrained says what is wrong with it
+        return None  # load_model says what is wrong with it
 
 
 def max_abs_diffs(got: tuple[Any, ...], want: tuple[Tensor, ...], source: str) -> dict[str, float]:
-    """Max abs difference per output (for ``predictions``: how many differ); raise if the
-    lengths are off by more than :data:`VERIFY_TOLERANCE` or a prediction differs where
-    PyTorch's two candidate classes are not tied within it."""
+    """Max abs difference per output (for ``predictions``: how many differ; reconstructions
+    where the model has them, of the images predicted alike); raise if the lengths are off
+    by more than :data:`VERIFY_TOLERANCE` or a prediction differs where PyTorch's two
+    candidate classes are not tied within it."""
     got = tuple(torch.as_tensor(g) for g in got)
+    if len(got) != len(want):
+        raise CapsNetError(f"{source}: {len(got)} outputs, PyTorch {len(want)}")
     for name, g, w in zip(OUTPUT_NAMES, got, want):
         if g.shape != w.shape:
             raise CapsNetError(f"{source}: {name} has shape {tuple(g.shape)}, PyTorch {tuple(w.shape)}")
-    (lengths, predictions, reconstructions), (want_lengths, want_predictions, want_rec) = got, want
+    lengths, predictions, *reconstructions = got
+    want_lengths, want_predictions, *want_rec = want
     differ = predictions != want_predictions
     gap = (want_lengths.gather(1, predictions[:, None]) -
            want_lengths.gather(1, want_predictions[:, None])).abs().squeeze(1)
     diffs = {"lengths": (lengths.double() - want_lengths.double()).abs().max().item(),
-             "predictions": float(differ.sum().item()),
-             "reconstructions": (reconstructions[~differ].double() -
-                                 want_rec[~differ].double()).abs().max().item()
-             if bool((~differ).any()) else 0.0}
+             "predictions": float(differ.sum().item())}
+    for rec, want_r in zip(reconstructions, want_rec):
+        diffs["reconstructions"] = ((rec[~differ].double() - want_r[~differ].double()).abs()
+                                    .max().item() if bool((~differ).any()) else 0.0)
     if not diffs["lengths"] <= VERIFY_TOLERANCE or bool((gap[differ] > VERIFY_TOLERANCE).any()):
         raise CapsNetError(f"{source}: the exported model disagrees with PyTorch (max |lengths "
                            f"difference| {diffs['lengths']:.3g}, {int(diffs['predictions'])} of "
@@ -174,7 +192,7 @@ def max_abs_diffs(got: tuple[Any, ...], want: tuple[Tensor, ...], source: str) -
 
 # -- ONNX -------------------------------------------------------------------------------
 
-def export_onnx(model: CapsNet, out: Path, *, opset: int | None = None,
+def export_onnx(model: nn.Module, out: Path, *, opset: int | None = None,
                 verify: bool = True) -> ExportResult:
     try:
         import onnx
@@ -187,7 +205,7 @@ def export_onnx(model: CapsNet, out: Path, *, opset: int | None = None,
     if not MIN_OPSET <= opset <= max_opset:
         raise CapsNetError(f"opset {opset} is out of range: this onnx writes opsets "
                            f"{MIN_OPSET} to {max_opset}")
-    wrapper = InferenceWrapper(model).eval()
+    wrapper, names = InferenceWrapper(model).eval(), output_names(model)
     images = example_images(model, 2)  # not 1: torch.export would fix a batch of 1
     # quiet "torchvision is not installed", the opset converter's fallback notice and such
     loggers = [logging.getLogger(name) for name in ("torch.onnx", "onnxscript", "onnx_ir")]
@@ -199,7 +217,7 @@ def export_onnx(model: CapsNet, out: Path, *, opset: int | None = None,
             warnings.simplefilter("ignore")
             program = torch.onnx.export(
                 wrapper, (images,), None, dynamo=True, opset_version=opset, verbose=False,
-                input_names=INPUT_NAMES, output_names=OUTPUT_NAMES,
+                input_names=INPUT_NAMES, output_names=list(names),
                 dynamic_shapes={"images": {0: torch.export.Dim("batch")}})
         proto = program.model_proto
     except Exception as exc:  # the exporter raises many kinds; keep the cause chained
@@ -207,11 +225,13 @@ def export_onnx(model: CapsNet, out: Path, *, opset: int | None = None,
     finally:
         for logger, level in zip(loggers, levels):
             logger.setLevel(level)
-    proto.doc_string = ("CapsNet (Sabour et al. 2017): images (batch, channels, size, size) "
-                        "in [0, 1] -> lengths, predictions, reconstructions")
+    architecture = architecture_of(model)
+    proto.doc_string = (f"capsnet {architecture}: images (batch, channels, size, size) in "
+                        f"[0, 1] -> {', '.join(names)}")
     proto.producer_name, proto.producer_version = "capsnet", capsnet_version()
-    for key, value in (("capsnet_model_config", config_json(model)),
-                       ("capsnet_outputs", ",".join(OUTPUT_NAMES))):
+    for key, value in (("capsnet_architecture", architecture),
+                       ("capsnet_model_config", config_json(model)),
+                       ("capsnet_outputs", ",".join(names))):
         entry = proto.metadata_props.add()
         entry.key, entry.value = key, value
     data = proto.SerializeToString()
@@ -225,7 +245,7 @@ def export_onnx(model: CapsNet, out: Path, *, opset: int | None = None,
             images = example_images(model, VERIFY_BATCH, seed=1)
             try:
                 session = onnxruntime.InferenceSession(data, providers=["CPUExecutionProvider"])
-                got = session.run(OUTPUT_NAMES, {INPUT_NAMES[0]: images.numpy()})
+                got = session.run(list(names), {INPUT_NAMES[0]: images.numpy()})
             except Exception as exc:  # e.g. an onnxruntime too old for the opset
                 raise CapsNetError(f"onnxruntime {onnxruntime.__version__} cannot run the "
                                    f"exported model ({error_line(exc, 300)}); try a lower --opset "
@@ -240,8 +260,8 @@ def export_onnx(model: CapsNet, out: Path, *, opset: int | None = None,
 
 # -- safetensors ------------------------------------------------------------------------
 
-def export_safetensors(model: CapsNet, out: Path, *, verify: bool = True) -> ExportResult:
-    """The file :meth:`CapsNet.save_pretrained` writes as model.safetensors."""
+def export_safetensors(model: nn.Module, out: Path, *, verify: bool = True) -> ExportResult:
+    """The file ``save_pretrained`` writes as model.safetensors."""
     data = weights_bytes(model)
     write_or_fail(out, data)
     result = ExportResult(out, "safetensors", len(data))
@@ -255,14 +275,15 @@ def export_safetensors(model: CapsNet, out: Path, *, verify: bool = True) -> Exp
     return result
 
 
-def load_safetensors(path: str | os.PathLike) -> CapsNet:
-    """The CapsNet (eval mode, CPU) stored by ``capsnet export --format safetensors``."""
-    return CapsNet.from_pretrained(Path(path))
+def load_safetensors(path: str | os.PathLike) -> nn.Module:
+    """The model (eval mode, CPU) stored by ``capsnet export --format safetensors``, of
+    whichever architecture it holds."""
+    return load_model(Path(path))
 
 
 # -- TorchScript ------------------------------------------------------------------------
 
-def export_torchscript(model: CapsNet, out: Path, *, verify: bool = True) -> ExportResult:
+def export_torchscript(model: nn.Module, out: Path, *, verify: bool = True) -> ExportResult:
     wrapper = InferenceWrapper(model).eval()
     with warnings.catch_warnings(), torch.no_grad():
         # torch.jit is deprecated (it says so on every call) but still works; the routing
