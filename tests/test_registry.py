@@ -6,6 +6,7 @@ from __future__ import annotations
 from dataclasses import replace
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
@@ -16,6 +17,9 @@ from capsnet.training.config import make_config, model_config_for
 from capsnet.training.task import Classification
 from capsnet.training.trainer import Trainer
 from capsnet.data.splits import Split
+from capsnet.tools.explore import make_server
+from test_cli import cli
+from test_explore import bar_image, request, serve
 
 
 def split(n: int, seed: int) -> Split:
@@ -94,3 +98,45 @@ def test_the_spread_margin_follows_the_optimiser_step(tmp_path: Path) -> None:
     margin_task = Classification(make_config("efficient"), split(16, 0), split(8, 1),
                                  split(8, 2), num_classes=10)
     assert margin_task.best_metric == "loss"
+
+
+@pytest.fixture(scope="module")
+def tiny_runs(tiny_dataset: Path, module_tmp) -> dict[str, Path]:
+    """A run of two steps of Efficient-CapsNet and of the small EM network (no decoder) on
+    the tiny data set, as the CLI trains them."""
+    runs = {}
+    for network, preset in (("efficient-capsnet", "efficient"), ("em-capsnet-small", "em")):
+        runs[network] = module_tmp("tiny-runs") / network
+        code, _, err = cli("train", "--preset", preset, "--network", network, "--dataset",
+                           tiny_dataset, "--val-size", "40", "--train-limit", "32",
+                           "--batch-size", "16", "--epochs", "1", "--device", "cpu",
+                           "--compile", "off", "--no-progress", "--run-dir", runs[network])
+        assert code == 0, err
+    return runs
+
+
+@pytest.mark.slow
+def test_figures_draw_what_each_network_has(tiny_runs: dict[str, Path], tmp_path: Path) -> None:
+    for network, run in tiny_runs.items():
+        code, _, err = cli("figures", run, "--out", tmp_path / network, "--samples", "2")
+        assert code == 0, err
+        drawn = sorted(path.name for path in (tmp_path / network).iterdir())
+        if network == "em-capsnet-small":  # no decoder: nothing to reconstruct
+            assert drawn == ["curves.png", "samples.png"]
+        else:
+            assert "reconstructions.png" in drawn and len(drawn) == 3 + 16  # 16 pose dims
+
+
+@pytest.mark.slow
+def test_explore_shows_efficient_capsnet_and_refuses_em_before_serving(
+        tiny_runs: dict[str, Path], tiny_dataset: Path) -> None:
+    run = tiny_runs["efficient-capsnet"]
+    for server in serve(make_server(run, "127.0.0.1", 0, dataset=str(tiny_dataset))):
+        status, result = request(server, "POST", "/api/predict", {"image": bar_image()})
+        assert status == 200, result
+        config = server.explorer.model.config
+        assert np.asarray(result["coupling"]).shape == (
+            config.primary_maps, config.primary_grid, config.primary_grid)
+        assert len(result["pose"]) == config.digit_dim
+    with pytest.raises(CapsNetError, match="explore shows vector capsules.*em-capsnet model"):
+        make_server(tiny_runs["em-capsnet-small"], "127.0.0.1", 0, dataset=str(tiny_dataset))

@@ -88,6 +88,12 @@ class CapsuleModel:
         stored = pretrained.read_model(source)
         return pretrained.built(stored, {cls.architecture: (cls, cls.config_class)}).eval()
 
+    @property
+    def reconstructs(self) -> bool:
+        """Whether a decoder reconstructs images from the class capsules (an EM network has
+        one only when its config asks for it)."""
+        return getattr(self, "decoder", None) is not None
+
     def routing_kernel(self, device: torch.device) -> str | None:
         """The fused CPU operators this model routes in on ``device``, by their source's name
         and hash (:func:`capsnet.nn.cbuild.source_version`), or None where it routes in

@@ -80,7 +80,7 @@ from ..errors import CapsNetError, error_line
 from ..nn.layers import safe_norm
 from ..nn.model import CapsNet
 from ..nn.prediction import PRESENT, predictions
-from ..nn.pretrained import SHIPPED
+from ..nn.pretrained import SHIPPED, architecture_of
 from ..training.checkpoint import load_trained
 from ..training.config import TrainConfig, splits_for
 from ..training.task import check_fits
@@ -625,6 +625,17 @@ class ExploreServer(ThreadingHTTPServer):
         return f"http://{host}:{port}/"
 
 
+def check_explorable(model: CapsNet, source: str | Path) -> None:
+    """Refuse a model the page cannot show: it shows vector class capsules with their
+    coupling over a grid of primary capsules and a decoder's reconstruction (CapsNet and
+    Efficient-CapsNet have them; EM capsules have matrices and no couplings)."""
+    sizes = ("digit_dim", "primary_grid", "primary_maps")
+    if not (model.reconstructs and all(hasattr(model.config, name) for name in sizes)):
+        raise CapsNetError(f"{source}: explore shows vector capsules, their couplings and "
+                           f"a decoder's reconstructions, which a {architecture_of(model)} "
+                           f"model does not have (evaluate, predict and figures take it)")
+
+
 def make_server(model: str | Path, host: str = "127.0.0.1", port: int = 8000, *,
                 dataset: str | None = None, data_dir: str | None = None,
                 verbose: bool = False, allow_hosts: Iterable[str] = ()) -> ExploreServer:
@@ -637,6 +648,7 @@ def make_server(model: str | Path, host: str = "127.0.0.1", port: int = 8000, *,
     host = checked_host(host, "--host")
     names = [checked_host(name, "--allow-host") for name in allow_hosts]
     trained = load_trained(model, dataset, need_dataset=False)
+    check_explorable(trained.model, model)
     config = trained.config
     samples = SampleSource(config, data_dir, trained.model)
     explorer = Explorer(trained.model, trained.model.class_names, samples, str(model),

@@ -63,10 +63,10 @@ VERIFY_TOLERANCE = 1e-4  # refuse an export whose lengths differ from PyTorch's 
 INSTALL_HINT = "pip install 'capsnet[export]'"
 
 
-def output_names(model: nn.Module) -> tuple[str, ...]:
+def output_names(model: CapsuleModel) -> tuple[str, ...]:
     """The exported outputs of ``model``: :data:`OUTPUT_NAMES`, without ``reconstructions``
     where it has no decoder."""
-    return OUTPUT_NAMES if getattr(model, "decoder", None) is not None else OUTPUT_NAMES[:2]
+    return OUTPUT_NAMES if model.reconstructs else OUTPUT_NAMES[:2]
 
 
 class InferenceWrapper(nn.Module):
@@ -75,7 +75,7 @@ class InferenceWrapper(nn.Module):
     inference). Layers with fused routing operators (``fused``) route in torch from now on:
     the exported graph holds torch's operations only."""
 
-    def __init__(self, model: nn.Module) -> None:
+    def __init__(self, model: CapsuleModel) -> None:
         super().__init__()
         self.model = model
         self.outputs = len(output_names(model))
@@ -100,7 +100,7 @@ class ExportResult:
     notes: list[str] = field(default_factory=list)
 
 
-def example_images(model: nn.Module, batch: int, seed: int = 0) -> Tensor:
+def example_images(model: CapsuleModel, batch: int, seed: int = 0) -> Tensor:
     c, s = model.config.in_channels, model.config.image_size
     return torch.rand(batch, c, s, s, generator=torch.Generator().manual_seed(seed))
 
@@ -109,7 +109,7 @@ def capsnet_version() -> str:
     return package_version()
 
 
-def config_json(model: nn.Module) -> str:
+def config_json(model: CapsuleModel) -> str:
     return json.dumps(model.config.to_dict(), sort_keys=True)
 
 
@@ -192,7 +192,7 @@ def max_abs_diffs(got: tuple[Any, ...], want: tuple[Tensor, ...], source: str) -
 
 # -- ONNX -------------------------------------------------------------------------------
 
-def export_onnx(model: nn.Module, out: Path, *, opset: int | None = None,
+def export_onnx(model: CapsuleModel, out: Path, *, opset: int | None = None,
                 verify: bool = True) -> ExportResult:
     try:
         import onnx
@@ -260,7 +260,7 @@ def export_onnx(model: nn.Module, out: Path, *, opset: int | None = None,
 
 # -- safetensors ------------------------------------------------------------------------
 
-def export_safetensors(model: nn.Module, out: Path, *, verify: bool = True) -> ExportResult:
+def export_safetensors(model: CapsuleModel, out: Path, *, verify: bool = True) -> ExportResult:
     """The file ``save_pretrained`` writes as model.safetensors."""
     data = weights_bytes(model)
     write_or_fail(out, data)
@@ -283,7 +283,7 @@ def load_safetensors(path: str | os.PathLike) -> nn.Module:
 
 # -- TorchScript ------------------------------------------------------------------------
 
-def export_torchscript(model: nn.Module, out: Path, *, verify: bool = True) -> ExportResult:
+def export_torchscript(model: CapsuleModel, out: Path, *, verify: bool = True) -> ExportResult:
     wrapper = InferenceWrapper(model).eval()
     with warnings.catch_warnings(), torch.no_grad():
         # torch.jit is deprecated (it says so on every call) but still works; the routing

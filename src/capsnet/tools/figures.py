@@ -17,9 +17,11 @@ parameters, and the training curves of a run.
                            validation after each epoch, on an axis of epochs, when
                            the run's metrics.jsonl exists                   (1000 x 400)
 
-Classes are named as the model names them (a data set's names for a model that records
-only numbers). A prediction is "none" where no capsule is as long as
-:data:`~capsnet.nn.prediction.PRESENT`; its reconstruction is still the longest capsule's.
+The reconstructions and the tweaks need a decoder: a model without one (an EM network as
+the ``em`` preset trains it) gets the samples and the curves. Classes are named as the model
+names them (a data set's names for a model that records only numbers). A prediction is
+"none" where no capsule is as long as :data:`~capsnet.nn.prediction.PRESENT`; its
+reconstruction is still the longest capsule's.
 Colour images are shown in colour; one channel as dark ink on white, as the notebook shows
 MNIST; two (smallNORB's stereo pairs) side by side in the same grey.
 
@@ -41,7 +43,7 @@ from matplotlib.ticker import MaxNLocator
 from torch import Tensor
 
 from ..data.batching import batches
-from ..nn.model import CapsNet
+from ..nn.base import CapsuleModel
 from ..nn.prediction import Prediction, predictions
 from ..training.checkpoint import load_trained
 from ..training.config import splits_for
@@ -66,7 +68,7 @@ def draw_figures(source: str | os.PathLike, out_dir: str | os.PathLike, *,
                  data_dir: str | os.PathLike | None = None, dataset: str | None = None,
                  val_size: int | None = None, run_dir: str | os.PathLike | None = None,
                  n_samples: int = 5) -> list[Path]:
-    """Draw every figure for the model ``source`` (anything CapsNet.from_pretrained takes) on
+    """Draw every figure for the model ``source`` (anything capsnet.load_model takes) on
     the first ``n_samples`` test images of ``dataset`` (default: the one it was trained on;
     ``val_size`` as in :func:`~capsnet.training.checkpoint.load_trained`) into ``out_dir``;
     returns the paths written. ``run_dir`` (default: the folder of the model's file) holds
@@ -81,21 +83,13 @@ def draw_figures(source: str | os.PathLike, out_dir: str | os.PathLike, *,
                splits.in_channels, splits.num_classes)
     images, labels = next(batches(splits.test, n_samples, crop=train_config.crop))
     names = class_names(model, splits.class_names)
-    with torch.no_grad():
-        out = model(images)
-        tweaks = tweak_reconstructions(model, out.digit_caps, out.predictions)
-    found = predictions(out.lengths, names)
-    decoded = [names[i] for i in out.predictions.tolist()]
     out_dir = Path(out_dir)
     each_class = one_of_each_class(splits.test, train_config.crop, splits.num_classes,
                                    search_batch(per_image))
-    paths = [save_png(samples_figure(model, *each_class, names), out_dir / "samples.png"),
-             save_png(reconstructions_figure(images, [names[i] for i in labels.tolist()],
-                                             out.reconstructions, found),
-                      out_dir / "reconstructions.png")]
-    for dim, grid in enumerate(tweaks):
-        paths.append(save_png(tweak_figure(grid, dim, decoded),
-                              out_dir / f"tweak_dim_{dim:02d}.png"))
+    paths = [save_png(samples_figure(model, *each_class, names), out_dir / "samples.png")]
+    if model.reconstructs:
+        paths += reconstruction_figures(model, images, [names[i] for i in labels.tolist()],
+                                        names, out_dir)
     run = Run(run_dir or trained.path.parent)
     records, points, _ = run.split_metrics()  # torn lines skipped
     if records:
@@ -103,7 +97,23 @@ def draw_figures(source: str | os.PathLike, out_dir: str | os.PathLike, *,
     return paths
 
 
-def class_names(model: CapsNet, dataset_names: tuple[str, ...]) -> tuple[str, ...]:
+def reconstruction_figures(model: CapsuleModel, images: Tensor, labels: list[str],
+                           names: tuple[str, ...], out_dir: Path) -> list[Path]:
+    """reconstructions.png and the tweak figures of ``images`` (titled with ``labels``)."""
+    with torch.no_grad():
+        out = model(images)
+        tweaks = tweak_reconstructions(model, out.digit_caps, out.predictions)
+    found = predictions(out.lengths, names)
+    paths = [save_png(reconstructions_figure(images, labels, out.reconstructions, found),
+                      out_dir / "reconstructions.png")]
+    decoded = [names[i] for i in out.predictions.tolist()]
+    for dim, grid in enumerate(tweaks):
+        paths.append(save_png(tweak_figure(grid, dim, decoded),
+                              out_dir / f"tweak_dim_{dim:02d}.png"))
+    return paths
+
+
+def class_names(model: CapsuleModel, dataset_names: tuple[str, ...]) -> tuple[str, ...]:
     """The model's class names; the data set's where the model records only the numbers
     0, 1, ... (the names of a model saved without them)."""
     numbers = tuple(str(i) for i in range(len(model.class_names)))
@@ -132,7 +142,7 @@ def one_of_each_class(source: Any, crop: int, num_classes: int,
     return torch.stack([found[c] for c in classes]), torch.tensor(classes)
 
 
-def tweak_reconstructions(model: CapsNet, digit_caps: Tensor, classes: Tensor) -> Tensor:
+def tweak_reconstructions(model: CapsuleModel, digit_caps: Tensor, classes: Tensor) -> Tensor:
     """Decoded images ``(dims, steps, n, channels, size, size)`` with each pose dimension of
     the ``classes`` capsule shifted by each of :data:`TWEAK_STEPS`, as in the notebook."""
     n, num_classes, dims = digit_caps.shape
@@ -184,7 +194,7 @@ def show(ax: Any, image: Tensor) -> None:
     ax.axis("off")
 
 
-def samples_figure(model: CapsNet, images: Tensor, labels: Tensor,
+def samples_figure(model: CapsuleModel, images: Tensor, labels: Tensor,
                    names: tuple[str, ...]) -> Figure:
     """``images`` in a row, each titled with its class ``names[label]``, the predicted class
     (or "none") and the length of that capsule; in red where the prediction is wrong."""
