@@ -205,3 +205,30 @@ def test_end_to_end_cli_run(tiny_dataset: Path, tmp_path: Path) -> None:
     # A second run into the same folder is refused, not overwritten.
     assert main(["experiment", "multimnist", "--dataset", str(tiny_dataset),
                  "--run-dir", str(run_dir), "--val-size", "40"]) == 2
+
+
+@pytest.mark.slow
+def test_efficient_capsnet_trains_on_multimnist(tiny_dataset: Path, tmp_path: Path) -> None:
+    from capsnet.nn.efficient import EfficientCapsNet
+    from capsnet.nn.registry import load_model
+
+    run_dir = tmp_path / "mm"
+    code = main(["experiment", "multimnist", "--preset", "efficient", "--augment", "shift",
+                 "--dataset", str(tiny_dataset), "--epochs", "1", "--train-limit", "16",
+                 "--test-limit", "16", "--val-size", "40", "--batch-size", "16", "--figures",
+                 "1", "--device", "cpu", "--compile", "off", "--no-progress",
+                 "--run-dir", str(run_dir)])
+    assert code == 0
+    model = load_model(run_dir)
+    assert type(model) is EfficientCapsNet and model.config.image_size == 36
+    assert (run_dir / "figures/multimnist-00.png").is_file()
+
+
+def test_a_network_trained_without_the_margin_loss_is_refused_before_anything_starts(
+        tiny_dataset: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    code = main(["experiment", "multimnist", "--network", "em-capsnet-small", "--dataset",
+                 str(tiny_dataset), "--run-dir", str(tmp_path / "mm")])
+    err = capsys.readouterr().err
+    assert code == 2 and len(err.splitlines()) == 1
+    assert "multimnist trains --network capsnet or efficient-capsnet, not em-capsnet-small" in err
+    assert not (tmp_path / "mm").exists()

@@ -233,6 +233,9 @@ def run_experiment(args: argparse.Namespace) -> int:
     if config.none_fraction:
         raise CapsNetError(f"experiment {args.experiment} has no images of no class; "
                            f"--none-fraction is for capsnet train")
+    if experiment.networks and config.network not in experiment.networks:
+        raise CapsNetError(f"experiment {args.experiment} trains --network "
+                           f"{' or '.join(experiment.networks)}, not {config.network}")
     default = Path("runs") / f"{args.experiment}-{Path(config.dataset).name}"
     run_dir = run_folder(args, config, default)
     with Run(run_dir).training_here(new=args.resume is None):

@@ -21,3 +21,4 @@ class Experiment:
     run: Callable[..., dict[str, Any]]
     report: Callable[[dict[str, Any]], str]  # summary -> lines for the terminal
     train_defaults: dict[str, Any] = field(default_factory=dict)  # on top of the preset
+    networks: tuple[str, ...] = ()  # the --network values it can train; (): every one

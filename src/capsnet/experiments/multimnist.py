@@ -27,6 +27,7 @@ from ..data.splits import Split
 from ..nn.layers import safe_norm
 from ..nn.losses import Reduction, margin_loss, reconstruction_loss
 from ..nn.model import CapsNet, CapsNetConfig, count_parameters
+from ..nn.registry import MODELS
 from ..training.config import TrainConfig, model_config_for, splits_for
 from ..training.evaluate import accumulate
 from ..training.task import Step, Task
@@ -107,6 +108,10 @@ class MultiMNISTTask(Task):
         limit = settings.test_limit
         self.val_size = min(len(self.val), limit) if limit else len(self.val)
         self.test_size = min(len(self.test_set), limit) if limit else len(self.test_set)
+
+    @property
+    def architecture(self) -> str:  # type: ignore[override]
+        return MODELS[self.config.network].architecture
 
     def model_config(self) -> CapsNetConfig:
         split = self.train.split
@@ -223,7 +228,8 @@ def multimnist_figures(model: CapsNet, data: MultiMNIST, out_dir: Path, *, count
 def run(config: TrainConfig, settings: MultiMNISTSettings, run_dir: str | Path, *,
         data_dir: str | None = None, resume: bool = False, from_best: bool = False,
         show_progress: bool = True) -> dict[str, Any]:
-    """Train (or resume) a CapsNet on MultiMNIST in ``run_dir``; returns the summary."""
+    """Train (or resume) a CapsNet, or another network of the margin loss
+    (``config.network``), on MultiMNIST in ``run_dir``; returns the summary."""
     splits = splits_for(config, data_dir)
     task = MultiMNISTTask(config, settings, splits.train.first(config.train_limit), splits.val,
                           splits.test, splits.num_classes)
@@ -252,4 +258,6 @@ MULTIMNIST = Experiment(
     description="Train and test a CapsNet on MultiMNIST: two overlapping digits of different "
                 "classes, each shifted up to 4 px, on 36x36, generated on the fly. Test error: "
                 "the two longest capsules must be the two classes.",
-    train_defaults={"max_shift": MAX_SHIFT, "warmup_steps": 200})
+    train_defaults={"max_shift": MAX_SHIFT, "warmup_steps": 200},
+    # two classes an image: the margin loss, and a decoder for each digit
+    networks=tuple(name for name, entry in MODELS.items() if entry.loss == "margin"))
