@@ -207,3 +207,23 @@ def test_end_to_end_cli_run(tiny_dataset: Path, tmp_path: Path) -> None:
 
     cnn = model_from_checkpoint(load_checkpoint(run_dir / "cnn" / "best.pt"), architecture=CNN)
     assert cnn.config.image_size == 40 and cnn.config.variant == "pooled"
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("preset, network", [("efficient", "efficient-capsnet"),
+                                             ("em", "em-capsnet-small")])
+def test_the_other_routings_run_the_experiment(preset: str, network: str, tiny_dataset: Path,
+                                               tmp_path: Path) -> None:
+    from capsnet.nn.registry import MODELS, load_model
+
+    run_dir = tmp_path / "aff"
+    code = main(["experiment", "affnist", "--preset", preset, "--augment", "shift",
+                 "--network", network, "--model", "capsnet", "--dataset", str(tiny_dataset),
+                 "--epochs", "1", "--train-limit", "16", "--test-limit", "16", "--val-size",
+                 "40", "--batch-size", "16", "--device", "cpu", "--compile", "off",
+                 "--no-progress", "--run-dir", str(run_dir)])
+    assert code == 0
+    result = json.loads((run_dir / "summary.json").read_text())["models"]["capsnet"]
+    assert 0 <= result["translated_test_accuracy"] <= 1 and 0 <= result["affine_test_accuracy"] <= 1
+    model = load_model(run_dir / "capsnet")
+    assert type(model) is MODELS[network].model and model.config.image_size == 40

@@ -27,9 +27,9 @@ from ..data.affine import AffineRanges, AffineTestSet, load_affnist, pad_split, 
 from ..data.batching import batches
 from ..data.splits import Split
 from ..errors import CapsNetError
+from ..nn.base import CapsuleModel
 from ..nn.baseline import ARCHITECTURE as CNN, VARIANTS, BaselineConfig
-from ..nn.layers import safe_norm
-from ..nn.model import CapsNet, count_parameters
+from ..nn.model import count_parameters
 from ..training.config import TrainConfig, splits_for
 from ..training.evaluate import accumulate
 from ..training.run import Run
@@ -75,10 +75,10 @@ class AffnistSettings:
 
 @torch.no_grad()
 def classify(model: nn.Module, images: Tensor) -> Tensor:
-    """Predicted classes of a CapsNet (longest capsule) or of the baseline CNN (largest logit)."""
-    if isinstance(model, CapsNet):
-        digit_caps, _ = model.capsules(images)
-        return safe_norm(digit_caps).argmax(dim=1)
+    """Predicted classes of a capsule network (its own predictions: the longest capsule, or
+    the most active class) or of the baseline CNN (largest logit)."""
+    if isinstance(model, CapsuleModel):
+        return model(images).predictions
     return model(images).argmax(dim=1)
 
 
@@ -96,8 +96,8 @@ def accuracy(model: nn.Module, batch_iter: Iterable[tuple[Tensor, Tensor]], devi
 
 
 class AffineCapsNet(Classification):
-    """A CapsNet on translated 40x40 digits; best.pt by validation accuracy; tested on
-    translated, affine-transformed and (optionally) real affNIST digits."""
+    """A capsule network (``--network``) on translated 40x40 digits; best.pt by validation
+    accuracy; tested on translated, affine-transformed and (optionally) real affNIST digits."""
 
     name = "affnist"
     command = "capsnet experiment affnist"
