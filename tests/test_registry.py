@@ -3,6 +3,8 @@ its architecture, and loads back the same way from every kind of file."""
 
 from __future__ import annotations
 
+import json
+import shutil
 from dataclasses import replace
 from pathlib import Path
 
@@ -140,3 +142,17 @@ def test_explore_shows_efficient_capsnet_and_refuses_em_before_serving(
         assert len(result["pose"]) == config.digit_dim
     with pytest.raises(CapsNetError, match="explore shows vector capsules.*em-capsnet model"):
         make_server(tiny_runs["em-capsnet-small"], "127.0.0.1", 0, dataset=str(tiny_dataset))
+
+
+@pytest.mark.slow
+def test_a_spread_loss_run_resumed_for_more_epochs_keeps_its_margin_ramp(
+        tiny_runs: dict[str, Path], tmp_path: Path) -> None:
+    run = tmp_path / "run"
+    shutil.copytree(tiny_runs["em-capsnet-small"], run)
+    code, _, err = cli("train", "--resume", run, "--epochs", "2", "--no-progress")
+    assert code == 0, err
+    config = json.loads((run / "config.json").read_text())["train"]
+    assert (config["epochs"], config["margin_ramp_epochs"]) == (2, 1)
+    # resumed again with the same epochs: the pinned ramp is now the run's own setting
+    code, _, err = cli("train", "--resume", run, "--epochs", "2", "--no-progress")
+    assert code == 0, err

@@ -229,8 +229,13 @@ def resume_config(saved: TrainConfig, requested: Mapping[str, Any]) -> TrainConf
     any other of its settings is refused. ``None`` values are ignored. A spread-loss run
     given other epochs keeps its margin's ramp: pinned to the epochs it had, where it ramped
     over all of them, so that the margin goes on from where it was (and the config says
-    how it rose)."""
+    how it rose); a request that names the pinned ramp, as the resumed run's whole config
+    does, agrees with it."""
     may_change = [f.name for f in fields(TrainConfig) if f.metadata["resume"]]
+    epochs = requested.get("epochs")
+    if (epochs is not None and epochs != saved.epochs and not saved.margin_ramp_epochs
+            and MODELS[saved.network].loss == "spread"):
+        saved = replace(saved, margin_ramp_epochs=saved.epochs)
     changes = {}
     for name, value in requested.items():
         if value is None or value == getattr(saved, name):
@@ -241,9 +246,6 @@ def resume_config(saved: TrainConfig, requested: Mapping[str, Any]) -> TrainConf
                                f"{short(getattr(saved, name))} there, not {short(value)} "
                                f"(only {flags} may change)")
         changes[name] = value
-    if ("epochs" in changes and not saved.margin_ramp_epochs
-            and MODELS[saved.network].loss == "spread"):
-        changes["margin_ramp_epochs"] = saved.epochs
     return replace(saved, **changes)
 
 
