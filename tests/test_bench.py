@@ -18,7 +18,7 @@ from capsnet.nn.registry import MODELS, model_config
 from capsnet.tools import bench
 from capsnet.tools.bench import (SPREAD_MARGIN, bench_epoch, benchmark,
                                  train_step)
-from capsnet.training.task import network_loss
+from capsnet.training.evaluate import network_loss
 from capsnet.training.config import make_config
 from capsnet.utils import memory
 from capsnet.utils.memory import FLOAT, capsnet_image_bytes, capsnet_state_bytes
@@ -86,9 +86,10 @@ def test_the_spread_loss_adds_the_reconstruction_only_with_a_decoder(decoder: bo
     spread = spread_loss(scores, labels, SPREAD_MARGIN)
     recon = reconstruction_loss(reconstructions, images)
     assert (recon > 0) == decoder
-    assert torch.equal(network_loss(out, images, labels, "spread", SPREAD_MARGIN,
-                                    bench.RECONSTRUCTION_WEIGHT),
-                       spread + bench.RECONSTRUCTION_WEIGHT * recon)
+    total, class_loss, reconstruction = network_loss(out, images, labels, "spread",
+                                                     SPREAD_MARGIN, bench.RECONSTRUCTION_WEIGHT)
+    assert torch.equal(total, spread + bench.RECONSTRUCTION_WEIGHT * recon)
+    assert torch.equal(class_loss, spread) and torch.equal(reconstruction, recon)
 
 
 @pytest.mark.parametrize("name", ["capsnet", "em-capsnet"])

@@ -13,9 +13,11 @@ import pytest
 import torch
 
 from capsnet.errors import CapsNetError
-from capsnet.nn.em_routing import spread_margin
+from capsnet.nn.em_routing import spread_loss, spread_margin
+from capsnet.nn.losses import margin_loss
 from capsnet.nn.registry import ARCHITECTURES, MODELS, load_model, model_config
 from capsnet.training.config import make_config, model_config_for
+from capsnet.training.evaluate import evaluate
 from capsnet.training.task import Classification
 from capsnet.training.trainer import Trainer
 from capsnet.data.splits import Split
@@ -156,3 +158,20 @@ def test_a_spread_loss_run_resumed_for_more_epochs_keeps_its_margin_ramp(
     # resumed again with the same epochs: the pinned ramp is now the run's own setting
     code, _, err = cli("train", "--resume", run, "--epochs", "2", "--no-progress")
     assert code == 0, err
+
+
+def test_evaluation_reports_the_loss_each_network_trains_with() -> None:
+    data = split(12, 3)
+    images = data.images.float() / 255
+    for network in ("em-capsnet-small", "efficient-capsnet"):
+        torch.manual_seed(0)
+        model = MODELS[network].model(model_config(network)).eval()
+        kind = MODELS[network].loss
+        result = evaluate(model, data, batch_size=5, loss_kind=kind)
+        with torch.no_grad():
+            out = model(images)
+        want = (spread_loss(out.lengths, data.labels, 0.9) if kind == "spread"
+                else margin_loss(out.lengths, data.labels))
+        assert result.class_loss == pytest.approx(want.item(), rel=1e-5)
+        other = "margin_loss" if kind == "spread" else "spread_loss"
+        assert f"{kind}_loss" in result.to_dict() and other not in result.to_dict()

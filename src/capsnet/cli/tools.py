@@ -87,7 +87,8 @@ def run_evaluate(args: argparse.Namespace) -> int:
     result = evaluate(model.to(device), getattr(splits, args.split), batch_size=args.batch_size,
                       device=device, reconstruction_weight=train_config.reconstruction_weight,
                       reduction=train_config.reconstruction_reduction,
-                      margin_form=train_config.margin_loss, crop=train_config.crop,
+                      margin_form=train_config.margin_loss,
+                      loss_kind=MODELS[train_config.network].loss, crop=train_config.crop,
                       progress=True)
     if args.json:
         print(json.dumps({"checkpoint": source, "dataset": dataset,

@@ -26,7 +26,8 @@ import torch
 from ..errors import CapsNetError
 from ..nn.registry import MODELS, model_config
 from ..training.config import TrainConfig, make_config
-from ..training.task import Classification, network_loss
+from ..training.evaluate import network_loss
+from ..training.task import Classification
 from ..training.trainer import Trainer, make_optimizer
 from ..utils.device import autocast, compile_options, device_name
 from ..utils.memory import FLOAT, capsnet_image_bytes, capsnet_state_bytes, check_memory
@@ -86,7 +87,7 @@ def train_step(model: torch.nn.Module, optimizer: torch.optim.Optimizer, images:
     with autocast(images.device, precision):
         value = (floor_loss(model(images)) if labels is None else
                  network_loss(model(images, labels), images, labels, loss,
-                              SPREAD_MARGIN, RECONSTRUCTION_WEIGHT))
+                              SPREAD_MARGIN, RECONSTRUCTION_WEIGHT)[0])
     optimizer.zero_grad(set_to_none=True)
     value.backward()
     optimizer.step()

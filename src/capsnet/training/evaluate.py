@@ -12,7 +12,8 @@ from tqdm import tqdm
 
 from ..data.batching import Source, batches, source_length
 from ..data.splits import Split
-from ..nn.losses import capsule_loss
+from ..nn.em_routing import spread_loss, spread_margin
+from ..nn.losses import capsule_loss, reconstruction_loss, with_no_class
 from ..nn.model import CapsNet
 from ..nn.prediction import PRESENT
 from ..utils.device import autocast
@@ -43,14 +44,36 @@ def accumulate(model: nn.Module, batch_iter: Iterable[Any], measure: Measure, *,
     return totals
 
 
+SPREAD_MARGIN_END = spread_margin(1, 1)  # the spread loss's margin once it has risen
+
+
+def network_loss(out: Any, images: Tensor, labels: Tensor, kind: str, spread_margin: float,
+                 reconstruction_weight: float, reduction: str = "sum",
+                 margin_form: str = "paper", no_class: bool = False
+                 ) -> tuple[Tensor, Tensor, Tensor]:
+    """The loss that trains a network of loss ``kind`` (capsnet.nn.registry), with its parts:
+    ``(total, class loss, reconstruction)``, the class loss the margin loss, or the spread
+    loss at ``spread_margin``, and the reconstruction zero without a decoder. ``no_class``:
+    ``labels`` may hold ``NO_CLASS``."""
+    if kind == "spread":
+        recon = reconstruction_loss(out.reconstructions.float(), images, reduction)
+        spread = spread_loss(out.lengths.float(), labels, spread_margin)
+        return spread + reconstruction_weight * recon, spread, recon
+    targets, rows = (with_no_class(labels, out.lengths.shape[1]) if no_class
+                     else (labels, None))
+    return capsule_loss(out.lengths.float(), out.reconstructions.float(), images, targets,
+                        reconstruction_weight, reduction, margin_form, rows)
+
+
 @dataclass
 class Evaluation:
     loss: float
-    margin_loss: float
+    class_loss: float  # the margin or the spread loss, as ``loss_kind`` says
     reconstruction_loss: float
     accuracy: float
     total: int
     confusion: Tensor  # (classes, classes): row = true class, column = predicted
+    loss_kind: str = "margin"
 
     @property
     def per_class_accuracy(self) -> list[float]:
@@ -58,7 +81,7 @@ class Evaluation:
         return (self.confusion.diagonal() / counts).tolist()
 
     def to_dict(self) -> dict[str, Any]:
-        return {"loss": self.loss, "margin_loss": self.margin_loss,
+        return {"loss": self.loss, f"{self.loss_kind}_loss": self.class_loss,
                 "reconstruction_loss": self.reconstruction_loss, "accuracy": self.accuracy,
                 "total": self.total, "per_class_accuracy": self.per_class_accuracy,
                 "confusion": self.confusion.tolist()}
@@ -66,11 +89,12 @@ class Evaluation:
 
 def evaluate(model: CapsNet, source: Source, *, batch_size: int = 500,
              device: torch.device | str = "cpu", reconstruction_weight: float = 0.0005,
-             reduction: str = "sum", margin_form: str = "paper", precision: str = "fp32",
-             world: World = World(), crop: int = 0, progress: bool = False,
-             batch_flag: str = "--batch-size") -> Evaluation:
+             reduction: str = "sum", margin_form: str = "paper", loss_kind: str = "margin",
+             precision: str = "fp32", world: World = World(), crop: int = 0,
+             progress: bool = False, batch_flag: str = "--batch-size") -> Evaluation:
     """Evaluate ``model`` on ``source`` as the notebook does at test time: the decoder
-    reconstructs from the predicted (longest) capsule. Losses are means over images.
+    reconstructs from the predicted (longest) capsule. Losses are means over images, with the
+    network's own class loss (``loss_kind``: the spread loss at its final margin).
 
     With several processes each rank evaluates every ``world_size``-th image and the sums
     are reduced, so every rank returns the figures of the whole set. ``crop`` evaluates the
@@ -88,10 +112,9 @@ def evaluate(model: CapsNet, source: Source, *, batch_size: int = 500,
     def measure(model: nn.Module, batch: tuple[Tensor, Tensor]) -> dict[str, Tensor]:
         images, labels = batch
         out = model(images)
-        total, margin, recon = capsule_loss(out.lengths.float(), out.reconstructions.float(),
-                                            images, labels, reconstruction_weight, reduction,
-                                            margin_form)
-        return {"losses": torch.stack([total, margin, recon]).double() * len(labels),
+        losses = network_loss(out, images, labels, loss_kind, SPREAD_MARGIN_END,
+                              reconstruction_weight, reduction, margin_form)
+        return {"losses": torch.stack(losses).double() * len(labels),
                 "confusion": torch.bincount(labels * classes + out.predictions,
                                             minlength=classes ** 2)}
 
@@ -104,9 +127,9 @@ def evaluate(model: CapsNet, source: Source, *, batch_size: int = 500,
                       world=world)
     confusion = sums["confusion"].view(classes, classes).cpu()
     n = int(confusion.sum())
-    loss, margin, recon = (sums["losses"] / max(n, 1)).tolist()
+    loss, class_loss, recon = (sums["losses"] / max(n, 1)).tolist()
     accuracy = confusion.diagonal().sum().item() / max(n, 1)
-    return Evaluation(loss, margin, recon, accuracy, n, confusion)
+    return Evaluation(loss, class_loss, recon, accuracy, n, confusion, loss_kind)
 
 
 def none_rate(model: nn.Module, images: Tensor, *, batch_size: int = 500,

@@ -19,15 +19,15 @@ from ..data.batching import Source, batches, example_shape, num_batches
 from ..data.none_images import run_pool
 from ..data.splits import Split, Splits
 from ..errors import CapsNetError
-from ..nn.em_routing import spread_loss, spread_margin
-from ..nn.losses import NO_CLASS, capsule_loss, reconstruction_loss, with_no_class
+from ..nn.em_routing import spread_margin
+from ..nn.losses import NO_CLASS
 from ..nn.registry import MODELS
 from ..nn.model import CapsNetConfig
 from ..nn.prediction import PRESENT
 from ..utils.distributed import World
 from .checkpoint import ARCHITECTURES
 from .config import TrainConfig, model_config_for, splits_for
-from .evaluate import Evaluation, evaluate, none_rate
+from .evaluate import Evaluation, evaluate, network_loss, none_rate
 
 
 SPREAD_MARGIN_START = spread_margin(0, 1)
@@ -108,23 +108,6 @@ class Task:
         """What a trained model's outputs mean, stored with it: class names, and how to
         prepare a user's image ("mnist": centred as MNIST's digits; "resize": only resized)."""
         return {"class_names": list(self.class_names), "prepare": self.prepare}
-
-
-def network_loss(out: Any, images: Tensor, labels: Tensor, kind: str, spread_margin: float,
-                 reconstruction_weight: float, reduction: str = "sum",
-                 margin_form: str = "paper", no_class: bool = False) -> Tensor:
-    """The loss that trains a network of loss ``kind`` (capsnet.nn.registry): the margin loss
-    plus the reconstruction, or the spread loss at ``spread_margin`` plus the reconstruction
-    (zero without a decoder). ``no_class``: ``labels`` may hold ``NO_CLASS``."""
-    if kind == "spread":
-        recon = reconstruction_loss(out.reconstructions.float(), images, reduction)
-        return spread_loss(out.lengths.float(), labels, spread_margin) \
-            + reconstruction_weight * recon
-    targets, rows = (with_no_class(labels, out.lengths.shape[1]) if no_class
-                     else (labels, None))
-    loss, _, _ = capsule_loss(out.lengths.float(), out.reconstructions.float(), images, targets,
-                              reconstruction_weight, reduction, margin_form, rows)
-    return loss
 
 
 class Classification(Task):
@@ -234,10 +217,11 @@ class Classification(Task):
             self.margin = spread_margin(step, total_steps * ramp_epochs // self.config.epochs)
 
     def loss(self, out: Any, images: Tensor, labels: Tensor) -> Tensor:
-        return network_loss(out, images, labels, self.loss_kind, self.margin,
-                            self.config.reconstruction_weight,
-                            self.config.reconstruction_reduction, self.config.margin_loss,
-                            no_class=self.none_pool is not None)
+        loss, _, _ = network_loss(out, images, labels, self.loss_kind, self.margin,
+                                  self.config.reconstruction_weight,
+                                  self.config.reconstruction_reduction, self.config.margin_loss,
+                                  no_class=self.none_pool is not None)
+        return loss
 
     def step(self, model: nn.Module, batch: tuple[Tensor, Tensor]) -> Step:
         images, labels = batch
@@ -256,8 +240,9 @@ class Classification(Task):
         return evaluate(model, source, batch_size=config.eval_batch_size, device=device,
                         reconstruction_weight=config.reconstruction_weight,
                         reduction=config.reconstruction_reduction,
-                        margin_form=config.margin_loss, precision=config.precision, world=world,
-                        crop=config.crop, batch_flag="--eval-batch-size")
+                        margin_form=config.margin_loss, loss_kind=self.loss_kind,
+                        precision=config.precision, world=world, crop=config.crop,
+                        batch_flag="--eval-batch-size")
 
     def validate(self, model: nn.Module, device: torch.device, world: World) -> dict[str, float]:
         result = self.evaluation(model, self.val, device, world)
