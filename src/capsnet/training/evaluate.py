@@ -14,7 +14,6 @@ from ..data.batching import Source, batches, source_length
 from ..data.splits import Split
 from ..nn.em_routing import spread_loss, spread_margin
 from ..nn.losses import capsule_loss, reconstruction_loss, with_no_class
-from ..nn.model import CapsNet
 from ..nn.prediction import PRESENT
 from ..utils.device import autocast
 from ..utils.distributed import World, all_reduce_sum
@@ -87,7 +86,7 @@ class Evaluation:
                 "confusion": self.confusion.tolist()}
 
 
-def evaluate(model: CapsNet, source: Source, *, batch_size: int = 500,
+def evaluate(model: nn.Module, source: Source, *, batch_size: int = 500,
              device: torch.device | str = "cpu", reconstruction_weight: float = 0.0005,
              reduction: str = "sum", margin_form: str = "paper", loss_kind: str = "margin",
              precision: str = "fp32", world: World = World(), crop: int = 0,
