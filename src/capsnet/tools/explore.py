@@ -632,7 +632,7 @@ def check_explorable(model: CapsNet, source: str | Path) -> None:
     sizes = ("digit_dim", "primary_grid", "primary_maps")
     if not (model.reconstructs and all(hasattr(model.config, name) for name in sizes)):
         raise CapsNetError(f"{source}: explore shows vector capsules, their couplings and "
-                           f"a decoder's reconstructions, which a {architecture_of(model)} "
+                           f"a decoder's reconstructions, which this {architecture_of(model)} "
                            f"model does not have (evaluate, predict and figures take it)")
 
 
