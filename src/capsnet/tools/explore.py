@@ -77,6 +77,7 @@ import torch
 
 from ..utils.images import load_image, mnist_normalise
 from ..errors import CapsNetError, error_line
+from ..nn.base import CapsuleModel
 from ..nn.layers import safe_norm
 from ..nn.model import CapsNet
 from ..nn.prediction import PRESENT, predictions
@@ -625,7 +626,7 @@ class ExploreServer(ThreadingHTTPServer):
         return f"http://{host}:{port}/"
 
 
-def check_explorable(model: CapsNet, source: str | Path) -> None:
+def check_explorable(model: CapsuleModel, source: str | Path) -> None:
     """Refuse a model the page cannot show: it shows vector class capsules with their
     coupling over a grid of primary capsules and a decoder's reconstruction (CapsNet and
     Efficient-CapsNet have them; EM capsules have matrices and no couplings)."""

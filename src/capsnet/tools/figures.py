@@ -81,13 +81,13 @@ def draw_figures(source: str | os.PathLike, out_dir: str | os.PathLike, *,
     splits = splits_for(train_config, data_dir)
     check_fits(model.config, train_config.dataset, train_config.crop or splits.image_size,
                splits.in_channels, splits.num_classes)
-    images, labels = next(batches(splits.test, n_samples, crop=train_config.crop))
     names = class_names(model, splits.class_names)
     out_dir = Path(out_dir)
     each_class = one_of_each_class(splits.test, train_config.crop, splits.num_classes,
                                    search_batch(per_image))
     paths = [save_png(samples_figure(model, *each_class, names), out_dir / "samples.png")]
     if model.reconstructs:
+        images, labels = next(batches(splits.test, n_samples, crop=train_config.crop))
         paths += reconstruction_figures(model, images, [names[i] for i in labels.tolist()],
                                         names, out_dir)
     run = Run(run_dir or trained.path.parent)
