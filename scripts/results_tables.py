@@ -327,7 +327,9 @@ def bench_network(run: Run) -> str:
 def hardware_model(device: str | None) -> str | None:
     """The CPU or GPU model a device string names, without the CPU's thread count:
     ``AMD EPYC`` for both ``cpu (AMD EPYC, 2 threads)`` (bench records, newer training
-    runs) and ``AMD EPYC (2 threads)``; None for ``cpu (2 threads)``, which names none."""
+    runs) and ``AMD EPYC (2 threads)``, ``AMD EPYC, AVX2`` for ``cpu (AMD EPYC, AVX2, 2
+    threads)`` (records that name the vector instructions); None for ``cpu (2 threads)``,
+    which names none."""
     if device is None:
         return None
     name = re.sub(r"^cpu \((.*)\)$", r"\1", device)

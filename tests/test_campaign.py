@@ -16,6 +16,7 @@ from typing import Callable
 import pytest
 import torch
 
+from capsnet.utils.device import device_name
 from conftest import REPO, copy_docs, tables
 
 CAMPAIGN = REPO / "scripts" / "gpu_campaign.sh"
@@ -249,6 +250,38 @@ def test_a_training_run_is_compared_with_benches_of_its_own_routing_iterations_a
     (docs / "runs" / "em-two" / "summary.json").write_text(
         json.dumps({**run, "kernel": "em_kernel-1"}))
     assert ratio() == "0.16x"
+
+
+def test_a_training_run_is_compared_with_benches_of_its_own_vector_instructions(
+        tmp_path: Path) -> None:
+    """One CPU model name comes with AVX-512 or AVX2 alone, which the kernels are built for:
+    records that name them are compared only with records of the same."""
+    docs = copy_docs(tmp_path)
+    avx2, avx512 = "cpu (Test CPU, AVX2, 2 threads)", "cpu (Test CPU, AVX512, 2 threads)"
+
+    def ratio() -> str:
+        assert tables(docs).returncode == 0
+        row = next(line for line in (docs / "RESULTS.md").read_text().splitlines()
+                   if "[runs/em-avx2]" in line and line.startswith("| `em-capsnet-small`"))
+        return row.split(" | ")[8]
+
+    write_record(docs, "em-avx2", {"test_accuracy": 0.9, "device": avx2, "precision": "fp32",
+                                   "compiled": True, "train_images_per_s": 100.0},
+                 {"train": {"network": "em-capsnet-small", "routing_iterations": 2}})
+    bench = {"network": "em-capsnet-small", "precision": "fp32", "compile": True,
+             "routing_iterations": 2, "date": "2026-01-01", "convs_train_images_per_s": 1000.0,
+             "infer_images_per_s": 1.0}
+    write_record(docs, "bench-avx512", {**bench, "device": avx512, "train_images_per_s": 90.0})
+    assert ratio() == "not measured"
+    write_record(docs, "bench-avx2", {**bench, "device": avx2, "train_images_per_s": 60.0})
+    assert ratio() == "0.06x"
+
+
+def test_a_cpus_device_name_says_which_vector_instructions_the_kernels_use() -> None:
+    name = device_name(torch.device("cpu"))
+    capability = torch.backends.cpu.get_cpu_capability()
+    assert name.startswith("cpu (") and name.endswith(f" {torch.get_num_threads()} threads)")
+    assert (f", {capability}, " in name) == (capability != "DEFAULT")
 
 
 @pytest.mark.parametrize("epochs, shown", [

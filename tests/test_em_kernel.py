@@ -22,7 +22,7 @@ from capsnet.nn.em_routing import (EPSILON, ConvMatrixCapsules, EMCapsNet, EMCap
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 # (batch, windows, inputs, outputs): small and odd ones, and the small network's ConvCaps1
-SHAPES = [(2, 3, 7, 5), (1, 4, 72, 16), (3, 2, 45, 7)]
+SHAPES = [(2, 3, 7, 5), (1, 4, 72, 16), (3, 2, 45, 7), (2, 2, 9, 21)]
 
 
 def operator_inputs(shape: tuple[int, int, int, int], seed: int = 0) -> list[Tensor]:

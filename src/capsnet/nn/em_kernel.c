@@ -3,9 +3,10 @@
    Convolutional matrix capsules make a vote V = M W (4x4 matrices, row-major, 16 floats)
    for every (window, output type, input) of every image: 5.3 million floats an image in
    the paper's ConvCaps1, which torch would write and read many times an iteration. Here a
-   "block" is one image's window, taken one input capsule at a time: its pose, spread over
-   registers once, makes its votes for every output type from the weights (inputs x outputs
-   x 16, in the core's cache), and each vote is used where it is made and never stored;
+   "block" is one image's window, taken one input capsule at a time: its pose, spread once
+   into the permutations the products take, makes its votes for every output type from the
+   weights (inputs x outputs x 16, in the core's cache), and each vote is used where it is
+   made and never stored;
    where a vote is needed twice, it is made twice. Per-output sums of a block (outputs x 16)
    stay in the first-level cache. Blocks run in parallel; the weights' gradient is summed in
    a buffer of each thread's, which the caller adds up.
@@ -30,11 +31,15 @@ float expf(float);
 #define POSE 16
 
 /* A pose as one vector of 16 floats (GCC's vector extension: one AVX-512 register, two AVX2
-   ones, four SSE ones), read and written with memcpy as poses need not be aligned. Each 4x4
+   ones, four SSE ones), read with memcpy as poses need not be aligned. Each 4x4
    product below is four multiply-adds of whole vectors whose lanes are permuted so that
    lane (a, b) holds the terms of element (a, b); every index is a lane, 4 row + column. */
 typedef float pose_t __attribute__((vector_size(POSE * sizeof(float))));
 typedef int32_t lanes_t __attribute__((vector_size(POSE * sizeof(int32_t))));
+/* Half a pose: one AVX2 register. */
+#define EIGHT 8
+typedef float eight_t __attribute__((vector_size(EIGHT * sizeof(float))));
+typedef int32_t eight_lanes_t __attribute__((vector_size(EIGHT * sizeof(int32_t))));
 
 #define LANES(f) {f(0, 0), f(0, 1), f(0, 2), f(0, 3), f(1, 0), f(1, 1), f(1, 2), f(1, 3), \
                   f(2, 0), f(2, 1), f(2, 2), f(2, 3), f(3, 0), f(3, 1), f(3, 2), f(3, 3)}
@@ -61,45 +66,102 @@ static inline pose_t load(const float *p) {
     return v;
 }
 
-static inline void store(float *p, pose_t v) { memcpy(p, &v, sizeof v); }
-
-static inline float total(pose_t v) {
-    float sum = 0;
-    for (int h = 0; h < POSE; h++) sum += v[h];
-    return sum;
-}
-
-/* Row k of a pose in every row (lane (a, b): element (k, b)), read from memory: with AVX-512
-   a broadcast load, which leaves the shuffle unit to the other products. */
 #ifdef __AVX512F__
 #include <immintrin.h>
 
+static inline void store(float *p, pose_t v) { memcpy(p, &v, sizeof v); }
+
+/* Row k of a pose in every row (lane (a, b): element (k, b)), read from memory: a broadcast
+   load, which leaves the shuffle unit to the other products. */
 static inline pose_t row(const float *p, int k) {
     return (pose_t)_mm512_broadcast_f32x4(_mm_loadu_ps(p + 4 * k));
 }
+#elif defined(__AVX__)
+#include <immintrin.h>
+
+/* With AVX alone a pose is two registers, and GCC stores and shuffles it float by float
+   through the stack: here each half is stored, and broadcast, on its own. */
+
+static inline void store(float *p, pose_t v) {
+    _mm256_storeu_ps(p, (__m256)__builtin_shufflevector(v, v, 0, 1, 2, 3, 4, 5, 6, 7));
+    _mm256_storeu_ps(p + EIGHT,
+                     (__m256)__builtin_shufflevector(v, v, 8, 9, 10, 11, 12, 13, 14, 15));
+}
+
+static inline pose_t row(const float *p, int k) {
+    const eight_t half = (eight_t)_mm256_broadcast_ps((const __m128 *)(p + 4 * k));
+    return __builtin_shufflevector(half, half, 0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13,
+                                   14, 15);
+}
 #else
+static inline void store(float *p, pose_t v) { memcpy(p, &v, sizeof v); }
+
 static const lanes_t ROWS[4] = {ROW(0), ROW(1), ROW(2), ROW(3)};
 
 static inline pose_t row(const float *p, int k) { return __builtin_shuffle(load(p), ROWS[k]); }
 #endif
 
-/* An input capsule's pose m spread for the products below, once for all its outputs:
-   column[k] has m(a, k) in lane (a, b), row_t[k] has m(k, a). */
-typedef struct { pose_t column[4], row_t[4]; } spread_t;
+/* The sums of the lanes of n <= 16 poses, sums[o] = sum_h parts[o][h], eight at a time:
+   16 single-lane sums of a pose take about as long as a vote. A pose's two halves are added
+   (eight lanes, one register with AVX2), then three rounds of pairwise merges, each adding two
+   shuffles of two such vectors, halve the vectors and the lanes each sum is spread over:
+   round s leaves in lane l with bit s clear the sum of lanes l and l + s of the first vector,
+   with it set those of the second; so lane l ends with the sum of the pose whose index is
+   l's three bits reversed. */
+#define CHUNK 16
+#define LANES_OF(f) {f(0), f(1), f(2), f(3), f(4), f(5), f(6), f(7)}
+/* lane l of the first operand (bit s clear) or the second (bit s set), and its partner: */
+#define KEEP_4(l) ((l) & 4 ? EIGHT + (l) - 4 : (l))
+#define MOVE_4(l) ((l) & 4 ? EIGHT + (l) : (l) + 4)
+#define KEEP_2(l) ((l) & 2 ? EIGHT + (l) - 2 : (l))
+#define MOVE_2(l) ((l) & 2 ? EIGHT + (l) : (l) + 2)
+#define KEEP_1(l) ((l) & 1 ? EIGHT + (l) - 1 : (l))
+#define MOVE_1(l) ((l) & 1 ? EIGHT + (l) : (l) + 1)
+#define MERGE(s, x, y) (__builtin_shuffle(x, y, (eight_lanes_t)LANES_OF(KEEP_##s)) \
+                        + __builtin_shuffle(x, y, (eight_lanes_t)LANES_OF(MOVE_##s)))
 
-static inline spread_t spread_pose(const float *p) {
+static const int8_t REVERSED[EIGHT] = {0, 4, 2, 6, 1, 5, 3, 7};
+
+static void totals(float *parts, int64_t n, float *sums) {
+    memset(parts + n * POSE, 0, sizeof(float) * (CHUNK - n) * POSE);
+    for (int64_t first = 0; first < n; first += EIGHT) {
+        eight_t halves[EIGHT], quarters[4], eighths[2];
+        for (int j = 0; j < EIGHT; j++) {
+            eight_t low, high;  /* read as halves: GCC splits a wider vector float by float */
+            memcpy(&low, parts + (first + j) * POSE, sizeof low);
+            memcpy(&high, parts + (first + j) * POSE + EIGHT, sizeof high);
+            halves[j] = low + high;
+        }
+        for (int j = 0; j < 4; j++) quarters[j] = MERGE(4, halves[2 * j], halves[2 * j + 1]);
+        for (int j = 0; j < 2; j++) eighths[j] = MERGE(2, quarters[2 * j], quarters[2 * j + 1]);
+        const eight_t all = MERGE(1, eighths[0], eighths[1]);
+        for (int l = 0; l < EIGHT; l++)
+            if (first + REVERSED[l] < n) sums[first + REVERSED[l]] = all[l];
+    }
+}
+
+/* An input capsule's pose m spread for the products below, once for all its outputs:
+   column[k] has m(a, k) in lane (a, b), row_t[k] has m(k, a). Kept in memory (the first-level
+   cache), where the products read them as operands: in registers, eight of them leave too
+   few for the rest where a pose takes two (AVX2). */
+typedef struct { float column[4][POSE], row_t[4][POSE]; } spread_t;
+
+static inline void spread_pose(spread_t *spread, const float *p) {
     const pose_t m = load(p);
-    return (spread_t){
-        {__builtin_shuffle(m, (lanes_t)COLUMN(0)), __builtin_shuffle(m, (lanes_t)COLUMN(1)),
-         __builtin_shuffle(m, (lanes_t)COLUMN(2)), __builtin_shuffle(m, (lanes_t)COLUMN(3))},
-        {__builtin_shuffle(m, (lanes_t)ROW_T(0)), __builtin_shuffle(m, (lanes_t)ROW_T(1)),
-         __builtin_shuffle(m, (lanes_t)ROW_T(2)), __builtin_shuffle(m, (lanes_t)ROW_T(3))}};
+    store(spread->column[0], __builtin_shuffle(m, (lanes_t)COLUMN(0)));
+    store(spread->column[1], __builtin_shuffle(m, (lanes_t)COLUMN(1)));
+    store(spread->column[2], __builtin_shuffle(m, (lanes_t)COLUMN(2)));
+    store(spread->column[3], __builtin_shuffle(m, (lanes_t)COLUMN(3)));
+    store(spread->row_t[0], __builtin_shuffle(m, (lanes_t)ROW_T(0)));
+    store(spread->row_t[1], __builtin_shuffle(m, (lanes_t)ROW_T(1)));
+    store(spread->row_t[2], __builtin_shuffle(m, (lanes_t)ROW_T(2)));
+    store(spread->row_t[3], __builtin_shuffle(m, (lanes_t)ROW_T(3)));
 }
 
 /* The vote m w: (a, b) = sum_k m(a, k) w(k, b). */
 static inline pose_t vote(const spread_t *m, const float *w) {
-    return m->column[0] * row(w, 0) + m->column[1] * row(w, 1)
-         + m->column[2] * row(w, 2) + m->column[3] * row(w, 3);
+    return load(m->column[0]) * row(w, 0) + load(m->column[1]) * row(w, 1)
+         + load(m->column[2]) * row(w, 2) + load(m->column[3]) * row(w, 3);
 }
 
 /* The gradient of m from that of a vote, g w^T: (a, b) = sum_k g(a, k) w(b, k) = sum_k
@@ -113,20 +175,20 @@ static inline pose_t vote_grad_pose(pose_t g, const float *w_t) {
 
 /* The gradient of w, m^T g: (a, b) = sum_k m(k, a) g(k, b). */
 static inline pose_t vote_grad_weight(const spread_t *m, pose_t g) {
-    return m->row_t[0] * __builtin_shuffle(g, (lanes_t)ROW(0))
-         + m->row_t[1] * __builtin_shuffle(g, (lanes_t)ROW(1))
-         + m->row_t[2] * __builtin_shuffle(g, (lanes_t)ROW(2))
-         + m->row_t[3] * __builtin_shuffle(g, (lanes_t)ROW(3));
+    return load(m->row_t[0]) * __builtin_shuffle(g, (lanes_t)ROW(0))
+         + load(m->row_t[1]) * __builtin_shuffle(g, (lanes_t)ROW(1))
+         + load(m->row_t[2]) * __builtin_shuffle(g, (lanes_t)ROW(2))
+         + load(m->row_t[3]) * __builtin_shuffle(g, (lanes_t)ROW(3));
 }
 
 static inline void add(float *p, pose_t v) { store(p, load(p) + v); }
 
 /* Floats of scratch one thread needs: a block's assignments and shares (or, for the
    assignment logits, a row of inputs); in backward also its weight gradient, kept first,
-   a block's g_mean, a gradient for each (output, input) and the masses. */
+   a block's g_mean, a gradient for each (output, input), the masses and a row of inputs. */
 int64_t em_scratch(int64_t inputs, int64_t outputs, int backward) {
     return 2 * inputs * outputs
-           + (backward ? (inputs + 1) * outputs * POSE + inputs * outputs + outputs : 0);
+           + (backward ? (inputs + 1) * outputs * POSE + inputs * outputs + outputs + inputs : 0);
 }
 
 /* A block's assignments R_oi = exp(log_p_oi - log_total_i) (log_p NULL: zeros), into r (O, I),
@@ -159,6 +221,7 @@ void em_moments(const float *poses, const float *weight, const float *log_p,
                 float *mean, float *spread, float *mass) {
     #pragma omp parallel num_threads(threads)
     {
+        spread_t m;  /* the input capsule's pose at hand */
         float *r = scratch + omp_get_thread_num() * em_scratch(inputs, outputs, 0);
         float *s = r + outputs * inputs;
         #pragma omp for schedule(static)
@@ -169,13 +232,13 @@ void em_moments(const float *poses, const float *weight, const float *log_p,
                         mass + b * outputs);
             memset(mu, 0, sizeof(float) * outputs * POSE);
             for (int64_t i = 0; i < inputs; i++) {
-                const spread_t m = spread_pose(poses + (b * inputs + i) * POSE);
+                spread_pose(&m, poses + (b * inputs + i) * POSE);
                 for (int64_t o = 0; o < outputs; o++)
                     add(mu + o * POSE, s[o * inputs + i] * vote(&m, weight + (i * outputs + o) * POSE));
             }
             memset(var, 0, sizeof(float) * outputs * POSE);
             for (int64_t i = 0; i < inputs; i++) {
-                const spread_t m = spread_pose(poses + (b * inputs + i) * POSE);
+                spread_pose(&m, poses + (b * inputs + i) * POSE);
                 for (int64_t o = 0; o < outputs; o++) {
                     const pose_t d = vote(&m, weight + (i * outputs + o) * POSE) - load(mu + o * POSE);
                     add(var + o * POSE, s[o * inputs + i] * d * d);
@@ -203,10 +266,14 @@ void em_moments_backward(const float *poses, const float *weight, const float *w
                          float *grad_activations) {
     #pragma omp parallel num_threads(threads)
     {
+        spread_t m;  /* the input capsule's pose at hand */
+        float parts[CHUNK * POSE];  /* a chunk of outputs' terms, and their sums */
+        float sums[CHUNK];
         float *grad_weight = scratch + omp_get_thread_num() * em_scratch(inputs, outputs, 1);
         float *gmu = grad_weight + inputs * outputs * POSE;  /* g_mean */
         float *g = gmu + outputs * POSE;  /* g_share, then g_w */
         float *r = g + outputs * inputs, *s = r + outputs * inputs, *mass = s + outputs * inputs;
+        float *unused = mass + outputs;
         #pragma omp for schedule(static)
         for (int64_t b = 0; b < blocks; b++) {
             const float *mu = mean + b * outputs * POSE, *gvar = grad_spread + b * outputs * POSE;
@@ -219,18 +286,24 @@ void em_moments_backward(const float *poses, const float *weight, const float *w
                                       - 2 * unshared * load(gvar + o * POSE) * load(mu + o * POSE));
             }
             for (int64_t i = 0; i < inputs; i++) {
-                const spread_t m = spread_pose(poses + (b * inputs + i) * POSE);
-                pose_t gm = {0};
-                for (int64_t o = 0; o < outputs; o++) {
-                    const int64_t io = (i * outputs + o) * POSE;
-                    const pose_t v = vote(&m, weight + io), d = v - load(mu + o * POSE);
-                    const pose_t g_mean = load(gmu + o * POSE), g_spread = load(gvar + o * POSE);
-                    g[o * inputs + i] = total(g_mean * v + g_spread * d * d);
-                    const pose_t gv = s[o * inputs + i] * (g_mean + 2 * g_spread * d);
-                    gm += vote_grad_pose(gv, weight_t + io);
-                    add(grad_weight + io, vote_grad_weight(&m, gv));
+                spread_pose(&m, poses + (b * inputs + i) * POSE);
+                float *gm = grad_poses + (b * inputs + i) * POSE;
+                memset(gm, 0, sizeof(float) * POSE);
+                for (int64_t first = 0; first < outputs; first += CHUNK) {
+                    const int64_t n = outputs - first < CHUNK ? outputs - first : CHUNK;
+                    for (int64_t o = first; o < first + n; o++) {
+                        const int64_t io = (i * outputs + o) * POSE;
+                        const pose_t v = vote(&m, weight + io), d = v - load(mu + o * POSE);
+                        const pose_t g_mean = load(gmu + o * POSE);
+                        const pose_t g_spread = load(gvar + o * POSE);
+                        store(parts + (o - first) * POSE, g_mean * v + g_spread * d * d);
+                        const pose_t gv = s[o * inputs + i] * (g_mean + 2 * g_spread * d);
+                        add(gm, vote_grad_pose(gv, weight_t + io));
+                        add(grad_weight + io, vote_grad_weight(&m, gv));
+                    }
+                    totals(parts, n, sums);
+                    for (int64_t o = first; o < first + n; o++) g[o * inputs + i] = sums[o - first];
                 }
-                store(grad_poses + (b * inputs + i) * POSE, gm);
             }
             float *g_total = grad_log_total + b * inputs, *g_a = grad_activations + b * inputs;
             memset(g_total, 0, sizeof(float) * inputs);
@@ -241,11 +314,13 @@ void em_moments_backward(const float *poses, const float *weight, const float *w
                 float shared = 0;
                 for (int64_t i = 0; i < inputs; i++) shared += g_share[i] * share_o[i];
                 const float scale = 1 / (mass[o] + epsilon), g_mass = grad_mass[b * outputs + o];
-                float *g_lp = grad_log_p ? grad_log_p + (b * outputs + o) * inputs : NULL;
+                /* without logits, into a row that is thrown away: a loop with no branch
+                   vectorizes */
+                float *g_lp = grad_log_p ? grad_log_p + (b * outputs + o) * inputs : unused;
                 for (int64_t i = 0; i < inputs; i++) {
                     const float g_w = scale * (g_share[i] - shared) + g_mass;
                     const float g_log_p = g_w * r_o[i] * a[i];
-                    if (g_lp) g_lp[i] = g_log_p;
+                    g_lp[i] = g_log_p;
                     g_total[i] -= g_log_p;
                     g_a[i] += g_w * r_o[i];
                 }
@@ -263,16 +338,26 @@ void em_assignment_logits(const float *poses, const float *weight, const float *
                           float *logits, float *lse) {
     #pragma omp parallel num_threads(threads)
     {
+        spread_t m;  /* the input capsule's pose at hand */
+        float parts[CHUNK * POSE];  /* a chunk of outputs' terms, and their sums */
+        float sums[CHUNK];
         float *peak = scratch + omp_get_thread_num() * em_scratch(inputs, outputs, 0);
         #pragma omp for schedule(static)
         for (int64_t b = 0; b < blocks; b++) {
             const float *mu = mean + b * outputs * POSE, *u = inverse + b * outputs * POSE;
             float *z = logits + b * outputs * inputs, *sum = lse + b * inputs;
             for (int64_t i = 0; i < inputs; i++) {
-                const spread_t m = spread_pose(poses + (b * inputs + i) * POSE);
-                for (int64_t o = 0; o < outputs; o++) {
-                    const pose_t d = vote(&m, weight + (i * outputs + o) * POSE) - load(mu + o * POSE);
-                    z[o * inputs + i] = bias[b * outputs + o] - 0.5f * total(d * d * load(u + o * POSE));
+                spread_pose(&m, poses + (b * inputs + i) * POSE);
+                for (int64_t first = 0; first < outputs; first += CHUNK) {
+                    const int64_t n = outputs - first < CHUNK ? outputs - first : CHUNK;
+                    for (int64_t o = first; o < first + n; o++) {
+                        const pose_t d = vote(&m, weight + (i * outputs + o) * POSE)
+                                         - load(mu + o * POSE);
+                        store(parts + (o - first) * POSE, d * d * load(u + o * POSE));
+                    }
+                    totals(parts, n, sums);
+                    for (int64_t o = first; o < first + n; o++)
+                        z[o * inputs + i] = bias[b * outputs + o] - 0.5f * sums[o - first];
                 }
             }
             memcpy(peak, z, sizeof(float) * inputs);
@@ -301,6 +386,7 @@ void em_assignment_logits_backward(const float *poses, const float *weight,
                                    float *grad_inverse, float *grad_bias) {
     #pragma omp parallel num_threads(threads)
     {
+        spread_t m;  /* the input capsule's pose at hand */
         float *grad_weight = scratch + omp_get_thread_num() * em_scratch(inputs, outputs, 1);
         float *g = grad_weight + inputs * outputs * POSE;
         #pragma omp for schedule(static)
@@ -322,8 +408,9 @@ void em_assignment_logits_backward(const float *poses, const float *weight,
             memset(gmu, 0, sizeof(float) * outputs * POSE);
             memset(gu, 0, sizeof(float) * outputs * POSE);
             for (int64_t i = 0; i < inputs; i++) {
-                const spread_t m = spread_pose(poses + (b * inputs + i) * POSE);
-                pose_t gm = {0};
+                spread_pose(&m, poses + (b * inputs + i) * POSE);
+                float *gm = grad_poses + (b * inputs + i) * POSE;
+                memset(gm, 0, sizeof(float) * POSE);
                 for (int64_t o = 0; o < outputs; o++) {
                     const int64_t io = (i * outputs + o) * POSE;
                     const pose_t d = vote(&m, weight + io) - load(mu + o * POSE);
@@ -331,10 +418,9 @@ void em_assignment_logits_backward(const float *poses, const float *weight,
                     const pose_t gv = 2 * g_i * d * load(u + o * POSE);
                     add(gmu + o * POSE, -gv);
                     add(gu + o * POSE, g_i * d * d);
-                    gm += vote_grad_pose(gv, weight_t + io);
+                    add(gm, vote_grad_pose(gv, weight_t + io));
                     add(grad_weight + io, vote_grad_weight(&m, gv));
                 }
-                store(grad_poses + (b * inputs + i) * POSE, gm);
             }
         }
     }

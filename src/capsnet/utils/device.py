@@ -74,10 +74,14 @@ def cpu_model() -> str:
 
 
 def device_name(device: torch.device) -> str:
-    """The GPU's name, or ``cpu (<model>, <n> threads)``."""
+    """The GPU's name, or ``cpu (<model>, <vector instructions>, <n> threads)``: the vector
+    instructions are torch's name for what the CPU kernels are built for (``AVX512``,
+    ``AVX2``; none where it is neither), as one model name may come with either."""
     if device.type == "cuda":
         return torch.cuda.get_device_name(device)
-    return f"cpu ({cpu_model()}, {torch.get_num_threads()} threads)"
+    isa = torch.backends.cpu.get_cpu_capability()
+    vectors = "" if isa == "DEFAULT" else f"{isa}, "
+    return f"cpu ({cpu_model()}, {vectors}{torch.get_num_threads()} threads)"
 
 
 def physical_memory() -> int:
