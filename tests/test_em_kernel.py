@@ -16,8 +16,8 @@ import torch
 from torch import Tensor
 
 from capsnet.nn import cbuild, em_kernel
-from capsnet.nn.em_routing import (EPSILON, ConvMatrixCapsules, EMCapsNet, EMCapsNetConfig,
-                                   spread_loss)
+from capsnet.nn.em_routing import (EPSILON, ClassMatrixCapsules, ConvMatrixCapsules,
+                                   EMCapsNet, EMCapsNetConfig, spread_loss)
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -40,15 +40,23 @@ def operator_inputs(shape: tuple[int, int, int, int], seed: int = 0) -> list[Ten
     return [poses, weight, logits, log_total, activations, inverse, bias]
 
 
-def torch_votes(poses: Tensor, weight: Tensor) -> Tensor:
-    """(batch, windows, outputs, inputs, 16), made and stored."""
-    return torch.einsum("nwipq,ioqr->nwoipr", poses.unflatten(-1, (4, 4)),
-                        weight.unflatten(-1, (4, 4))).flatten(-2)
+def torch_votes(poses: Tensor, weight: Tensor, offset: Tensor | None = None) -> Tensor:
+    """(batch, windows, outputs, inputs, 16), made and stored; ``offset`` (inputs, 16) added
+    to each input's votes."""
+    votes = torch.einsum("nwipq,ioqr->nwoipr", poses.unflatten(-1, (4, 4)),
+                         weight.unflatten(-1, (4, 4))).flatten(-2)
+    return votes if offset is None else votes + offset.to(votes)
+
+
+def an_offset(shape: tuple[int, int, int, int], seed: int = 0) -> Tensor:
+    """A constant for each input's votes, (inputs, 16)."""
+    return torch.randn(shape[2], 16, generator=torch.Generator().manual_seed(seed + 100))
 
 
 def torch_moments(poses: Tensor, weight: Tensor, logits: Tensor | None, log_total: Tensor,
-                  activations: Tensor, epsilon: float = EPSILON) -> tuple[Tensor, ...]:
-    votes = torch_votes(poses, weight)
+                  activations: Tensor, epsilon: float = EPSILON, offset: Tensor | None = None
+                  ) -> tuple[Tensor, ...]:
+    votes = torch_votes(poses, weight, offset)
     zeros = log_total.new_zeros(votes.shape[:4])
     assignments = ((zeros if logits is None else logits) - log_total[:, :, None]).exp()
     weights = assignments * activations[:, :, None]
@@ -60,21 +68,28 @@ def torch_moments(poses: Tensor, weight: Tensor, logits: Tensor | None, log_tota
 
 
 def kernel_moments(poses: Tensor, weight: Tensor, logits: Tensor | None, log_total: Tensor,
-                   activations: Tensor) -> tuple[Tensor, ...]:
-    return em_kernel.moments(poses, weight, logits, log_total, activations, EPSILON)
+                   activations: Tensor, epsilon: float = EPSILON, offset: Tensor | None = None
+                   ) -> tuple[Tensor, ...]:
+    return em_kernel.moments(poses, weight, offset, logits, log_total, activations, epsilon)
 
 
 def torch_assignment_logits(poses: Tensor, weight: Tensor, mean: Tensor, inverse: Tensor,
-                            bias: Tensor) -> tuple[Tensor, Tensor]:
-    squared = (torch_votes(poses, weight) - mean[..., None, :]).square()
+                            bias: Tensor, offset: Tensor | None = None) -> tuple[Tensor, Tensor]:
+    squared = (torch_votes(poses, weight, offset) - mean[..., None, :]).square()
     logits = bias[..., None] - 0.5 * torch.einsum("nwoih,nwoh->nwoi", squared, inverse)
     return logits, logits.logsumexp(dim=2)
 
 
-def e_step_inputs(shape: tuple[int, int, int, int], seed: int = 0) -> list[Tensor]:
+def kernel_logits(poses: Tensor, weight: Tensor, mean: Tensor, inverse: Tensor, bias: Tensor,
+                  offset: Tensor | None = None) -> tuple[Tensor, Tensor]:
+    return em_kernel.assignment_logits(poses, weight, offset, mean, inverse, bias)
+
+
+def e_step_inputs(shape: tuple[int, int, int, int], seed: int = 0,
+                  offset: Tensor | None = None) -> list[Tensor]:
     """Poses, weight, a mean (of the moments), an inverse variance and a bias."""
     poses, weight, logits, log_total, activations, inverse, bias = operator_inputs(shape, seed)
-    mean = torch_moments(poses, weight, logits, log_total, activations)[0]
+    mean = torch_moments(poses, weight, logits, log_total, activations, offset=offset)[0]
     return [poses, weight, mean, inverse, bias]
 
 
@@ -102,15 +117,18 @@ def assert_agree(got: list[Tensor], expected: list[Tensor], names: tuple[str, ..
 MOMENTS_OUT = ("mean", "spread", "mass", "grad poses", "grad weight")
 
 
-# epsilon 1: shares that sum to well under one, so the spread's path through the mean counts
+# epsilon 1: shares that sum to well under one, so the spread's path through the mean counts;
+# an offset: the class capsules' coordinate addition
 @pytest.mark.parametrize("epsilon", [EPSILON, 1.0])
+@pytest.mark.parametrize("offset", [False, True])
 @pytest.mark.parametrize("shape", SHAPES)
-def test_moments_agree_with_torch_in_double_precision(shape: tuple[int, ...], epsilon: float
-                                                      ) -> None:
+def test_moments_agree_with_torch_in_double_precision(shape: tuple[int, ...], epsilon: float,
+                                                      offset: bool) -> None:
     inputs = operator_inputs(shape)[:5]
-    got = values_and_gradients(partial(em_kernel.moments, epsilon=epsilon), inputs)
-    expected = values_and_gradients(partial(torch_moments, epsilon=epsilon),
-                                     [t.double() for t in inputs])
+    shift = an_offset(shape) if offset else None
+    got = values_and_gradients(partial(kernel_moments, epsilon=epsilon, offset=shift), inputs)
+    expected = values_and_gradients(partial(torch_moments, epsilon=epsilon, offset=shift),
+                                    [t.double() for t in inputs])
     assert_agree(got, expected, (*MOMENTS_OUT, "grad logits", "grad log_total",
                                  "grad activations"))
 
@@ -128,11 +146,15 @@ def test_moments_of_equal_logits_agree_with_torch() -> None:
     assert_agree(got, expected, (*MOMENTS_OUT, "grad log_total", "grad activations"))
 
 
+@pytest.mark.parametrize("offset", [False, True])
 @pytest.mark.parametrize("shape", SHAPES)
-def test_assignment_logits_agree_with_torch_in_double_precision(shape: tuple[int, ...]) -> None:
-    inputs = e_step_inputs(shape)
-    got = values_and_gradients(em_kernel.assignment_logits, inputs)
-    expected = values_and_gradients(torch_assignment_logits, [t.double() for t in inputs])
+def test_assignment_logits_agree_with_torch_in_double_precision(shape: tuple[int, ...],
+                                                                offset: bool) -> None:
+    shift = an_offset(shape) if offset else None
+    inputs = e_step_inputs(shape, offset=shift)
+    got = values_and_gradients(partial(kernel_logits, offset=shift), inputs)
+    expected = values_and_gradients(partial(torch_assignment_logits, offset=shift),
+                                    [t.double() for t in inputs])
     assert_agree(got, expected, ("logits", "lse", "grad poses", "grad weight", "grad mean",
                                  "grad inverse", "grad bias"))
 
@@ -154,7 +176,7 @@ def test_every_instruction_sets_build_agrees_with_torch(isa: str, vector_exp: bo
     monkeypatch.setattr(em_kernel, "library", lambda: built)
     inputs = operator_inputs((2, 3, 11, 6), seed=2)
     for operator, reference, given in ((kernel_moments, torch_moments, inputs[:5]),
-                                       (em_kernel.assignment_logits, torch_assignment_logits,
+                                       (kernel_logits, torch_assignment_logits,
                                         e_step_inputs((2, 3, 11, 6), seed=2))):
         got = values_and_gradients(operator, given)
         expected = values_and_gradients(reference, [t.double() for t in given])
@@ -169,7 +191,7 @@ def strided(t: Tensor) -> Tensor:
 def test_the_operators_take_tensors_that_are_not_contiguous() -> None:
     inputs = operator_inputs((2, 3, 7, 5), seed=4)
     for operator, given in ((kernel_moments, inputs[:5]),
-                            (em_kernel.assignment_logits, e_step_inputs((2, 3, 7, 5), seed=4))):
+                            (kernel_logits, e_step_inputs((2, 3, 7, 5), seed=4))):
         assert not any(strided(t).is_contiguous() for t in given)
         expected = values_and_gradients(operator, given)
         got = values_and_gradients(lambda *ts: operator(*map(strided, ts)), given)  # noqa: B023
@@ -188,21 +210,33 @@ def test_the_weight_gradient_is_the_sum_over_every_thread() -> None:
 
 def test_the_operators_pass_torchs_checks() -> None:
     inputs = [t.requires_grad_() for t in operator_inputs((2, 3, 7, 5))]
-    torch.library.opcheck(em_kernel.moments, (*inputs[:5], EPSILON))
-    torch.library.opcheck(em_kernel.moments, (*inputs[:2], None, *inputs[3:5], EPSILON))
-    torch.library.opcheck(em_kernel.assignment_logits,
-                          [t.detach().requires_grad_() for t in e_step_inputs((2, 3, 7, 5))])
+    poses, weight, logits, rest = inputs[0], inputs[1], inputs[2], inputs[3:5]
+    offset = an_offset((2, 3, 7, 5))
+    for shift in (None, offset):
+        torch.library.opcheck(em_kernel.moments, (poses, weight, shift, logits, *rest, EPSILON))
+        torch.library.opcheck(em_kernel.moments, (poses, weight, shift, None, *rest, EPSILON))
+        e_poses, e_weight, *e_step = [t.detach().requires_grad_()
+                                      for t in e_step_inputs((2, 3, 7, 5), offset=shift)]
+        torch.library.opcheck(em_kernel.assignment_logits, (e_poses, e_weight, shift, *e_step))
 
 
 # --- the layers, with the kernel and without ---------------------------------------------------
 
 
-def conv_layer_run(kernel: bool, monkeypatch: pytest.MonkeyPatch) -> list[Tensor]:
-    """A ConvMatrixCapsules layer's outputs and every gradient, the kernel on or off."""
+LAYERS = {
+    "convolutional": lambda: ConvMatrixCapsules(5, 7, 3, 2, iterations=3,
+                                                inverse_temperature=0.01, init_std=1.0),
+    # coordinate addition: the offset
+    "class": lambda: ClassMatrixCapsules(5, 7, image_size=28, iterations=3,
+                                         inverse_temperature=0.01, init_std=1.0),
+}
+
+
+def layer_run(name: str, kernel: bool, monkeypatch: pytest.MonkeyPatch) -> list[Tensor]:
+    """A layer's outputs and every gradient, the kernel on or off."""
     monkeypatch.setenv("CAPSNET_ROUTING_KERNEL", "on" if kernel else "off")
     torch.manual_seed(0)
-    layer = ConvMatrixCapsules(5, 7, 3, 2, iterations=3, inverse_temperature=0.01,
-                               init_std=1.0)
+    layer = LAYERS[name]()
     poses = torch.randn(3, 9, 9, 5, 4, 4, requires_grad=True)
     activations = torch.rand(3, 9, 9, 5, requires_grad=True)
     mean, out_activations = layer(poses, activations)
@@ -212,14 +246,15 @@ def conv_layer_run(kernel: bool, monkeypatch: pytest.MonkeyPatch) -> list[Tensor
     return [mean, out_activations, *torch.autograd.grad(scalar, leaves)]
 
 
-def test_convolutional_capsules_route_the_same_with_the_kernel(
-        monkeypatch: pytest.MonkeyPatch) -> None:
+@pytest.mark.parametrize("name", LAYERS)
+def test_capsule_layers_route_the_same_with_the_kernel(name: str,
+                                                       monkeypatch: pytest.MonkeyPatch) -> None:
     calls = []
     moments = em_kernel.moments
     monkeypatch.setattr(em_kernel, "moments", lambda *a: calls.append(1) or moments(*a))
-    fused = conv_layer_run(True, monkeypatch)
+    fused = layer_run(name, True, monkeypatch)
     assert len(calls) == 3, "the kernel did not route each iteration"
-    plain = conv_layer_run(False, monkeypatch)
+    plain = layer_run(name, False, monkeypatch)
     assert len(calls) == 3
     assert_agree(fused, plain, ("mean", "activations", "grad poses", "grad activations",
                                 "grad weight", "grad beta_u", "grad beta_a"))
@@ -245,7 +280,7 @@ def test_the_network_learns_as_in_double_precision_with_the_kernel() -> None:
     with pytest.MonkeyPatch.context() as patch:
         patch.setattr(em_kernel, "moments", lambda *a: calls.append(1) or moments(*a))
         fused = network_gradients(model, images, labels)
-    assert len(calls) == 6  # ConvCaps1 and ConvCaps2, 3 iterations each
+    assert len(calls) == 9  # ConvCaps1, ConvCaps2 and the class capsules, 3 iterations each
     reference = network_gradients(model.double(), images.double(), labels)
     names = ("lengths", *(name for name, _ in model.named_parameters()))
     for name, a, b in zip(names, fused, reference, strict=True):

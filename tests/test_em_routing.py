@@ -201,7 +201,7 @@ def test_coordinate_addition_adds_the_scaled_receptive_field_centres() -> None:
     with torch.no_grad():
         layer.weight.copy_(torch.eye(4, dtype=torch.float64).expand(2, 3, 4, 4))
     poses = torch.zeros(1, 4, 4, 2, 4, 4, dtype=torch.float64)
-    votes = layer.votes(poses)  # (1, 4, 4, 2, 3, 4, 4): the coordinates alone
+    votes = layer.votes(poses).view(1, 4, 4, 2, 3, 4, 4)  # the coordinates alone
     # ConvCaps2 row r sees pixels 4r - 2 ... 4r + 14 of a 28x28 image: centre pixel 4r + 6.
     centres = torch.tensor([6.5, 10.5, 14.5, 18.5], dtype=torch.float64) / 28
     torch.testing.assert_close(receptive_field_centres(4, 28), centres)

@@ -13,6 +13,8 @@
 
    Shapes, with B blocks, I inputs, O outputs and 16 = a pose:
      poses (B, I, 16), weight (I, O, 16), weight_t (I, O, 16) the same matrices transposed,
+     offset (I, 16) or NULL, added to each input's every vote (the class capsules' coordinate
+     addition, V = M W + offset),
      activations (B, I), assignment logits log_p (B, O, I) and their normalisers log_total
      (B, I) (the assignments are R_oi = exp(log_p_oi - log_total_i), the data assigned to an
      output w_oi = R_oi a_i), mass and bias (B, O), mean, spread and inverse (B, O, 16),
@@ -141,13 +143,17 @@ static void totals(float *parts, int64_t n, float *sums) {
 }
 
 /* An input capsule's pose m spread for the products below, once for all its outputs:
-   column[k] has m(a, k) in lane (a, b), row_t[k] has m(k, a). Kept in memory (the first-level
-   cache), where the products read them as operands: in registers, eight of them leave too
-   few for the rest where a pose takes two (AVX2). */
-typedef struct { float column[4][POSE], row_t[4][POSE]; } spread_t;
+   column[k] has m(a, k) in lane (a, b), row_t[k] has m(k, a); shift is its offset (zeros
+   without). Kept in memory (the first-level cache), where the products read them as
+   operands: in registers, nine poses leave too few for the rest where a pose takes two
+   (AVX2). */
+typedef struct { float column[4][POSE], row_t[4][POSE], shift[POSE]; } spread_t;
 
-static inline void spread_pose(spread_t *spread, const float *p) {
-    const pose_t m = load(p);
+/* Input i's pose from poses (B, I, 16) of block b, and its offset. */
+static inline void spread_pose(spread_t *spread, const float *poses, const float *offset,
+                               int64_t b, int64_t i, int64_t inputs) {
+    const pose_t m = load(poses + (b * inputs + i) * POSE);
+    store(spread->shift, offset ? load(offset + i * POSE) : (pose_t){0});
     store(spread->column[0], __builtin_shuffle(m, (lanes_t)COLUMN(0)));
     store(spread->column[1], __builtin_shuffle(m, (lanes_t)COLUMN(1)));
     store(spread->column[2], __builtin_shuffle(m, (lanes_t)COLUMN(2)));
@@ -158,10 +164,10 @@ static inline void spread_pose(spread_t *spread, const float *p) {
     store(spread->row_t[3], __builtin_shuffle(m, (lanes_t)ROW_T(3)));
 }
 
-/* The vote m w: (a, b) = sum_k m(a, k) w(k, b). */
+/* The vote m w + shift: (a, b) = sum_k m(a, k) w(k, b) + shift(a, b). */
 static inline pose_t vote(const spread_t *m, const float *w) {
     return load(m->column[0]) * row(w, 0) + load(m->column[1]) * row(w, 1)
-         + load(m->column[2]) * row(w, 2) + load(m->column[3]) * row(w, 3);
+         + load(m->column[2]) * row(w, 2) + load(m->column[3]) * row(w, 3) + load(m->shift);
 }
 
 /* The gradient of m from that of a vote, g w^T: (a, b) = sum_k g(a, k) w(b, k) = sum_k
@@ -215,10 +221,10 @@ static void assignments(const float *log_p, const float *log_total, const float 
 
 /* The M-step's moments of the votes weighted by each output's shares of its data: mean =
    sum_i share_i V_i, spread = sum_i share_i (V_i - mean)^2, and each output's mass (B, O). */
-void em_moments(const float *poses, const float *weight, const float *log_p,
-                const float *log_total, const float *activations, int64_t blocks,
-                int64_t inputs, int64_t outputs, int threads, float epsilon, float *scratch,
-                float *mean, float *spread, float *mass) {
+void em_moments(const float *poses, const float *weight, const float *offset,
+                const float *log_p, const float *log_total, const float *activations,
+                int64_t blocks, int64_t inputs, int64_t outputs, int threads, float epsilon,
+                float *scratch, float *mean, float *spread, float *mass) {
     #pragma omp parallel num_threads(threads)
     {
         spread_t m;  /* the input capsule's pose at hand */
@@ -232,13 +238,13 @@ void em_moments(const float *poses, const float *weight, const float *log_p,
                         mass + b * outputs);
             memset(mu, 0, sizeof(float) * outputs * POSE);
             for (int64_t i = 0; i < inputs; i++) {
-                spread_pose(&m, poses + (b * inputs + i) * POSE);
+                spread_pose(&m, poses, offset, b, i, inputs);
                 for (int64_t o = 0; o < outputs; o++)
                     add(mu + o * POSE, s[o * inputs + i] * vote(&m, weight + (i * outputs + o) * POSE));
             }
             memset(var, 0, sizeof(float) * outputs * POSE);
             for (int64_t i = 0; i < inputs; i++) {
-                spread_pose(&m, poses + (b * inputs + i) * POSE);
+                spread_pose(&m, poses, offset, b, i, inputs);
                 for (int64_t o = 0; o < outputs; o++) {
                     const pose_t d = vote(&m, weight + (i * outputs + o) * POSE) - load(mu + o * POSE);
                     add(var + o * POSE, s[o * inputs + i] * d * d);
@@ -258,12 +264,12 @@ void em_moments(const float *poses, const float *weight, const float *log_p,
    w_i = a_i exp(log_p_i - log_total_i): g_log_p_i = g_w_i w_i, summed over outputs
    -g_log_total_i, and g_a_i = sum over outputs of g_w_i R_i. */
 void em_moments_backward(const float *poses, const float *weight, const float *weight_t,
-                         const float *log_p, const float *log_total, const float *activations,
-                         const float *mean, const float *grad_mean, const float *grad_spread,
-                         const float *grad_mass, int64_t blocks, int64_t inputs,
-                         int64_t outputs, int threads, float epsilon, float *scratch,
-                         float *grad_poses, float *grad_log_p, float *grad_log_total,
-                         float *grad_activations) {
+                         const float *offset, const float *log_p, const float *log_total,
+                         const float *activations, const float *mean, const float *grad_mean,
+                         const float *grad_spread, const float *grad_mass, int64_t blocks,
+                         int64_t inputs, int64_t outputs, int threads, float epsilon,
+                         float *scratch, float *grad_poses, float *grad_log_p,
+                         float *grad_log_total, float *grad_activations) {
     #pragma omp parallel num_threads(threads)
     {
         spread_t m;  /* the input capsule's pose at hand */
@@ -286,7 +292,7 @@ void em_moments_backward(const float *poses, const float *weight, const float *w
                                       - 2 * unshared * load(gvar + o * POSE) * load(mu + o * POSE));
             }
             for (int64_t i = 0; i < inputs; i++) {
-                spread_pose(&m, poses + (b * inputs + i) * POSE);
+                spread_pose(&m, poses, offset, b, i, inputs);
                 float *gm = grad_poses + (b * inputs + i) * POSE;
                 memset(gm, 0, sizeof(float) * POSE);
                 for (int64_t first = 0; first < outputs; first += CHUNK) {
@@ -332,10 +338,10 @@ void em_moments_backward(const float *poses, const float *weight, const float *w
 /* The E-step's assignment logits, log a_j p_j(V_i) = bias - sum_h (V_ih - mean_h)^2 inverse_h
    / 2 with bias (B, O) the rest of the log (log a_j and the log-density's normaliser), into
    logits (B, O, I), and for each input their log-sum-exp over the outputs, lse (B, I). */
-void em_assignment_logits(const float *poses, const float *weight, const float *mean,
-                          const float *inverse, const float *bias, int64_t blocks,
-                          int64_t inputs, int64_t outputs, int threads, float *scratch,
-                          float *logits, float *lse) {
+void em_assignment_logits(const float *poses, const float *weight, const float *offset,
+                          const float *mean, const float *inverse, const float *bias,
+                          int64_t blocks, int64_t inputs, int64_t outputs, int threads,
+                          float *scratch, float *logits, float *lse) {
     #pragma omp parallel num_threads(threads)
     {
         spread_t m;  /* the input capsule's pose at hand */
@@ -347,7 +353,7 @@ void em_assignment_logits(const float *poses, const float *weight, const float *
             const float *mu = mean + b * outputs * POSE, *u = inverse + b * outputs * POSE;
             float *z = logits + b * outputs * inputs, *sum = lse + b * inputs;
             for (int64_t i = 0; i < inputs; i++) {
-                spread_pose(&m, poses + (b * inputs + i) * POSE);
+                spread_pose(&m, poses, offset, b, i, inputs);
                 for (int64_t first = 0; first < outputs; first += CHUNK) {
                     const int64_t n = outputs - first < CHUNK ? outputs - first : CHUNK;
                     for (int64_t o = first; o < first + n; o++) {
@@ -378,7 +384,7 @@ void em_assignment_logits(const float *poses, const float *weight, const float *
    scaled deviation's gradient g_i = -g_z_i / 2, g_V_i = 2 g_i d_i inverse,
    g_mean = -sum_i g_V_i and g_inverse = sum_i g_i d_i^2. */
 void em_assignment_logits_backward(const float *poses, const float *weight,
-                                   const float *weight_t, const float *mean,
+                                   const float *weight_t, const float *offset, const float *mean,
                                    const float *inverse, const float *logits, const float *lse,
                                    const float *grad_logits, const float *grad_lse,
                                    int64_t blocks, int64_t inputs, int64_t outputs, int threads,
@@ -408,7 +414,7 @@ void em_assignment_logits_backward(const float *poses, const float *weight,
             memset(gmu, 0, sizeof(float) * outputs * POSE);
             memset(gu, 0, sizeof(float) * outputs * POSE);
             for (int64_t i = 0; i < inputs; i++) {
-                spread_pose(&m, poses + (b * inputs + i) * POSE);
+                spread_pose(&m, poses, offset, b, i, inputs);
                 float *gm = grad_poses + (b * inputs + i) * POSE;
                 memset(gm, 0, sizeof(float) * POSE);
                 for (int64_t o = 0; o < outputs; o++) {

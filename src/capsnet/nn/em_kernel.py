@@ -1,5 +1,5 @@
 """The vote-sized parts of EM routing as fused CPU operators, forward and backward
-(``em_kernel.c``), for convolutional matrix capsules.
+(``em_kernel.c``), for convolutional matrix capsules and the class capsules.
 
 EM routing is memory-bound: torch writes the votes V = M W of the paper's ConvCaps1 (5.3
 million floats an image) and reads them several times an iteration and again in backward.
@@ -19,7 +19,9 @@ routing's (:mod:`capsnet.nn.cbuild`); a layer made with ``CAPSNET_ROUTING_KERNEL
 routes in torch.
 
 Shapes: ``poses`` ``(batch, windows, inputs, 16)``, each window's input poses; ``weight``
-``(inputs, outputs, 16)``; assignment logits ``(batch, windows, outputs, inputs)``;
+``(inputs, outputs, 16)``; ``offset`` ``(inputs, 16)`` or None, a constant added to each
+input's every vote (the class capsules' coordinate addition: ``V = M W + offset``, no
+gradient); assignment logits ``(batch, windows, outputs, inputs)``;
 activations and the assignments' normalisers ``(batch, windows, inputs)``; means, spreads
 and their inverses ``(batch, windows, outputs, 16)``.
 """
@@ -44,10 +46,10 @@ def _declare(lib: ctypes.CDLL) -> ctypes.CDLL:
     p, i64, i32 = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int
     f32 = ctypes.c_float
     lib.em_scratch.argtypes, lib.em_scratch.restype = [i64, i64, i32], i64
-    lib.em_moments.argtypes = [p] * 5 + [i64] * 3 + [i32, f32] + [p] * 4
-    lib.em_moments_backward.argtypes = [p] * 10 + [i64] * 3 + [i32, f32] + [p] * 5
-    lib.em_assignment_logits.argtypes = [p] * 5 + [i64] * 3 + [i32] + [p] * 3
-    lib.em_assignment_logits_backward.argtypes = [p] * 9 + [i64] * 3 + [i32] + [p] * 5
+    lib.em_moments.argtypes = [p] * 6 + [i64] * 3 + [i32, f32] + [p] * 4
+    lib.em_moments_backward.argtypes = [p] * 11 + [i64] * 3 + [i32, f32] + [p] * 5
+    lib.em_assignment_logits.argtypes = [p] * 6 + [i64] * 3 + [i32] + [p] * 3
+    lib.em_assignment_logits_backward.argtypes = [p] * 10 + [i64] * 3 + [i32] + [p] * 5
     for name in ("em_moments", "em_moments_backward", "em_assignment_logits",
                  "em_assignment_logits_backward"):
         getattr(lib, name).restype = None
@@ -115,51 +117,55 @@ def _transposed(weight: Tensor) -> Tensor:
 
 
 @torch.library.custom_op("capsnet::em_moments", mutates_args=())
-def moments(poses: Tensor, weight: Tensor, logits: Tensor | None, log_total: Tensor,
-            activations: Tensor, epsilon: float) -> tuple[Tensor, Tensor, Tensor]:
-    """The votes' moments under each output capsule's shares of its data. The assignments
-    are ``R = exp(logits - log_total)`` (``logits`` ``(batch, windows, outputs, inputs)``,
+def moments(poses: Tensor, weight: Tensor, offset: Tensor | None, logits: Tensor | None,
+            log_total: Tensor, activations: Tensor, epsilon: float
+            ) -> tuple[Tensor, Tensor, Tensor]:
+    """The moments of the votes ``V = M W + offset`` under each output capsule's shares of
+    its data. The assignments are ``R = exp(logits - log_total)`` (``logits`` ``(batch, windows, outputs, inputs)``,
     None: zeros; ``log_total`` ``(batch, windows, inputs)``) and an output's data
     ``w_i = R_i a_i`` for the ``activations`` a ``(batch, windows, inputs)``; with
     ``mass = sum_i w_i`` ``(batch, windows, outputs)`` and ``share_i = w_i / (mass +
     epsilon)``, ``mean = sum_i share_i V_i`` and ``spread = sum_i share_i (V_i - mean)^2``,
     ``(batch, windows, outputs, 16)`` each; returns mean, spread and mass."""
-    poses, weight, logits, log_total, activations = _contiguous(poses, weight, logits,
-                                                                log_total, activations)
+    poses, weight, offset, logits, log_total, activations = _contiguous(
+        poses, weight, offset, logits, log_total, activations)
     blocks, inputs, outputs, threads = _sizes(poses, weight)
-    mean, spread, mass = _moments_outputs(poses, weight, logits, log_total, activations,
-                                          epsilon)
+    mean, spread, mass = _moments_outputs(poses, weight, offset, logits, log_total,
+                                          activations, epsilon)
     scratch = _scratch(poses, weight, backward=False)  # alive while the call uses it
-    library().em_moments(pointer(poses), pointer(weight), _pointer(logits), pointer(log_total),
-                         pointer(activations), blocks, inputs, outputs, threads, epsilon,
-                         pointer(scratch), pointer(mean), pointer(spread), pointer(mass))
+    library().em_moments(pointer(poses), pointer(weight), _pointer(offset), _pointer(logits),
+                         pointer(log_total), pointer(activations), blocks, inputs, outputs,
+                         threads, epsilon, pointer(scratch), pointer(mean), pointer(spread),
+                         pointer(mass))
     return mean, spread, mass
 
 
 @moments.register_fake
-def _moments_outputs(poses: Tensor, weight: Tensor, logits: Tensor | None, log_total: Tensor,
-                     activations: Tensor, epsilon: float) -> tuple[Tensor, Tensor, Tensor]:
+def _moments_outputs(poses: Tensor, weight: Tensor, offset: Tensor | None,
+                     logits: Tensor | None, log_total: Tensor, activations: Tensor,
+                     epsilon: float) -> tuple[Tensor, Tensor, Tensor]:
     shape = (*poses.shape[:2], weight.shape[1])
     return poses.new_empty(*shape, 16), poses.new_empty(*shape, 16), poses.new_empty(shape)
 
 
 @torch.library.custom_op("capsnet::em_moments_backward", mutates_args=())
-def moments_backward(poses: Tensor, weight: Tensor, logits: Tensor | None, log_total: Tensor,
-                     activations: Tensor, mean: Tensor, grad_mean: Tensor, grad_spread: Tensor,
-                     grad_mass: Tensor, epsilon: float
-                     ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+def moments_backward(poses: Tensor, weight: Tensor, offset: Tensor | None,
+                     logits: Tensor | None, log_total: Tensor, activations: Tensor,
+                     mean: Tensor, grad_mean: Tensor, grad_spread: Tensor, grad_mass: Tensor,
+                     epsilon: float) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
     """The gradients of :func:`moments`' poses, weight, logits (empty without them),
-    log_total and activations; ``mean`` is the mean it returned, which the gradient of the
-    spread through the mean is made from."""
-    poses, weight, logits, log_total, activations, mean, *grads = _contiguous(
-        poses, weight, logits, log_total, activations, mean, grad_mean, grad_spread, grad_mass)
+    log_total and activations (the offset has none); ``mean`` is the mean it returned, which
+    the gradient of the spread through the mean is made from."""
+    poses, weight, offset, logits, log_total, activations, mean, *grads = _contiguous(
+        poses, weight, offset, logits, log_total, activations, mean, grad_mean, grad_spread,
+        grad_mass)
     blocks, inputs, outputs, threads = _sizes(poses, weight)
     # kept alive here while the call uses their addresses
     scratch, weight_t = _scratch(poses, weight, backward=True), _transposed(weight)
     grad_poses, grad_logits, grad_log_total, grad_activations = _moments_grads(
         poses, weight, logits, log_total, activations)
     library().em_moments_backward(
-        pointer(poses), pointer(weight), pointer(weight_t), _pointer(logits),
+        pointer(poses), pointer(weight), pointer(weight_t), _pointer(offset), _pointer(logits),
         pointer(log_total), pointer(activations), pointer(mean),
         *(pointer(grad) for grad in grads), blocks, inputs, outputs, threads, epsilon,
         pointer(scratch), pointer(grad_poses), _pointer(None if logits is None else grad_logits),
@@ -178,24 +184,26 @@ def _moments_grads(poses: Tensor, weight: Tensor, logits: Tensor | None, log_tot
 
 
 @moments_backward.register_fake
-def _(poses: Tensor, weight: Tensor, logits: Tensor | None, log_total: Tensor,
-      activations: Tensor, mean: Tensor, grad_mean: Tensor, grad_spread: Tensor,
-      grad_mass: Tensor, epsilon: float) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+def _(poses: Tensor, weight: Tensor, offset: Tensor | None, logits: Tensor | None,
+      log_total: Tensor, activations: Tensor, mean: Tensor, grad_mean: Tensor,
+      grad_spread: Tensor, grad_mass: Tensor, epsilon: float
+      ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
     grad_poses, *rest = _moments_grads(poses, weight, logits, log_total, activations)
     return grad_poses, torch.empty_like(weight), *rest
 
 
 def _save_moments(ctx, inputs, output) -> None:  # noqa: ANN001 (torch's signature)
-    ctx.save_for_backward(*inputs[:5], output[0])
-    ctx.epsilon = inputs[5]
+    ctx.save_for_backward(*inputs[:6], output[0])
+    ctx.epsilon = inputs[6]
 
 
 def _moments_grad(ctx, grad_mean, grad_spread, grad_mass):  # noqa: ANN001, ANN202 (torch's)
-    poses, weight, logits, log_total, activations, mean = ctx.saved_tensors
+    poses, weight, offset, logits, log_total, activations, mean = ctx.saved_tensors
     grad_poses, grad_weight, grad_logits, *rest = moments_backward(
-        poses, weight, logits, log_total, activations, mean, grad_mean, grad_spread,
+        poses, weight, offset, logits, log_total, activations, mean, grad_mean, grad_spread,
         grad_mass, ctx.epsilon)
-    return grad_poses, grad_weight, None if logits is None else grad_logits, *rest, None
+    return (grad_poses, grad_weight, None, None if logits is None else grad_logits, *rest,
+            None)
 
 
 moments.register_autograd(_moments_grad, setup_context=_save_moments)
@@ -205,63 +213,69 @@ moments.register_autograd(_moments_grad, setup_context=_save_moments)
 
 
 @torch.library.custom_op("capsnet::em_assignment_logits", mutates_args=())
-def assignment_logits(poses: Tensor, weight: Tensor, mean: Tensor, inverse: Tensor,
-                      bias: Tensor) -> tuple[Tensor, Tensor]:
-    """``bias - sum_h (V_ih - mean_h)^2 inverse_h / 2`` for every vote, ``(batch, windows,
+def assignment_logits(poses: Tensor, weight: Tensor, offset: Tensor | None, mean: Tensor,
+                      inverse: Tensor, bias: Tensor) -> tuple[Tensor, Tensor]:
+    """``bias - sum_h (V_ih - mean_h)^2 inverse_h / 2`` for every vote ``V = M W + offset``
+    (see :func:`moments`), ``(batch, windows,
     outputs, inputs)``: the log of its output's activation times the Gaussian density of the
     vote, the log-density's normaliser and log a_j in ``bias`` ``(batch, windows, outputs)``
     and the inverse of the variance in ``inverse`` ``(batch, windows, outputs, 16)``; and
     their log-sum-exp over the outputs ``(batch, windows, inputs)``."""
-    poses, weight, mean, inverse, bias = _contiguous(poses, weight, mean, inverse, bias)
+    poses, weight, offset, mean, inverse, bias = _contiguous(poses, weight, offset, mean,
+                                                             inverse, bias)
     blocks, inputs, outputs, threads = _sizes(poses, weight)
-    logits, lse = _logits_outputs(poses, weight, mean, inverse, bias)
+    logits, lse = _logits_outputs(poses, weight, offset, mean, inverse, bias)
     scratch = _scratch(poses, weight, backward=False)
-    library().em_assignment_logits(pointer(poses), pointer(weight), pointer(mean),
-                                   pointer(inverse), pointer(bias), blocks, inputs, outputs,
-                                   threads, pointer(scratch), pointer(logits), pointer(lse))
+    library().em_assignment_logits(pointer(poses), pointer(weight), _pointer(offset),
+                                   pointer(mean), pointer(inverse), pointer(bias), blocks,
+                                   inputs, outputs, threads, pointer(scratch), pointer(logits),
+                                   pointer(lse))
     return logits, lse
 
 
 @assignment_logits.register_fake
-def _logits_outputs(poses: Tensor, weight: Tensor, mean: Tensor, inverse: Tensor, bias: Tensor
-                    ) -> tuple[Tensor, Tensor]:
+def _logits_outputs(poses: Tensor, weight: Tensor, offset: Tensor | None, mean: Tensor,
+                    inverse: Tensor, bias: Tensor) -> tuple[Tensor, Tensor]:
     return poses.new_empty(*bias.shape, poses.shape[2]), poses.new_empty(poses.shape[:3])
 
 
 @torch.library.custom_op("capsnet::em_assignment_logits_backward", mutates_args=())
-def assignment_logits_backward(poses: Tensor, weight: Tensor, mean: Tensor, inverse: Tensor,
-                               logits: Tensor, lse: Tensor, grad_logits: Tensor,
-                               grad_lse: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
-    """The gradients of :func:`assignment_logits`' poses, weight, mean, inverse and bias;
-    ``logits`` and ``lse`` are what it returned."""
-    poses, weight, mean, inverse, *given = _contiguous(poses, weight, mean, inverse, logits,
-                                                       lse, grad_logits, grad_lse)
+def assignment_logits_backward(poses: Tensor, weight: Tensor, offset: Tensor | None,
+                               mean: Tensor, inverse: Tensor, logits: Tensor, lse: Tensor,
+                               grad_logits: Tensor, grad_lse: Tensor
+                               ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """The gradients of :func:`assignment_logits`' poses, weight, mean, inverse and bias
+    (the offset has none); ``logits`` and ``lse`` are what it returned."""
+    poses, weight, offset, mean, inverse, *given = _contiguous(
+        poses, weight, offset, mean, inverse, logits, lse, grad_logits, grad_lse)
     blocks, inputs, outputs, threads = _sizes(poses, weight)
     scratch, weight_t = _scratch(poses, weight, backward=True), _transposed(weight)
     grad_poses, grad_mean, grad_inverse = (torch.empty_like(poses), torch.empty_like(mean),
                                            torch.empty_like(inverse))
     grad_bias = poses.new_empty(mean.shape[:3])
     library().em_assignment_logits_backward(
-        pointer(poses), pointer(weight), pointer(weight_t), pointer(mean), pointer(inverse),
-        *map(pointer, given), blocks, inputs, outputs, threads, pointer(scratch),
+        pointer(poses), pointer(weight), pointer(weight_t), _pointer(offset), pointer(mean),
+        pointer(inverse), *map(pointer, given), blocks, inputs, outputs, threads, pointer(scratch),
         pointer(grad_poses), pointer(grad_mean), pointer(grad_inverse), pointer(grad_bias))
     return grad_poses, _weight_grad(scratch, weight), grad_mean, grad_inverse, grad_bias
 
 
 @assignment_logits_backward.register_fake
-def _(poses: Tensor, weight: Tensor, mean: Tensor, inverse: Tensor, logits: Tensor,
-      lse: Tensor, grad_logits: Tensor, grad_lse: Tensor
+def _(poses: Tensor, weight: Tensor, offset: Tensor | None, mean: Tensor, inverse: Tensor,
+      logits: Tensor, lse: Tensor, grad_logits: Tensor, grad_lse: Tensor
       ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
     return (torch.empty_like(poses), torch.empty_like(weight), torch.empty_like(mean),
             torch.empty_like(inverse), poses.new_empty(mean.shape[:3]))
 
 
 def _save_logits(ctx, inputs, output) -> None:  # noqa: ANN001 (torch's signature)
-    ctx.save_for_backward(*inputs[:4], *output)
+    ctx.save_for_backward(*inputs[:5], *output)
 
 
 def _logits_grad(ctx, grad_logits, grad_lse):  # noqa: ANN001, ANN202 (torch's signature)
-    return assignment_logits_backward(*ctx.saved_tensors, grad_logits, grad_lse)
+    grad_poses, grad_weight, *rest = assignment_logits_backward(*ctx.saved_tensors,
+                                                               grad_logits, grad_lse)
+    return grad_poses, grad_weight, None, *rest
 
 
 assignment_logits.register_autograd(_logits_grad, setup_context=_save_logits)

@@ -48,8 +48,9 @@ Where the defaults come from:
   implementations differ (yl-1993: none; www0wwwjs1: a reconstruction loss).
   ``decoder_hidden=(512, 1024)`` adds CapsNet's decoder on the class poses.
 
-On a CPU in float32, the convolutional capsule layers make their votes inside the fused
-operators of :mod:`capsnet.nn.em_kernel` (as :class:`WindowVotes`) instead of storing them;
+On a CPU in float32, the capsule layers (the convolutional ones and the class capsules) make
+their votes inside the fused operators of :mod:`capsnet.nn.em_kernel` (as
+:class:`WindowVotes`) instead of storing them;
 elsewhere, and in layers made with ``CAPSNET_ROUTING_KERNEL=off`` (or ``fused = False``),
 routing runs in torch alone.
 
@@ -213,12 +214,15 @@ class EMCapsNetConfig:
 
 @dataclass(frozen=True)
 class WindowVotes:
-    """The votes V = M W of convolutional capsules, left unmade: the fused CPU operators of
+    """The votes V = M W + offset of capsules, left unmade: the fused CPU operators of
     :mod:`capsnet.nn.em_kernel` make each where they use it. ``poses`` ``(batch, windows,
-    inputs, 16)``: M, each window's input poses; ``weight`` ``(inputs, outputs, 16)``: W."""
+    inputs, 16)``: M, each window's input poses; ``weight`` ``(inputs, outputs, 16)``: W;
+    ``offset`` ``(inputs, 16)``: a constant added to each input's votes (the class capsules'
+    coordinate addition), or None."""
 
     poses: Tensor
     weight: Tensor
+    offset: Tensor | None = None
 
     @property
     def routing_shape(self) -> tuple[int, int, int, int]:
@@ -311,10 +315,10 @@ def moments(votes: Tensor | WindowVotes, logits: Tensor | None, log_total: Tenso
     CPU operators for :class:`WindowVotes`, else in torch, where the squared deviations are
     made once for both."""
     if isinstance(votes, WindowVotes):
-        mean, spread, mass = em_kernel.moments(votes.poses, votes.weight, logits, log_total,
-                                               activations, EPSILON)
+        mean, spread, mass = em_kernel.moments(votes.poses, votes.weight, votes.offset, logits,
+                                               log_total, activations, EPSILON)
         return mean, spread, mass, partial(em_kernel.assignment_logits, votes.poses,
-                                           votes.weight, mean)
+                                           votes.weight, votes.offset, mean)
     normalised = -log_total[:, :, None] if logits is None else logits - log_total[:, :, None]
     # (batch, windows, outputs, inputs)
     weights = (normalised.exp() * activations[:, :, None]).expand(votes.shape[:4])
@@ -410,6 +414,7 @@ class MatrixCapsules(nn.Module):
         nn.init.trunc_normal_(self.weight, std=init_std, a=-2 * init_std, b=2 * init_std)
         self.beta_u = nn.Parameter(torch.zeros(out_types))
         self.beta_a = nn.Parameter(torch.zeros(out_types))
+        self.fused = enabled()  # False: route in torch alone (see capsnet.nn.em_kernel)
 
     def route(self, votes: Tensor, activations: Tensor, children: Tensor | None = None,
               num_children: int = 0) -> tuple[Tensor, Tensor]:
@@ -439,7 +444,6 @@ class ConvMatrixCapsules(MatrixCapsules):
         """``routing``: :class:`MatrixCapsules`' settings, from ``iterations`` on."""
         super().__init__((kernel * kernel, in_types, out_types), out_types, **routing)
         self.kernel, self.stride = kernel, stride
-        self.fused = enabled()  # False: route in torch alone (see capsnet.nn.em_kernel)
 
     def output_grid(self, height: int, width: int) -> tuple[int, int]:
         return ((height - self.kernel) // self.stride + 1,
@@ -525,17 +529,26 @@ class ClassMatrixCapsules(MatrixCapsules):
         offsets[..., 1, 3] = cols[None, :, None, None]
         return offsets
 
-    def votes(self, poses: Tensor) -> Tensor:
-        """``(batch, height, width, in_types, classes, 4, 4)`` for ``poses``, coordinates added."""
-        votes = torch.einsum("nhwipq,ioqr->nhwiopr", poses, self.weight)
-        return votes + self.coordinates(*poses.shape[1:3], votes)
+    def votes(self, poses: Tensor) -> Tensor | WindowVotes:
+        """V = M W + coordinates for ``poses`` ``(batch, height, width, in_types, 4, 4)``, as
+        one window of ``height * width * in_types`` inputs (row, column, type): ``(batch, 1,
+        inputs, classes, 16)``, or :class:`WindowVotes` where the fused CPU operators take
+        them (each position's matrices repeated, the coordinates as the offset)."""
+        height, width, in_types = poses.shape[1:4]
+        coordinates = self.coordinates(height, width, poses)  # (height, width, 1, 1, 4, 4)
+        window = poses.flatten(1, 3).flatten(-2)[:, None]  # (batch, 1, inputs, 16)
+        weight = self.weight.flatten(-2).repeat(height * width, 1, 1)  # (inputs, classes, 16)
+        if self.fused and em_kernel.supports(window, weight):
+            offset = coordinates.expand(height, width, in_types, 1, POSE, POSE).flatten(-2)
+            return WindowVotes(window, weight, offset.flatten(0, 3))  # offset (inputs, 16)
+        votes = torch.einsum("nhwipq,ioqr->nhwiopr", poses, self.weight) + coordinates
+        return votes.flatten(1, 3).flatten(-2)[:, None]
 
     def forward(self, poses: Tensor, activations: Tensor) -> tuple[Tensor, Tensor]:
         with torch.autocast(poses.device.type, enabled=False):
             poses, activations = poses.to(self.weight.dtype), activations.to(self.weight.dtype)
-            # (batch, height * width * in_types, classes, 16)
-            votes = self.votes(poses).flatten(1, 3).flatten(-2)
-            mean, class_activations = self.route(votes[:, None], activations.flatten(1)[:, None])
+            mean, class_activations = self.route(self.votes(poses),
+                                                 activations.flatten(1)[:, None])
         return mean[:, 0], class_activations[:, 0]
 
 
@@ -594,7 +607,7 @@ class EMCapsNet(CapsuleModel, nn.Module):
         return nn.Sequential(self.conv1, nn.ReLU(), self.primary)
 
     def routing_kernel(self, device: torch.device) -> str | None:
-        """The fused operators' version where the convolutional capsule layers route in them
+        """The fused operators' version where the capsule layers route in them
         on ``device`` (they take float32), else None."""
         fused = (self.caps1.fused and self.caps1.weight.dtype == torch.float32
                  and em_kernel.runs_on(device))
