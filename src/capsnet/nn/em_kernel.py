@@ -121,10 +121,10 @@ def moments(poses: Tensor, weight: Tensor, offset: Tensor | None, logits: Tensor
             log_total: Tensor, activations: Tensor, epsilon: float
             ) -> tuple[Tensor, Tensor, Tensor]:
     """The moments of the votes ``V = M W + offset`` under each output capsule's shares of
-    its data. The assignments are ``R = exp(logits - log_total)`` (``logits`` ``(batch, windows, outputs, inputs)``,
-    None: zeros; ``log_total`` ``(batch, windows, inputs)``) and an output's data
-    ``w_i = R_i a_i`` for the ``activations`` a ``(batch, windows, inputs)``; with
-    ``mass = sum_i w_i`` ``(batch, windows, outputs)`` and ``share_i = w_i / (mass +
+    its data. The assignments are ``R = exp(logits - log_total)`` (``logits`` ``(batch,
+    windows, outputs, inputs)``, None: zeros; ``log_total`` ``(batch, windows, inputs)``) and
+    an output's data ``w_i = R_i a_i`` for the ``activations`` a ``(batch, windows, inputs)``;
+    with ``mass = sum_i w_i`` ``(batch, windows, outputs)`` and ``share_i = w_i / (mass +
     epsilon)``, ``mean = sum_i share_i V_i`` and ``spread = sum_i share_i (V_i - mean)^2``,
     ``(batch, windows, outputs, 16)`` each; returns mean, spread and mass."""
     poses, weight, offset, logits, log_total, activations = _contiguous(
@@ -215,12 +215,12 @@ moments.register_autograd(_moments_grad, setup_context=_save_moments)
 @torch.library.custom_op("capsnet::em_assignment_logits", mutates_args=())
 def assignment_logits(poses: Tensor, weight: Tensor, offset: Tensor | None, mean: Tensor,
                       inverse: Tensor, bias: Tensor) -> tuple[Tensor, Tensor]:
-    """``bias - sum_h (V_ih - mean_h)^2 inverse_h / 2`` for every vote ``V = M W + offset``
-    (see :func:`moments`), ``(batch, windows,
-    outputs, inputs)``: the log of its output's activation times the Gaussian density of the
-    vote, the log-density's normaliser and log a_j in ``bias`` ``(batch, windows, outputs)``
-    and the inverse of the variance in ``inverse`` ``(batch, windows, outputs, 16)``; and
-    their log-sum-exp over the outputs ``(batch, windows, inputs)``."""
+    """``bias - sum_h (V_ih - mean_h)^2 inverse_h / 2`` for every vote ``V = M W + offset``,
+    ``(batch, windows, outputs, inputs)``: the log of its output's activation times the
+    Gaussian density of the vote, the log-density's normaliser and log a_j in ``bias``
+    ``(batch, windows, outputs)`` and the inverse of the variance in ``inverse`` ``(batch,
+    windows, outputs, 16)``; and their log-sum-exp over the outputs ``(batch, windows,
+    inputs)``."""
     poses, weight, offset, mean, inverse, bias = _contiguous(poses, weight, offset, mean,
                                                              inverse, bias)
     blocks, inputs, outputs, threads = _sizes(poses, weight)

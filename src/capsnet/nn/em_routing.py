@@ -536,11 +536,11 @@ class ClassMatrixCapsules(MatrixCapsules):
         them (each position's matrices repeated, the coordinates as the offset)."""
         height, width, in_types = poses.shape[1:4]
         coordinates = self.coordinates(height, width, poses)  # (height, width, 1, 1, 4, 4)
-        window = poses.flatten(1, 3).flatten(-2)[:, None]  # (batch, 1, inputs, 16)
-        weight = self.weight.flatten(-2).repeat(height * width, 1, 1)  # (inputs, classes, 16)
-        if self.fused and em_kernel.supports(window, weight):
-            offset = coordinates.expand(height, width, in_types, 1, POSE, POSE).flatten(-2)
-            return WindowVotes(window, weight, offset.flatten(0, 3))  # offset (inputs, 16)
+        if self.fused and em_kernel.supports(poses, self.weight):
+            window = poses.flatten(1, 3).flatten(-2)[:, None]  # (batch, 1, inputs, 16)
+            weight = self.weight.flatten(-2).repeat(height * width, 1, 1)  # (inputs, classes, 16)
+            offset = coordinates.expand(height, width, in_types, 1, POSE, POSE)
+            return WindowVotes(window, weight, offset.flatten(0, 3).flatten(-2))  # (inputs, 16)
         votes = torch.einsum("nhwipq,ioqr->nhwiopr", poses, self.weight) + coordinates
         return votes.flatten(1, 3).flatten(-2)[:, None]
 
@@ -607,8 +607,8 @@ class EMCapsNet(CapsuleModel, nn.Module):
         return nn.Sequential(self.conv1, nn.ReLU(), self.primary)
 
     def routing_kernel(self, device: torch.device) -> str | None:
-        """The fused operators' version where the capsule layers route in them
-        on ``device`` (they take float32), else None."""
+        """The fused operators' version where the capsule layers route in them on ``device``
+        (they take float32), else None."""
         fused = (self.caps1.fused and self.caps1.weight.dtype == torch.float32
                  and em_kernel.runs_on(device))
         return source_version(em_kernel.SOURCE) if fused else None
