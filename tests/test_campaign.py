@@ -38,9 +38,12 @@ def tiny_campaign(tiny_dataset: Path, module_tmp: Callable[[str], Path]
     """``gpu_campaign.sh tiny`` on the synthetic data set: (output folder, archive, result)."""
     tmp = module_tmp("campaign")
     out, archive = tmp / "out", tmp / "returned" / "tiny.tar.gz"
-    env = {**os.environ, "CAMPAIGN_DATA": str(tiny_dataset), "PYTHON": sys.executable}
+    # The tiny plan's own hard stop (900 s) came before its benches on a slow 2-core CPU with
+    # the rest of the suite beside it: room for that here, inside the run's time-out.
+    env = {**os.environ, "CAMPAIGN_DATA": str(tiny_dataset), "PYTHON": sys.executable,
+           "CAMPAIGN_STOP": "1700"}
     result = subprocess.run(["bash", str(CAMPAIGN), "tiny", str(out), str(archive)], env=env,
-                            capture_output=True, text=True, timeout=1200)
+                            capture_output=True, text=True, timeout=1800)
     return out, archive, result
 
 
