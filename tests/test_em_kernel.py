@@ -320,22 +320,34 @@ def test_without_a_kernel_em_routing_runs_in_torch(tmp_path: Path,
         em_kernel.library.cache_clear()
 
 
-def test_each_network_names_the_kernel_it_routes_in(tmp_path: Path,
-                                                   monkeypatch: pytest.MonkeyPatch) -> None:
+def test_each_network_names_the_kernel_it_routes_in(monkeypatch: pytest.MonkeyPatch) -> None:
     from capsnet.nn.efficient import EfficientCapsNet
     from capsnet.tools.bench import routing
 
     cpu = torch.device("cpu")
     em = EMCapsNet(EMCapsNetConfig.small())
     version = em.routing_kernel(cpu)
-    assert version == cbuild.source_version(em_kernel.SOURCE) and routing(version) == "kernel"
-    assert re.fullmatch(r"em_kernel-[0-9a-f]{12}", version)
+    assert version == cbuild.source_version("em_kernel", em_kernel.SOURCE.read_bytes())
+    assert re.fullmatch(r"em_kernel-[0-9a-f]{12}", version) and routing(version) == "kernel"
     assert EfficientCapsNet().routing_kernel(cpu) is None and routing(None) == "torch"
     assert em.double().routing_kernel(cpu) is None  # the kernel takes float32
     monkeypatch.setenv("CAPSNET_ROUTING_KERNEL", "off")
     assert EMCapsNet(EMCapsNetConfig.small()).routing_kernel(cpu) is None
-    # another source, another version
-    changed = tmp_path / "em_kernel.c"
-    changed.write_text(em_kernel.SOURCE.read_text() + "\n/* changed */\n")
-    assert cbuild.source_version(changed).startswith("em_kernel-")
-    assert cbuild.source_version(changed) != version
+
+
+def test_a_kernel_names_the_source_it_was_built_from(tmp_path: Path,
+                                                     monkeypatch: pytest.MonkeyPatch) -> None:
+    """A record names the code that ran: the source as read when the library was built, not
+    the file as it is when the record is written (edited during a run, say)."""
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    source = tmp_path / "em_kernel.c"
+    text = em_kernel.SOURCE.read_bytes() + b"\n/* another version */\n"
+    source.write_bytes(text)
+    found = cbuild.builds(source, "em", [])
+    source.write_text("edited after it was read: not C\n")
+    built = cbuild.load(source, lambda: found, em_kernel._declare, "EM routing")
+    assert built is not None  # compiled from the text read, not the file as it is now
+    assert built.version == cbuild.source_version("em_kernel", text)
+    assert built.version != cbuild.source_version("em_kernel", em_kernel.SOURCE.read_bytes())
+    monkeypatch.setattr(em_kernel, "library", lambda: built)
+    assert EMCapsNet(EMCapsNetConfig.small()).routing_kernel(torch.device("cpu")) == built.version

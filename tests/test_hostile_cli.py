@@ -212,7 +212,7 @@ def kernel_routes() -> None:
 @pytest.mark.parametrize("damage", ["not a library", "another library", "empty"])
 def test_a_broken_cached_kernel_is_built_again(damage: str, kernel_cache: Path,
                                                foreign_library: Path) -> None:
-    targets = [target for _, _, target in routing_kernel.builds(*KERNEL_SHAPE)]
+    targets = [build.target for build in routing_kernel.builds(*KERNEL_SHAPE)]
     for target in targets:  # whichever the system builds: both are broken
         target.parent.mkdir(parents=True, exist_ok=True)
         if damage == "another library":

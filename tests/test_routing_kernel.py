@@ -6,7 +6,7 @@ import pytest
 import torch
 from torch import Tensor
 
-from capsnet.nn import routing_kernel
+from capsnet.nn import cbuild, routing_kernel
 from capsnet.nn.layers import RoutingCapsules, squash
 
 # (in_caps, in_dim, out_caps, out_dim, iterations, batch, bias, leaky): MNIST's layer as the
@@ -99,6 +99,17 @@ def test_what_the_kernel_does_not_take_routes_in_torch(change: str,
     monkeypatch.setattr(routing_kernel, "route", lambda *a: pytest.fail("the kernel ran"))
     v, _ = layer(u)
     assert v.shape == (3, 10, 16)
+
+
+def test_the_kernel_is_named_by_the_source_its_library_was_built_from() -> None:
+    from capsnet.nn.model import CapsNet
+
+    layer, u = RoutingCapsules(32, 8, 10, 16), squash(torch.randn(2, 32, 8))
+    version = routing_kernel.library(10, 16, 8).version
+    assert version == cbuild.source_version("routing_kernel", routing_kernel.SOURCE.read_bytes())
+    assert routing_kernel.version(u, layer.weight) == version
+    assert CapsNet().routing_kernel(torch.device("cpu")) == version  # MNIST's 10 x 16 from 8
+    assert routing_kernel.version(u.double(), layer.double().weight) is None  # torch routes
 
 
 @pytest.mark.parametrize("trouble", ["no compiler", "cache is a file"])

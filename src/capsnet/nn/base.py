@@ -95,9 +95,10 @@ class CapsuleModel:
         return getattr(self, "decoder", None) is not None
 
     def routing_kernel(self, device: torch.device) -> str | None:
-        """The fused CPU operators this model routes in on ``device``, by their source's name
-        and hash (:func:`capsnet.nn.cbuild.source_version`), or None where it routes in
-        torch (see ``capsnet bench``), as a model without such operators always does."""
+        """The fused operators this model routes in on ``device``, by the name and hash of
+        the source they were built from (:func:`capsnet.nn.cbuild.source_version`), or None
+        where it routes in torch (see ``capsnet bench``), as a model without such operators
+        always does."""
         return None
 
     def reconstruct(self, digit_caps: Tensor, classes: Tensor) -> Tensor:

@@ -15,7 +15,7 @@ import subprocess
 import tempfile
 import warnings
 from pathlib import Path
-from typing import Callable
+from typing import Callable, NamedTuple
 
 import torch
 
@@ -25,7 +25,23 @@ from ..utils.files import cache_root
 ISA_FLAGS = {"AVX512": ["-mavx512f", "-mavx512dq", "-mavx512bw", "-mavx512vl", "-mavx2", "-mfma"],
              "AVX2": ["-mavx2", "-mfma"]}
 
-Build = tuple[list[str], list[str], Path]  # compiler flags, libraries, cached file
+class Build(NamedTuple):
+    """One way to build a kernel: the source text it compiles, read once so that the library
+    and the version it reports come from the same text, with compiler flags, libraries and
+    the cached file."""
+    text: bytes
+    flags: list[str]
+    libraries: list[str]
+    target: Path
+
+
+class Library(ctypes.CDLL):
+    """A loaded kernel and ``version``, the name and hash of the source it was built from
+    (:func:`source_version`), which bench and training records keep."""
+
+    def __init__(self, path: Path, version: str) -> None:
+        super().__init__(str(path))
+        self.version = version
 
 
 def builds(source: Path, name: str, defines: list[str], isa: str | None = None) -> list[Build]:
@@ -41,12 +57,12 @@ def builds(source: Path, name: str, defines: list[str], isa: str | None = None) 
     for extra, libraries in ((["-DVECTOR_EXP"], ["-lmvec", "-lm"]), ([], ["-lm"])):
         key = hashlib.sha256(text + " ".join(flags + extra + libraries).encode()).hexdigest()
         target = cache_root() / "kernels" / f"{name}-{isa.lower()}-{key[:16]}.so"
-        found.append((flags + extra, libraries, target))
+        found.append(Build(text, flags + extra, libraries, target))
     return found
 
 
 def load(source: Path, candidates: Callable[[], list[Build]],
-         declare: Callable[[ctypes.CDLL], ctypes.CDLL], what: str) -> ctypes.CDLL | None:
+         declare: Callable[[Library], Library], what: str) -> Library | None:
     """The first of the ``candidates`` builds of ``source`` that loads with the functions
     ``declare`` names, built on first use; None, with a warning that ``what`` runs in torch,
     when none does."""
@@ -55,12 +71,13 @@ def load(source: Path, candidates: Callable[[], list[Build]],
         found = candidates()
     except CapsNetError as exc:  # no cache folder to build in (a bad HOME): route in torch
         found, error = [], str(exc)
-    for flags, libraries, target in found:
-        lib, error = _load(target, declare) if target.exists() else (None, "")
+    for build in found:
+        version = source_version(source.stem, build.text)
+        lib, error = _load(build.target, version, declare) if build.target.exists() else (None, "")
         if lib is None:  # not built yet, or left broken (an earlier compiler's): built once
-            error = _compile(source, flags, libraries, target) or ""
+            error = _compile(source.name, build) or ""
             if not error:
-                lib, error = _load(target, declare)
+                lib, error = _load(build.target, version, declare)
         if lib is not None:
             return lib
     warnings.warn(f"capsnet: {what} runs in torch, its CPU kernel did not build ({error})",
@@ -68,30 +85,32 @@ def load(source: Path, candidates: Callable[[], list[Build]],
     return None
 
 
-def _compile(source: Path, flags: list[str], libraries: list[str], target: Path) -> str | None:
-    """Build ``source`` into ``target``; what went wrong when it fails."""
+def _compile(name: str, build: Build) -> str | None:
+    """Compile ``build``'s text, as a file called ``name``, into its target; what went wrong
+    when it fails."""
     compiler = os.environ.get("CC") or shutil.which("gcc") or shutil.which("cc")
     if compiler is None:
         return "no C compiler found (set CC)"
     try:
-        target.parent.mkdir(parents=True, exist_ok=True)
-        with tempfile.TemporaryDirectory(dir=target.parent) as scratch:
-            built = Path(scratch) / target.name
-            run = subprocess.run([compiler, *flags, str(source), "-o", str(built), *libraries],
-                                 capture_output=True, text=True)
+        build.target.parent.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryDirectory(dir=build.target.parent) as scratch:
+            source, built = Path(scratch) / name, Path(scratch) / build.target.name
+            source.write_bytes(build.text)  # the text hashed, whatever the file holds now
+            run = subprocess.run([compiler, *build.flags, str(source), "-o", str(built),
+                                  *build.libraries], capture_output=True, text=True)
             if run.returncode != 0:
                 return (run.stderr.strip().splitlines() or ["failed"])[-1]
-            os.replace(built, target)  # whole or not at all, for processes building at once
+            os.replace(built, build.target)  # whole or not at all, for processes building at once
     except OSError as exc:
         return f"{exc.filename or compiler}: {exc.strerror or exc}"
     return None
 
 
-def _load(target: Path, declare: Callable[[ctypes.CDLL], ctypes.CDLL]
-          ) -> tuple[ctypes.CDLL | None, str]:
+def _load(target: Path, version: str, declare: Callable[[Library], Library]
+          ) -> tuple[Library | None, str]:
     """The library in ``target`` with its functions declared, or None and why not."""
     try:
-        lib = ctypes.CDLL(str(target))
+        lib = Library(target, version)
     except OSError as exc:
         return None, str(exc)
     try:
@@ -101,10 +120,10 @@ def _load(target: Path, declare: Callable[[ctypes.CDLL], ctypes.CDLL]
         return None, str(exc)
 
 
-def source_version(source: Path) -> str:
-    """A kernel's name and a hash of its source: which code routed, as bench and training
-    records keep it (``em_kernel-1a2b3c4d5e6f``)."""
-    return f"{source.stem}-{hashlib.sha256(source.read_bytes()).hexdigest()[:12]}"
+def source_version(name: str, text: bytes) -> str:
+    """A kernel's name and a hash of its source text: which code routed, as bench and
+    training records keep it (``em_kernel-1a2b3c4d5e6f``)."""
+    return f"{name}-{hashlib.sha256(text).hexdigest()[:12]}"
 
 
 def pointer(tensor: torch.Tensor) -> ctypes.c_void_p:

@@ -42,7 +42,7 @@ from .routing_kernel import constant_when_compiled
 SOURCE = Path(__file__).with_name("em_kernel.c")
 
 
-def _declare(lib: ctypes.CDLL) -> ctypes.CDLL:
+def _declare(lib: cbuild.Library) -> cbuild.Library:
     p, i64, i32 = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int
     f32 = ctypes.c_float
     lib.em_scratch.argtypes, lib.em_scratch.restype = [i64, i64, i32], i64
@@ -57,7 +57,7 @@ def _declare(lib: ctypes.CDLL) -> ctypes.CDLL:
 
 
 @functools.cache
-def library() -> ctypes.CDLL | None:
+def library() -> cbuild.Library | None:
     """The kernel for this CPU, built on first use; None (with a warning) when it cannot be
     built or loaded."""
     return cbuild.load(SOURCE, lambda: cbuild.builds(SOURCE, "em", []), _declare, "EM routing")

@@ -73,7 +73,6 @@ import torch.nn.functional as F
 from ..utils.device import check_fits_in_memory
 from ..utils.settings import check_settings, setting, settings_from_dict
 from . import em_kernel
-from .cbuild import source_version
 from .base import CapsNetOutput, CapsuleModel
 from .routing_kernel import enabled
 from .layers import decoder_parameter_count, reconstruction_decoder
@@ -611,7 +610,7 @@ class EMCapsNet(CapsuleModel, nn.Module):
         (they take float32), else None."""
         fused = (self.caps1.fused and self.caps1.weight.dtype == torch.float32
                  and em_kernel.runs_on(device))
-        return source_version(em_kernel.SOURCE) if fused else None
+        return em_kernel.library().version if fused else None
 
     def reconstruct(self, class_poses: Tensor, classes: Tensor) -> Tensor:
         """Decode the pose of ``classes`` ``(batch,)`` from ``class_poses`` (the others zeroed):

@@ -17,10 +17,9 @@ from ..errors import CapsNetError
 from ..utils.device import check_fits_in_memory
 from ..utils.settings import check_settings, setting, settings_from_dict
 from .base import CapsNetOutput, CapsuleModel  # noqa: F401 - CapsNetOutput is public here
-from .cbuild import source_version
-from .routing_kernel import SOURCE as KERNEL_SOURCE
 from .layers import (PRIMARY_STYLES, PrimaryCapsules, RoutingCapsules, decoder_parameter_count,
                      reconstruction_decoder)
+from .routing_kernel import version as kernel_version
 
 INITS = ("glorot", "official", "torch")
 
@@ -182,7 +181,7 @@ class CapsNet(CapsuleModel, nn.Module):
 
     def routing_kernel(self, device: torch.device) -> str | None:
         u = torch.empty(1, self.config.primary_caps, self.config.primary_dim, device=device)
-        return source_version(KERNEL_SOURCE) if self.digits.in_kernel(u) else None
+        return kernel_version(u, self.digits.weight) if self.digits.fused else None
 
 
 def capsnet_mnist(pretrained: bool = True, **config: Any) -> CapsNet:

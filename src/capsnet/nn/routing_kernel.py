@@ -61,6 +61,17 @@ def supports(u: Tensor, weight: Tensor) -> bool:
             and available(out_caps, out_dim, in_dim))
 
 
+def version(u: Tensor, weight: Tensor) -> str | None:
+    """The code that routes ``u`` with ``weight`` in the fused operator, by its source's name
+    and hash (:func:`capsnet.nn.cbuild.source_version`): the C library as it was built, or
+    the Triton kernels on a GPU; None where it cannot take them."""
+    if not supports(u, weight):
+        return None
+    if u.device.type == "cuda":
+        return _triton().VERSION
+    return library(*weight.shape[1:]).version
+
+
 def constant_when_compiled(fn):  # noqa: ANN001, ANN201 (any function)
     """``torch.compiler.assume_constant_result(fn)`` without its import of torch._dynamo,
     which takes about a second: every capsnet command would pay it at start-up, compiled or
@@ -99,13 +110,13 @@ def builds(out_caps: int, out_dim: int, in_dim: int) -> list[cbuild.Build]:
 
 
 @functools.cache
-def library(out_caps: int, out_dim: int, in_dim: int) -> ctypes.CDLL | None:
+def library(out_caps: int, out_dim: int, in_dim: int) -> cbuild.Library | None:
     """The kernel for these capsule shapes and this CPU, built on first use; None (with a
     warning) when it cannot be built or loaded."""
     return cbuild.load(SOURCE, lambda: builds(out_caps, out_dim, in_dim), _declare, "routing")
 
 
-def _declare(lib: ctypes.CDLL) -> ctypes.CDLL:
+def _declare(lib: cbuild.Library) -> cbuild.Library:
     pointer, i64, i32, f32 = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int, ctypes.c_float
     lib.routing_forward_scratch.argtypes = [i64]
     lib.routing_backward_scratch.argtypes = [i64, i64, i32]

@@ -21,10 +21,16 @@ check them against torch.
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import torch
 from torch import Tensor
 import triton
 import triton.language as tl
+
+from .cbuild import source_version
+
+VERSION = source_version("routing_triton", Path(__file__).read_bytes())  # as imported
 
 BLOCK_ELEMENTS = 8192  # û values a program holds at once: (out_caps, out_dim, inputs) padded
 MAX_BLOCK_INPUTS = 32
