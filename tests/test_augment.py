@@ -54,11 +54,17 @@ def same(a: torch.Tensor | None, b: torch.Tensor | None) -> bool:
                           (64, 2**32 - 1, 6, 4)])
 def test_default_passes_draw_what_they_drew_before(n, seed, max_shift, crop_room) -> None:
     expected = todays_pass_plan(n, seed, max_shift, crop_room)
-    *drawn, plan = pass_plan(n, seed, max_shift, crop_room)
-    assert plan is None and all(same(a, b) for a, b in zip(drawn, expected))
-    # With the augmentation, its draws come after all of those.
-    *drawn, plan = pass_plan(n, seed, max_shift, crop_room, efficient=True)
-    assert isinstance(plan, Efficient) and all(same(a, b) for a, b in zip(drawn, expected))
+    drawn = pass_plan(n, seed, max_shift, crop_room)
+    assert drawn.efficient is None and drawn.degrees is None
+    assert all(same(a, b) for a, b in zip(drawn, expected))
+    # With the augmentation and rotations, their draws come after all of those.
+    drawn = pass_plan(n, seed, max_shift, crop_room, efficient=True)
+    assert isinstance(drawn.efficient, Efficient) and drawn.degrees is None
+    assert all(same(a, b) for a, b in zip(drawn, expected))
+    rotated = pass_plan(n, seed, max_shift, crop_room, efficient=True, rotation=15)
+    assert all(same(a, b) for a, b in zip(rotated, expected))
+    assert torch.equal(rotated.efficient.degrees, drawn.efficient.degrees)
+    assert rotated.degrees.shape == (n,) and rotated.degrees.abs().max() <= 15
 
 
 def test_default_batches_are_todays() -> None:
@@ -267,3 +273,39 @@ def test_the_setting_its_flag_and_its_preset() -> None:
     assert args.augment == "efficient"
     with pytest.raises(CapsNetError, match="augment must be one of shift, efficient"):
         make_config("paper", augment="rotate")
+
+
+def test_rotations_are_uniform_within_the_range_and_drawn_for_the_pass() -> None:
+    degrees = pass_plan(20_000, 3, 0, rotation=15).degrees
+    assert degrees.abs().max() <= 15 and degrees.min() < -14.9 and degrees.max() > 14.9
+    assert abs(degrees.mean()) < 0.2  # a uniform draw's: 0 give or take 15 / sqrt(3 n)
+    counts = torch.histc(degrees, bins=6, min=-15, max=15)  # 3,333 each, give or take 55
+    assert counts.min() > 3000 and counts.max() < 3700
+    assert pass_plan(5, None, 0, rotation=15).degrees is None  # evaluation: none
+
+
+def test_rotation_turns_each_cropped_image_by_its_drawn_angle() -> None:
+    split = Split(digits(12, seed=1), torch.arange(12))
+    got = list(batches(split, 5, seed=6, crop=24, rotation=15))
+    plan = pass_plan(12, 6, 0, crop_room=4, rotation=15)
+    images = split.images[plan.order].float() / 255
+    windows = torch.stack([image[:, r:r + 24, c:c + 24]
+                           for image, (r, c) in zip(images, plan.corners.T.tolist())])
+    expected = rotate(windows, plan.degrees)
+    assert torch.equal(torch.cat([images for images, _ in got]), expected)
+    assert not torch.equal(expected, windows)
+    # resumed inside the pass: the same images from batch 1 on
+    tail = list(batches(split, 5, seed=6, crop=24, rotation=15, start=1))
+    assert all(torch.equal(a[0], b[0]) for a, b in zip(got[1:], tail, strict=True))
+    # evaluation (no seed) is never rotated: the centre window as it is
+    centre = torch.cat([images for images, _ in batches(split, 5, crop=24, rotation=15)])
+    assert torch.equal(centre, split.images[:, :, 2:26, 2:26].float() / 255)
+
+
+def test_a_rotation_out_of_range_is_refused() -> None:
+    split = Split(digits(3), torch.arange(3))
+    with pytest.raises(CapsNetError, match="rotation must be 0 to 180 degrees, got -1"):
+        next(batches(split, 2, seed=0, rotation=-1))
+    with pytest.raises(CapsNetError, match=r"--rotation: expected a number in \[0, 180\]"):
+        build_parser().parse_args(["train", "--rotation", "181"])
+

@@ -35,8 +35,8 @@ NOTEBOOK = {
     "lr_decay_steps": 2000, "warmup_steps": 0, "max_shift": 0, "reconstruction_reduction": "mean",
     "reconstruction_weight": 0.0005, "margin_loss": "paper", "init": "glorot",
     "primary_style": "notebook", "routing_bias": False, "leaky_routing": False,
-    "primary_maps": 32, "crop": 0, "val_size": 0, "val_split": "first", "train_limit": 0,
-    "augment": "shift", "lr_min": 0.0, "none_fraction": 0.0, "ema_decay": 0.0,
+    "primary_maps": 32, "crop": 0, "rotation": 0.0, "val_size": 0, "val_split": "first",
+    "train_limit": 0, "augment": "shift", "lr_min": 0.0, "none_fraction": 0.0, "ema_decay": 0.0,
     "ema_warmup": True,
 }  # val_size 0: the data set's default, read_data_sets' 5,000 on MNIST
 
@@ -46,8 +46,8 @@ PAPER = {
     "lr_decay_steps": 2000, "warmup_steps": 0, "max_shift": 2, "reconstruction_reduction": "sum",
     "reconstruction_weight": 0.0005, "margin_loss": "paper", "init": "official",
     "primary_style": "official", "routing_bias": True, "leaky_routing": False,
-    "primary_maps": 32, "crop": 0, "val_size": 0, "val_split": "first", "train_limit": 0,
-    "augment": "shift", "lr_min": 0.0, "none_fraction": 0.0, "ema_decay": 0.0,
+    "primary_maps": 32, "crop": 0, "rotation": 0.0, "val_size": 0, "val_split": "first",
+    "train_limit": 0, "augment": "shift", "lr_min": 0.0, "none_fraction": 0.0, "ema_decay": 0.0,
     "ema_warmup": True,
 }
 

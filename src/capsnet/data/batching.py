@@ -1,8 +1,9 @@
 """Batches: float images in [0, 1] on any device, in a seeded order with optional random
-shifts or Efficient-CapsNet's augmentation, sharded over ranks, from an in-memory
-:class:`Split` (the fast path) or from any ``torch.utils.data.Dataset`` / ``DataLoader``.
+shifts, crops and rotations or Efficient-CapsNet's augmentation, sharded over ranks, from an
+in-memory :class:`Split` (the fast path) or from any ``torch.utils.data.Dataset`` /
+``DataLoader``.
 
-A pass is fixed by its seed: the order and every image's shift or augmentation are drawn
+A pass is fixed by its seed: the order and every image's transformations are drawn
 once for the whole pass, so batch ``start`` onwards (to resume inside an epoch) are exactly
 those of an uninterrupted pass, and a Dataset holding the same images as a Split gives the
 same batches.
@@ -10,14 +11,15 @@ same batches.
 
 from __future__ import annotations
 
-from typing import Any, Iterator
+from typing import Any, Iterator, NamedTuple
 
 import torch
 from torch import Tensor
 from torch.utils.data import DataLoader, Dataset
 
 from ..errors import CapsNetError
-from .augment import AUGMENTS, Efficient, augment_efficient, check_side, draw_efficient
+from .augment import (AUGMENTS, Efficient, augment_efficient, check_side, draw_efficient,
+                      rotate)
 from .splits import Split
 
 Source = Split | Dataset | DataLoader
@@ -80,28 +82,38 @@ def crop_images(images: Tensor, offsets: Tensor, size: int) -> Tensor:
     return images[batch_index, channel_index, rows[:, None, :, None], cols[:, None, None, :]]
 
 
+class PassPlan(NamedTuple):
+    """What a pass draws for its ``n`` positions; None where it draws nothing of that kind."""
+
+    order: Tensor  # (n,) the source's index at each position
+    offsets: Tensor | None  # (2, n) shift offsets in [0, 2 * max_shift], rows then columns
+    corners: Tensor | None  # (2, n) crop corners in [0, crop_room]
+    efficient: Efficient | None  # Efficient-CapsNet's augmentation
+    degrees: Tensor | None  # (n,) counter-clockwise rotations in [-rotation, rotation]
+
+
 def pass_plan(n: int, seed: int | None, max_shift: int, crop_room: int = 0,
-              efficient: bool = False
-              ) -> tuple[Tensor, Tensor | None, Tensor | None, Efficient | None]:
-    """The order of a pass ``(n,)``, each position's shift offsets ``(2, n)``, its crop's
-    corner ``(2, n)`` in ``[0, crop_room]`` and its Efficient-CapsNet augmentation (or
-    None): shuffled and drawn from ``seed``, or in file order, unshifted, centre-cropped and
-    unaugmented without one."""
+              efficient: bool = False, rotation: float = 0.0) -> PassPlan:
+    """A pass's order and transformations, shuffled and drawn from ``seed``; in file order,
+    unshifted, centre-cropped (by the caller), unrotated and unaugmented without one."""
     if seed is None:
-        return torch.arange(n), None, None, None
+        return PassPlan(torch.arange(n), None, None, None, None)
     generator = torch.Generator().manual_seed(seed)
     order = torch.randperm(n, generator=generator)
     offsets = (torch.randint(0, 2 * max_shift + 1, (2, n), generator=generator)
                if max_shift > 0 else None)
     corners = (torch.randint(0, crop_room + 1, (2, n), generator=generator)
                if crop_room > 0 else None)
-    # drawn last, so that passes without it draw what they drew before it existed
+    # each drawn after all that existed before it, so that passes without it draw what
+    # they drew then
     augment = draw_efficient(n, generator) if efficient else None
-    return order, offsets, corners, augment
+    degrees = ((torch.rand(n, generator=generator) * 2 - 1) * rotation
+               if rotation > 0 else None)
+    return PassPlan(order, offsets, corners, augment, degrees)
 
 
 def batches(source: Source, batch_size: int, *, seed: int | None = None, max_shift: int = 0,
-            augment: str = "shift", crop: int = 0, start: int = 0,
+            augment: str = "shift", crop: int = 0, rotation: float = 0.0, start: int = 0,
             device: torch.device | str | None = None, rank: int = 0, world_size: int = 1,
             whole: bool = False) -> Iterator[tuple[Tensor, Tensor]]:
     """Yield ``(images, labels)`` batches of ``source``: float images in [0, 1]
@@ -112,7 +124,9 @@ def batches(source: Source, batch_size: int, *, seed: int | None = None, max_shi
     Efficient-CapsNet's MNIST training does (:mod:`capsnet.data.augment`; ``max_shift``
     unused), all drawn for the pass by :func:`pass_plan`; without one the order is the
     source's and nothing is changed. ``crop`` > 0 cuts a ``crop`` x ``crop`` window out of
-    each image: at a random place with a seed, in the centre without one. Ranks and
+    each image: at a random place with a seed, in the centre without one. ``rotation``
+    turns each (cropped) image about its centre by a uniform angle within that many degrees
+    either way, with a seed and the shift augmentation. Ranks and
     ``whole`` as in :func:`batch_positions`. A :class:`Split` is cut on the device it lives
     on, then moved; a Dataset's items (an image tensor, uint8 or float in [0, 1], and a
     label) are collated by a DataLoader, with a DataLoader's workers and collate function
@@ -124,11 +138,14 @@ def batches(source: Source, batch_size: int, *, seed: int | None = None, max_shi
         raise CapsNetError(f"cannot crop {crop}x{crop} out of {side}x{side} images")
     if augment not in AUGMENTS:
         raise CapsNetError(f"augment must be one of {', '.join(AUGMENTS)}, got {augment!r}")
+    if not 0 <= rotation <= 180:
+        raise CapsNetError(f"rotation must be 0 to 180 degrees, got {rotation}")
     efficient = augment == "efficient"
     if efficient and seed is not None:
         check_side(height, side)
-    order, offsets, corners, plan = pass_plan(n, seed, 0 if efficient else max_shift,
-                                              side - crop if crop else 0, efficient)
+    order, offsets, corners, plan, degrees = pass_plan(
+        n, seed, 0 if efficient else max_shift, side - crop if crop else 0, efficient,
+        0.0 if efficient else rotation)
     positions = list(batch_positions(n, batch_size, start=start, rank=rank,
                                      world_size=world_size, whole=whole))
     if isinstance(source, Split):
@@ -147,6 +164,7 @@ def batches(source: Source, batch_size: int, *, seed: int | None = None, max_shi
     offsets = offsets.to(target) if offsets is not None else None
     corners = corners.to(target) if corners is not None else None
     plan = plan.to(target) if plan is not None else None
+    degrees = degrees.to(target) if degrees is not None else None
     for p, (images, labels) in zip(positions, loaded):
         images = to_unit_float(images)
         if offsets is not None:
@@ -158,6 +176,8 @@ def batches(source: Source, batch_size: int, *, seed: int | None = None, max_shi
         elif crop:
             margin = (side - crop) // 2
             images = images[:, :, margin:margin + crop, margin:margin + crop]
+        if degrees is not None:
+            images = rotate(images, degrees[p.to(target)])
         yield images, labels
 
 

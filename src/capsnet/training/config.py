@@ -91,6 +91,9 @@ class TrainConfig:
                                    min=0, max=1, before=0.0)
     crop: int = setting(0, "train on random crop x crop windows, evaluate on the centre one "
                         "(0: whole images)", min=0, max=4096)
+    rotation: float = setting(0.0, "rotate each training image (after --crop) about its "
+                              "centre by a uniform angle within this many degrees either way "
+                              "(0: none; unused with --augment efficient)", min=0, max=180)
     margin_ramp_epochs: int = setting(
         0, "spread loss (EM routing): its margin rises from 0.2 to 0.9 over this many epochs "
         "(0: all of --epochs); --resume with other --epochs keeps the ramp the run began with",

@@ -188,7 +188,8 @@ class Classification(Task):
                 ) -> Iterable[tuple[Tensor, Tensor]]:
         labelled = batches(self.train, self.config.batch_size, seed=seed,
                            max_shift=self.config.max_shift, augment=self.config.augment,
-                           crop=self.config.crop, start=start, device=device, rank=world.rank,
+                           crop=self.config.crop, rotation=self.config.rotation,
+                           start=start, device=device, rank=world.rank,
                            world_size=world.world_size)
         if self.none_pool is None:
             return labelled
