@@ -175,27 +175,29 @@ class EMCapsNetConfig:
     def activation_floats(self, training: bool, device: torch.device | None = None) -> int:
         """Floats of activations one image needs on ``device`` (an upper bound, for memory
         estimates): the votes of each capsule layer, kept per routing iteration while
-        training; where the convolutional capsule layers route in the CPU kernel (a CPU, the
-        kernel built), their window poses and a few routing-sized tensors per iteration (one
-        number per vote: the kernel keeps no votes) instead of their votes."""
+        training; where the capsule layers route in the CPU kernel (a CPU, the kernel
+        built), their window poses and a few routing-sized tensors per iteration (one number
+        per vote: the kernel keeps no votes) instead of their votes."""
         primary, caps1, caps2 = self.grids
         window = CAPS_KERNEL ** 2
-        # one number per (window, input, output) of each convolutional capsule layer
+        # one number per (window, input, output) of each capsule layer; the class layer's
+        # one window is every position of the last grid
         routes = (caps1 ** 2 * window * self.primary_types * self.caps1_types
-                  + caps2 ** 2 * window * self.caps1_types * self.caps2_types)
-        class_votes = caps2 ** 2 * self.caps2_types * self.num_classes * POSE_SIZE
+                  + caps2 ** 2 * window * self.caps1_types * self.caps2_types
+                  + caps2 ** 2 * self.caps2_types * self.num_classes)
         features = self.conv1_channels * primary ** 2 + self.image_pixels
-        copies = 2 * self.routing_iterations + 2 if training else 3
         if device is not None and enabled() and em_kernel.runs_on(device):
             # Measured by scripts/measure_memory.py: about 5 routing-sized copies while
             # training at 2 iterations and 7 at 3, under 2 in inference.
             window_poses = (caps1 ** 2 * window * self.primary_types
-                            + caps2 ** 2 * window * self.caps1_types) * POSE_SIZE
-            kernel_copies = 2 * self.routing_iterations + 3 if training else 3
-            layers = kernel_copies * routes + 2 * window_poses
+                            + caps2 ** 2 * window * self.caps1_types
+                            + caps2 ** 2 * self.caps2_types) * POSE_SIZE
+            copies = 2 * self.routing_iterations + 3 if training else 3
+            layers = copies * routes + 2 * window_poses
         else:
+            copies = 2 * self.routing_iterations + 2 if training else 3
             layers = copies * routes * POSE_SIZE
-        return layers + copies * class_votes + 2 * features + sum(self.decoder_hidden or ())
+        return layers + 2 * features + sum(self.decoder_hidden or ())
 
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)
