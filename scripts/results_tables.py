@@ -31,6 +31,7 @@ from capsnet.utils.settings import training_fields
 
 DOCS = Path(__file__).resolve().parent.parent / "docs"
 MISSING = "not recorded"
+BENCH_SIDE = 28  # the images of bench records from before they named their size
 # Training settings that only some networks of the registry have (declared in their configs).
 NETWORK_FIELDS = {f.name for entry in MODELS.values() if entry.config is not CapsNetConfig
                   for f in training_fields(entry.config)}
@@ -342,9 +343,11 @@ def convolutions_ratio(name: str, run: Run, benches: list[Run]) -> str:
     ``name`` on the hardware of training ``run``, in the run's precision, compile mode and
     CUDA graphs where it names them, with its routing iterations where the network iterates
     and the same routing kernel (by its source's hash; records from before they kept it
-    match each other): one ratio, or the range of several of that date."""
+    match each other) on images of the same size: one ratio, or the range of several of
+    that date."""
     model = hardware_model(run.summary.get("device"))
     iterations = run.train.get("routing_iterations")
+    side = run.config.get("model", {}).get("image_size", BENCH_SIDE)
     # records from before a setting existed ran without it: no CUDA graphs
     settings = {"precision": run.summary.get("precision") or run.train.get("precision"),
                 "compile": run.summary.get("compiled"),
@@ -356,6 +359,7 @@ def convolutions_ratio(name: str, run: Run, benches: list[Run]) -> str:
                      for key, value in settings.items())
              and s.get("routing_iterations") in (None, iterations)  # None: routes once
              and s.get("kernel") == run.summary.get("kernel")
+             and s.get("image_size", BENCH_SIDE) == side
              and s.get("train_images_per_s") and s.get("convs_train_images_per_s")]
     newest = max((s.get("date", "") for s in found), default=None)
     ratios = sorted(s["train_images_per_s"] / s["convs_train_images_per_s"]

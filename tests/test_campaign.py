@@ -223,6 +223,15 @@ def test_a_continued_run_links_the_record_of_the_run_it_started_from(
     assert shown in row
 
 
+def ratio(docs: Path, run: str) -> str:
+    """The generated routings table's ratio to the convolutions for the em-capsnet-small
+    record ``run``."""
+    assert tables(docs).returncode == 0
+    row = next(line for line in (docs / "RESULTS.md").read_text().splitlines()
+               if line.startswith("| `em-capsnet-small`") and f"[runs/{run}]" in line)
+    return row.split(" | ")[8]
+
+
 def test_a_training_run_is_compared_with_benches_of_its_own_routing_iterations_and_kernel(
         tmp_path: Path) -> None:
     docs = copy_docs(tmp_path)
@@ -231,28 +240,22 @@ def test_a_training_run_is_compared_with_benches_of_its_own_routing_iterations_a
              "compile": True, "date": "2026-01-01", "convs_train_images_per_s": 1000.0,
              "infer_images_per_s": 1.0}
 
-    def ratio() -> str:
-        assert tables(docs).returncode == 0
-        row = next(line for line in (docs / "RESULTS.md").read_text().splitlines()
-                   if line.startswith("| `em-capsnet-small`") and "[runs/em-two]" in line)
-        return row.split(" | ")[8]
-
     run = {"test_accuracy": 0.9, "device": device, "precision": "fp32", "compiled": True,
            "train_images_per_s": 100.0}
     config = {"train": {"network": "em-capsnet-small", "routing_iterations": 2}}
     write_record(docs, "em-two", run, config)
     write_record(docs, "bench-three",
                  {**bench, "routing_iterations": 3, "train_images_per_s": 50.0})
-    assert ratio() == "not measured"
+    assert ratio(docs, "em-two") == "not measured"
     write_record(docs, "bench-two", {**bench, "routing_iterations": 2, "train_images_per_s": 80.0})
-    assert ratio() == "0.08x"
+    assert ratio(docs, "em-two") == "0.08x"
     # a newer kernel's bench speaks for runs of that kernel, not for a run of the older one
     newer = {**bench, "routing_iterations": 2, "date": "2026-02-01", "kernel": "em_kernel-1"}
     write_record(docs, "bench-newer", {**newer, "train_images_per_s": 160.0})
-    assert ratio() == "0.08x"
+    assert ratio(docs, "em-two") == "0.08x"
     (docs / "runs" / "em-two" / "summary.json").write_text(
         json.dumps({**run, "kernel": "em_kernel-1"}))
-    assert ratio() == "0.16x"
+    assert ratio(docs, "em-two") == "0.16x"
 
 
 def test_a_training_run_is_compared_with_benches_of_its_own_vector_instructions(
@@ -262,12 +265,6 @@ def test_a_training_run_is_compared_with_benches_of_its_own_vector_instructions(
     docs = copy_docs(tmp_path)
     avx2, avx512 = "cpu (Test CPU, AVX2, 2 threads)", "cpu (Test CPU, AVX512, 2 threads)"
 
-    def ratio() -> str:
-        assert tables(docs).returncode == 0
-        row = next(line for line in (docs / "RESULTS.md").read_text().splitlines()
-                   if "[runs/em-avx2]" in line and line.startswith("| `em-capsnet-small`"))
-        return row.split(" | ")[8]
-
     write_record(docs, "em-avx2", {"test_accuracy": 0.9, "device": avx2, "precision": "fp32",
                                    "compiled": True, "train_images_per_s": 100.0},
                  {"train": {"network": "em-capsnet-small", "routing_iterations": 2}})
@@ -275,9 +272,29 @@ def test_a_training_run_is_compared_with_benches_of_its_own_vector_instructions(
              "routing_iterations": 2, "date": "2026-01-01", "convs_train_images_per_s": 1000.0,
              "infer_images_per_s": 1.0}
     write_record(docs, "bench-avx512", {**bench, "device": avx512, "train_images_per_s": 90.0})
-    assert ratio() == "not measured"
+    assert ratio(docs, "em-avx2") == "not measured"
     write_record(docs, "bench-avx2", {**bench, "device": avx2, "train_images_per_s": 60.0})
-    assert ratio() == "0.06x"
+    assert ratio(docs, "em-avx2") == "0.06x"
+
+
+def test_a_training_run_is_compared_with_benches_of_its_own_image_size(tmp_path: Path) -> None:
+    """A run on 24x24 crops is not compared with benches of 28x28 images (those from before
+    bench records named their size, or that name it)."""
+    docs = copy_docs(tmp_path)
+    device = "cpu (Test CPU, AVX2, 2 threads)"
+
+    write_record(docs, "em-crop", {"test_accuracy": 0.9, "device": device, "precision": "fp32",
+                                   "compiled": True, "train_images_per_s": 100.0},
+                 {"train": {"network": "em-capsnet-small", "routing_iterations": 2, "crop": 24},
+                  "model": {"image_size": 24}})
+    bench = {"network": "em-capsnet-small", "device": device, "precision": "fp32",
+             "compile": True, "routing_iterations": 2, "date": "2026-01-01",
+             "convs_train_images_per_s": 1000.0, "infer_images_per_s": 1.0}
+    write_record(docs, "bench-before-sizes", {**bench, "train_images_per_s": 90.0})
+    write_record(docs, "bench-28", {**bench, "image_size": 28, "train_images_per_s": 80.0})
+    assert ratio(docs, "em-crop") == "not measured"
+    write_record(docs, "bench-24", {**bench, "image_size": 24, "train_images_per_s": 70.0})
+    assert ratio(docs, "em-crop") == "0.07x"
 
 
 def test_a_cpus_device_name_says_which_vector_instructions_the_kernels_use() -> None:

@@ -230,7 +230,7 @@ def benchmark(device: torch.device, precision: str, compile_model: bool,
         "device": device_name(device), "torch": torch.__version__, "precision": precision,
         "compile": compile_model or cuda_graphs, "cuda_graphs": cuda_graphs,
         "routing_iterations": getattr(config, "routing_iterations", None),
-        "train_batch": train_batch, "infer_batch": infer_batch, "date": time.strftime("%Y-%m-%d"),
+        "image_size": config.image_size, "train_batch": train_batch, "infer_batch": infer_batch, "date": time.strftime("%Y-%m-%d"),
     }
     result.update(bench_model(device, precision, compile_model, network, config, train_batch,
                               infer_batch, warmup, repeats, cuda_graphs))
