@@ -126,11 +126,12 @@ def batches(source: Source, batch_size: int, *, seed: int | None = None, max_shi
     source's and nothing is changed. ``crop`` > 0 cuts a ``crop`` x ``crop`` window out of
     each image: at a random place with a seed, in the centre without one. ``rotation``
     turns each (cropped) image about its centre by a uniform angle within that many degrees
-    either way, with a seed and the shift augmentation. Ranks and
-    ``whole`` as in :func:`batch_positions`. A :class:`Split` is cut on the device it lives
-    on, then moved; a Dataset's items (an image tensor, uint8 or float in [0, 1], and a
-    label) are collated by a DataLoader, with a DataLoader's workers and collate function
-    when one is given.
+    either way, with a seed and the shift augmentation.
+
+    Ranks and ``whole`` as in :func:`batch_positions`. A :class:`Split` is cut on the device
+    it lives on, then moved; a Dataset's items (an image tensor, uint8 or float in [0, 1],
+    and a label) are collated by a DataLoader, with a DataLoader's workers and collate
+    function when one is given.
     """
     n = source_length(source)
     height, side = example_shape(source)[-2:]
