@@ -57,9 +57,9 @@ FIRST_STEP = textwrap.dedent("""
     from capsnet.training.task import Classification
     from capsnet.training.trainer import Trainer
 
-    dataset, out = sys.argv[1], sys.argv[2]
-    config = make_config("paper", dataset=dataset, val_size=40, train_limit=64, batch_size=16,
-                         max_shift=1, device="cpu", deterministic=True)
+    dataset, out, preset, network = sys.argv[1:5]
+    config = make_config(preset, network=network, dataset=dataset, val_size=40, train_limit=64,
+                         batch_size=16, max_shift=1, device="cpu", deterministic=True)
     trainer = Trainer(Classification.from_config(config), out + ".run", show_progress=False)
     batch = next(iter(trainer.task.batches(epoch_seed(config, 0), 0, trainer.device,
                                            trainer.world)))
@@ -70,18 +70,21 @@ FIRST_STEP = textwrap.dedent("""
 
 
 @pytest.mark.slow
-def test_two_processes_compute_the_gradient_of_one(tiny_dataset: Path, tmp_path: Path) -> None:
+@pytest.mark.parametrize("preset, network", [("paper", "capsnet"), ("em", "em-capsnet-small")])
+def test_two_processes_compute_the_gradient_of_one(tiny_dataset: Path, tmp_path: Path,
+                                                   preset: str, network: str) -> None:
     """The first step's gradient: each of 2 processes takes half of the global batch of 16
-    and DDP averages, which is the gradient of the mean loss over all 16. Only the order of
-    floating-point sums differs, so each tensor agrees to about 1e-6 of its norm on any CPU.
-    (Weights after Adam steps are no fair test: Adam's first update is about lr * sign(g),
-    so a gradient entry near zero can flip the sign of its update between the two runs.)"""
+    and DDP averages, which is the gradient of the mean loss over all 16 (dynamic routing's
+    margin loss, EM routing's spread loss in its C kernel). Only the order of floating-point
+    sums differs, so each tensor agrees to about 1e-6 of its norm on any CPU. (Weights after
+    Adam steps are no fair test: Adam's first update is about lr * sign(g), so a gradient
+    entry near zero can flip the sign of its update between the two runs.)"""
     script = tmp_path / "first_step.py"
     script.write_text(FIRST_STEP)
     grads = {}
     for nproc in (1, 2):
         out = tmp_path / f"grads{nproc}.pt"
-        done = torchrun(nproc, str(script), str(tiny_dataset), str(out))
+        done = torchrun(nproc, str(script), str(tiny_dataset), str(out), preset, network)
         assert done.returncode == 0, done.stderr[-3000:]
         grads[nproc] = torch.load(out, weights_only=True)
     for name, one in grads[1].items():
