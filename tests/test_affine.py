@@ -217,7 +217,7 @@ def test_the_other_routings_run_the_experiment(preset: str, network: str, tiny_d
     from capsnet.nn.registry import MODELS, load_model
 
     run_dir = tmp_path / "aff"
-    code = main(["experiment", "affnist", "--preset", preset, "--augment", "shift",
+    code = main(["experiment", "affnist", "--preset", preset,
                  "--network", network, "--model", "capsnet", "--dataset", str(tiny_dataset),
                  "--epochs", "1", "--train-limit", "16", "--test-limit", "16", "--val-size",
                  "40", "--batch-size", "16", "--device", "cpu", "--compile", "off",

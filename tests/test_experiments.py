@@ -110,3 +110,19 @@ def test_an_experiment_checks_every_models_checkpoint_before_training_any(
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "cnn" in err, err
     assert {p: p.read_bytes() for p in sorted(run_dir.rglob("*")) if p.is_file()} == before
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name, canvas", [("multimnist", 36), ("affnist", 40)])
+def test_an_experiment_replaces_a_presets_crops_with_its_own_input(
+        name: str, canvas: int, tiny_dataset: Path, tmp_path: Path, one_thread) -> None:
+    """The cifar10 preset trains on 24x24 crops; an experiment places its digits on its own
+    canvas and trains on all of it."""
+    run_dir = tmp_path / "run"
+    args = ["experiment", name, "--preset", "cifar10", "--dataset", str(tiny_dataset), *COMMON,
+            *ARGS[name], "--epochs", "1", "--run-dir", str(run_dir)]
+    assert main(args + (["--model", "capsnet"] if name == "affnist" else [])) == 0
+    config = json.loads((run_dir / "config.json").read_text())
+    assert (config["train"]["crop"], config["train"]["rotation"]) == (0, 0.0)
+    model = load_checkpoint(run_dir / ("capsnet" if name == "affnist" else "") / "best.pt")
+    assert model["model_config"]["image_size"] == canvas

@@ -158,6 +158,9 @@ CASES: dict[str, tuple[list[str], str]] = {
     "experiment-augment": (["experiment", "multimnist", "--dataset", "data", "--augment",
                             "efficient"], "experiment multimnist places and shifts its digits "
                             "itself; --augment efficient is for capsnet train"),
+    "experiment-crop-rotation": (["experiment", "affnist", "--dataset", "data", "--crop", "24",
+                                  "--rotation", "10"], "experiment affnist places and shifts its "
+                                 "digits itself; --crop 24 and --rotation 10.0 are for capsnet train"),
     "explore-port": (["explore", "run", "--port", "70000"], "expected an integer in [0, 65,535]"),
     "lr-zero": (["train", "--lr", "0"], "argument --lr: expected a number in (0, 1), got '0'"),
     "warmup-negative": (["train", "--warmup-steps", "-1"], "argument --warmup-steps"),

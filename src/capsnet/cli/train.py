@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import CapsNetError
-from ..experiments import EXPERIMENTS
+from ..experiments import EXPERIMENTS, OWN_INPUT
 from ..training.config import PRESETS, TrainConfig, make_config, resume_config
 from ..training.run import LOCK_FD_VARIABLE, Run
 from ..training.status import last_line
@@ -227,9 +227,12 @@ def run_experiment(args: argparse.Namespace) -> int:
     else:
         settings = experiment.settings(**given_settings(args, experiment.settings))
         config = requested_config(args, experiment.train_defaults)
-    if config.augment != "shift":
+    asked = [f"--{name} {getattr(config, name)}" for name, value in OWN_INPUT.items()
+             if getattr(config, name) != value]
+    if asked:
         raise CapsNetError(f"experiment {args.experiment} places and shifts its digits itself; "
-                           f"--augment {config.augment} is for capsnet train")
+                           f"{' and '.join(asked)} {'is' if len(asked) == 1 else 'are'} "
+                           f"for capsnet train")
     if config.none_fraction:
         raise CapsNetError(f"experiment {args.experiment} has no images of no class; "
                            f"--none-fraction is for capsnet train")

@@ -39,7 +39,7 @@ from ..utils.device import autocast, device_name
 from ..utils.distributed import World
 from ..utils.files import save_png
 from ..utils.settings import check_settings, setting
-from .base import TEST_SEED, VAL_SEED, Experiment
+from .base import OWN_INPUT, TEST_SEED, VAL_SEED, Experiment
 
 CANVAS = 40
 MODELS = ("capsnet", "cnn")
@@ -264,4 +264,4 @@ AFFNIST = Experiment(
     description="Train a CapsNet and/or a baseline CNN on digits placed at random on a 40x40 "
                 "canvas, then test on translated and on affine-transformed test digits (and "
                 "on real affNIST test files with --affnist-dir).",
-    train_defaults={"warmup_steps": 200})
+    train_defaults={**OWN_INPUT, "warmup_steps": 200})

@@ -9,6 +9,9 @@ from typing import Any, Callable
 
 VAL_SEED = 1_000_001  # generated evaluation sets are the same in every run, whatever --seed
 TEST_SEED = 2_017_000
+# An experiment makes its own input (digits placed, shifted and overlaid on a canvas): a
+# preset's crops, turns and augmentation are replaced, and asking for them is refused.
+OWN_INPUT = {"crop": 0, "rotation": 0.0, "augment": "shift"}
 
 
 @dataclass(frozen=True)

@@ -35,7 +35,7 @@ from ..training.trainer import Trainer
 from ..utils.distributed import World
 from ..utils.files import save_png
 from ..utils.settings import check_settings, setting
-from .base import TEST_SEED, VAL_SEED, Experiment
+from .base import OWN_INPUT, TEST_SEED, VAL_SEED, Experiment
 
 CRITERION = "the two longest capsules are exactly the two classes"
 
@@ -258,6 +258,6 @@ MULTIMNIST = Experiment(
     description="Train and test a CapsNet on MultiMNIST: two overlapping digits of different "
                 "classes, each shifted up to 4 px, on 36x36, generated on the fly. Test error: "
                 "the two longest capsules must be the two classes.",
-    train_defaults={"max_shift": MAX_SHIFT, "warmup_steps": 200},
+    train_defaults={**OWN_INPUT, "max_shift": MAX_SHIFT, "warmup_steps": 200},
     # two classes an image: the margin loss, and a decoder for each digit
     networks=tuple(name for name, entry in MODELS.items() if entry.loss == "margin"))
