@@ -10,10 +10,13 @@ from typing import Callable
 
 import numpy as np
 import pytest
+import torch
 from PIL import Image, ImageDraw
 
 from capsnet.cli import main
-from capsnet.data.folders import read_class_folders
+from capsnet import load_model
+from capsnet.data import Split, batches
+from capsnet.data.folders import read_class_folders, read_images
 from capsnet.data.splits import load_splits
 from capsnet.errors import CapsNetError
 
@@ -143,3 +146,15 @@ def test_the_cifar10_preset_learns_coloured_shapes(shapes: Path, tmp_path: Path,
     config = json.loads((run / "config.json").read_text())["model"]
     assert (config["image_size"], config["primary_maps"], config["leaky_routing"]) == (24, 64, True)
     assert summary["test_accuracy"] > 0.6, summary
+    # predict makes a photo 32x32 and takes its centre 24x24, as the test batches were made
+    files = sorted((shapes / "test" / "circle").iterdir())[:4]
+    capsys.readouterr()
+    assert main(["predict", str(run), *map(str, files), "--json"]) == 0
+    answers = capsys.readouterr().out.splitlines()
+    predicted = torch.tensor([json.loads(line)["lengths"] for line in answers])
+    pixels, labels = read_images([(f, 0) for f in files], 32, 3)
+    split = Split(torch.from_numpy(np.stack(pixels)).permute(0, 3, 1, 2), torch.from_numpy(labels))
+    model = load_model(run)
+    assert model.crop_from == 32
+    evaluated = model(next(batches(split, 4, crop=24))[0]).lengths
+    torch.testing.assert_close(predicted, evaluated, atol=2e-3, rtol=0)  # uint8 rounding

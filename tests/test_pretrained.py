@@ -19,11 +19,12 @@ from PIL import Image
 
 from capsnet import CapsNet, CapsNetConfig, capsnet_mnist, count_parameters
 from capsnet.cli import main
-from capsnet.data import load_splits
+from capsnet.data import Split, batches, load_splits
 from capsnet.errors import CapsNetError
 from capsnet.nn.baseline import ARCHITECTURE, BaselineCNN, BaselineConfig
 from capsnet.nn.pretrained import read_weights
 from capsnet.tools.export import export_model
+from capsnet.utils.images import load_image
 from capsnet.training.checkpoint import load_trained, save_checkpoint
 
 REPO = Path(__file__).resolve().parent.parent
@@ -49,6 +50,31 @@ def test_save_and_load_round_trip(tmp_path: Path) -> None:
         assert torch.equal(loaded.state_dict()[name], tensor)
     readable = json.loads((tmp_path / "m" / "config.json").read_text())
     assert readable["model_config"] == SMALL.to_dict() and readable["class_names"][2] == "eel"
+
+
+def test_a_model_trained_on_crops_prepares_images_as_its_evaluation_cut_them(
+        tmp_path: Path) -> None:
+    """A model of 20x20 crops of 26x26 images makes a user's image 26x26 and takes its
+    centre, as evaluation crops; the files keep that, and bad stored values are one line."""
+    model = small_model()
+    model.crop_from = 26
+    image = np.random.default_rng(0).random((40, 40, 3))
+    whole = load_image(image, 26, 1, preprocess=False)  # (1, 26, 26)
+    expected = next(batches(Split(torch.from_numpy(whole)[None], torch.zeros(1, dtype=torch.long)),
+                            1, crop=20))[0][0]
+    assert torch.equal(torch.from_numpy(model.prepare_image(image, preprocess=False)), expected)
+    assert torch.equal(model.preprocess(image)[0], expected)  # prepare "resize"
+    model.save_pretrained(tmp_path / "m")
+    assert CapsNet.from_pretrained(tmp_path / "m").crop_from == 26
+    assert CapsNet.from_pretrained(tmp_path / "m" / "model.safetensors").crop_from == 26
+    assert small_model().crop_from == 0  # whole images, as every file from before crops
+    for bad in (20, 5000, "26", True, 26.0):
+        model.crop_from = bad
+        model.save_pretrained(tmp_path / "bad")
+        with pytest.raises(CapsNetError, match=r"bad/model.safetensors: the stored crop_from "
+                                               r"must be 0 or a side from 21 to 4096, got "):
+            CapsNet.from_pretrained(tmp_path / "bad")
+        shutil.rmtree(tmp_path / "bad")
 
 
 def test_half_precision_halves_the_file_and_loads_as_float32(tmp_path: Path) -> None:

@@ -14,7 +14,6 @@ from typing import Any
 import numpy as np
 import torch
 
-from ..utils.images import load_image
 from ..data.splits import load_splits
 from ..tools.bench import benchmark, format_table
 from ..tools.explore import make_server
@@ -183,10 +182,10 @@ def predict_files(model: Any, paths: list[Path], preprocess: bool,
                   args: argparse.Namespace) -> int:
     """Print the prediction of each readable file of ``paths`` in order, a line on stderr
     for each other; returns how many failed."""
-    config, images, readable = model.config, [], []
+    images, readable = [], []
     for path in paths:
         try:
-            images.append(load_image(path, config.image_size, config.in_channels, preprocess))
+            images.append(model.prepare_image(path, preprocess))
             readable.append(path)
         except CapsNetError as exc:
             report_failure(exc)

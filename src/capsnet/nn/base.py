@@ -4,7 +4,7 @@ saved and loaded as one file format.
 
 A model class mixes in :class:`CapsuleModel` and sets ``architecture`` (the tag stored with
 it) and ``config_class``; its instances have ``config`` (with ``image_size``,
-``in_channels``, ``num_classes``), ``class_names`` and ``prepare``. ::
+``in_channels``, ``num_classes``), ``class_names``, ``prepare`` and ``crop_from``. ::
 
     model = CapsNet.from_pretrained("mnist")
     for p in model.predict(["three.png", pil_image, numpy_array]):
@@ -24,7 +24,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from ..errors import CapsNetError
-from ..utils.images import ImageSource, load_image
+from ..utils.images import ImageSource, centre_crop, load_image
 from . import pretrained
 from .layers import safe_norm
 from .prediction import Prediction, predictions
@@ -46,19 +46,29 @@ class CapsuleModel:
     config_class: type
     class_names: tuple[str, ...]
     prepare: str  # "mnist": centred like MNIST's digits; "resize": only resized
+    crop_from: int = 0  # the side of the images its training crops were cut from; 0: none
     config: Any
 
     def preprocess(self, images: ImageSource | Iterable[ImageSource]) -> Tensor:
         """Images as this model's input ``(batch, channels, size, size)`` in [0, 1]: each a
         path, a PIL image, a NumPy array or a tensor, prepared as the model's training images
-        were (see :func:`capsnet.utils.images.load_image`)."""
+        were (see :meth:`prepare_image`)."""
         sources = [images] if is_one_image(images) else list(images)  # type: ignore[arg-type]
         if not sources:
             raise CapsNetError("no images given")
-        prepared = [load_image(source, self.config.image_size, self.config.in_channels,
-                               preprocess=self.prepare == "mnist", name=f"image {i}")
+        prepared = [self.prepare_image(source, self.prepare == "mnist", f"image {i}")
                     for i, source in enumerate(sources)]
         return torch.from_numpy(np.stack(prepared))
+
+    def prepare_image(self, source: ImageSource, preprocess: bool = True,
+                      name: str | None = None) -> np.ndarray:
+        """One image as this model's input ``(channels, size, size)``: made the size of its
+        training images by :func:`capsnet.utils.images.load_image` (``preprocess``: centred
+        as MNIST's digits), then, for a model trained on crops, cut to the centre window."""
+        size = self.config.image_size
+        image = load_image(source, self.crop_from or size, self.config.in_channels,
+                           preprocess, name)
+        return centre_crop(image, size)
 
     @torch.no_grad()
     def predict(self, images: ImageSource | Iterable[ImageSource] | Tensor,

@@ -38,6 +38,7 @@ VERSION = "1"
 WEIGHTS, CONFIG = "model.safetensors", "config.json"
 SHIPPED = {"mnist": "mnist"}  # folders of src/capsnet/pretrained/ -> the data set each learnt
 PREPARATIONS = ("mnist", "resize")
+MAX_SIDE = 4096  # the largest image_size a model config takes
 WEIGHT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)  # stored weights
 SAFETENSORS_FLOAT_BITS = {"F16": 16, "BF16": 16, "F32": 32, "F64": 64}  # header dtype names
 MODEL_KINDS = (f"a run folder (its best.pt), a checkpoint (.pt), a save_pretrained folder, a "
@@ -60,7 +61,8 @@ class Stored:
 
 def labels_of(model: nn.Module) -> dict[str, Any]:
     """What the model's outputs mean: its class names and how to prepare a user's image."""
-    return {"class_names": list(model.class_names), "prepare": model.prepare}
+    return {"class_names": list(model.class_names), "prepare": model.prepare,
+            "crop_from": model.crop_from}
 
 
 def weights_bytes(model: nn.Module, dtype: torch.dtype | None = None) -> bytes:
@@ -123,6 +125,16 @@ def check_labels(labels: Any, num_classes: int, source: str) -> dict[str, Any]:
     if prepare not in PREPARATIONS:
         raise CapsNetError(f"{source}: unknown image preparation {prepare!r}")
     return {"class_names": tuple(names), "prepare": prepare}
+
+
+def check_crop_from(labels: dict[str, Any], image_size: int, source: str) -> int:
+    """The stored side a model's images are made before their centre ``image_size`` crop
+    (untrusted input): 0 (no crop, also when absent) or larger than ``image_size``."""
+    crop_from = labels.get("crop_from", 0)
+    if not (type(crop_from) is int and (crop_from == 0 or image_size < crop_from <= MAX_SIDE)):
+        raise CapsNetError(f"{source}: the stored crop_from must be 0 or a side from "
+                           f"{image_size + 1} to {MAX_SIDE}, got {short(crop_from)}")
+    return crop_from
 
 
 def build(model_class: type, config_class: type, config: Any, state: Any, source: str) -> Any:
@@ -352,7 +364,7 @@ def weights_of(path: Path, dataset: str | None = None) -> Stored:
 def checkpoint_of(payload: dict[str, Any], path: Path) -> Stored:
     """What a checkpoint's ``payload`` (read and checked) holds."""
     return Stored(path, payload["model_config"], payload["model"],
-                  {k: payload[k] for k in ("class_names", "prepare") if k in payload},
+                  {k: payload[k] for k in ("class_names", "prepare", "crop_from") if k in payload},
                   payload.get("architecture", "capsnet"), payload.get("train_config"))
 
 
@@ -366,4 +378,5 @@ def built(stored: Stored, architectures: dict[str, tuple[type, type]]) -> Any:
                   str(stored.path))
     labels = check_labels(stored.labels, model.config.num_classes, str(stored.path))
     model.class_names, model.prepare = labels["class_names"], labels["prepare"]
+    model.crop_from = check_crop_from(stored.labels, model.config.image_size, str(stored.path))
     return model

@@ -75,7 +75,7 @@ from urllib.parse import parse_qs, urlsplit
 import numpy as np
 import torch
 
-from ..utils.images import load_image, mnist_normalise
+from ..utils.images import centre_crop, mnist_normalise
 from ..errors import CapsNetError, error_line
 from ..nn.base import CapsuleModel
 from ..nn.layers import safe_norm
@@ -360,13 +360,13 @@ class Explorer:
 
     def prepared(self, drawing: np.ndarray) -> np.ndarray:
         """An (H, W) ``drawing`` prepared as the model's images were: centred MNIST-style, or
-        (prepare "resize") resized."""
+        (prepare "resize") resized; cut to the centre window for a model trained on crops."""
         if drawing.ndim != 2:
             raise ApiError("preprocess takes a one-channel drawing (HxW)")
-        size = self.model.config.image_size
+        size = self.model.crop_from or self.model.config.image_size
         if self.model.prepare == "mnist":
-            return centre_digit(drawing, size)
-        return load_image(drawing, size, 1, preprocess=False, name="drawing")[0]
+            return centre_crop(centre_digit(drawing, size), self.model.config.image_size)
+        return self.model.prepare_image(drawing, preprocess=False, name="drawing")[0]
 
     def run(self, image: np.ndarray, capsule: int | None, offsets: np.ndarray) -> dict[str, Any]:
         """Forward ``image`` ((size, size) for every channel, or (channels, size, size)), decode

@@ -47,6 +47,7 @@ class Task:
     command = "capsnet train"  # the command that resumes a run of this task
     class_names: tuple[str, ...] = ()
     prepare = "mnist"
+    crop_from = 0  # the side of the images training crops are cut from; 0: no crops
     architecture = "capsnet"  # key of capsnet.training.checkpoint.ARCHITECTURES
     best_metric = "loss"  # key of validate()'s result whose best value picks best.pt
     higher_is_better = False
@@ -106,8 +107,10 @@ class Task:
 
     def labels(self) -> dict[str, Any]:
         """What a trained model's outputs mean, stored with it: class names, and how to
-        prepare a user's image ("mnist": centred as MNIST's digits; "resize": only resized)."""
-        return {"class_names": list(self.class_names), "prepare": self.prepare}
+        prepare a user's image ("mnist": centred as MNIST's digits; "resize": only resized;
+        ``crop_from``: the side it is made before its centre crop, 0 for none)."""
+        return {"class_names": list(self.class_names), "prepare": self.prepare,
+                "crop_from": self.crop_from}
 
 
 class Classification(Task):
@@ -135,6 +138,7 @@ class Classification(Task):
         if config.crop > height:
             raise CapsNetError(f"--crop {config.crop} is larger than the {height}x{height} images")
         self.image_size, self.in_channels = config.crop or height, channels
+        self.crop_from = height if config.crop else 0
         self.margin = SPREAD_MARGIN_START
         # images of no class, drawn into every training batch (--none-fraction)
         self.none_pool = (run_pool(self.image_size, channels, config.seed, prepare == "mnist",

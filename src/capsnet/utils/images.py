@@ -101,6 +101,14 @@ def load_image(source: ImageSource, size: int = 28, channels: int = 1, preproces
     return np.clip(np.stack(planes), 0.0, 1.0).astype(np.float32)
 
 
+def centre_crop(pixels: np.ndarray, size: int) -> np.ndarray:
+    """The centre ``size`` x ``size`` window of ``(..., side, side)`` ``pixels``, where a
+    model trained on crops (``--crop``) is evaluated; the whole of them when ``side`` is
+    ``size``."""
+    margin = (pixels.shape[-1] - size) // 2
+    return pixels[..., margin:margin + size, margin:margin + size]
+
+
 # -- reading ----------------------------------------------------------------------------
 
 def source_name(source: object) -> str:
