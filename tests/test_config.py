@@ -69,7 +69,7 @@ EFFICIENT = {**PAPER, "network": "efficient-capsnet", "batch_size": 16, "lr": 5e
 # EM routing: the paper's network and spread loss, no decoder, the authors' batch of 64;
 # yl-1993's 2 iterations and learning rate.
 EM = {**PAPER, "network": "em-capsnet", "batch_size": 64, "reconstruction_weight": 0.0,
-      "routing_iterations": 2, "lr": 1e-2}
+      "routing_iterations": 2, "lr": 1e-2, "crop": 24, "max_shift": 0, "rotation": 15.0}
 
 EXPECTED = {"seed": NOTEBOOK, "paper": PAPER, "quick": QUICK, "cifar10": CIFAR10,
             "efficient": EFFICIENT, "em": EM}
