@@ -92,6 +92,16 @@ def test_the_spread_loss_adds_the_reconstruction_only_with_a_decoder(decoder: bo
     assert torch.equal(class_loss, spread) and torch.equal(reconstruction, recon)
 
 
+def test_a_bench_of_smaller_images_times_the_network_on_them(one_thread) -> None:
+    """A run on 24x24 crops is compared with benches of 24x24 images (its record's ratio)."""
+    result = benchmark(CPU, "fp32", False, 2, 2, 2, 0, 1, network="em-capsnet-small",
+                       image_size=24)
+    assert result["image_size"] == 24
+    model = MODELS["em-capsnet-small"].model(model_config("em-capsnet-small", image_size=24))
+    assert result["parameters"] == sum(p.numel() for p in model.parameters())
+    assert result["train_images_per_s"] > 0 and result["convs_train_images_per_s"] > 0
+
+
 @pytest.mark.parametrize("name", ["capsnet", "em-capsnet"])
 def test_memory_is_checked_for_the_chosen_network(name: str,
                                                   monkeypatch: pytest.MonkeyPatch) -> None:
@@ -111,7 +121,11 @@ def test_memory_is_checked_for_the_chosen_network(name: str,
      "--routing-iterations: efficient-capsnet routes in one pass, without iterations"),
     (["--network", "em-capsnet", "--epoch"],
      "--epoch times the paper preset's CapsNet epoch only, not em-capsnet's"),
-], ids=["routing-iterations", "epoch"])
+    (["--epoch", "--image-size", "24"],
+     "--epoch times the paper preset's epoch of 28x28 MNIST images; drop --epoch or --image-size"),
+    (["--network", "em-capsnet-small", "--image-size", "12"],
+     "image_size must be an integer in [13, 4,096], got 12"),
+], ids=["routing-iterations", "epoch", "epoch-image-size", "image-size-too-small"])
 def test_what_another_network_cannot_take_is_refused_in_one_line(
         argv: list[str], expected: str, tmp_path: Path) -> None:
     refuses_in_one_line(["bench", "--device", "cpu", *argv], tmp_path, expected)

@@ -272,6 +272,9 @@ def add_bench(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--routing-iterations", type=positive_int,
                    help="routing iterations of a network that iterates (default 3); "
                    "refused for efficient-capsnet, which routes in one pass")
+    p.add_argument("--image-size", type=positive_int,
+                   help="side of the square images (default: the network's, 28); a training "
+                   "run on crops is compared with benches of its crop's size")
     p.add_argument("--train-batch", type=positive_int, help="default: 64 on CPU, 128 on CUDA")
     p.add_argument("--infer-batch", type=positive_int, default=256,
                    help="inference batch size (default 256)")
@@ -291,7 +294,8 @@ def run_bench(args: argparse.Namespace) -> int:
     result = benchmark(resolve_device(args.device), args.precision, args.compile,
                        args.routing_iterations, args.train_batch, args.infer_batch, args.warmup,
                        args.repeats, epoch=args.epoch, data_dir=args.data_dir,
-                       cuda_graphs=args.cuda_graphs, network=args.network)
+                       cuda_graphs=args.cuda_graphs, network=args.network,
+                       image_size=args.image_size)
     if not args.json:
         print(format_table(result))
     print(json.dumps(result))

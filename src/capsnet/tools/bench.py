@@ -105,16 +105,19 @@ def infer_step(model: torch.nn.Module, images: torch.Tensor, precision: str
     return infer
 
 
-def bench_config(network: str, routing_iterations: int | None) -> Any:
-    """The config of ``network`` at its variant's sizes, with ``routing_iterations`` (None:
+def bench_config(network: str, routing_iterations: int | None, image_size: int | None = None
+                 ) -> Any:
+    """The config of ``network`` at its variant's sizes (``image_size``: another side of the
+    images, as a run on crops has), with ``routing_iterations`` (None:
     :data:`ROUTING_ITERATIONS`) where it iterates; refused for a network that does not."""
+    sizes = {} if image_size is None else {"image_size": image_size}
     if "routing_iterations" in {f.name for f in fields(MODELS[network].config)}:
         iterations = ROUTING_ITERATIONS if routing_iterations is None else routing_iterations
-        return model_config(network, routing_iterations=iterations)
+        return model_config(network, routing_iterations=iterations, **sizes)
     if routing_iterations is not None:
         raise CapsNetError(f"--routing-iterations: {network} routes in one pass, without "
                            f"iterations; drop the flag")
-    return model_config(network)
+    return model_config(network, **sizes)
 
 
 def routing(kernel: str | None) -> str:
@@ -215,14 +218,19 @@ def bench_epoch(config: TrainConfig, data_dir: str | None) -> dict[str, Any]:
 def benchmark(device: torch.device, precision: str, compile_model: bool,
               routing_iterations: int | None, train_batch: int | None, infer_batch: int,
               warmup: int, repeats: int, *, epoch: bool = False, data_dir: str | None = None,
-              cuda_graphs: bool = False, network: str = "capsnet") -> dict[str, Any]:
+              cuda_graphs: bool = False, network: str = "capsnet",
+              image_size: int | None = None) -> dict[str, Any]:
     """Every measurement of ``capsnet bench`` for ``network`` (a name of
     capsnet.nn.registry.MODELS) with its settings, as one dict; ``routing_iterations``
-    None: :data:`ROUTING_ITERATIONS` where the network iterates."""
+    None: :data:`ROUTING_ITERATIONS` where the network iterates; ``image_size`` None: the
+    network's own (28)."""
     if epoch and network != "capsnet":
         raise CapsNetError(f"--epoch times the paper preset's CapsNet epoch only, not "
                            f"{network}'s; drop --epoch")
-    config = bench_config(network, routing_iterations)
+    if epoch and image_size is not None:
+        raise CapsNetError("--epoch times the paper preset's epoch of 28x28 MNIST images; "
+                           "drop --epoch or --image-size")
+    config = bench_config(network, routing_iterations, image_size)
     train_batch = train_batch or (128 if device.type == "cuda" else 64)
     check_request(device, config, train_batch, infer_batch, warmup, repeats)
     result: dict[str, Any] = {
