@@ -300,14 +300,16 @@ def experiments_table(runs: list[Run]) -> str:
 
 
 def bench_table(runs: list[Run]) -> str:
-    header = ["network", "hardware", "precision", "compiled", "routing", "training batch",
+    header = ["network", "images", "hardware", "precision", "compiled", "routing", "training batch",
               "training images/s", "convolutions alone, training images/s", "ratio",
               "inference batch", "inference images/s", "convolutions alone, inference images/s",
               "ratio", "peak memory (MB)", "date", "run"]
     rows = []
     for r in runs:
         s = r.summary
-        rows.append([f"`{bench_network(r)}`", hardware(r), s.get("precision", MISSING),
+        side = s.get("image_size", BENCH_SIDE)
+        rows.append([f"`{bench_network(r)}`", f"{side}×{side}", hardware(r),
+                     s.get("precision", MISSING),
                      "yes, CUDA graphs" if s.get("cuda_graphs") else
                      "yes" if s.get("compile") else "no",
                      # records from before the CPU kernel have no "routing": torch routed

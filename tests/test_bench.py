@@ -155,8 +155,8 @@ def test_a_networks_bench_record_fills_its_routings_row(tmp_path: Path) -> None:
 
     assert routings_row().startswith("| `efficient-capsnet`")
     assert f"| 0.50x | {device} |" in routings_row()
-    assert f"| `efficient-capsnet` | {device} |" in \
-        (docs / "PERFORMANCE.md").read_text()  # the bench table names the network
+    # the bench table names the network and its images (28x28 where a record does not say)
+    assert f"| `efficient-capsnet` | 28×28 | {device} |" in (docs / "PERFORMANCE.md").read_text()
     # a record in another precision is another measurement: not the run's
     summary = json.loads((record / "summary.json").read_text())
     (record / "summary.json").write_text(json.dumps({**summary, "precision": "fp32"}))
