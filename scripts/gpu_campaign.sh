@@ -14,7 +14,7 @@
 #        rate decayed per epoch (3 seeds, MNIST and Fashion-MNIST), the seed preset for 20
 #        epochs and MultiMNIST for longer, all at once.
 # tiny:  the runs of all parts on the CPU with tiny settings, in minutes (tests/test_campaign.py);
-#        its training runs are eager fp32, its benches compile as on the GPU.
+#        its runs and benches are eager fp32 (scripts/reproduce_gpu.py --tiny compiles).
 # bundle: the verified, gzipped MNIST and Fashion-MNIST files that travel with the call.
 #
 # Each run writes OUT_DIR/NAME/ (summary.json when it finished, campaign.json saying how it
@@ -69,6 +69,7 @@ part1 | part2 | part3)
     per_epoch_decay=(--epochs 36 --lr-decay 0.9 --lr-decay-steps 430)
     seed_longer=(--epochs 20)
     fast=(--precision bf16 --compile on)  # the fast path: every training run uses it
+    bench_fast=(--precision bf16 --compile) bench_graphs=(--precision bf16 --cuda-graphs)
     ;;
 tiny)
     # The budget is spent at once: every run gets the smallest time limit and stops after
@@ -86,9 +87,11 @@ tiny)
     threads=1  # 2 cores
     per_epoch_decay=(--lr-decay 0.9 --lr-decay-steps 3)
     seed_longer=()
-    # Eager fp32: compiling its 15 models took two thirds of the plan's time, and bf16
-    # without compiling is slow on a CPU without bf16 instructions. The benches compile.
+    # Eager fp32: compiling its 15 models and 3 benches took most of the plan's time (the
+    # tiny reproduction compiles on the CPU), and bf16 without compiling is slow on a CPU
+    # without bf16 instructions.
     fast=(--precision fp32 --compile off)
+    bench_fast=(--precision fp32) bench_graphs=(--precision fp32)
     ;;
 *)
     echo "$usage" >&2
@@ -147,7 +150,7 @@ part1() {
     train mnist-paper-s0 mnist-paper-s0 --preset paper --seed 0 "${mnist[@]}"
     for batch in "${bench_batches[@]}"; do
         bench "bench-eager-b$batch" --precision fp32 --train-batch "$batch"
-        bench "bench-fast-b$batch" --precision bf16 --compile --train-batch "$batch"
+        bench "bench-fast-b$batch" "${bench_fast[@]}" --train-batch "$batch"
     done
 }
 
@@ -178,7 +181,7 @@ part3() {
     local b=${bench_batches[0]}
     # The whole model compiled, alone first: its speed, and whether the runs below can
     # compile (when it failed they run eager, and their config says so).
-    bench "bench-compiled-b$b" --precision bf16 --compile --train-batch "$b"
+    bench "bench-compiled-b$b" "${bench_fast[@]}" --train-batch "$b"
     local compile=()
     [ -f "$out/bench-compiled-b$b/summary.json" ] || compile=(--compile off)
     local group="mnist-paper-decay-s0 mnist-paper-decay-s1 mnist-paper-decay-s2"
@@ -196,7 +199,7 @@ part3() {
     wait
     # Alone again: eager fp32 beside the compiled model above, then CUDA graphs.
     bench "bench-fp32-b$b" --precision fp32 --train-batch "$b"
-    bench "bench-graphs-b$b" --precision bf16 --cuda-graphs --train-batch "$b"
+    bench "bench-graphs-b$b" "${bench_graphs[@]}" --train-batch "$b"
     [ "$plan" = tiny ] || bench bench-epoch-b128 --precision bf16 --compile --train-batch 128 \
         --epoch --data-dir "$data/mnist"
 }

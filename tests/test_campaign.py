@@ -73,10 +73,9 @@ def test_tiny_bench_records_are_capsnet_bench_json(tiny_campaign) -> None:
         summary = json.loads((out / name / "summary.json").read_text())
         assert summary["train_batch"] == int(name.rsplit("-b", 1)[1])
         assert summary["infer_batch"] == 16
-        fast = "eager" not in name and "fp32" not in name
-        assert (summary["precision"], summary["compile"]) == \
-            (("bf16", True) if fast else ("fp32", False))
-        assert summary.get("cuda_graphs", False) == ("graphs" in name)
+        # the tiny plan's benches are eager fp32 (the GPU parts': bf16, compiled or graphed)
+        assert (summary["precision"], summary["compile"], summary["cuda_graphs"]) == \
+            ("fp32", False, False)
         assert summary["train_images_per_s"] > 0 and summary["infer_images_per_s"] > 0
         assert summary["device"].startswith("cpu")
 
