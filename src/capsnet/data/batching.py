@@ -18,6 +18,7 @@ from torch import Tensor
 from torch.utils.data import DataLoader, Dataset
 
 from ..errors import CapsNetError
+from ..utils.images import centre_crop
 from .augment import (AUGMENTS, Efficient, augment_efficient, check_side, draw_efficient,
                       rotate)
 from .splits import Split
@@ -175,8 +176,7 @@ def batches(source: Source, batch_size: int, *, seed: int | None = None, max_shi
         if corners is not None:
             images = crop_images(images, corners[:, p.to(target)], crop)
         elif crop:
-            margin = (side - crop) // 2
-            images = images[:, :, margin:margin + crop, margin:margin + crop]
+            images = centre_crop(images, crop)
         if degrees is not None:
             images = rotate(images, degrees[p.to(target)])
         yield images, labels

@@ -51,7 +51,7 @@ import math
 import os
 import warnings
 from pathlib import Path
-from typing import Union
+from typing import TypeVar, Union
 
 import numpy as np
 import torch
@@ -61,6 +61,7 @@ from scipy import ndimage
 from ..errors import CapsNetError, error_line, reading
 
 ImageSource = Union[str, os.PathLike, Image.Image, np.ndarray, torch.Tensor]
+PixelsT = TypeVar("PixelsT", np.ndarray, torch.Tensor)
 
 MNIST_BOX = 20 / 28  # MNIST digits fit a 20x20 box inside the 28x28 image
 MIN_CONTRAST = 0.05  # ink must be this much darker than its paper: 5% of its brightness
@@ -101,10 +102,10 @@ def load_image(source: ImageSource, size: int = 28, channels: int = 1, preproces
     return np.clip(np.stack(planes), 0.0, 1.0).astype(np.float32)
 
 
-def centre_crop(pixels: np.ndarray, size: int) -> np.ndarray:
-    """The centre ``size`` x ``size`` window of ``(..., side, side)`` ``pixels``, where a
-    model trained on crops (``--crop``) is evaluated; the whole of them when ``side`` is
-    ``size``."""
+def centre_crop(pixels: PixelsT, size: int) -> PixelsT:
+    """The centre ``size`` x ``size`` window of ``(..., side, side)`` ``pixels`` (an array or
+    a tensor), where a model trained on crops (``--crop``) is evaluated; the whole of them
+    when ``side`` is ``size``."""
     margin = (pixels.shape[-1] - size) // 2
     return pixels[..., margin:margin + size, margin:margin + size]
 
