@@ -36,6 +36,9 @@ MNIST_SHARE = 0.6  # of the time left after the benches; MultiMNIST gets the res
 # test: both models stop after the first epoch whose validation accuracy reaches it.
 AFFINE_STOP_AT = "0.992"
 UNITS = {"s": 1, "m": 60, "h": 3600}
+# PERFORMANCE.md's GPU benches: their names and speed settings.
+BENCH_KINDS = {"eager": ("--precision", "fp32"), "compiled": ("--precision", "bf16", "--compile"),
+               "graphs": ("--precision", "bf16", "--cuda-graphs")}
 
 
 @dataclass(frozen=True)
@@ -49,6 +52,7 @@ class Mode:
     size: tuple[str, ...]  # after each recipe, so they win
     experiment_size: tuple[str, ...]
     bench_batches: tuple[int, ...]
+    bench_kinds: dict[str, tuple[str, ...]]  # each bench's name and speed settings
     bench_flags: tuple[str, ...]
     bench_seconds: float  # BENCH_SECONDS: a bench is stopped after it
     overhead: float  # OVERHEAD: a run's start-up and test, outside its --time-limit
@@ -56,13 +60,15 @@ class Mode:
 
 
 GPU = Mode(plan="reproduce", device="cuda", fast=("--precision", "bf16", "--compile", "on"),
-           size=(), experiment_size=(), bench_batches=(128, 512),
+           size=(), experiment_size=(), bench_batches=(128, 512), bench_kinds=BENCH_KINDS,
            bench_flags=("--infer-batch", "1024", "--warmup", "5", "--repeats", "20"),
            bench_seconds=120, overhead=60, threads=2)
 TINY = Mode(plan="reproduce-tiny", device="cpu", fast=("--compile", "off"),
             size=("--epochs", "1", "--train-limit", "32", "--val-size", "20", "--batch-size",
                   "16", "--eval-batch-size", "20"),
             experiment_size=("--test-limit", "10", "--figures", "1"), bench_batches=(8,),
+            # every bench runs, eager in fp32: compiling bf16 on a CPU takes minutes
+            bench_kinds={kind: ("--precision", "fp32") for kind in BENCH_KINDS},
             bench_flags=("--infer-batch", "16", "--warmup", "1", "--repeats", "2"),
             bench_seconds=120, overhead=5, threads=1)
 
@@ -108,15 +114,11 @@ ROUTINGS = [Run(f"{name}-{data}-s0", ("train",), recipe, dataset)
 MULTIMNIST = Run("multimnist-s0", ("experiment", "multimnist"), ("--seed", "0", "--epochs", "100"))
 
 
-BENCH_KINDS = {"eager": ("--precision", "fp32"), "compiled": ("--precision", "bf16", "--compile"),
-               "graphs": ("--precision", "bf16", "--cuda-graphs")}
-
-
 def benches(mode: Mode, data_dir: list[str]) -> list[tuple[str, list[str]]]:
     """(name, capsnet bench flags) of PERFORMANCE.md's GPU table; ``data_dir``: MNIST's
     --data-dir flags, for the timed epoch."""
     found = [(f"bench-{kind}-b{batch}", [*flags, "--train-batch", str(batch)])
-             for batch in mode.bench_batches for kind, flags in BENCH_KINDS.items()]
+             for batch in mode.bench_batches for kind, flags in mode.bench_kinds.items()]
     if mode is GPU:  # one timed epoch of the paper preset: it needs MNIST itself
         found.append(("bench-epoch-b128", [*BENCH_KINDS["compiled"], "--train-batch", "128",
                                            "--epoch", *data_dir]))

@@ -57,6 +57,10 @@ def test_every_run_finishes_with_its_record(tiny) -> None:
         # The benches run alone; the training runs six at a time, MultiMNIST alone.
         group = next((wave for wave in WAVES if name in wave), [name])
         assert sorted(record["alongside"]) == sorted(set(group) - {name})
+    for name in BENCH:  # the tiny benches are eager fp32 (the GPU's: bf16, compiled or graphed)
+        summary = json.loads((out / name / "summary.json").read_text())
+        assert (summary["precision"], summary["compile"], summary["cuda_graphs"]) == \
+            ("fp32", False, False)
 
 
 @pytest.mark.slow
