@@ -12,6 +12,8 @@
 from __future__ import annotations
 
 import ast
+import subprocess
+import sys
 from pathlib import Path
 
 import capsnet
@@ -86,3 +88,13 @@ def test_no_import_cycles() -> None:
     for module in sorted(graph):
         if module not in state:
             visit(module, [module])
+
+
+def test_the_command_line_starts_without_the_libraries_only_some_commands_use() -> None:
+    """scipy (photo preparation, .mat files) and the explore page load when a command needs
+    them, not in every command's start-up."""
+    lazy = ["scipy", "capsnet.utils.digits", "capsnet.tools.explore", "http.server"]
+    probe = f"import sys, capsnet.cli; print([m for m in {lazy!r} if m in sys.modules])"
+    done = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip() == "[]"

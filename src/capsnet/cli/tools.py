@@ -16,7 +16,6 @@ import torch
 
 from ..data.splits import load_splits
 from ..tools.bench import benchmark, format_table
-from ..tools.explore import make_server
 from ..tools.export import DEFAULT_OPSET, FORMATS, VERIFY_BATCH, export_model
 from ..training.checkpoint import load_trained
 from ..training.config import DEVICES, PRECISIONS, splits_for
@@ -363,6 +362,7 @@ def add_explore(sub: argparse._SubParsersAction) -> None:
 
 
 def run_explore(args: argparse.Namespace) -> int:
+    from ..tools.explore import make_server  # with scipy, 0.3 s that every command would pay
     source = model_of(args)
     server = make_server(source, args.host, args.port, dataset=args.dataset,
                          data_dir=args.data_dir, verbose=args.verbose,

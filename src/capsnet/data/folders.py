@@ -30,8 +30,9 @@ import numpy as np
 from ..errors import CapsNetError
 from ..nn.model import CapsNetConfig
 from ..nn.pretrained import check_labels
-from ..utils.images import match_channels, read_pixels, resize
+from ..utils.images import match_channels, read_pixels
 from ..utils.memory import check_memory
+from ..utils.resample import resize
 
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".webp"}
 PARTS = ("train", "val", "test")

@@ -75,7 +75,8 @@ from urllib.parse import parse_qs, urlsplit
 import numpy as np
 import torch
 
-from ..utils.images import centre_crop, mnist_normalise
+from ..utils.digits import mnist_normalise
+from ..utils.images import centre_crop
 from ..errors import CapsNetError, error_line
 from ..nn.base import CapsuleModel
 from ..nn.layers import safe_norm
