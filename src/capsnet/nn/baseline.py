@@ -31,7 +31,7 @@ from torch import Tensor, nn
 
 from ..errors import CapsNetError
 from ..utils.device import check_fits_in_memory
-from ..utils.settings import check_settings, setting, settings_from_dict
+from ..utils.settings import MAX_IMAGE_SIDE, check_settings, setting, settings_from_dict
 
 VARIANTS = ("paper", "pooled")
 ARCHITECTURE = "baseline-cnn"  # the checkpoint tag that tells these apart from CapsNets
@@ -41,7 +41,8 @@ ARCHITECTURE = "baseline-cnn"  # the checkpoint tag that tells these apart from 
 class BaselineConfig:
     """Architecture of the baseline CNN; bounded as :class:`~capsnet.nn.model.CapsNetConfig`."""
 
-    image_size: int = setting(28, "side of the square input images", min=1, max=4096)
+    image_size: int = setting(28, "side of the square input images", min=1,
+                              max=MAX_IMAGE_SIDE)
     in_channels: int = setting(1, "channels of the input images", min=1, max=64)
     num_classes: int = setting(10, "classes", min=2, max=10_000)
     variant: str = setting("paper", "paper: no pooling; pooled: 2x2 max pooling after the "

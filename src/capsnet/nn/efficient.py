@@ -61,7 +61,7 @@ from torch import Tensor, nn
 
 from ..errors import CapsNetError
 from ..utils.device import check_fits_in_memory
-from ..utils.settings import check_settings, setting, settings_from_dict
+from ..utils.settings import MAX_IMAGE_SIDE, check_settings, setting, settings_from_dict
 from .layers import EPSILON, decoder_parameter_count, reconstruction_decoder, safe_norm
 from .base import CapsuleModel
 
@@ -80,7 +80,8 @@ class EfficientCapsNetConfig:
     module docstring says where each comes from); every field is bounded as in
     :class:`~capsnet.nn.model.CapsNetConfig`."""
 
-    image_size: int = setting(28, "side of the square input images", min=1, max=4096)
+    image_size: int = setting(28, "side of the square input images", min=1,
+                              max=MAX_IMAGE_SIDE)
     in_channels: int = setting(1, "channels of the input images", min=1, max=64)
     num_classes: int = setting(10, "classes, one class capsule each", min=2, max=10_000)
     conv_channels: tuple[int, ...] = setting((32, 64, 64, 128), "channels of each convolution; "

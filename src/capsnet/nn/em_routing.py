@@ -71,7 +71,7 @@ from torch import Tensor, nn
 import torch.nn.functional as F
 
 from ..utils.device import check_fits_in_memory
-from ..utils.settings import check_settings, setting, settings_from_dict
+from ..utils.settings import MAX_IMAGE_SIDE, check_settings, setting, settings_from_dict
 from . import em_kernel
 from .base import CapsNetOutput, CapsuleModel
 from .routing_kernel import enabled
@@ -102,7 +102,7 @@ class EMCapsNetConfig:
 
     image_size: int = setting(28, "side of the square input images (28 MNIST, 32 smallNORB "
                               "crops); 13 is the smallest with a ConvCaps2 capsule",
-                              min=13, max=4096)
+                              min=13, max=MAX_IMAGE_SIDE)
     in_channels: int = setting(1, "channels of the input images", min=1, max=64)
     num_classes: int = setting(10, "classes, one class capsule each", min=2, max=10_000)
     conv1_channels: int = setting(32, "A: channels of the ReLU convolution (small: 64)",

@@ -15,7 +15,7 @@ from torch import Tensor, nn
 
 from ..errors import CapsNetError
 from ..utils.device import check_fits_in_memory
-from ..utils.settings import check_settings, setting, settings_from_dict
+from ..utils.settings import MAX_IMAGE_SIDE, check_settings, setting, settings_from_dict
 from .base import CapsNetOutput, CapsuleModel  # noqa: F401 - CapsNetOutput is public here
 from .layers import (PRIMARY_STYLES, PrimaryCapsules, RoutingCapsules, decoder_parameter_count,
                      reconstruction_decoder)
@@ -36,7 +36,7 @@ class CapsNetConfig:
     a field existed meant) holds for both."""
 
     image_size: int = setting(28, "side of the square input images (28 MNIST, 36 MultiMNIST, "
-                              "40 affNIST-style)", min=1, max=4096)
+                              "40 affNIST-style)", min=1, max=MAX_IMAGE_SIDE)
     in_channels: int = setting(1, "channels of the input images", min=1, max=64)
     num_classes: int = setting(10, "classes, one digit capsule each", min=2, max=10_000)
     conv1_channels: int = setting(256, "channels of the first convolution", min=1, max=8192)

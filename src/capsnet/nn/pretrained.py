@@ -30,7 +30,7 @@ from torch import nn
 
 from ..errors import CapsNetError, error_line, reading
 from ..utils.checkpoint_file import RUN_CHECKPOINTS, ZIP_MAGIC, read_checkpoint
-from ..utils.settings import short
+from ..utils.settings import MAX_IMAGE_SIDE, short
 from ..utils.version import package_version
 
 FORMAT = "capsnet-safetensors"
@@ -38,7 +38,6 @@ VERSION = "1"
 WEIGHTS, CONFIG = "model.safetensors", "config.json"
 SHIPPED = {"mnist": "mnist"}  # folders of src/capsnet/pretrained/ -> the data set each learnt
 PREPARATIONS = ("mnist", "resize")
-MAX_SIDE = 4096  # the largest image_size a model config takes
 WEIGHT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)  # stored weights
 SAFETENSORS_FLOAT_BITS = {"F16": 16, "BF16": 16, "F32": 32, "F64": 64}  # header dtype names
 MODEL_KINDS = (f"a run folder (its best.pt), a checkpoint (.pt), a save_pretrained folder, a "
@@ -131,9 +130,10 @@ def check_crop_from(labels: dict[str, Any], image_size: int, source: str) -> int
     """The stored side a model's images are made before their centre ``image_size`` crop
     (untrusted input): 0 (no crop, also when absent) or larger than ``image_size``."""
     crop_from = labels.get("crop_from", 0)
-    if not (type(crop_from) is int and (crop_from == 0 or image_size < crop_from <= MAX_SIDE)):
+    if not (type(crop_from) is int
+            and (crop_from == 0 or image_size < crop_from <= MAX_IMAGE_SIDE)):
         raise CapsNetError(f"{source}: the stored crop_from must be 0 or a side from "
-                           f"{image_size + 1} to {MAX_SIDE}, got {short(crop_from)}")
+                           f"{image_size + 1} to {MAX_IMAGE_SIDE}, got {short(crop_from)}")
     return crop_from
 
 

@@ -25,7 +25,7 @@ from ..nn.em_routing import EMCapsNetConfig
 from ..nn.model import CapsNetConfig
 from ..nn.registry import MODELS, model_config
 from ..utils.memory import capsnet_image_bytes, capsnet_state_bytes, check_memory
-from ..utils.settings import (check_settings, setting, settings_from_dict, short,
+from ..utils.settings import (MAX_IMAGE_SIDE, check_settings, setting, settings_from_dict, short,
                               training_fields, training_fields_of)
 
 DEVICES = ("auto", "cpu", "cuda")
@@ -90,7 +90,7 @@ class TrainConfig:
                                    "the training accuracy counts a none answer to one as right)",
                                    min=0, max=1, before=0.0)
     crop: int = setting(0, "train on random crop x crop windows, evaluate on the centre one "
-                        "(0: whole images)", min=0, max=4096)
+                        "(0: whole images)", min=0, max=MAX_IMAGE_SIDE)
     rotation: float = setting(0.0, "rotate each training image (after --crop) about its "
                               "centre by a uniform angle within this many degrees either way "
                               "(0: none; unused with --augment efficient)", min=0, max=180)
@@ -113,7 +113,7 @@ class TrainConfig:
                              before="last")
     train_limit: int = setting(0, "train on the first N training images only (0: all)", min=0)
     image_size: int = setting(0, "class-folder data sets: the side images are resized to "
-                              "(0: 28)", min=0, max=4096)
+                              "(0: 28)", min=0, max=MAX_IMAGE_SIDE)
     channels: int = setting(0, "class-folder data sets: 1 (grayscale) or 3 (colour); 0: colour "
                             "when any image is", min=0, max=3)
     seed: int = setting(0, "random seed of the weights, the data order and the augmentation",

@@ -28,6 +28,7 @@ SIZES = tuple[int, ...]  # a list of layer sizes; "min"/"max" bound each, "max_l
 FLOATS = tuple[float, ...]  # a list of finite numbers, possibly empty
 TYPES = (bool, int, float, str, SIZES, FLOATS)  # each also as ``X | None``
 BOUNDS = {"min": operator.ge, "max": operator.le, "gt": operator.gt, "lt": operator.lt}
+MAX_IMAGE_SIDE = 4096  # the largest image side a config takes: image_size, crop, crop_from
 
 
 def setting(default: Any, help: str, *, min: float | None = None, max: float | None = None,
