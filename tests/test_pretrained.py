@@ -22,7 +22,7 @@ from capsnet.cli import main
 from capsnet.data import Split, batches, load_splits
 from capsnet.errors import CapsNetError
 from capsnet.nn.baseline import ARCHITECTURE, BaselineCNN, BaselineConfig
-from capsnet.nn.pretrained import read_weights
+from capsnet.nn.pretrained import build, read_weights
 from capsnet.tools.export import export_model
 from capsnet.utils.images import load_image
 from capsnet.training.checkpoint import load_trained, save_checkpoint
@@ -75,6 +75,25 @@ def test_a_model_trained_on_crops_prepares_images_as_its_evaluation_cut_them(
                                                r"must be 0 or a side from 21 to 4096, got "):
             CapsNet.from_pretrained(tmp_path / "bad")
         shutil.rmtree(tmp_path / "bad")
+
+
+def test_a_built_model_owns_float32_copies_of_the_stored_weights() -> None:
+    """The stored weights become the parameters with no random initialisation first (the
+    caller's random state is left as it was): copied (the caller's tensors stay its own),
+    contiguous and float32 whatever was stored, and trainable."""
+    model = small_model()
+    state = {name: tensor.half() for name, tensor in model.state_dict().items()}
+    state["digits.weight"] = state["digits.weight"].transpose(0, 1).contiguous().transpose(0, 1)
+    assert not state["digits.weight"].is_contiguous()
+    random_state = torch.random.get_rng_state()
+    built = build(CapsNet, CapsNetConfig, SMALL.to_dict(), state, "m")
+    assert torch.equal(torch.random.get_rng_state(), random_state)
+    for name, tensor in built.state_dict().items():
+        assert tensor.dtype == torch.float32 and tensor.is_contiguous(), name
+        assert torch.equal(tensor, state[name].float()), name
+    assert all(p.requires_grad for p in built.parameters())
+    state["digits.weight"].zero_()
+    assert built.digits.weight.abs().sum() > 0
 
 
 def test_half_precision_halves_the_file_and_loads_as_float32(tmp_path: Path) -> None:

@@ -140,9 +140,13 @@ def check_crop_from(labels: dict[str, Any], image_size: int, source: str) -> int
 def build(model_class: type, config_class: type, config: Any, state: Any, source: str) -> Any:
     """A model of ``model_class`` from a stored ``config`` dict and ``state`` dict, both
     checked (a config breaking the rules, weights that do not fit: one line) before the
-    model is built."""
-    model = model_class(outline(model_class, config_class, config, state, source).config)
-    model.load_state_dict(state)  # outline() checked every name and shape
+    model is built. The model takes copies of the stored weights, in its own dtypes, as its
+    parameters: no random initialisation is made only to be overwritten."""
+    model = outline(model_class, config_class, config, state, source)
+    expected = model.state_dict()  # outline() checked every name and shape
+    model.load_state_dict({name: state[name].to(dtype=meta.dtype, copy=True,
+                                                memory_format=torch.contiguous_format)
+                           for name, meta in expected.items()}, assign=True)
     return model
 
 
