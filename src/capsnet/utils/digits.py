@@ -87,8 +87,6 @@ def blank(name: str | Path) -> CapsNetError:
     return CapsNetError(f"{name}: the image is blank (no ink stands out from the background)")
 
 
-
-
 def bright_ink(plane: np.ndarray) -> bool:
     """Whether the ink is lighter than its ground (step 2)."""
     small = reduced(plane, POLARITY_SIDE)
@@ -297,8 +295,6 @@ def crop_to_ink(plane: np.ndarray) -> np.ndarray:
     rows = np.flatnonzero((plane > INK_LEVEL).any(axis=1))
     cols = np.flatnonzero((plane > INK_LEVEL).any(axis=0))
     return plane[rows[0]:rows[-1] + 1, cols[0]:cols[-1] + 1]
-
-
 
 
 def paste_centred(patch: np.ndarray, size: int) -> np.ndarray:

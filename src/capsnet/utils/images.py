@@ -5,8 +5,8 @@ WebP, ...; or a NumPy ``.npy`` array), a Pillow image, a NumPy array or a torch 
 any size and mode, and returns ``(channels, size, size)`` float32 pixels in [0, 1].
 
 With ``preprocess`` (the default) a one-channel result is the digit on the page, cut out
-of it and prepared as MNIST's digits were (:mod:`capsnet.utils.digits`, which imports
-scipy only when an image is prepared so).
+of it and prepared as MNIST's digits were (:mod:`capsnet.utils.digits`, imported with scipy
+only for that).
 
 An image with no ink standing out from its paper is refused as blank. Without
 ``preprocess``, and for three channels, the image is only resized to ``size`` x ``size``.
