@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import subprocess
+import sys
+
 import pytest
 import torch
 from torch import Tensor
 
-from capsnet.nn import cbuild, routing_kernel
+from capsnet.nn import cbuild, em_kernel, routing_kernel
 from capsnet.nn.layers import RoutingCapsules, squash
 
 # (in_caps, in_dim, out_caps, out_dim, iterations, batch, bias, leaky): MNIST's layer as the
@@ -164,3 +167,29 @@ def test_the_constant_mark_is_torch_compilers_own() -> None:
 
     assert constant_when_compiled(ours) is ours
     assert vars(ours) == vars(torch.compiler.assume_constant_result(torchs)) != {}
+
+
+# Trains a step of the paper's CapsNet and of the small EM network on a CPU, both routing in
+# their kernels, and says whether torch.compile's front end was imported.
+ROUTE_WITHOUT_COMPILE = """
+import sys, torch
+from capsnet.nn import em_kernel, routing_kernel
+from capsnet.nn.registry import MODELS, model_config
+assert routing_kernel.available(10, 16, 8) and em_kernel.available()
+for name in ("capsnet", "em-capsnet-small"):
+    model = MODELS[name].model(model_config(name))
+    out = model(torch.rand(2, 1, 28, 28), torch.tensor([3, 5]))
+    out.lengths.sum().backward()
+print("torch._dynamo" in sys.modules)
+"""
+
+
+def test_the_kernels_run_without_importing_torch_compile() -> None:
+    """The fused operators' first calls leave torch._dynamo unloaded: its import (about 1.5 s)
+    is not part of every ``capsnet predict`` (torch.library.custom_op's kernels load it)."""
+    if not (routing_kernel.available(10, 16, 8) and em_kernel.available()):
+        pytest.skip("a routing kernel does not build here")
+    done = subprocess.run([sys.executable, "-c", ROUTE_WITHOUT_COMPILE], capture_output=True,
+                          text=True)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip() == "False"

@@ -1,8 +1,9 @@
-"""Building and loading the library's C kernels (``routing_kernel.c``, ``em_kernel.c``):
-with the system's C compiler (``$CC``, else gcc or cc; torch.compile needs one on a CPU
-too), once per source, CPU kind and set of compile-time sizes, into
-``$XDG_CACHE_HOME/capsnet/kernels``. A cached library that does not load or lacks the
-kernel's functions is built again; when none builds, the caller routes in torch."""
+"""Building and loading the library's C kernels (``routing_kernel.c``, ``em_kernel.c``),
+and declaring the torch operators that call them. A kernel is built with the system's C
+compiler (``$CC``, else gcc or cc; torch.compile needs one on a CPU too), once per source,
+CPU kind and set of compile-time sizes, into ``$XDG_CACHE_HOME/capsnet/kernels``. A cached
+library that does not load or lacks the kernel's functions is built again; when none
+builds, the caller routes in torch."""
 
 from __future__ import annotations
 
@@ -15,12 +16,15 @@ import subprocess
 import tempfile
 import warnings
 from pathlib import Path
-from typing import Callable, NamedTuple
+from typing import Any, Callable, NamedTuple
 
 import torch
 
 from ..errors import CapsNetError
 from ..utils.files import cache_root
+
+# The "capsnet" namespace of torch operators (torch.ops.capsnet)
+OPERATORS = torch.library.Library("capsnet", "FRAGMENT")
 
 ISA_FLAGS = {"AVX512": ["-mavx512f", "-mavx512dq", "-mavx512bw", "-mavx512vl", "-mavx2", "-mfma"],
              "AVX2": ["-mavx2", "-mfma"]}
@@ -128,3 +132,23 @@ def source_version(name: str, text: bytes) -> str:
 
 def pointer(tensor: torch.Tensor) -> ctypes.c_void_p:
     return ctypes.c_void_p(tensor.data_ptr())
+
+
+def operator(name: str) -> Callable[[Callable[..., Any]], torch._ops.OpOverload]:
+    """Declare the torch operator ``capsnet::name`` with the decorated function as its CPU
+    kernel and its schema read from the function's annotations; returns the operator (with
+    the function's docstring), to which torch.library adds a fake kernel, other devices'
+    kernels and a backward.
+
+    torch.library.custom_op does the same but wraps every kernel in torch._dynamo.disable,
+    which imports torch._dynamo on the first call: about 1.5 s of every process that routes
+    (``capsnet predict``, ``evaluate``). Nothing needs that wrapper here: a compiled model
+    calls the operator from its graph through the fake kernel and never traces this one.
+    """
+    def declare(kernel: Callable[..., Any]) -> torch._ops.OpOverload:
+        OPERATORS.define(torch.library.infer_schema(kernel, mutates_args=(), op_name=name))
+        OPERATORS.impl(name, kernel, "CPU")
+        op = getattr(torch.ops.capsnet, name).default
+        op.__doc__ = kernel.__doc__
+        return op
+    return declare

@@ -116,7 +116,7 @@ def _transposed(weight: Tensor) -> Tensor:
 # --- the M-step's moments ---------------------------------------------------------------------
 
 
-@torch.library.custom_op("capsnet::em_moments", mutates_args=())
+@cbuild.operator("em_moments")
 def moments(poses: Tensor, weight: Tensor, offset: Tensor | None, logits: Tensor | None,
             log_total: Tensor, activations: Tensor, epsilon: float
             ) -> tuple[Tensor, Tensor, Tensor]:
@@ -140,7 +140,7 @@ def moments(poses: Tensor, weight: Tensor, offset: Tensor | None, logits: Tensor
     return mean, spread, mass
 
 
-@moments.register_fake
+@torch.library.register_fake("capsnet::em_moments")
 def _moments_outputs(poses: Tensor, weight: Tensor, offset: Tensor | None,
                      logits: Tensor | None, log_total: Tensor, activations: Tensor,
                      epsilon: float) -> tuple[Tensor, Tensor, Tensor]:
@@ -148,7 +148,7 @@ def _moments_outputs(poses: Tensor, weight: Tensor, offset: Tensor | None,
     return poses.new_empty(*shape, 16), poses.new_empty(*shape, 16), poses.new_empty(shape)
 
 
-@torch.library.custom_op("capsnet::em_moments_backward", mutates_args=())
+@cbuild.operator("em_moments_backward")
 def moments_backward(poses: Tensor, weight: Tensor, offset: Tensor | None,
                      logits: Tensor | None, log_total: Tensor, activations: Tensor,
                      mean: Tensor, grad_mean: Tensor, grad_spread: Tensor, grad_mass: Tensor,
@@ -183,7 +183,7 @@ def _moments_grads(poses: Tensor, weight: Tensor, logits: Tensor | None, log_tot
             torch.empty_like(activations))
 
 
-@moments_backward.register_fake
+@torch.library.register_fake("capsnet::em_moments_backward")
 def _(poses: Tensor, weight: Tensor, offset: Tensor | None, logits: Tensor | None,
       log_total: Tensor, activations: Tensor, mean: Tensor, grad_mean: Tensor,
       grad_spread: Tensor, grad_mass: Tensor, epsilon: float
@@ -206,13 +206,13 @@ def _moments_grad(ctx, grad_mean, grad_spread, grad_mass):  # noqa: ANN001, ANN2
             None)
 
 
-moments.register_autograd(_moments_grad, setup_context=_save_moments)
+torch.library.register_autograd(moments, _moments_grad, setup_context=_save_moments)
 
 
 # --- the E-step's assignment logits -----------------------------------------------------------
 
 
-@torch.library.custom_op("capsnet::em_assignment_logits", mutates_args=())
+@cbuild.operator("em_assignment_logits")
 def assignment_logits(poses: Tensor, weight: Tensor, offset: Tensor | None, mean: Tensor,
                       inverse: Tensor, bias: Tensor) -> tuple[Tensor, Tensor]:
     """``bias - sum_h (V_ih - mean_h)^2 inverse_h / 2`` for every vote ``V = M W + offset``,
@@ -233,13 +233,13 @@ def assignment_logits(poses: Tensor, weight: Tensor, offset: Tensor | None, mean
     return logits, lse
 
 
-@assignment_logits.register_fake
+@torch.library.register_fake("capsnet::em_assignment_logits")
 def _logits_outputs(poses: Tensor, weight: Tensor, offset: Tensor | None, mean: Tensor,
                     inverse: Tensor, bias: Tensor) -> tuple[Tensor, Tensor]:
     return poses.new_empty(*bias.shape, poses.shape[2]), poses.new_empty(poses.shape[:3])
 
 
-@torch.library.custom_op("capsnet::em_assignment_logits_backward", mutates_args=())
+@cbuild.operator("em_assignment_logits_backward")
 def assignment_logits_backward(poses: Tensor, weight: Tensor, offset: Tensor | None,
                                mean: Tensor, inverse: Tensor, logits: Tensor, lse: Tensor,
                                grad_logits: Tensor, grad_lse: Tensor
@@ -260,7 +260,7 @@ def assignment_logits_backward(poses: Tensor, weight: Tensor, offset: Tensor | N
     return grad_poses, _weight_grad(scratch, weight), grad_mean, grad_inverse, grad_bias
 
 
-@assignment_logits_backward.register_fake
+@torch.library.register_fake("capsnet::em_assignment_logits_backward")
 def _(poses: Tensor, weight: Tensor, offset: Tensor | None, mean: Tensor, inverse: Tensor,
       logits: Tensor, lse: Tensor, grad_logits: Tensor, grad_lse: Tensor
       ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
@@ -278,4 +278,5 @@ def _logits_grad(ctx, grad_logits, grad_lse):  # noqa: ANN001, ANN202 (torch's s
     return grad_poses, grad_weight, None, *rest
 
 
-assignment_logits.register_autograd(_logits_grad, setup_context=_save_logits)
+torch.library.register_autograd(assignment_logits, _logits_grad,
+                                setup_context=_save_logits)

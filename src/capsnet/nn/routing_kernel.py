@@ -128,7 +128,7 @@ def _declare(lib: cbuild.Library) -> cbuild.Library:
     return lib
 
 
-@torch.library.custom_op("capsnet::route", mutates_args=())
+@cbuild.operator("route")
 def route(u: Tensor, weight: Tensor, bias: Tensor | None, iterations: int, leaky: bool,
           keep: bool) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """Route input capsules ``u`` (batch, in_caps, in_dim) with ``weight`` (in_caps, out_caps,
@@ -151,7 +151,7 @@ def route(u: Tensor, weight: Tensor, bias: Tensor | None, iterations: int, leaky
     return v, coupling, s, weight_t
 
 
-@route.register_fake
+@torch.library.register_fake("capsnet::route")
 def _outputs(u: Tensor, weight: Tensor, bias: Tensor | None, iterations: int, leaky: bool,
              keep: bool) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     batch, in_caps, in_dim = u.shape
@@ -163,13 +163,13 @@ def _outputs(u: Tensor, weight: Tensor, bias: Tensor | None, iterations: int, le
             weight.new_empty(out_caps, out_dim, in_dim, in_caps))
 
 
-@route.register_kernel("cuda")
+@torch.library.impl("capsnet::route", "cuda")
 def _(u: Tensor, weight: Tensor, bias: Tensor | None, iterations: int, leaky: bool,
       keep: bool) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     return _triton().route(u, weight, bias, iterations, leaky, keep, EPSILON)
 
 
-@torch.library.custom_op("capsnet::route_backward", mutates_args=())
+@cbuild.operator("route_backward")
 def route_backward(grad_v: Tensor, u: Tensor, weight_t: Tensor, coupling: Tensor, s: Tensor
                    ) -> tuple[Tensor, Tensor, Tensor]:
     """The gradients of ``route``'s u and weight, and that of every s (whose sum is the
@@ -193,7 +193,7 @@ def route_backward(grad_v: Tensor, u: Tensor, weight_t: Tensor, coupling: Tensor
     return grad_u, grad_weight, grad_s
 
 
-@route_backward.register_fake
+@torch.library.register_fake("capsnet::route_backward")
 def _(grad_v: Tensor, u: Tensor, weight_t: Tensor, coupling: Tensor, s: Tensor
       ) -> tuple[Tensor, Tensor, Tensor]:
     out_caps, out_dim, in_dim, in_caps = weight_t.shape
@@ -201,7 +201,7 @@ def _(grad_v: Tensor, u: Tensor, weight_t: Tensor, coupling: Tensor, s: Tensor
             torch.empty_like(s))
 
 
-@route_backward.register_kernel("cuda")
+@torch.library.impl("capsnet::route_backward", "cuda")
 def _(grad_v: Tensor, u: Tensor, weight_t: Tensor, coupling: Tensor, s: Tensor
       ) -> tuple[Tensor, Tensor, Tensor]:
     return _triton().route_backward(grad_v, u, weight_t, coupling, s, EPSILON)
@@ -226,4 +226,4 @@ def _backward(ctx, grad_v, *_):  # noqa: ANN001 (torch's signature)
     return grad_u, grad_weight, grad_bias, None, None, None
 
 
-route.register_autograd(_backward, setup_context=_save)
+torch.library.register_autograd(route, _backward, setup_context=_save)
