@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from capsnet.cli import main
-from capsnet.data.none_images import KINDS, POOL_SIZE, none_images, pool_size
+from capsnet.data.none_images import KINDS, POOL_SIZE, none_images, pool_size, run_pool
 from capsnet.data.splits import load_splits
 from capsnet.nn.losses import (NO_CLASS, capsule_loss, margin_loss, reconstruction_loss,
                                with_no_class)
@@ -49,6 +49,16 @@ def test_colour_none_images_are_never_prepared() -> None:
     images = none_images(8, 24, 3, seed=0, prepared=True)
     assert images.shape == (8, 3, 24, 24)
     assert torch.equal(images, none_images(8, 24, 3, seed=0, prepared=False))
+
+
+def test_a_run_on_crops_cuts_its_none_images_as_its_model_cuts_photos() -> None:
+    """Made at the side the crops come from (prepared there, as a photo for that model is),
+    then cut to the centre window: black borders of the preparation stay as they would."""
+    whole = run_pool(28, 1, seed=0, prepared=True, part="test")
+    crops = run_pool(24, 1, seed=0, prepared=True, part="test", crop_from=28)
+    assert crops.shape == (len(whole), 1, 24, 24) and crops.is_contiguous()
+    assert torch.equal(crops, whole[..., 2:26, 2:26])
+    assert torch.equal(run_pool(28, 1, seed=0, prepared=True, part="test", crop_from=0), whole)
 
 
 def test_the_pool_of_large_images_is_smaller() -> None:

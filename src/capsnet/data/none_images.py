@@ -17,7 +17,7 @@ import torch
 from torch import Tensor
 
 from ..errors import CapsNetError
-from ..utils.images import load_image
+from ..utils.images import centre_crop, load_image
 
 KINDS = ("uniform", "gaussian", "sparse", "flat")
 POOL_BYTES = 64 * 2**20  # a run's pool of none images takes at most this much memory
@@ -64,9 +64,13 @@ def none_images(count: int, size: int, channels: int, seed: int | tuple[int, ...
     return torch.from_numpy(images)
 
 
-def run_pool(size: int, channels: int, seed: int, prepared: bool, part: str) -> Tensor:
+def run_pool(size: int, channels: int, seed: int, prepared: bool, part: str,
+             crop_from: int = 0) -> Tensor:
     """A run's pool of images of no class: those its batches draw from (``part="train"``), or
     those its test measures (``"test"``), drawn apart from them; both fixed by the run's
-    ``seed``."""
-    return none_images(pool_size(size, channels), size, channels,
-                       seed=(seed, ("train", "test").index(part)), prepared=prepared)
+    ``seed``. A run on crops (``crop_from``: the side of the images they are cut from) makes
+    them at that side and keeps their centre ``size`` window, as its model prepares a photo."""
+    side = crop_from or size
+    images = none_images(pool_size(side, channels), side, channels,
+                         seed=(seed, ("train", "test").index(part)), prepared=prepared)
+    return centre_crop(images, size).contiguous()

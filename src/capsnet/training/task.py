@@ -142,7 +142,7 @@ class Classification(Task):
         self.margin = SPREAD_MARGIN_START
         # images of no class, drawn into every training batch (--none-fraction)
         self.none_pool = (run_pool(self.image_size, channels, config.seed, prepare == "mnist",
-                                   "train") if config.none_fraction else None)
+                                   "train", self.crop_from) if config.none_fraction else None)
 
     @classmethod
     def from_config(cls, config: TrainConfig, data_dir: str | None = None) -> "Classification":
@@ -258,7 +258,7 @@ class Classification(Task):
         figures = {"test_accuracy": result.accuracy, "test_loss": result.loss}
         if self.none_pool is not None:  # images of no class the run never trained on
             unseen = run_pool(self.image_size, self.in_channels, self.config.seed,
-                              self.prepare == "mnist", "test")
+                              self.prepare == "mnist", "test", self.crop_from)
             figures["test_none_rate"] = none_rate(
                 model, unseen, batch_size=self.config.eval_batch_size, device=device,
                 precision=self.config.precision, world=world)
