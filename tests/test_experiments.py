@@ -18,9 +18,11 @@ from capsnet.training.trainer import Trainer
 
 COMMON = ["--epochs", "2", "--val-size", "40", "--test-limit", "32", "--figures", "0",
           "--device", "cpu", "--no-progress"]
+# 3 steps an epoch (multimnist), 2 for each model (affnist), and 2 primary capsule maps, not
+# 32: each step takes a fraction of a second
 ARGS = {
-    "multimnist": ["--train-limit", "48", "--batch-size", "16"],  # 3 steps an epoch
-    "affnist": ["--train-limit", "32", "--batch-size", "16"],  # 2 steps an epoch, each model
+    "multimnist": ["--train-limit", "48", "--batch-size", "16", "--primary-maps", "2"],
+    "affnist": ["--train-limit", "32", "--batch-size", "16", "--primary-maps", "2"],
 }
 INTERRUPT_AT = {"multimnist": 4, "affnist": 7}  # the 7th step overall is the CNN's 3rd
 SUB_RUNS = {"multimnist": [""], "affnist": ["capsnet", "cnn"]}
