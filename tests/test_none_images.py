@@ -12,6 +12,7 @@ import pytest
 import torch
 
 from capsnet.cli import main
+from capsnet.data import none_images as none_images_module
 from capsnet.data.none_images import KINDS, POOL_SIZE, none_images, pool_size, run_pool
 from capsnet.data.splits import load_splits
 from capsnet.nn.losses import (NO_CLASS, capsule_loss, margin_loss, reconstruction_loss,
@@ -145,10 +146,11 @@ def test_without_none_fraction_the_batches_are_as_before(tiny_dataset: Path) -> 
 
 @pytest.mark.slow
 def test_a_model_trained_with_none_images_answers_none_for_unseen_ones(
-        tiny_dataset: Path, tmp_path: Path) -> None:
+        tiny_dataset: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """The tiny data set's model, two epochs: its test summary measures images of no class
     drawn apart from the training ones, and it answers "none" for most; without them in
-    training the summary has no such figure."""
+    training the summary has no such figure. Pools of 256, not 4096, keep it short."""
+    monkeypatch.setattr(none_images_module, "POOL_SIZE", 256)
     config = make_config("seed", dataset=str(tiny_dataset), epochs=2, batch_size=16,
                          val_size=40, device="cpu", none_fraction=0.25)
     summary = train(config, tmp_path / "with", show_progress=False)
