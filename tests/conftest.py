@@ -3,8 +3,11 @@ model in each form a command takes."""
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import http.server
+import importlib.util
+import io
 import os
 import shutil
 import socket
@@ -12,6 +15,7 @@ import subprocess
 import sys
 import threading
 from pathlib import Path
+from types import ModuleType
 from typing import Callable, Iterator
 
 # Without a GPU, Triton kernels run in its interpreter on CPU tensors. Triton reads this when
@@ -187,10 +191,25 @@ def copy_docs(tmp_path: Path) -> Path:
     return docs
 
 
+@functools.cache
+def results_tables() -> ModuleType:
+    """scripts/results_tables.py, imported once."""
+    spec = importlib.util.spec_from_file_location("results_tables",
+                                                  REPO / "scripts" / "results_tables.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
 def tables(docs: Path, *flags: str) -> subprocess.CompletedProcess:
-    """scripts/results_tables.py on the documents and records in ``docs``."""
-    return subprocess.run([sys.executable, str(REPO / "scripts" / "results_tables.py"), "--docs",
-                           str(docs), *flags], capture_output=True, text=True)
+    """scripts/results_tables.py on the documents and records in ``docs``, its exit status and
+    output as a process would give them; run in this process, since a process of its own
+    would spend most of its time importing torch."""
+    argv = ["--docs", str(docs), *flags]
+    out, err = io.StringIO(), io.StringIO()
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        code = results_tables().main(argv)
+    return subprocess.CompletedProcess(argv, code, out.getvalue(), err.getvalue())
 
 
 def refuses_in_one_line(argv: list[str], cwd: Path, expected: str) -> None:
