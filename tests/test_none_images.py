@@ -52,9 +52,11 @@ def test_colour_none_images_are_never_prepared() -> None:
     assert torch.equal(images, none_images(8, 24, 3, seed=0, prepared=False))
 
 
-def test_a_run_on_crops_cuts_its_none_images_as_its_model_cuts_photos() -> None:
+def test_a_run_on_crops_cuts_its_none_images_as_its_model_cuts_photos(
+        monkeypatch: pytest.MonkeyPatch) -> None:
     """Made at the side the crops come from (prepared there, as a photo for that model is),
     then cut to the centre window: black borders of the preparation stay as they would."""
+    monkeypatch.setattr(none_images_module, "POOL_SIZE", 16)
     whole = run_pool(28, 1, seed=0, prepared=True, part="test")
     crops = run_pool(24, 1, seed=0, prepared=True, part="test", crop_from=28)
     assert crops.shape == (len(whole), 1, 24, 24) and crops.is_contiguous()

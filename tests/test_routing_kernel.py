@@ -169,16 +169,17 @@ def test_the_constant_mark_is_torch_compilers_own() -> None:
     assert vars(ours) == vars(torch.compiler.assume_constant_result(torchs)) != {}
 
 
-# Trains a step of the paper's CapsNet and of the small EM network on a CPU, both routing in
-# their kernels, and says whether torch.compile's front end was imported.
+# Trains a step of a small CapsNet and a small EM network on a CPU, both routing in their
+# kernels, and says whether torch.compile's front end was imported.
 ROUTE_WITHOUT_COMPILE = """
 import sys, torch
 from capsnet.nn import em_kernel, routing_kernel
 from capsnet.nn.registry import MODELS, model_config
 assert routing_kernel.available(10, 16, 8) and em_kernel.available()
-for name in ("capsnet", "em-capsnet-small"):
-    model = MODELS[name].model(model_config(name))
-    out = model(torch.rand(2, 1, 28, 28), torch.tensor([3, 5]))
+for name, sizes in (("capsnet", {"primary_maps": 2}), ("em-capsnet-small", {"image_size": 16})):
+    model = MODELS[name].model(model_config(name, **sizes))
+    out = model(torch.rand(2, 1, sizes.get("image_size", 28), sizes.get("image_size", 28)),
+                torch.tensor([3, 5]))
     out.lengths.sum().backward()
 print("torch._dynamo" in sys.modules)
 """
