@@ -116,9 +116,13 @@ class RoutingCapsules(nn.Module):
         if iterations < 1:
             raise ValueError(f"routing needs at least 1 iteration, got {iterations}")
         self.iterations = iterations
-        # Scaled in place: out of place, the meta device (where a stored model is first
-        # built) runs a Python kernel that imports torch._dynamo, 1.5 s of every prediction.
-        self.weight = nn.Parameter(torch.randn(in_caps, out_caps, out_dim, in_dim).mul_(init_std))
+        # torch.randn(...) * init_std, drawn only where there is memory: on the meta device,
+        # where a stored model is first built, randn and * run Python kernels that import
+        # sympy and torch._dynamo (seconds of every prediction).
+        weight = torch.empty(in_caps, out_caps, out_dim, in_dim)
+        if not weight.is_meta:
+            weight.normal_().mul_(init_std)
+        self.weight = nn.Parameter(weight)
         self.bias = nn.Parameter(torch.zeros(out_caps, out_dim)) if bias else None
         self.leaky = leaky
         self.fused = routing_kernel.enabled()  # see capsnet.nn.routing_kernel
