@@ -15,8 +15,10 @@ import torch
 
 from capsnet.data import Split, batches
 
+# 2 primary capsule maps, not 32: what is checked is how the ranks share the work
 TRAIN = ["train", "--val-size", "40", "--train-limit", "64", "--epochs", "2", "--batch-size", "16",
-         "--max-shift", "1", "--device", "cpu", "--deterministic", "--no-progress"]
+         "--max-shift", "1", "--device", "cpu", "--deterministic", "--no-progress",
+         "--primary-maps", "2"]
 
 
 def torchrun(nproc: int, *args: str, timeout: float = 300) -> subprocess.CompletedProcess:
@@ -58,8 +60,9 @@ FIRST_STEP = textwrap.dedent("""
     from capsnet.training.trainer import Trainer
 
     dataset, out, preset, network = sys.argv[1:5]
+    sizes = {"primary_maps": 2} if network == "capsnet" else {}
     config = make_config(preset, network=network, dataset=dataset, val_size=40, train_limit=64,
-                         batch_size=16, max_shift=1, device="cpu", deterministic=True)
+                         batch_size=16, max_shift=1, device="cpu", deterministic=True, **sizes)
     trainer = Trainer(Classification.from_config(config), out + ".run", show_progress=False)
     batch = next(iter(trainer.task.batches(epoch_seed(config, 0), 0, trainer.device,
                                            trainer.world)))
