@@ -59,8 +59,9 @@ def workspace(module_tmp: Callable[[str], Path]) -> Path:
     """A folder holding a trained run and every hostile input."""
     w = module_tmp("hostile")
     data = write_dataset(w / "data")
-    assert main(["train", "--preset", "seed", "--dataset", str(data), *TRAIN,
-                 "--run-dir", str(w / "run")]) == 0
+    # 2 primary capsule maps: checkpoints of 22 MB, not 98, to copy, damage and refuse
+    assert main(["train", "--preset", "seed", "--dataset", str(data), *TRAIN, "--primary-maps",
+                 "2", "--run-dir", str(w / "run")]) == 0
     ckpt = w / "run" / "best.pt"
     plain = io.BytesIO()
     np.save(plain, np.zeros((28, 28), np.uint8))
