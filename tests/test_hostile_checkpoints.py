@@ -402,8 +402,9 @@ def workspace(module_tmp: Callable[[str], Path]) -> Path:
     save_pretrained folders."""
     w = module_tmp("hostile-checkpoints")
     data = write_dataset(w / "data")
-    assert main(["train", "--preset", "seed", "--dataset", str(data), *TRAIN,
-                 "--run-dir", str(w / "run")]) == 0
+    # 2 primary capsule maps: checkpoints of 22 MB, not 98, to copy, damage and refuse
+    assert main(["train", "--preset", "seed", "--dataset", str(data), *TRAIN, "--primary-maps",
+                 "2", "--run-dir", str(w / "run")]) == 0
     last = load_checkpoint(w / "run" / "last.pt")
     for name, change in {
         "short-moment": lambda p: moments(p).__setitem__("exp_avg", torch.zeros(3)),
