@@ -32,7 +32,6 @@ from test_cli import TIMEOUT, cli, train_args
 
 CAPSNET = str(Path(sys.executable).with_name("capsnet"))
 ENV = {**os.environ, "OMP_NUM_THREADS": "1"}
-SMALL = ["--primary-maps", "2"]  # a 22 MB checkpoint instead of 98 MB
 ROOT = os.geteuid() == 0
 SHIPPED = Path(__file__).parents[1] / "src" / "capsnet" / "pretrained" / "mnist" / WEIGHTS
 HOLD = """import sys, time
@@ -85,7 +84,7 @@ def refused_in_a_process(args: list[str | Path], expected: str) -> None:
 def trained(tiny_dataset: Path, module_tmp: Callable[[str], Path]) -> Path:
     """A finished 1-epoch run of a small model."""
     run_dir = module_tmp("hostile-files") / "run"
-    code, _, err = cli(*train_args(tiny_dataset), *SMALL, "--run-dir", run_dir)
+    code, _, err = cli(*train_args(tiny_dataset), "--run-dir", run_dir)
     assert code == 0, err
     return run_dir
 
@@ -225,7 +224,7 @@ def test_a_killed_holder_does_not_block_the_next_run(run_copy: Path, holder) -> 
 @pytest.mark.slow
 def test_two_trainings_started_together_in_one_folder(tiny_dataset: Path, tmp_path: Path) -> None:
     run_dir = tmp_path / "run"
-    command = [CAPSNET, *train_args(tiny_dataset), *SMALL, "--run-dir", str(run_dir)]
+    command = [CAPSNET, *train_args(tiny_dataset), "--run-dir", str(run_dir)]
     processes = [subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                                   text=True, env=ENV) for _ in range(2)]
     results = sorted((p.wait(TIMEOUT), *p.communicate()) for p in processes)
@@ -244,7 +243,7 @@ def test_a_detached_training_that_fails_leaves_the_folder_as_it_was(tiny_dataset
                                                                     tmp_path: Path) -> None:
     data = Path(shutil.copytree(tiny_dataset, tmp_path / "data"))
     run_dir = tmp_path / "run"
-    code, _, err = cli(*train_args(data), *SMALL, "--run-dir", run_dir)
+    code, _, err = cli(*train_args(data), "--run-dir", run_dir)
     assert code == 0, err
     (run_dir / "train.log").write_text("an earlier call\n")
     images = next(data.glob("train-images*"))
