@@ -175,6 +175,33 @@ def test_a_first_epoch_is_timed_by_its_training_curve(finished: Path, tmp_path: 
     assert shown["train_images_per_s"] is None and shown["seconds_left"] is None
 
 
+def test_a_running_call_is_timed_by_its_current_pace(finished: Path, tmp_path: Path,
+                                                      capsnet_like: int) -> None:
+    """Earlier epochs that ran slower (beside other work, or on another machine) do not set
+    a running call's speed and time left: its current epoch's pace does. Stopped, the run's
+    estimate is its average epoch."""
+    run_dir = unfinished_copy(finished, tmp_path / "paced")  # epoch 1 of 3, 2 steps each
+    batch = json.loads((run_dir / "config.json").read_text())["train"]["batch_size"]
+    metrics = run_dir / "metrics.jsonl"
+    epoch = json.loads(metrics.read_text().splitlines()[-1])
+    assert (epoch["epoch"], epoch["step"]) == (1, 2)
+    now = time.time()
+    epoch.update(wall_seconds=1000.0, images_per_s=0.01, unix_time=now - 60)
+    points = [{"step": 3, "epoch": 1.5, "unix_time": now - 50},
+              {"step": 4, "epoch": 2.0, "unix_time": now - 10}]
+    metrics.write_text("".join(json.dumps(r) + "\n" for r in [epoch, *points]))
+    shown = status_json(run_dir)
+    assert shown["state"] == "stopped" and shown["train_images_per_s"] == 0.01
+    assert shown["seconds_left"] == pytest.approx(2000)  # 2 epochs of 1,000 s
+    pid_file = Run(run_dir).pid_file
+    pid_file.write_text(f"{capsnet_like}\n")
+    os.utime(pid_file, (now - 100,) * 2)
+    shown = status_json(run_dir)
+    assert shown["state"] == "running" and shown["step"] == 4
+    assert shown["train_images_per_s"] == pytest.approx(batch / 40, rel=1e-6)
+    assert shown["seconds_left"] == pytest.approx(80, rel=1e-6)  # 2 steps, 40 s each
+
+
 def test_one_model_of_an_experiment_is_run_and_resumed_from_the_experiment(
         finished: Path, tmp_path: Path, capsnet_like: int) -> None:
     experiment = tmp_path / "affnist"

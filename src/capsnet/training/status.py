@@ -121,14 +121,14 @@ def run_status(run_dir: Path, now: float | None = None) -> dict[str, Any]:
     started = mtime(home.pid_file) if pid is not None else None  # this call's start
     # when the last epoch's record was written; older records lack the time: their file's
     written = (number(last, "unix_time") or mtime(run.metrics_file)) if records else None
-    # when this call's current epoch began, and its training curve's pace since then (a
-    # speed before any epoch ends)
+    # when this call's current epoch began, and its training curve's pace since then: the
+    # speed now, which earlier epochs (run beside other work, or on another machine) may
+    # not tell
     began = max(started, written or started) if started is not None else None
-    pace = curve_speed(points, began) if began is not None else None
-    speed = number(summary if finished else last,
-                   "train_images_per_s" if finished else "images_per_s")
-    if speed is None and pace is not None and settings is not None:
-        speed = pace * settings.batch_size  # the global batch, with torchrun too
+    pace = curve_speed(points, began) if began is not None and settings is not None else None
+    speed = (pace * settings.batch_size if pace is not None and settings is not None  # global
+             else number(summary if finished else last,
+                         "train_images_per_s" if finished else "images_per_s"))
     status = {"run_dir": str(run_dir), "state": state, "pid": pid, "epoch": epoch,
               "epochs": settings.epochs if settings else None, "step": latest.get("step", 0),
               **accuracies(records), "train_images_per_s": speed,
@@ -138,10 +138,10 @@ def run_status(run_dir: Path, now: float | None = None) -> dict[str, Any]:
               "cut_short": text(summary, "cut_short") if finished else None,
               "skipped_metrics_lines": skipped}
     status["steps"] = total_steps(latest, status["epochs"])
-    first_left = ((status["steps"] - status["step"]) / pace
-                  if pace and not records and status["steps"] is not None else None)
+    pace_left = ((status["steps"] - status["step"]) / pace
+                 if pace and status["steps"] is not None else None)
     status.update(timing(records, summary if finished else None, settings, now, started,
-                         began, first_left))
+                         began, pace_left))
     status["resume_command"] = (resume_command(home.folder, config)
                                 if state != "running" and unfinished(status) else None)
     log = home.log_file
@@ -194,12 +194,13 @@ def unfinished(status: dict[str, Any]) -> bool:
 
 def timing(records: list[dict[str, Any]], summary: dict[str, Any] | None,
            settings: TrainConfig | None, now: float, started: float | None,
-           began: float | None, first_left: float | None = None) -> dict[str, Any]:
-    """Wall time so far and an estimate of the time left: the epochs to go at the average
-    epoch so far, less the current epoch's part (before any epoch has ended,
-    ``first_left``, the steps to go at the training curve's pace); while running (since
-    ``started``; its current epoch ``began``), no further than this call's time limit allows.
-    A stopped run's estimate is what resuming it would take."""
+           began: float | None, pace_left: float | None = None) -> dict[str, Any]:
+    """Wall time so far and an estimate of the time left: ``pace_left``, the steps to go at
+    the pace of the running call's current epoch, where its training curve gives one
+    (validation not counted); else the epochs to go at the average epoch so far, less the
+    current epoch's part. While running (since ``started``; its current epoch ``began``), no
+    further than this call's time limit allows. A stopped run's estimate is what resuming it
+    would take."""
     if summary is not None:
         return {"wall_seconds": number(summary, "wall_seconds"), "seconds_left": 0.0}
     last = records[-1] if records else {}
@@ -207,11 +208,13 @@ def timing(records: list[dict[str, Any]], summary: dict[str, Any] | None,
     wall = wall if wall is not None else sum(r.get("epoch_seconds", 0) for r in records)
     per_epoch = wall / last["epoch"] if last else None
     left = ((settings.epochs - last["epoch"]) * per_epoch
-            if per_epoch is not None and settings else first_left)
+            if per_epoch is not None and settings else None)
     if started is not None:
         current = max(now - (began or started), 0.0)
         wall += current
-        if left is not None and per_epoch is not None:
+        if pace_left is not None:
+            left = pace_left
+        elif left is not None:
             left = max(left - current, 0.0)
         if settings is not None and settings.time_limit:
             limit_left = max(settings.time_limit - (now - started), 0.0)
