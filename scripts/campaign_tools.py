@@ -33,7 +33,7 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
 BUNDLED = ("mnist", "fashion-mnist")  # the data sets the campaign trains on
-TRAVEL_LIMIT = 64 * 2**20  # bytes of working tree plus carried paths that reach the GPU machine
+TRAVEL_LIMIT = 64 * 2**20  # bytes of working tree plus data bundle a remote GPU machine accepts
 KEEP = ("config.json", "metrics.jsonl", "summary.json", "campaign.json")  # what comes home
 KILL_GRACE = 10  # seconds between SIGTERM and SIGKILL for a run past its time
 
