@@ -125,7 +125,8 @@ def run_status(run_dir: Path, now: float | None = None) -> dict[str, Any]:
     # speed now, which earlier epochs (run beside other work, or on another machine) may
     # not tell
     began = max(started, written or started) if started is not None else None
-    pace = curve_speed(points, began) if began is not None and settings is not None else None
+    pace = (curve_speed(points, began, now)
+            if began is not None and settings is not None else None)
     speed = (pace * settings.batch_size if pace is not None and settings is not None  # global
              else number(summary if finished else last,
                          "train_images_per_s" if finished else "images_per_s"))
@@ -158,13 +159,14 @@ def latest_step(last: dict[str, Any], points: list[dict[str, Any]]) -> dict[str,
     return point if point.get("step", 0) > last.get("step", 0) else last
 
 
-def curve_speed(points: list[dict[str, Any]], since: float) -> float | None:
+def curve_speed(points: list[dict[str, Any]], since: float, now: float) -> float | None:
     """Steps a second between the first and the last point of the training curve written
-    after ``since`` (the first of them is past the compilation of the first steps); None
-    with fewer than two, or from older points, which lack the time."""
+    between ``since`` and ``now`` (the first of them is past the compilation of the first
+    steps); None with fewer than two, from older points, which lack the time, or where the
+    steps do not rise with the time (the file is untrusted)."""
     timed = [(p["step"], p["unix_time"]) for p in points
-             if number(p, "unix_time") is not None and p["unix_time"] >= since]
-    if len(timed) < 2 or timed[-1][1] <= timed[0][1]:
+             if number(p, "unix_time") is not None and since <= p["unix_time"] <= now]
+    if len(timed) < 2 or timed[-1][1] <= timed[0][1] or timed[-1][0] <= timed[0][0]:
         return None
     return (timed[-1][0] - timed[0][0]) / (timed[-1][1] - timed[0][1])
 
