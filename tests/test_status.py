@@ -66,7 +66,7 @@ def test_status_of_a_finished_run(finished: Path) -> None:
     code, out, err = status(finished)
     assert code == 0 and err == ""
     lines = out.splitlines()
-    assert lines[0].startswith(f"{finished}: finished, epoch 1 of 1, step 2 of 2; test accuracy ")
+    assert lines[0].startswith(f"{finished}: finished, 1 of 1 epochs done, step 2 of 2; test accuracy ")
     assert lines[1].startswith("validation accuracy: last ") and "(epoch 1)" in lines[1]
     assert "training images/s; wall time " in lines[2] and "continue with" not in out
     summary = json.loads((finished / "summary.json").read_text())
@@ -83,7 +83,7 @@ def test_status_of_a_stopped_run_gives_the_command_that_continues_it(
     run_dir = unfinished_copy(finished, tmp_path / "stopped")
     Run(run_dir).pid_file.write_text("999999999\n")  # a process that is gone: stale
     code, out, _ = status(run_dir)
-    assert code == 0 and out.startswith(f"{run_dir}: stopped, epoch 1 of 3, step 2 of 6\n")
+    assert code == 0 and out.startswith(f"{run_dir}: stopped, 1 of 3 epochs done, step 2 of 6\n")
     assert f"continue with: capsnet train --resume {run_dir}\n" in out
     assert "to go when resumed" in out
     shown = status_json(run_dir)
@@ -99,7 +99,7 @@ def test_status_of_a_run_in_progress(finished: Path, tmp_path: Path, capsnet_lik
     Run(run_dir).pid_file.write_text(f"{capsnet_like}\n")
     code, out, _ = status(run_dir)
     assert code == 0
-    assert out.startswith(f"{run_dir}: running (process {capsnet_like}), epoch 1 of 3")
+    assert out.startswith(f"{run_dir}: running (process {capsnet_like}), 1 of 3 epochs done")
     assert "(time limit 1 h 0 min 0 s a call)" in out and " left" in out
     assert "continue with" not in out
     shown = status_json(run_dir)
@@ -123,7 +123,7 @@ def test_status_counts_the_steps_of_an_epoch_in_progress(finished: Path, tmp_pat
     Run(run_dir).pid_file.write_text(f"{capsnet_like}\n")
     code, out, _ = status(run_dir)
     assert code == 0 and out.startswith(f"{run_dir}: running (process {capsnet_like}), "
-                                        "epoch 1 of 3, step 3 of 6\n")
+                                        "1 of 3 epochs done, step 3 of 6\n")
     shown = status_json(run_dir)
     assert (shown["epoch"], shown["step"], shown["steps"]) == (1, 3, 6)
     with (run_dir / "metrics.jsonl").open("a") as f:  # a fraction no steps an epoch give
@@ -231,7 +231,7 @@ def test_a_run_cut_short_by_its_time_limit_can_continue(tiny_dataset: Path,
                        "--run-dir", run_dir)
     assert code == 0, err
     code, out, _ = status(run_dir)
-    assert out.startswith(f"{run_dir}: finished, epoch 1 of 3")
+    assert out.startswith(f"{run_dir}: finished, 1 of 3 epochs done")
     assert "cut short: time limit of 1e-09 s: stopped after epoch 1 of 3" in out
     assert f"continue with: capsnet train --resume {run_dir}" in out
     assert not Run(run_dir).pid_file.exists()  # the training removed its record at the end
@@ -270,7 +270,7 @@ def test_unreadable_metrics_lines_are_skipped_with_a_note(finished: Path, tmp_pa
     with open(run_dir / "metrics.jsonl", "a") as metrics:
         metrics.write('{"epoch": 2, "step": "four"}\n["no"]\n{"epoch": 3, "tr')  # torn by a crash
     code, out, _ = status(run_dir)
-    assert code == 0 and "epoch 1 of 3" in out
+    assert code == 0 and "1 of 3 epochs done" in out
     assert "note: skipped 3 unreadable line(s) of metrics.jsonl" in out
 
 

@@ -15,9 +15,10 @@ def add_status(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("status", help="how a training run is doing: running, finished or "
                        "stopped, how far, how fast, the time left",
                        description="Say how the run in RUN_DIR is doing, from its files alone: "
-                       "whether it is running, finished or stopped, the epoch and step reached, "
-                       "the validation accuracy, the speed, the wall time and an estimate of "
-                       "the time left, and how to continue it when it stopped unfinished.")
+                       "whether it is running, finished or stopped, the epochs done and the "
+                       "step reached, the validation accuracy, the speed, the wall time and an "
+                       "estimate of the time left, and how to continue it when it stopped "
+                       "unfinished.")
     p.add_argument("run_dir", type=Path, metavar="RUN_DIR")
     p.add_argument("--json", action="store_true", help="print the same as one JSON object")
     p.set_defaults(run=run_status_command)
@@ -40,7 +41,8 @@ def of(done: int, total: int | None) -> str:
 def status_lines(s: dict[str, Any]) -> list[str]:
     """The status in a few lines for a person."""
     state = f"running (process {s['pid']})" if s["state"] == "running" else s["state"]
-    head = f"{s['run_dir']}: {state}, epoch {of(s['epoch'], s['epochs'])}"
+    # epochs done, not the epoch in progress: a running run is one epoch further on
+    head = f"{s['run_dir']}: {state}, {of(s['epoch'], s['epochs'])} epochs done"
     head += f", step {of(s['step'], s['steps'])}" if s["step"] else ""
     if s["test_accuracy"] is not None:
         head += f"; test accuracy {percent(s['test_accuracy'])}"
