@@ -66,7 +66,8 @@ def test_status_of_a_finished_run(finished: Path) -> None:
     code, out, err = status(finished)
     assert code == 0 and err == ""
     lines = out.splitlines()
-    assert lines[0].startswith(f"{finished}: finished, 1 of 1 epochs done, step 2 of 2; test accuracy ")
+    assert lines[0].startswith(
+        f"{finished}: finished, 1 of 1 epochs done, step 2 of 2; test accuracy ")
     assert lines[1].startswith("validation accuracy: last ") and "(epoch 1)" in lines[1]
     assert "training images/s; wall time " in lines[2] and "continue with" not in out
     summary = json.loads((finished / "summary.json").read_text())
