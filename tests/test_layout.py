@@ -98,3 +98,14 @@ def test_the_command_line_starts_without_the_libraries_only_some_commands_use() 
     done = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True)
     assert done.returncode == 0, done.stderr
     assert done.stdout.strip() == "[]"
+
+
+def test_the_package_shows_its_public_names_and_each_one_loads() -> None:
+    """dir(capsnet) lists the public names (what tab completion offers), not the helpers of
+    its lazy imports, and every public name resolves to its object."""
+    shown = {name for name in dir(capsnet) if not name.startswith("__")}
+    assert shown == set(capsnet.__all__)
+    for name in capsnet.__all__:
+        value = getattr(capsnet, name)
+        assert name == "MODELS" and isinstance(value, dict) or value.__name__ == name, name
+    assert isinstance(capsnet.__version__, str)

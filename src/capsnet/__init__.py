@@ -5,9 +5,7 @@ The public names below are imported on first use, so ``import capsnet.cli`` load
 heavy before the command can answer Ctrl-C.
 """
 
-from __future__ import annotations
-
-from importlib import import_module
+from importlib import import_module as _import_module
 
 _HOMES = {  # public name -> the module that defines it
     "PrimaryCapsules": ".nn.layers", "RoutingCapsules": ".nn.layers", "safe_norm": ".nn.layers",
@@ -31,7 +29,7 @@ def __getattr__(name: str) -> object:
         from .utils.version import package_version
         value: object = package_version()
     elif name in _HOMES:
-        value = getattr(import_module(_HOMES[name], __name__), name)
+        value = getattr(_import_module(_HOMES[name], __name__), name)
     else:
         raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
     globals()[name] = value
@@ -39,4 +37,6 @@ def __getattr__(name: str) -> object:
 
 
 def __dir__() -> list[str]:
-    return sorted({*globals(), *__all__, "__version__"})
+    """The public names and the module's own dunders, not its helpers."""
+    dunders = (name for name in globals() if name.startswith("__"))
+    return sorted({*__all__, "__version__", *dunders})
