@@ -107,5 +107,5 @@ def test_the_package_shows_its_public_names_and_each_one_loads() -> None:
     assert shown == set(capsnet.__all__)
     for name in capsnet.__all__:
         value = getattr(capsnet, name)
-        assert name == "MODELS" and isinstance(value, dict) or value.__name__ == name, name
+        assert (name == "MODELS" and isinstance(value, dict)) or value.__name__ == name, name
     assert isinstance(capsnet.__version__, str)
