@@ -76,6 +76,9 @@ def test_training_runs_keep_their_recipes(tiny) -> None:
     assert [train[f"{name}-mnist-s0"]["network"] for name in ("efficient", "em", "em-small")] \
         == ["efficient-capsnet", "em-capsnet", "em-capsnet-small"]
     assert train["em-small-fashion-s0"]["dataset"] == train["em-small-mnist-s0"]["dataset"]
+    for name in ("em-mnist-s0", "em-small-mnist-s0", "em-fashion-s0", "em-small-fashion-s0"):
+        assert (train[name]["lr_decay"], train[name]["lr_decay_steps"],
+                train[name]["ema_decay"]) == (0.9, 1180, 0.999)
     assert all(config["epochs"] == 1 and config["device"] == "cpu" for config in train.values())
 
 
