@@ -128,6 +128,15 @@ def test_stored_settings_must_be_a_dict() -> None:
         TrainConfig.from_dict(["lr", 0.1])
 
 
+@pytest.mark.parametrize("overrides, flags", [(dict(image_size=24), "--image-size 24"),
+                                              (dict(image_size=5, channels=3),
+                                               "--image-size 5 and --channels 3")])
+def test_image_size_and_channels_are_refused_for_data_that_is_not_class_folders(
+        overrides: dict, flags: str) -> None:
+    with pytest.raises(CapsNetError, match=f"^{flags}: only class folders .* 'mnist' keeps"):
+        make_config("paper", **overrides)
+
+
 def test_resume_may_change_only_how_long_and_where() -> None:
     saved = make_config("seed", epochs=2)
     resumed = resume_config(saved, {"epochs": 5, "device": "cpu", "compile": "on",

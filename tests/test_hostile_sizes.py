@@ -24,7 +24,8 @@ from capsnet.nn import em_kernel
 from capsnet.nn.model import CapsNet, CapsNetConfig
 from capsnet.tools.bench import benchmark
 from capsnet.tools.figures import draw_figures
-from capsnet.training.config import make_config, model_config_for
+from capsnet.training.config import (TrainConfig, check_training_memory, make_config,
+                                     model_config_for)
 from capsnet.training.evaluate import evaluate
 from capsnet.utils import memory
 from capsnet.utils.memory import (available_memory, capsnet_image_bytes, capsnet_state_bytes,
@@ -402,6 +403,27 @@ def test_the_command_refuses_in_one_line_before_any_work(name: str, workspace: P
     argv, expected = CASES[name]
     refuses_in_one_line(argv, workspace, expected)
     assert not (workspace / "run").exists() and not (workspace / "figs").exists()
+
+
+@pytest.mark.slow
+def test_data_that_are_not_class_folders_are_not_resized(tiny_dataset: Path,
+                                                         tmp_path: Path) -> None:
+    """--image-size and --channels would change nothing there: refused; a model too large for
+    the memory is told to train on crops, not on resized images."""
+    idx = [*TRAIN, str(tiny_dataset)]
+    refuses_in_one_line([*idx, "--image-size", "24"], tmp_path,
+                        "--image-size 24: only class folders (a folder with train/) are resized")
+    refuses_in_one_line([*idx, "--channels", "3"], tmp_path, "--channels 3: only class folders")
+    assert not (tmp_path / "run").exists()
+
+
+@pytest.mark.parametrize("folders, flags", [(True, "--image-size, --crop"), (False, "--crop")])
+def test_a_model_too_large_is_told_to_train_on_images_its_data_can_give(
+        memory_of, shapes: Path, tiny_dataset: Path, folders: bool, flags: str) -> None:
+    memory_of(1 * MiB)
+    config = TrainConfig(dataset=str(shapes if folders else tiny_dataset))
+    with pytest.raises(CapsNetError, match=re.escape(f"train on smaller images ({flags}) or")):
+        check_training_memory(config, CapsNetConfig())
 
 
 @pytest.mark.slow

@@ -225,6 +225,15 @@ def make_config(preset: str = "paper", **overrides: Any) -> TrainConfig:
         # before any image is read (with the fewest channels the images could have).
         model_config_for(config, config.crop or config.image_size or DEFAULT_SIZE,
                          config.channels or 1, len(class_names_of(Path(config.dataset))))
+        return config
+    # Other data keep their images' size and channels: refuse these rather than record a
+    # size the run never trains on.
+    unused = [f"--{name.replace('_', '-')} {getattr(config, name)}"
+              for name in ("image_size", "channels") if getattr(config, name)]
+    if unused:
+        raise CapsNetError(f"{' and '.join(unused)}: only class folders (a folder with train/) "
+                           f"are resized; {short(config.dataset)} keeps its images as they are "
+                           "(--crop trains on smaller windows of them)")
     return config
 
 
@@ -295,7 +304,8 @@ def check_training_memory(config: TrainConfig, model: Any) -> None:
     state = capsnet_state_bytes(model, training=True, averaged=bool(config.ema_decay))
     images = f"{model.in_channels}x{model.image_size}x{model.image_size} images"
     network = "a CapsNet" if config.network == "capsnet" else config.network
-    smaller = ("train on smaller images (--image-size, --crop)"
+    resizable = "--image-size, --crop" if is_class_folder_data_set(config.dataset) else "--crop"
+    smaller = (f"train on smaller images ({resizable})"
                + (" or with fewer --primary-maps" if config.network == "capsnet" else ""))
     check_memory(state, f"training {network} for {images} and {model.num_classes} classes "
                  f"({model.parameter_count:,} parameters)", smaller, device)
