@@ -128,13 +128,49 @@ def test_stored_settings_must_be_a_dict() -> None:
         TrainConfig.from_dict(["lr", 0.1])
 
 
-@pytest.mark.parametrize("overrides, flags", [(dict(image_size=24), "--image-size 24"),
-                                              (dict(image_size=5, channels=3),
-                                               "--image-size 5 and --channels 3")])
-def test_image_size_and_channels_are_refused_for_data_that_is_not_class_folders(
-        overrides: dict, flags: str) -> None:
-    with pytest.raises(CapsNetError, match=f"^{flags}: only class folders .* 'mnist' keeps"):
-        make_config("paper", **overrides)
+@pytest.mark.parametrize("preset, overrides, message", [
+    ("em", dict(primary_maps=8), "--primary-maps 8 would change nothing: em-capsnet has no such "
+                                 "part (it shapes --network capsnet)"),
+    ("em", dict(leaky_routing=True), "--leaky-routing would change nothing: em-capsnet has"),
+    ("em", dict(margin_loss="official"), "--margin-loss official would change nothing: "
+                                         "em-capsnet trains with the spread loss"),
+    ("em", dict(reconstruction_weight=0.1), "--reconstruction-weight 0.1 would change nothing: "
+                                            "em-capsnet has no decoder"),
+    ("efficient", dict(routing_iterations=5), "efficient-capsnet routes without iterations"),
+    ("efficient", dict(rotation=10.0), "--rotation 10 would change nothing: --augment efficient "
+                                       "draws its own shifts and rotations"),
+    ("paper", dict(augment="efficient", max_shift=3), "--max-shift 3 would change nothing"),
+    ("seed", dict(lr_decay_steps=10), "--lr-decay-steps 10 would change nothing: the learning "
+                                      "rate does not decay (--lr-decay 1)"),
+    ("paper", dict(ema_warmup=False), "--no-ema-warmup would change nothing: no weights are "
+                                      "averaged (--ema-decay 0)"),
+    ("paper", dict(image_size=24), "--image-size 24 would change nothing: only class folders (a "
+                                   "folder with train/) are resized; 'mnist' keeps its images"),
+    ("paper", dict(channels=3), "--channels 3 would change nothing: only class folders"),
+])
+def test_a_setting_the_run_would_never_read_is_refused(preset: str, overrides: dict,
+                                                       message: str) -> None:
+    with pytest.raises(CapsNetError, match=re.escape(message)):
+        make_config(preset, **overrides)
+
+
+@pytest.mark.parametrize("preset, overrides", [
+    ("em", dict(primary_maps=32)),  # the value the run has anyway
+    ("em", dict(network="capsnet", primary_maps=8, margin_loss="official")),
+    ("efficient", dict(augment="shift", rotation=10.0, max_shift=1)),
+    ("seed", dict(lr_decay=0.9, lr_decay_steps=10, lr_min=1e-5)),
+    ("paper", dict(ema_decay=0.999, ema_warmup=False)),
+])
+def test_the_same_settings_are_taken_where_the_run_reads_them(preset: str,
+                                                               overrides: dict) -> None:
+    config = make_config(preset, **overrides)
+    assert all(getattr(config, name) == value for name, value in overrides.items())
+
+
+def test_a_stored_run_with_a_setting_it_never_read_still_resumes() -> None:
+    stored = {**make_config("em").to_dict(), "primary_maps": 8, "margin_loss": "official"}
+    config = resume_config(TrainConfig.from_dict(stored), {"epochs": 40})
+    assert (config.primary_maps, config.margin_loss, config.epochs) == (8, "official", 40)
 
 
 def test_resume_may_change_only_how_long_and_where() -> None:

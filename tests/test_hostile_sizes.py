@@ -412,8 +412,8 @@ def test_data_that_are_not_class_folders_are_not_resized(tiny_dataset: Path,
     the memory is told to train on crops, not on resized images."""
     idx = [*TRAIN, str(tiny_dataset)]
     refuses_in_one_line([*idx, "--image-size", "24"], tmp_path,
-                        "--image-size 24: only class folders (a folder with train/) are resized")
-    refuses_in_one_line([*idx, "--channels", "3"], tmp_path, "--channels 3: only class folders")
+                        "--image-size 24 would change nothing: only class folders")
+    refuses_in_one_line([*idx, "--channels", "3"], tmp_path, "--channels 3 would change nothing")
     assert not (tmp_path / "run").exists()
 
 

@@ -53,7 +53,7 @@ def requested_config(args: argparse.Namespace, defaults: dict[str, Any]) -> Trai
     given = given_settings(args, TrainConfig)
     if args.resume is not None:
         return resume_config(Run(args.resume).saved_config(args.from_best), given)
-    return make_config(args.preset, **{**defaults, **given})
+    return make_config(args.preset, defaults=defaults, **given)
 
 
 def run_folder(args: argparse.Namespace, config: TrainConfig, default: Path) -> Path:

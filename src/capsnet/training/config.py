@@ -208,33 +208,74 @@ PRESETS: dict[str, dict[str, Any]] = {
 assert tuple(PRESETS) == PRESET_NAMES
 
 
-def make_config(preset: str = "paper", **overrides: Any) -> TrainConfig:
-    """The ``preset``'s settings with ``overrides`` (``None`` values are ignored) on top; a
-    data set folder becomes an absolute path, so the run can be used from anywhere."""
+def make_config(preset: str = "paper", *, defaults: Mapping[str, Any] | None = None,
+                **overrides: Any) -> TrainConfig:
+    """The ``preset``'s settings, then ``defaults`` (an experiment's), then ``overrides``
+    (``None`` values are ignored) on top; a data set folder becomes an absolute path, so the
+    run can be used from anywhere."""
     if preset not in PRESETS:
         raise CapsNetError(f"unknown preset {short(preset)}; choose one of {', '.join(PRESETS)}")
-    settings = {**PRESETS[preset], **{k: v for k, v in overrides.items() if v is not None}}
+    base = {**PRESETS[preset], **(defaults or {})}
+    settings = {**base, **{k: v for k, v in overrides.items() if v is not None}}
     unknown = sorted(set(settings) - {f.name for f in fields(TrainConfig)})
     if unknown:
         raise CapsNetError(f"unknown training settings: {', '.join(unknown)}")
     if isinstance(settings.get("dataset"), str):
         settings["dataset"] = recorded_dataset(settings["dataset"])
     config = replace(TrainConfig(preset=preset), **settings)
+    refuse_unused(config, replace(TrainConfig(preset=preset), **base), overrides)
     if is_class_folder_data_set(config.dataset):
         # The images' size is the run's choice here: a model too large for it is refused
         # before any image is read (with the fewest channels the images could have).
         model_config_for(config, config.crop or config.image_size or DEFAULT_SIZE,
                          config.channels or 1, len(class_names_of(Path(config.dataset))))
-        return config
-    # Other data keep their images' size and channels: refuse these rather than record a
-    # size the run never trains on.
-    unused = [f"--{name.replace('_', '-')} {getattr(config, name)}"
-              for name in ("image_size", "channels") if getattr(config, name)]
-    if unused:
-        raise CapsNetError(f"{' and '.join(unused)}: only class folders (a folder with train/) "
-                           f"are resized; {short(config.dataset)} keeps its images as they are "
-                           "(--crop trains on smaller windows of them)")
     return config
+
+
+def unused_settings(config: TrainConfig) -> dict[str, str]:
+    """The settings that ``config``'s network, loss, augmentation and schedule never read,
+    each with the reason."""
+    entry = MODELS[config.network]
+    own = {f.name: f.default for f in fields(entry.config)}
+    unused = {f.name: f"{config.network} has no such part (it shapes --network capsnet)"
+              for f in training_fields(CapsNetConfig) if f.name not in own}
+    if "routing_iterations" not in own:
+        unused["routing_iterations"] = f"{config.network} routes without iterations"
+    if entry.loss == "spread":
+        unused["margin_loss"] = f"{config.network} trains with the spread loss"
+    if entry.defaults.get("decoder_hidden", own.get("decoder_hidden")) is None:
+        unused.update(dict.fromkeys(("reconstruction_weight", "reconstruction_reduction"),
+                                    f"{config.network} has no decoder"))
+    if config.augment == "efficient":
+        unused.update(dict.fromkeys(("max_shift", "rotation"),
+                                    "--augment efficient draws its own shifts and rotations"))
+    if config.lr_decay == 1.0:
+        unused.update(dict.fromkeys(("lr_decay_steps", "lr_min"),
+                                    "the learning rate does not decay (--lr-decay 1)"))
+    if not config.ema_decay:
+        unused["ema_warmup"] = "no weights are averaged (--ema-decay 0)"
+    if not is_class_folder_data_set(config.dataset):
+        unused.update(dict.fromkeys(
+            ("image_size", "channels"), f"only class folders (a folder with train/) are resized; "
+            f"{short(config.dataset)} keeps its images as they are (--crop cuts windows of them)"))
+    return unused
+
+
+def refuse_unused(config: TrainConfig, preset: TrainConfig, overrides: Mapping[str, Any]) -> None:
+    """Refuse an override that changes, from the ``preset``'s value, a setting ``config``
+    never reads: the run would record it and train as if it were not given."""
+    unused = unused_settings(config)
+    for name, value in overrides.items():
+        if name in unused and value is not None and value != getattr(preset, name):
+            raise CapsNetError(f"{as_flag(name, value)} would change nothing: {unused[name]}")
+
+
+def as_flag(name: str, value: Any) -> str:
+    """The command-line flag that sets field ``name`` to ``value``."""
+    flag = name.replace("_", "-")
+    if isinstance(value, bool):
+        return f"--{flag}" if value else f"--no-{flag}"
+    return f"--{flag} {value:g}" if isinstance(value, float) else f"--{flag} {value}"
 
 
 def resume_config(saved: TrainConfig, requested: Mapping[str, Any]) -> TrainConfig:
