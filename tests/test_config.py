@@ -132,6 +132,10 @@ def test_stored_settings_must_be_a_dict() -> None:
     ("em", dict(primary_maps=8), "--primary-maps 8 would change nothing: em-capsnet has no such "
                                  "part (it shapes --network capsnet)"),
     ("em", dict(leaky_routing=True), "--leaky-routing would change nothing: em-capsnet has"),
+    ("paper", dict(beta_a_units="paper"), "--beta-a-units paper would change nothing: capsnet "
+                                          "has no such part (it shapes --network em-capsnet or "
+                                          "em-capsnet-small)"),
+    ("efficient", dict(cost_scale="outputs-per-input"), "efficient-capsnet has no such part"),
     ("em", dict(margin_loss="official"), "--margin-loss official would change nothing: "
                                          "em-capsnet trains with the spread loss"),
     ("em", dict(reconstruction_weight=0.1), "--reconstruction-weight 0.1 would change nothing: "

@@ -19,6 +19,7 @@ from capsnet.data import Split, batches
 from capsnet.data.folders import read_class_folders, read_images
 from capsnet.data.splits import load_splits
 from capsnet.errors import CapsNetError
+from capsnet.training.config import make_config
 
 SHAPES = ("circle", "square", "triangle")
 
@@ -70,6 +71,13 @@ def test_class_folders_are_read_resized_and_named(shapes: Path) -> None:
 
 
 @pytest.mark.slow
+def test_class_folders_refuse_the_validation_split_they_never_read(shapes: Path) -> None:
+    assert make_config("paper", dataset=str(shapes), val_split="first").val_split == "first"
+    with pytest.raises(CapsNetError, match="--val-split last would change nothing: class "
+                                           "folders hold out a share of every class"):
+        make_config("paper", dataset=str(shapes), val_split="last")
+
+
 def test_train_evaluate_predict_figures_with_class_names(shapes: Path, tmp_path: Path,
                                                          capsys, one_thread) -> None:
     run = tmp_path / "run"

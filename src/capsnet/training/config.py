@@ -237,8 +237,13 @@ def unused_settings(config: TrainConfig) -> dict[str, str]:
     each with the reason."""
     entry = MODELS[config.network]
     own = {f.name: f.default for f in fields(entry.config)}
-    unused = {f.name: f"{config.network} has no such part (it shapes --network capsnet)"
-              for f in training_fields(CapsNetConfig) if f.name not in own}
+    networks: dict[str, list[str]] = {}  # the networks each training field of a model shapes
+    for name, other in MODELS.items():
+        for f in training_fields(other.config):
+            networks.setdefault(f.name, []).append(name)
+    unused = {field_name: f"{config.network} has no such part (it shapes --network "
+                          f"{' or '.join(names)})"
+              for field_name, names in networks.items() if field_name not in own}
     if "routing_iterations" not in own:
         unused["routing_iterations"] = f"{config.network} routes without iterations"
     if entry.loss == "spread":
@@ -254,7 +259,9 @@ def unused_settings(config: TrainConfig) -> dict[str, str]:
                                     "the learning rate does not decay (--lr-decay 1)"))
     if not config.ema_decay:
         unused["ema_warmup"] = "no weights are averaged (--ema-decay 0)"
-    if not is_class_folder_data_set(config.dataset):
+    if is_class_folder_data_set(config.dataset):
+        unused["val_split"] = "class folders hold out a share of every class"
+    else:
         unused.update(dict.fromkeys(
             ("image_size", "channels"), f"only class folders (a folder with train/) are resized; "
             f"{short(config.dataset)} keeps its images as they are (--crop cuts windows of them)"))
