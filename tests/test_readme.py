@@ -33,7 +33,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from capsnet.cli import main
+from capsnet.cli import build_parser, main
+from capsnet.errors import CapsNetError
 from conftest import REPO, synthetic_digits
 
 pytestmark = pytest.mark.slow  # about a minute: a dozen tiny trainings, exports, benches
@@ -58,10 +59,10 @@ PYTHON_SUBSTITUTIONS = {'"path/to/this/checkout"': repr(str(REPO)), "epochs=5": 
 REGISTERED = ("mnist", "fashion-mnist")  # the data sets the tiny one stands for
 
 
-def readme_steps() -> list[tuple[int, str, str]]:
+def markdown_steps(page: Path) -> list[tuple[int, str, str]]:
     """(line, "bash" | "python", text): each `capsnet` line of a bash block and each python
-    block, in the README's order."""
-    steps, lines = [], README.read_text().splitlines()
+    block of a markdown ``page``, in its order."""
+    steps, lines = [], page.read_text().splitlines()
     fence, start, body = None, 0, []
     for number, line in enumerate(lines, 1):
         if fence is None and line.startswith("```"):
@@ -79,7 +80,7 @@ def readme_steps() -> list[tuple[int, str, str]]:
     return steps
 
 
-STEPS = readme_steps()
+STEPS = markdown_steps(README)
 
 
 def test_the_readme_has_what_this_test_names() -> None:
@@ -88,6 +89,19 @@ def test_the_readme_has_what_this_test_names() -> None:
     assert sum(kind == "python" for _, kind, _ in STEPS) >= 4
     for text in PYTHON_SUBSTITUTIONS:
         assert any(text in body for _, kind, body in STEPS if kind == "python"), text
+
+
+@pytest.mark.parametrize("page", sorted((REPO / "docs").glob("*.md")), ids=lambda p: p.name)
+def test_every_capsnet_line_of_the_docs_is_a_command_of_today(page: Path) -> None:
+    """The commands docs/ shows beside its records parse with today's flags (they are not
+    run: they name the full data sets and take hours)."""
+    parser = build_parser()
+    for line, kind, text in markdown_steps(page):
+        if kind == "bash":
+            try:
+                parser.parse_args(shlex.split(text)[1:])
+            except CapsNetError as error:
+                pytest.fail(f"{page.name}, line {line}: {text}: {error}")
 
 
 def test_the_readme_lists_every_training_flag() -> None:
