@@ -14,7 +14,8 @@ from capsnet.errors import CapsNetError
 from capsnet.nn.em_routing import (EPSILON, VARIANCE_EPSILON, ClassMatrixCapsules,
                                    ConvMatrixCapsules, EMCapsNet, EMCapsNetConfig,
                                    PrimaryMatrixCapsules, em_routing, log_totals,
-                                   receptive_field_centres, spread_loss, spread_margin)
+                                   receptive_field, receptive_field_centres, spread_loss,
+                                   spread_margin)
 from capsnet.nn.model import count_parameters
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -159,6 +160,30 @@ def test_window_positions_are_the_inputs_each_window_covers() -> None:
 
 # A cost scale of 100 outputs / inputs, with lambda as much smaller: activations away from 0
 # and 1, where the test sees them.
+@pytest.mark.parametrize("layers, field", [
+    ([], (1, 0.5)),  # the pixels themselves
+    ([(3, 1, 0)], (1, 1.5)),  # a 3x3 window's centre pixel
+    ([(3, 1, 1)], (1, 0.5)),  # padded by 1: centred where it stands
+    ([(2, 2, 0)], (2, 1.0)),  # 2x2 stride 2: between its two pixels
+    ([(5, 2, 2), (1, 1, 0), (3, 2, 0), (3, 1, 0)], (4, 6.5)),  # EMCapsNet
+])
+def test_the_receptive_field_is_centred_where_its_window_is(layers: list, field: tuple) -> None:
+    assert receptive_field(layers) == field
+
+
+def test_class_capsules_add_the_centres_of_another_geometry() -> None:
+    field = receptive_field([(5, 1, 0), (3, 2, 0)])  # (2, 3.5): row r sees pixels 2r ... 2r + 6
+    layer = ClassMatrixCapsules(1, 2, image_size=14, field=field, iterations=1,
+                                inverse_temperature=1.0, init_std=1.0).double()
+    with torch.no_grad():
+        layer.weight.zero_()
+    votes = layer.votes(torch.zeros(1, 3, 2, 1, 4, 4, dtype=torch.float64)).view(3, 2, 2, 4, 4)
+    torch.testing.assert_close(votes[:, 0, 0, 0, 3], torch.tensor([3.5, 5.5, 7.5],
+                                                                  dtype=torch.float64) / 14)
+    torch.testing.assert_close(votes[0, :, 1, 1, 3], torch.tensor([3.5, 5.5],
+                                                                  dtype=torch.float64) / 14)
+
+
 @pytest.mark.parametrize("cost_scale, factor, lambda_", [
     ("paper", 1.0, 0.5), ("outputs-per-input", 100 * 3 / 18, 0.03)])
 def test_convolutional_capsules_match_the_loops(cost_scale: str, factor: float,

@@ -17,6 +17,7 @@ _HOMES = {  # public name -> the module that defines it
     "EMCapsNetConfig": ".nn.em_routing", "spread_loss": ".nn.em_routing",
     "PrimaryMatrixCapsules": ".nn.em_routing", "ConvMatrixCapsules": ".nn.em_routing",
     "ClassMatrixCapsules": ".nn.em_routing", "em_routing": ".nn.em_routing",
+    "receptive_field": ".nn.em_routing",
     "DepthwisePrimaryCapsules": ".nn.efficient", "SelfAttentionRouting": ".nn.efficient",
     "MODELS": ".nn.registry", "load_model": ".nn.registry", "Prediction": ".nn.prediction",
     "TrainConfig": ".training.config", "make_config": ".training.config",

@@ -64,7 +64,7 @@ from __future__ import annotations
 import math
 from dataclasses import asdict, dataclass
 from functools import partial
-from typing import Any, Callable
+from typing import Any, Callable, Sequence
 
 import torch
 from torch import Tensor, nn
@@ -496,13 +496,29 @@ class ConvMatrixCapsules(MatrixCapsules):
                 out_activations.view(batch, rows, cols, -1))
 
 
-def receptive_field_centres(grid: int, image_size: int) -> Tensor:
-    """Centre of the receptive field of each ConvCaps2 row (or column) in the image, scaled
-    to [0, 1] by the image's side: ``(4 * row + 6.5) / image_size`` for this architecture."""
-    caps1 = torch.arange(grid, dtype=torch.float64) + CAPS_KERNEL // 2  # ConvCaps1 centre row
-    primary = CAPS1_STRIDE * caps1 + CAPS_KERNEL // 2  # its primary (= conv1) centre row
-    pixel = CONV1_STRIDE * primary + 0.5  # the padded conv1 row r is centred on pixel 2r
-    return pixel / image_size
+def receptive_field(layers: Sequence[tuple[int, int, int]]) -> tuple[float, float]:
+    """``(step, first)`` for a stack of ``layers``, each ``(kernel, stride, padding)``, first
+    to last: the receptive field of row (or column) ``r`` of the last one is centred on
+    image coordinate ``step * r + first``, pixel ``x`` spanning ``[x, x + 1)``."""
+    step, first = 1, 0.5
+    for kernel, stride, padding in layers:
+        first += ((kernel - 1) / 2 - padding) * step
+        step *= stride
+    return step, first
+
+
+# conv1 (padded), the 1x1 primary capsules, ConvCaps1 and ConvCaps2: (4, 6.5)
+FIGURE_1_FIELD = receptive_field([(CONV1_KERNEL, CONV1_STRIDE, CONV1_KERNEL // 2), (1, 1, 0),
+                                  (CAPS_KERNEL, CAPS1_STRIDE, 0), (CAPS_KERNEL, CAPS2_STRIDE, 0)])
+
+
+def receptive_field_centres(grid: int, image_size: int,
+                            field: tuple[float, float] = FIGURE_1_FIELD) -> Tensor:
+    """Centre of the receptive field of each of ``grid`` rows (or columns) in the image,
+    scaled to [0, 1] by the image's side: ``(step * row + first) / image_size`` for the
+    ``field`` of :func:`receptive_field` (``(4 * row + 6.5) / image_size`` for EMCapsNet)."""
+    step, first = field
+    return (step * torch.arange(grid, dtype=torch.float64) + first) / image_size
 
 
 class ClassMatrixCapsules(MatrixCapsules):
@@ -516,15 +532,17 @@ class ClassMatrixCapsules(MatrixCapsules):
     activations ``(batch, classes)``.
     """
 
-    def __init__(self, in_types: int, classes: int, image_size: int, **routing: Any) -> None:
-        """``routing``: :class:`MatrixCapsules`' settings, from ``iterations`` on."""
+    def __init__(self, in_types: int, classes: int, image_size: int,
+                 field: tuple[float, float] = FIGURE_1_FIELD, **routing: Any) -> None:
+        """``field``: :func:`receptive_field` of the layers below (EMCapsNet's by default);
+        ``routing``: :class:`MatrixCapsules`' settings, from ``iterations`` on."""
         super().__init__((in_types, classes), classes, **routing)
-        self.image_size = image_size
+        self.image_size, self.field = image_size, field
 
     def coordinates(self, height: int, width: int, like: Tensor) -> Tensor:
         """``(height, width, 1, 1, 4, 4)``: what Coordinate Addition adds to the votes."""
-        rows = receptive_field_centres(height, self.image_size).to(like)
-        cols = receptive_field_centres(width, self.image_size).to(like)
+        rows = receptive_field_centres(height, self.image_size, self.field).to(like)
+        cols = receptive_field_centres(width, self.image_size, self.field).to(like)
         offsets = like.new_zeros(height, width, 1, 1, POSE, POSE)
         offsets[..., 0, 3] = rows[:, None, None, None]
         offsets[..., 1, 3] = cols[None, :, None, None]
