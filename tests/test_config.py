@@ -129,13 +129,13 @@ def test_stored_settings_must_be_a_dict() -> None:
 
 
 @pytest.mark.parametrize("preset, overrides, message", [
-    ("em", dict(primary_maps=8), "--primary-maps 8 would change nothing: em-capsnet has no such "
-                                 "part (it shapes --network capsnet)"),
-    ("em", dict(leaky_routing=True), "--leaky-routing would change nothing: em-capsnet has"),
+    ("em", dict(primary_maps=8), "--primary-maps 8 would change nothing: em-capsnet does not "
+                                 "use it (a setting of --network capsnet)"),
+    ("em", dict(leaky_routing=True), "--leaky-routing would change nothing: em-capsnet does"),
     ("paper", dict(beta_a_units="paper"), "--beta-a-units paper would change nothing: capsnet "
-                                          "has no such part (it shapes --network em-capsnet or "
-                                          "em-capsnet-small)"),
-    ("efficient", dict(cost_scale="outputs-per-input"), "efficient-capsnet has no such part"),
+                                          "does not use it (a setting of --network em-capsnet "
+                                          "or em-capsnet-small)"),
+    ("efficient", dict(cost_scale="outputs-per-input"), "efficient-capsnet does not use it"),
     ("em", dict(margin_loss="official"), "--margin-loss official would change nothing: "
                                          "em-capsnet trains with the spread loss"),
     ("em", dict(reconstruction_weight=0.1), "--reconstruction-weight 0.1 would change nothing: "

@@ -165,7 +165,7 @@ CASES: dict[str, tuple[list[str], str]] = {
     "explore-port": (["explore", "run", "--port", "70000"], "expected an integer in [0, 65,535]"),
     "flag-the-network-ignores": (["train", "--dataset", "data", "--preset", "em",
                                   "--primary-maps", "8", *TRAIN], "--primary-maps 8 would change "
-                                 "nothing: em-capsnet has no such part"),
+                                 "nothing: em-capsnet does not use it"),
     "lr-zero": (["train", "--lr", "0"], "argument --lr: expected a number in (0, 1), got '0'"),
     "warmup-negative": (["train", "--warmup-steps", "-1"], "argument --warmup-steps"),
 }

@@ -241,7 +241,7 @@ def unused_settings(config: TrainConfig) -> dict[str, str]:
     for name, other in MODELS.items():
         for f in training_fields(other.config):
             networks.setdefault(f.name, []).append(name)
-    unused = {field_name: f"{config.network} has no such part (it shapes --network "
+    unused = {field_name: f"{config.network} does not use it (a setting of --network "
                           f"{' or '.join(names)})"
               for field_name, names in networks.items() if field_name not in own}
     if "routing_iterations" not in own:
