@@ -158,8 +158,6 @@ def test_window_positions_are_the_inputs_each_window_covers() -> None:
     assert positions.tolist() == expected
 
 
-# A cost scale of 100 outputs / inputs, with lambda as much smaller: activations away from 0
-# and 1, where the test sees them.
 @pytest.mark.parametrize("layers, field", [
     ([], (1, 0.5)),  # the pixels themselves
     ([(3, 1, 0)], (1, 1.5)),  # a 3x3 window's centre pixel
@@ -184,6 +182,8 @@ def test_class_capsules_add_the_centres_of_another_geometry() -> None:
                                                                   dtype=torch.float64) / 14)
 
 
+# A cost scale of 100 outputs / inputs, with lambda as much smaller: activations away from 0
+# and 1, where the test sees them.
 @pytest.mark.parametrize("cost_scale, factor, lambda_", [
     ("paper", 1.0, 0.5), ("outputs-per-input", 100 * 3 / 18, 0.03)])
 def test_convolutional_capsules_match_the_loops(cost_scale: str, factor: float,

@@ -70,7 +70,6 @@ def test_class_folders_are_read_resized_and_named(shapes: Path) -> None:
     assert gray.train.images.shape[1:] == (1, 20, 20)
 
 
-@pytest.mark.slow
 def test_class_folders_refuse_the_validation_split_they_never_read(shapes: Path) -> None:
     assert make_config("paper", dataset=str(shapes), val_split="first").val_split == "first"
     with pytest.raises(CapsNetError, match="--val-split last would change nothing: class "
@@ -78,6 +77,7 @@ def test_class_folders_refuse_the_validation_split_they_never_read(shapes: Path)
         make_config("paper", dataset=str(shapes), val_split="last")
 
 
+@pytest.mark.slow
 def test_train_evaluate_predict_figures_with_class_names(shapes: Path, tmp_path: Path,
                                                          capsys, one_thread) -> None:
     run = tmp_path / "run"
