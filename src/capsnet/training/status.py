@@ -139,8 +139,11 @@ def run_status(run_dir: Path, now: float | None = None) -> dict[str, Any]:
               "cut_short": text(summary, "cut_short") if finished else None,
               "skipped_metrics_lines": skipped}
     status["steps"] = total_steps(latest, status["epochs"])
-    pace_left = ((status["steps"] - status["step"]) / pace
-                 if pace and status["steps"] is not None else None)
+    # a running call's time left is its steps to go at the speed shown, so the two agree
+    # (before this call's curve has two points, the speed shown is the last epoch's)
+    pace_left = ((status["steps"] - status["step"]) * settings.batch_size / speed
+                 if state == "running" and speed and settings is not None
+                 and status["steps"] is not None else None)
     status.update(timing(records, summary if finished else None, settings, now, started,
                          began, pace_left))
     status["resume_command"] = (resume_command(home.folder, config)
@@ -197,12 +200,11 @@ def unfinished(status: dict[str, Any]) -> bool:
 def timing(records: list[dict[str, Any]], summary: dict[str, Any] | None,
            settings: TrainConfig | None, now: float, started: float | None,
            began: float | None, pace_left: float | None = None) -> dict[str, Any]:
-    """Wall time so far and an estimate of the time left: ``pace_left``, the steps to go at
-    the pace of the running call's current epoch, where its training curve gives one
-    (validation not counted); else the epochs to go at the average epoch so far, less the
-    current epoch's part. While running (since ``started``; its current epoch ``began``), no
-    further than this call's time limit allows. A stopped run's estimate is what resuming it
-    would take."""
+    """Wall time so far and an estimate of the time left: ``pace_left``, the running call's
+    steps to go at its speed (validation not counted), where one is known; else the epochs
+    to go at the average epoch so far, less the current epoch's part. While running (since
+    ``started``; its current epoch ``began``), no further than this call's time limit
+    allows. A stopped run's estimate is what resuming it would take."""
     if summary is not None:
         return {"wall_seconds": number(summary, "wall_seconds"), "seconds_left": 0.0}
     last = records[-1] if records else {}
