@@ -27,7 +27,7 @@ class Prediction:
     label: str | None  # the longest capsule's class, or None when no length reaches PRESENT
     index: int | None  # that class's index
     confidence: float  # the longest capsule's length
-    lengths: dict[str, float]  # every class's capsule length, by class name
+    lengths: dict[str, float]  # every class's capsule length (EM: activation), by class name
 
     def top(self, k: int) -> list[tuple[str, float]]:
         """The ``k`` longest capsules as ``(class name, length)``, longest first."""
