@@ -92,7 +92,8 @@ class GuardedOutput:
 
 
 def build_parser() -> ArgumentParser:
-    parser = ArgumentParser(prog="capsnet", description="Capsule networks with dynamic routing, self-attention routing and EM routing.")
+    parser = ArgumentParser(prog="capsnet", description="Capsule networks with dynamic routing, "
+                            "self-attention routing and EM routing.")
     parser.add_argument("--version", action="version",
                         version=f"capsnet {package_version()}")
     sub = parser.add_subparsers(dest="command", required=True, parser_class=ArgumentParser)
