@@ -125,3 +125,29 @@ def test_failing_rank_stops_the_run(tmp_path: Path) -> None:
     done = torchrun(2, str(script), timeout=120)
     assert done.returncode != 0
     assert "rank 1 failed on purpose" in done.stderr
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not Path("/proc/self/task").is_dir(), reason="lists threads from /proc")
+def test_training_leaves_no_communication_thread_running(tiny_dataset: Path,
+                                                          tmp_path: Path) -> None:
+    """When ``capsnet train`` returns, each rank's process group is gone with its threads: a
+    gloo thread that lives into interpreter exit can abort the rank as it frees a tensor."""
+    script = tmp_path / "threads.py"
+    script.write_text(textwrap.dedent("""
+        import os, sys
+        from pathlib import Path
+        from capsnet.cli import main
+
+        out = Path(sys.argv[1])
+        code = main(sys.argv[2:])
+        names = [(task / "comm").read_text().strip() for task in Path("/proc/self/task").iterdir()]
+        (out / f"rank{os.environ['RANK']}.txt").write_text(f"{code} {sorted(names)}")
+    """))
+    done = torchrun(2, str(script), str(tmp_path), *TRAIN, "--epochs", "1",
+                    "--dataset", str(tiny_dataset), "--run-dir", str(tmp_path / "run"))
+    assert done.returncode == 0, done.stderr[-3000:]
+    for rank in (0, 1):
+        code, names = (tmp_path / f"rank{rank}.txt").read_text().split(" ", 1)
+        assert code == "0"
+        assert "gloo" not in names, f"rank {rank} still runs {names}"
