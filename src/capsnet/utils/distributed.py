@@ -42,11 +42,12 @@ def init_world(device_type: str) -> World:
         return World()
     rank, local_rank = int(os.environ["RANK"]), int(os.environ.get("LOCAL_RANK", "0"))
     if not dist.is_initialized():
-        # Imported after the group exists, torch._dynamo (which DDP and Adam import) keeps
-        # references to it that destroy_process_group cannot drop: the group and its threads
-        # then live into interpreter exit, where a rank can abort ("terminate called without
-        # an active exception") as one of the threads releases a tensor.
-        import torch._dynamo  # noqa: F401
+        # torch.distributed.nn.functional binds the default group into ten functions' default
+        # arguments when it is first imported (torch._dynamo, which DDP imports, imports it).
+        # Imported after the group is made, it keeps the group from destroy_process_group: the
+        # group's threads then live into interpreter exit, where a rank can abort ("terminate
+        # called without an active exception") as one of them releases a tensor.
+        import torch.distributed.nn.functional  # noqa: F401
         backend = "nccl" if device_type == "cuda" else "gloo"
         if device_type == "cuda":
             torch.cuda.set_device(local_rank)
