@@ -144,8 +144,8 @@ def test_training_leaves_no_communication_thread_running(tiny_dataset: Path,
         names = [(task / "comm").read_text().strip() for task in Path("/proc/self/task").iterdir()]
         (out / f"rank{os.environ['RANK']}.txt").write_text(f"{code} {sorted(names)}")
     """))
-    done = torchrun(2, str(script), str(tmp_path), *TRAIN, "--epochs", "1",
-                    "--dataset", str(tiny_dataset), "--run-dir", str(tmp_path / "run"))
+    done = torchrun(2, str(script), str(tmp_path), *TRAIN, "--dataset", str(tiny_dataset),
+                    "--run-dir", str(tmp_path / "run"))
     assert done.returncode == 0, done.stderr[-3000:]
     for rank in (0, 1):
         code, names = (tmp_path / f"rank{rank}.txt").read_text().split(" ", 1)
