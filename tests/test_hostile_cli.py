@@ -29,7 +29,7 @@ from PIL import Image
 from capsnet.errors import CapsNetError
 from capsnet.nn import routing_kernel
 from capsnet.nn.layers import RoutingCapsules, squash
-from capsnet.tools.explore import ExploreServer, make_server
+from capsnet.tools.explore import ExploreServer, Handler, make_server
 
 CAPSNET = str(Path(sys.executable).with_name("capsnet"))
 TIMEOUT = 300  # seconds for any subprocess; the machine may be busy
@@ -42,9 +42,9 @@ def capsnet(*args: str | bytes, stdout: int | object = subprocess.DEVNULL,
             env: dict[str, str] | None = None, cwd: Path | None = None
             ) -> subprocess.Popen:
     """The real command, started with Ctrl-C at its default (a test run in the background
-    would otherwise pass on an ignored SIGINT)."""
+    would otherwise pass on an ignored SIGINT); a crash prints every thread's stack."""
     return subprocess.Popen([CAPSNET, *args], stdout=stdout, stderr=subprocess.PIPE, cwd=cwd,
-                            env={**os.environ, **(env or {})},
+                            env={**os.environ, "PYTHONFAULTHANDLER": "1", **(env or {})},
                             preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
 
 
@@ -361,6 +361,31 @@ def test_fifty_simultaneous_connections_are_all_answered(server: ExploreServer) 
             connection.close()
         waiting.server_close()
     assert answers == [b"HTTP/1.1 200 OK\r\n"] * 50
+
+
+def test_closing_ends_idle_connections_and_waits_for_their_threads(
+        server: ExploreServer, monkeypatch: pytest.MonkeyPatch) -> None:
+    """An idle keep-alive client (here with no time limit on the connection) cannot hold
+    the server open, and no request thread outlives server_close(): one still in torch when
+    the interpreter shuts down would abort the process."""
+    monkeypatch.setattr(Handler, "timeout", None)
+    closing = ExploreServer(("127.0.0.1", 0), server.explorer)
+    port = closing.server_address[1]
+    thread = threading.Thread(target=closing.serve_forever, daemon=True)
+    thread.start()
+    connection = http.client.HTTPConnection("127.0.0.1", port, timeout=TIMEOUT)
+    try:
+        connection.request("GET", "/api/info", headers={"Host": f"127.0.0.1:{port}"})
+        assert connection.getresponse().status == 200  # the connection stays open, idle
+        closing.shutdown()
+        closer = threading.Thread(target=closing.server_close, daemon=True)
+        closer.start()
+        closer.join(TIMEOUT)
+        assert not closer.is_alive(), "server_close() still waits for the idle connection"
+        assert not [t for t in threading.enumerate() if "process_request" in t.name]
+    finally:
+        connection.close()
+        thread.join(5)
 
 
 @pytest.mark.slow

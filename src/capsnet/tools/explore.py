@@ -598,7 +598,10 @@ class ExploreServer(ThreadingHTTPServer):
     (on 0.0.0.0 or ::, one of this machine's), and the ``names`` it is given.
     """
 
-    daemon_threads = True
+    # Not daemons: server_close() waits for every request thread, so none is still in torch
+    # when the interpreter shuts down (a thread that takes the GIL back from torch code then
+    # aborts the process: "terminate called without an active exception").
+    daemon_threads = False
     allow_reuse_address = True
     request_queue_size = LISTEN_BACKLOG
 
@@ -608,9 +611,32 @@ class ExploreServer(ThreadingHTTPServer):
             self.address_family = socket.AF_INET6
         self.explorer = explorer
         self.verbose = verbose
+        self.connections: set[socket.socket] = set()
+        self.connections_lock = threading.Lock()
         super().__init__(address, Handler)
         host, port = self.server_address[:2]
         self.allowed_hosts = host_headers({host, address[0], *LOCAL_NAMES, *names}, port)
+
+    def process_request(self, request: Any, client_address: Any) -> None:
+        with self.connections_lock:
+            self.connections.add(request)
+        super().process_request(request, client_address)
+
+    def shutdown_request(self, request: Any) -> None:
+        with self.connections_lock:
+            self.connections.discard(request)
+        super().shutdown_request(request)
+
+    def server_close(self) -> None:
+        """Stop listening, end idle connections (a keep-alive client would hold its thread
+        for ``Handler.timeout``) and wait for the requests being answered."""
+        with self.connections_lock:
+            for connection in self.connections:
+                try:
+                    connection.shutdown(socket.SHUT_RD)
+                except OSError:
+                    pass
+        super().server_close()
 
     def handle_error(self, request: Any, client_address: Any) -> None:
         """A client that hangs up is not an error; anything else is one line on stderr."""
