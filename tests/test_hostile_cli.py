@@ -17,7 +17,7 @@ import subprocess
 import sys
 import threading
 import time
-from contextlib import contextmanager
+from contextlib import closing, contextmanager
 from pathlib import Path
 from typing import Callable, Iterator
 
@@ -369,23 +369,18 @@ def test_closing_ends_idle_connections_and_waits_for_their_threads(
     the server open, and no request thread outlives server_close(): one still in torch when
     the interpreter shuts down would abort the process."""
     monkeypatch.setattr(Handler, "timeout", None)
-    closing = ExploreServer(("127.0.0.1", 0), server.explorer)
-    port = closing.server_address[1]
-    thread = threading.Thread(target=closing.serve_forever, daemon=True)
-    thread.start()
+    stopping = ExploreServer(("127.0.0.1", 0), server.explorer)
+    port = stopping.server_address[1]
     connection = http.client.HTTPConnection("127.0.0.1", port, timeout=TIMEOUT)
-    try:
+    with serving(stopping), closing(connection):
         connection.request("GET", "/api/info", headers={"Host": f"127.0.0.1:{port}"})
         assert connection.getresponse().status == 200  # the connection stays open, idle
-        closing.shutdown()
-        closer = threading.Thread(target=closing.server_close, daemon=True)
+        stopping.shutdown()
+        closer = threading.Thread(target=stopping.server_close, daemon=True)
         closer.start()
         closer.join(TIMEOUT)
         assert not closer.is_alive(), "server_close() still waits for the idle connection"
         assert not [t for t in threading.enumerate() if "process_request" in t.name]
-    finally:
-        connection.close()
-        thread.join(5)
 
 
 @pytest.mark.slow
