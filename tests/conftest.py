@@ -11,6 +11,7 @@ import io
 import os
 import shutil
 import socket
+import socketserver
 import subprocess
 import sys
 import threading
@@ -155,22 +156,31 @@ class QuietHandler(http.server.SimpleHTTPRequestHandler):
         pass
 
 
+@contextlib.contextmanager
+def serving(server: socketserver.BaseServer, poll_interval: float = 0.5
+            ) -> Iterator[socketserver.BaseServer]:
+    """``server`` serving in a thread for the time of the block; shut down and closed after."""
+    thread = threading.Thread(target=server.serve_forever, args=(poll_interval,), daemon=True)
+    thread.start()
+    try:
+        yield server
+    finally:
+        server.shutdown()
+        server.server_close()
+        thread.join(5)
+
+
 @pytest.fixture()
 def serve() -> Iterator[Callable[[Path], str]]:
     """``serve(folder)`` starts an HTTP server on 127.0.0.1 and returns its base URL."""
-    servers: list[http.server.ThreadingHTTPServer] = []
+    with contextlib.ExitStack() as servers:
+        def start(folder: Path) -> str:
+            handler = functools.partial(QuietHandler, directory=str(folder))
+            server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+            servers.enter_context(serving(server, 0.05))
+            return f"http://127.0.0.1:{server.server_address[1]}/"
 
-    def start(folder: Path) -> str:
-        handler = functools.partial(QuietHandler, directory=str(folder))
-        server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
-        threading.Thread(target=server.serve_forever, args=(0.05,), daemon=True).start()
-        servers.append(server)
-        return f"http://127.0.0.1:{server.server_address[1]}/"
-
-    yield start
-    for server in servers:
-        server.shutdown()
-        server.server_close()
+        yield start
 
 
 def dead_url() -> str:

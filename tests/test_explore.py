@@ -12,7 +12,6 @@ import json
 import os
 import socket
 import struct
-import threading
 from pathlib import Path
 from typing import Any, Callable, Iterator
 
@@ -27,6 +26,7 @@ from capsnet.tools.explore import MAX_BODY_BYTES, ExploreServer, make_server
 from capsnet.nn.layers import safe_norm
 from capsnet.nn.model import CapsNet, CapsNetConfig
 from capsnet.training.trainer import train
+from conftest import serving
 from test_folders import SHAPES, write_shapes
 
 # Every test here uses a model trained for the module (about 25 s) or drives Chromium.
@@ -59,20 +59,10 @@ def checkpoint(module_tmp: Callable[[str], Path], tiny_dataset: Path) -> Path:
     return Path(summary["checkpoint"])
 
 
-def serve(server: ExploreServer) -> Iterator[ExploreServer]:
-    thread = threading.Thread(target=server.serve_forever, daemon=True)
-    thread.start()
-    try:
-        yield server
-    finally:
-        server.shutdown()
-        server.server_close()
-        thread.join(5)
-
-
 @pytest.fixture(scope="module")
 def server(checkpoint: Path, tiny_dataset: Path) -> Iterator[ExploreServer]:
-    yield from serve(make_server(checkpoint, "127.0.0.1", 0, dataset=str(tiny_dataset)))
+    with serving(make_server(checkpoint, "127.0.0.1", 0, dataset=str(tiny_dataset))) as running:
+        yield running
 
 
 @pytest.fixture(scope="module")
@@ -92,14 +82,16 @@ def shapes_server(module_tmp: Callable[[str], Path], shapes: Path
     with torch.no_grad():  # reconstructions in red, where an untrained decoder gives gray
         model.decoder[-2].bias.copy_(torch.tensor([2.0, -2.0, -2.0]).repeat_interleave(24 * 24))
     folder = model.save_pretrained(module_tmp("shapes-model") / "shapes-model")
-    yield from serve(make_server(folder, "127.0.0.1", 0, dataset=str(shapes)))
+    with serving(make_server(folder, "127.0.0.1", 0, dataset=str(shapes))) as running:
+        yield running
 
 
 @pytest.fixture(scope="module")
 def server_without_data(checkpoint: Path, module_tmp: Callable[[str], Path]
                         ) -> Iterator[ExploreServer]:
     missing = module_tmp("no-data") / "missing"
-    yield from serve(make_server(checkpoint, "127.0.0.1", 0, dataset=str(missing)))
+    with serving(make_server(checkpoint, "127.0.0.1", 0, dataset=str(missing))) as running:
+        yield running
 
 
 def request(server: ExploreServer, method: str, path: str, body: Any = None,

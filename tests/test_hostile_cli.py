@@ -17,7 +17,7 @@ import subprocess
 import sys
 import threading
 import time
-from contextlib import closing, contextmanager
+from contextlib import closing
 from pathlib import Path
 from typing import Callable, Iterator
 
@@ -30,6 +30,7 @@ from capsnet.errors import CapsNetError
 from capsnet.nn import routing_kernel
 from capsnet.nn.layers import RoutingCapsules, squash
 from capsnet.tools.explore import ExploreServer, Handler, make_server
+from conftest import serving
 
 CAPSNET = str(Path(sys.executable).with_name("capsnet"))
 TIMEOUT = 300  # seconds for any subprocess; the machine may be busy
@@ -243,19 +244,6 @@ def test_a_compiler_that_makes_a_broken_library_is_tried_once(
 
 
 # -- explore: Host headers and many connections -------------------------------------------------
-
-@contextmanager
-def serving(server: ExploreServer) -> Iterator[ExploreServer]:
-    """``server`` serving in a thread, for the time of the block; closed after it."""
-    thread = threading.Thread(target=server.serve_forever, daemon=True)
-    thread.start()
-    try:
-        yield server
-    finally:
-        server.shutdown()
-        server.server_close()
-        thread.join(5)
-
 
 @pytest.fixture(scope="module")
 def server(tiny_dataset: Path) -> Iterator[ExploreServer]:

@@ -22,8 +22,9 @@ from capsnet.training.task import Classification
 from capsnet.training.trainer import Trainer
 from capsnet.data.splits import Split
 from capsnet.tools.explore import make_server
+from conftest import serving
 from test_cli import cli
-from test_explore import bar_image, request, serve
+from test_explore import bar_image, request
 
 
 def split(n: int, seed: int) -> Split:
@@ -135,7 +136,7 @@ def test_figures_draw_what_each_network_has(tiny_runs: dict[str, Path], tmp_path
 def test_explore_shows_efficient_capsnet_and_refuses_em_before_serving(
         tiny_runs: dict[str, Path], tiny_dataset: Path) -> None:
     run = tiny_runs["efficient-capsnet"]
-    for server in serve(make_server(run, "127.0.0.1", 0, dataset=str(tiny_dataset))):
+    with serving(make_server(run, "127.0.0.1", 0, dataset=str(tiny_dataset))) as server:
         status, result = request(server, "POST", "/api/predict", {"image": bar_image()})
         assert status == 200, result
         config = server.explorer.model.config
