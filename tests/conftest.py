@@ -17,7 +17,7 @@ import sys
 import threading
 from pathlib import Path
 from types import ModuleType
-from typing import Callable, Iterator
+from typing import Callable, Iterator, TypeVar
 
 # Without a GPU, Triton kernels run in its interpreter on CPU tensors. Triton reads this when
 # it is imported, and importing torch imports it: so here, before torch.
@@ -156,9 +156,11 @@ class QuietHandler(http.server.SimpleHTTPRequestHandler):
         pass
 
 
+Server = TypeVar("Server", bound=socketserver.BaseServer)
+
+
 @contextlib.contextmanager
-def serving(server: socketserver.BaseServer, poll_interval: float = 0.5
-            ) -> Iterator[socketserver.BaseServer]:
+def serving(server: Server, poll_interval: float = 0.5) -> Iterator[Server]:
     """``server`` serving in a thread for the time of the block; shut down and closed after."""
     thread = threading.Thread(target=server.serve_forever, args=(poll_interval,), daemon=True)
     thread.start()
