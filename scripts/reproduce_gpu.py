@@ -105,9 +105,7 @@ WAVES = [
      Run("mnist-paper-officialmargin-s0", ("train",), (*PAPER, "--margin-loss", "official")),
      Run("affnist-s0", ("experiment", "affnist"), ("--seed", "0", "--stop-at", AFFINE_STOP_AT))],
 ]
-# EM routing as its RESULTS.md runs trained: the learning rate falling tenfold over the
-# preset's 30 epochs (860 steps each) and averaged weights.
-EM = ("--preset", "em", "--lr-decay", "0.9", "--lr-decay-steps", "1180", "--ema-decay", "0.999")
+EM = ("--preset", "em")
 # The other routings of docs/RESULTS.md's comparison, each with its own preset.
 ROUTINGS = [Run(f"{name}-{data}-s0", ("train",), recipe, dataset)
             for name, recipe in (("efficient", ("--preset", "efficient")), ("em", EM),

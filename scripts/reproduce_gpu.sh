@@ -12,9 +12,8 @@
 #   2. 60% of the time then left: the MNIST and Fashion-MNIST runs and the affine experiment,
 #      six at a time in three waves; time a wave does not use goes to the next; the affine
 #      experiment trains CapsNet and the CNN to the same validation accuracy (--stop-at 0.992);
-#   3. half of what is left: the other routings (Efficient-CapsNet and both EM networks, the
-#      EM ones with a falling learning rate and averaged weights, on MNIST and Fashion-MNIST),
-#      six at a time;
+#   3. half of what is left: the other routings (Efficient-CapsNet and both EM networks, each
+#      on its preset, on MNIST and Fashion-MNIST), six at a time;
 #   4. everything left: MultiMNIST, alone, for up to 100 epochs.
 # Each run's --time-limit leaves a minute for its start-up and test, and a run still going when
 # the budget ends is stopped: the script ends inside its budget. 45 minutes lets every MNIST run

@@ -199,13 +199,14 @@ def markdown(header: list[str], rows: list[list[str]], empty: str) -> str:
 
 def changed(run: Run) -> dict[str, Any]:
     """The recipe settings in which the run differs from its preset as the preset is today
-    (fields added since the run was recorded take their defaults, as the run then had)."""
+    (fields added since the run was recorded take their defaults, as the run then had), but
+    those that do not apply to the run (see :func:`effective`)."""
     preset = run.train.get("preset")
     if preset is None:
         return {}
     recorded = effective(TrainConfig.from_dict(run.train).to_dict())
     return {k: recorded[k] for k, v in effective(make_config(preset).to_dict()).items()
-            if k not in HOW and recorded[k] != v}
+            if k not in HOW and recorded[k] is not None and recorded[k] != v}
 
 
 def effective(settings: dict[str, Any]) -> dict[str, Any]:

@@ -16,6 +16,7 @@ from typing import Callable
 import pytest
 import torch
 
+from capsnet.training.config import make_config
 from capsnet.utils.device import device_name
 from conftest import REPO, copy_docs, tables
 
@@ -220,6 +221,23 @@ def test_a_continued_run_links_the_record_of_the_run_it_started_from(
     assert tables(docs).returncode == 0
     row = next(line for line in (docs / "RESULTS.md").read_text().splitlines()
                if "[runs/continued]" in line)
+    assert shown in row
+
+
+@pytest.mark.parametrize("preset, train, shown", [
+    # no average, so its warm-up does not apply to the run and is not a difference
+    ("em", {"ema_decay": 0.0}, "| em, ema_decay 0.0 |"),
+    ("paper", {"ema_decay": 0.999, "ema_warmup": False},
+     "| paper, ema_decay 0.999, ema_warmup False |"),
+])
+def test_a_recipe_names_the_settings_that_differ_from_its_preset_and_apply_to_the_run(
+        tmp_path: Path, preset: str, train: dict, shown: str) -> None:
+    docs = copy_docs(tmp_path)
+    config = {"train": {**make_config(preset).to_dict(), **train}}
+    write_record(docs, "recipe", {"test_accuracy": 0.9}, config)
+    assert tables(docs).returncode == 0
+    row = next(line for line in (docs / "RESULTS.md").read_text().splitlines()
+               if "[runs/recipe]" in line)
     assert shown in row
 
 

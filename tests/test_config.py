@@ -67,9 +67,10 @@ EFFICIENT = {**PAPER, "network": "efficient-capsnet", "batch_size": 16, "lr": 5e
              "augment": "efficient", "max_shift": 0}
 
 # EM routing: the paper's network and spread loss, no decoder, the authors' batch of 64;
-# yl-1993's 2 iterations and learning rate.
+# yl-1993's 2 iterations and learning rate; the released code's input; our schedule.
 EM = {**PAPER, "network": "em-capsnet", "batch_size": 64, "reconstruction_weight": 0.0,
-      "routing_iterations": 2, "lr": 1e-2, "crop": 24, "max_shift": 0, "rotation": 15.0}
+      "routing_iterations": 2, "lr": 1e-2, "crop": 24, "max_shift": 0, "rotation": 15.0,
+      "epochs": 60, "lr_decay": 0.9, "lr_decay_steps": 2360, "ema_decay": 0.999}
 
 EXPECTED = {"seed": NOTEBOOK, "paper": PAPER, "quick": QUICK, "cifar10": CIFAR10,
             "efficient": EFFICIENT, "em": EM}
