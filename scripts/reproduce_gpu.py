@@ -105,11 +105,11 @@ WAVES = [
      Run("mnist-paper-officialmargin-s0", ("train",), (*PAPER, "--margin-loss", "official")),
      Run("affnist-s0", ("experiment", "affnist"), ("--seed", "0", "--stop-at", AFFINE_STOP_AT))],
 ]
-EM = ("--preset", "em")
 # The other routings of docs/RESULTS.md's comparison, each with its own preset.
 ROUTINGS = [Run(f"{name}-{data}-s0", ("train",), recipe, dataset)
-            for name, recipe in (("efficient", ("--preset", "efficient")), ("em", EM),
-                                 ("em-small", (*EM, "--network", "em-capsnet-small")))
+            for name, recipe in (("efficient", ("--preset", "efficient")),
+                                 ("em", ("--preset", "em")),
+                                 ("em-small", ("--preset", "em", "--network", "em-capsnet-small")))
             for data, dataset in (("mnist", "mnist"), ("fashion", "fashion-mnist"))]
 MULTIMNIST = Run("multimnist-s0", ("experiment", "multimnist"), ("--seed", "0", "--epochs", "100"))
 
